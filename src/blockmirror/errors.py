@@ -27,5 +27,9 @@ class OutOfRangeError(VolumeError):
     """An access would touch bytes outside the volume's bounds; nothing was done."""
 
 
+class ReadOnlyError(VolumeError):
+    """A write, trim or zeroing was asked of a volume opened read-only; nothing was done."""
+
+
 class ProtocolError(BlockmirrorError):
     """A peer sent bytes that break a wire protocol. The connection must be closed."""

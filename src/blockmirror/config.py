@@ -1,0 +1,563 @@
+"""The unit's TOML configuration: parsed into frozen dataclasses, or every problem reported at once.
+
+Validation collects problems instead of stopping at the first, because an operator fixing a
+config file one error per run is the experience ``check-config`` exists to avoid.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import math
+import re
+import tomllib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from blockmirror import config_paths
+from blockmirror.errors import ConfigError, SizeError
+from blockmirror.units import GiB, MiB, format_size, parse_size
+
+__all__ = [
+    "Address",
+    "Config",
+    "ReplicationConfig",
+    "UnitConfig",
+    "VolumeConfig",
+    "format_problems",
+    "load_config",
+    "parse_address",
+    "parse_config",
+]
+
+Role = Literal["primary", "secondary"]
+Overflow = Literal["track", "block"]
+Ack = Literal["local", "remote"]
+Problem = tuple[str, str]
+
+SECTOR = 512
+MIN_JOURNAL_SIZE = MiB
+# Byte offsets end up in off_t; a region past this could never be addressed.
+MAX_END = (1 << 63) - 1
+# Volume names are NBD export names and also name files under state_dir, so keep them to a
+# charset that is safe in both places.
+_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,255}", re.ASCII)
+_HOSTNAME_LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)", re.ASCII)
+
+
+@dataclass(frozen=True)
+class Address:
+    """A TCP endpoint. Port 0 (only where allowed) asks the kernel for an ephemeral port."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class UnitConfig:
+    """The ``[unit]`` table: who this process is and where it keeps its state."""
+
+    name: str
+    state_dir: Path
+    admin: Address | None = None
+
+
+@dataclass(frozen=True)
+class ReplicationConfig:
+    """The ``[replication]`` table: how links are accepted and authenticated."""
+
+    listen: Address | None = None
+    psk_file: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class VolumeConfig:
+    """One ``[[volume]]``: a region of a file or device, exported (primary) or replicated."""
+
+    name: str
+    role: Role
+    path: Path
+    offset: int = 0
+    size: int
+    export: Address | None = None
+    read_only: bool = False
+    journal_size: int = GiB
+    journal_high_water: float = 0.8
+    overflow: Overflow = "track"
+    ack: Ack = "local"
+    ack_timeout: float = 30.0
+    peers: tuple[Address, ...] = ()
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole validated unit configuration; ``source`` is the file it came from, if any."""
+
+    unit: UnitConfig
+    replication: ReplicationConfig = field(default_factory=ReplicationConfig)
+    volumes: tuple[VolumeConfig, ...] = ()
+    source: Path | None = None
+
+    def volume(self, name: str) -> VolumeConfig:
+        """The volume called ``name``; raises KeyError if there is none."""
+        for vol in self.volumes:
+            if vol.name == name:
+                return vol
+        raise KeyError(name)
+
+
+def format_problems(problems: Iterable[Problem]) -> str:
+    """One ``key: message`` line per problem, as ``check-config`` prints them."""
+    return "\n".join(f"{key}: {message}" for key, message in problems)
+
+
+def _valid_host(host: str) -> bool:
+    labels = host.split(".")
+    if all(label.isdigit() for label in labels):
+        # All-numeric names are IPv4 literals; "999.1.1.1" must not pass as a host name.
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            return False
+        return True
+    return len(host) <= 253 and all(_HOSTNAME_LABEL_RE.fullmatch(label) for label in labels)
+
+
+def _address_or_reason(text: str, allow_zero: bool) -> Address | str:
+    example = "like 127.0.0.1:10809 or [::1]:10809"
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        return f"expected HOST:PORT, {example}; got {text!r}"
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return f"{host!r} in brackets is not an IPv6 address"
+    elif ":" in host:
+        return f"an IPv6 address needs brackets, like [::1]:{port_text}; got {text!r}"
+    elif not host:
+        return f"missing host in {text!r}; use 0.0.0.0 to listen on every interface"
+    elif not _valid_host(host):
+        return f"{host!r} is not a valid host name or IPv4 address"
+    if not port_text.isascii() or not port_text.isdigit():
+        return f"port {port_text!r} is not a number, in {text!r}"
+    # Capped before int(): a thousands-digit "port" would otherwise trip int's size guard.
+    port = int(port_text) if len(port_text) <= 6 else 1 << 20
+    low = 0 if allow_zero else 1
+    if not low <= port <= 65535:
+        note = " (0 picks an ephemeral port)" if allow_zero else ""
+        return f"port {port} is out of range {low}..65535{note}"
+    return Address(host, port)
+
+
+def parse_address(text: str, key: str = "address", *, allow_zero: bool = False) -> Address:
+    """Parse ``host:port`` or ``[v6]:port``; raises ConfigError naming ``key``."""
+    result = _address_or_reason(text.strip(), allow_zero)
+    if isinstance(result, str):
+        raise ConfigError([(key, result)])
+    return result
+
+
+def _type_name(value: object) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a float", str: "a string"}
+    names |= {dict: "a table", list: "an array"}
+    return names.get(type(value), f"a {type(value).__name__}")
+
+
+class _Table:
+    """Typed access to one TOML table; each accessor records a problem and returns None."""
+
+    def __init__(
+        self,
+        data: Mapping[str, object],
+        where: str,
+        allowed: Sequence[str],
+        problems: list[Problem],
+        base_dir: Path,
+    ) -> None:
+        self.data = data
+        self.where = where
+        self.problems = problems
+        self.base_dir = base_dir
+        self.bad: set[str] = set()
+        for name in data:
+            if name not in allowed:
+                close = difflib.get_close_matches(name, allowed, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                problems.append(
+                    (self.key(name), f"unknown key{hint}; allowed keys: {', '.join(allowed)}")
+                )
+
+    def key(self, name: str) -> str:
+        return f"{self.where}.{name}"
+
+    def fail(self, name: str, message: str) -> None:
+        self.problems.append((self.key(name), message))
+        self.bad.add(name)
+
+    def typed(self, name: str, kinds: tuple[type, ...], wanted: str, required: bool) -> object:
+        if name not in self.data:
+            if required:
+                self.fail(name, "missing required key")
+            return None
+        value = self.data[name]
+        if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+            self.fail(name, f"expected {wanted}, got {_type_name(value)} ({value!r})")
+            return None
+        return value
+
+    def text(self, name: str, *, required: bool = False) -> str | None:
+        value = self.typed(name, (str,), "a string", required)
+        return value if isinstance(value, str) else None
+
+    def flag(self, name: str) -> bool | None:
+        value = self.typed(name, (bool,), "true or false", False)
+        return value if isinstance(value, bool) else None
+
+    def number(self, name: str) -> float | None:
+        value = self.typed(name, (int, float), "a number", False)
+        return float(value) if isinstance(value, (int, float)) else None
+
+    def choice(self, name: str, choices: Sequence[str], *, required: bool = False) -> str | None:
+        value = self.text(name, required=required)
+        if value is not None and value not in choices:
+            self.fail(name, f"{value!r} is not one of {', '.join(map(repr, choices))}")
+            return None
+        return value
+
+    def size(self, name: str, *, required: bool = False) -> int | None:
+        value = self.typed(name, (int, str), "a size such as 10GiB", required)
+        if not isinstance(value, (int, str)):
+            return None
+        try:
+            return parse_size(value, key=name)
+        except SizeError as exc:
+            self.fail(name, str(exc))
+            return None
+
+    def address(self, name: str, *, allow_zero: bool) -> Address | None:
+        value = self.text(name)
+        return None if value is None else self.address_value(name, value, allow_zero=allow_zero)
+
+    def address_value(self, name: str, value: str, *, allow_zero: bool) -> Address | None:
+        result = _address_or_reason(value.strip(), allow_zero)
+        if isinstance(result, str):
+            self.fail(name, result)
+            return None
+        return result
+
+    def path(self, name: str, *, required: bool = False) -> Path | None:
+        value = self.text(name, required=required)
+        if value is None:
+            return None
+        if not value or "\0" in value:
+            self.fail(name, "must be a non-empty path")
+            return None
+        # Relative to the config file, so a unit's directory can be moved as a whole.
+        return self.base_dir.absolute() / value
+
+
+_TOP_KEYS = ("unit", "replication", "volume")
+_UNIT_KEYS = ("name", "state_dir", "admin")
+_REPLICATION_KEYS = ("listen", "psk_file", "tls_cert", "tls_key", "tls_ca")
+_VOLUME_KEYS = (
+    "name", "role", "path", "offset", "size", "export", "read_only", "journal_size",
+    "journal_high_water", "overflow", "ack", "ack_timeout", "peers", "description",
+)  # fmt: skip
+_ROLES: dict[str, Role] = {"primary": "primary", "secondary": "secondary"}
+_OVERFLOWS: dict[str, Overflow] = {"track": "track", "block": "block"}
+_ACKS: dict[str, Ack] = {"local": "local", "remote": "remote"}
+
+
+def _subtable(data: Mapping[str, object], name: str, problems: list[Problem]) -> dict[str, object]:
+    value = data.get(name, {})
+    if not isinstance(value, dict):
+        problems.append((name, f"expected a [{name}] table, got {_type_name(value)}"))
+        return {}
+    return value
+
+
+def _valid_name(value: object) -> bool:
+    return isinstance(value, str) and bool(_NAME_RE.fullmatch(value)) and value not in {".", ".."}
+
+
+def _check_name(table: _Table, name: str | None, what: str) -> None:
+    if name is not None and not _valid_name(name):
+        table.fail(
+            "name",
+            f"{name!r} is not a valid {what} name: use 1 to 255 of A-Z a-z 0-9 . _ -"
+            " (not '.' or '..')",
+        )
+
+
+@dataclass
+class _Volume:
+    """A volume as parsed so far, with the keys that failed, for the cross-volume checks."""
+
+    label: str
+    config: VolumeConfig
+    bad: set[str]
+
+
+def _parse_volume(
+    data: Mapping[str, object], index: int, problems: list[Problem], base_dir: Path
+) -> _Volume:
+    raw_name = data.get("name")
+    # Name the volume by its name when it has a usable one: "volume[db].size" beats an index.
+    label = f"volume[{raw_name}]" if _valid_name(raw_name) else f"volume[{index}]"
+    t = _Table(data, label, _VOLUME_KEYS, problems, base_dir)
+    name = t.text("name", required=True)
+    _check_name(t, name, "volume")
+    role = t.choice("role", tuple(_ROLES), required=True)
+    path = t.path("path", required=True)
+    offset = t.size("offset")
+    size = t.size("size", required=True)
+    export = t.address("export", allow_zero=True)
+    read_only = t.flag("read_only")
+    journal_size = t.size("journal_size")
+    high_water = t.number("journal_high_water")
+    overflow = t.choice("overflow", tuple(_OVERFLOWS))
+    ack = t.choice("ack", tuple(_ACKS))
+    ack_timeout = t.number("ack_timeout")
+    description = t.text("description")
+    peers = _parse_peers(t)
+
+    if offset is not None and offset % SECTOR:
+        t.fail("offset", f"{offset} is not a multiple of {SECTOR} bytes")
+    if size is not None:
+        if size == 0:
+            t.fail("size", "must be greater than 0")
+        elif size % SECTOR:
+            t.fail("size", f"{size} is not a multiple of {SECTOR} bytes")
+        elif (offset or 0) + size > MAX_END:
+            t.fail("size", "offset + size is beyond the largest possible file offset")
+    if journal_size is not None and journal_size < MIN_JOURNAL_SIZE:
+        t.fail("journal_size", f"{format_size(journal_size)} is below the minimum of 1 MiB")
+    if high_water is not None and not 0 < high_water < 1:
+        t.fail("journal_high_water", f"{high_water} must be between 0 and 1, exclusive")
+    if ack_timeout is not None and not (math.isfinite(ack_timeout) and ack_timeout > 0):
+        t.fail("ack_timeout", f"{ack_timeout} must be a positive number of seconds")
+    if role == "primary" and export is None and "export" not in t.bad:
+        t.fail("export", "missing; a primary needs the NBD address it serves the host on")
+    if ack == "remote" and not peers and "peers" not in t.bad:
+        t.fail("ack", "'remote' waits for peers, but peers is empty")
+
+    defaults = VolumeConfig(name="", role="primary", path=Path(), size=0)
+    config = VolumeConfig(
+        name=name or "",
+        role=_ROLES.get(role or "", defaults.role),
+        path=path or defaults.path,
+        offset=defaults.offset if offset is None else offset,
+        size=size or 0,
+        export=export,
+        read_only=defaults.read_only if read_only is None else read_only,
+        journal_size=journal_size or defaults.journal_size,
+        journal_high_water=defaults.journal_high_water if high_water is None else high_water,
+        overflow=_OVERFLOWS.get(overflow or "", defaults.overflow),
+        ack=_ACKS.get(ack or "", defaults.ack),
+        ack_timeout=defaults.ack_timeout if ack_timeout is None else ack_timeout,
+        peers=peers,
+        description=description or "",
+    )
+    return _Volume(label, config, t.bad)
+
+
+def _parse_peers(t: _Table) -> tuple[Address, ...]:
+    value = t.typed("peers", (list,), "an array of HOST:PORT strings", False)
+    if not isinstance(value, list):
+        return ()
+    peers: list[Address] = []
+    for i, item in enumerate(value):
+        name = f"peers[{i}]"
+        if not isinstance(item, str):
+            t.fail(name, f"expected a HOST:PORT string, got {_type_name(item)} ({item!r})")
+            t.bad.add("peers")
+            continue
+        peer = t.address_value(name, item, allow_zero=False)
+        if peer is None:
+            t.bad.add("peers")
+        elif peer in peers:
+            t.fail(name, f"{peer} is listed twice")
+        else:
+            peers.append(peer)
+    return tuple(peers)
+
+
+def _host_family(host: str) -> tuple[str, int | None]:
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host.lower(), None
+    return str(ip), ip.version
+
+
+def _clashes(a: Address, b: Address) -> bool:
+    """Whether two listeners on one machine would fight over the same port."""
+    if a.port == 0 or a.port != b.port:
+        return False
+    (ha, fa), (hb, fb) = _host_family(a.host), _host_family(b.host)
+    if ha == hb or "::" in (ha, hb):
+        # Linux binds "::" dual-stack by default, so it holds the port for IPv4 as well.
+        return True
+    # A host name may resolve to IPv4, so it counts as clashing with the IPv4 wildcard.
+    return (ha == "0.0.0.0" and fb != 6) or (hb == "0.0.0.0" and fa != 6)
+
+
+def _check_listeners(listeners: Sequence[tuple[str, Address]], problems: list[Problem]) -> None:
+    for i, (key, addr) in enumerate(listeners):
+        for other_key, other in listeners[:i]:
+            if _clashes(addr, other):
+                problems.append((key, f"{addr} is already used by {other_key} ({other})"))
+                break
+
+
+def parse_config(
+    data: Mapping[str, object],
+    *,
+    base_dir: Path,
+    check_paths: bool = True,
+    source: Path | None = None,
+) -> Config:
+    """Validate parsed TOML ``data``; relative paths resolve against ``base_dir``.
+
+    Raises ConfigError listing every problem. With ``check_paths`` the files, devices and
+    directories named are inspected too (never modified).
+    """
+    problems: list[Problem] = []
+    for name in data:
+        if name not in _TOP_KEYS:
+            problems.append((name, f"unknown table or key; allowed: {', '.join(_TOP_KEYS)}"))
+
+    ut = _Table(_subtable(data, "unit", problems), "unit", _UNIT_KEYS, problems, base_dir)
+    unit_name = ut.text("name", required=True)
+    _check_name(ut, unit_name, "unit")
+    state_dir = ut.path("state_dir", required=True)
+    admin = ut.address("admin", allow_zero=True)
+
+    rdata = _subtable(data, "replication", problems)
+    rt = _Table(rdata, "replication", _REPLICATION_KEYS, problems, base_dir)
+    replication = ReplicationConfig(
+        listen=rt.address("listen", allow_zero=True),
+        psk_file=rt.path("psk_file"),
+        tls_cert=rt.path("tls_cert"),
+        tls_key=rt.path("tls_key"),
+        tls_ca=rt.path("tls_ca"),
+    )
+    for have, lacks in (("tls_cert", "tls_key"), ("tls_key", "tls_cert")):
+        if have in rdata and lacks not in rdata:
+            rt.fail(lacks, f"missing; {have} is set and the two go together")
+
+    volumes = _parse_volume_list(data.get("volume"), problems, base_dir)
+    _check_volume_set(volumes, replication, rt, problems)
+
+    listeners: list[tuple[str, Address]] = []
+    if admin is not None:
+        listeners.append(("unit.admin", admin))
+    if replication.listen is not None:
+        listeners.append(("replication.listen", replication.listen))
+    listeners += [(f"{v.label}.export", v.config.export) for v in volumes if v.config.export]
+    _check_listeners(listeners, problems)
+
+    if check_paths:
+        _check_unit_files(state_dir, replication, problems)
+    regions = [
+        config_paths.Region(
+            v.label,
+            v.config.path,
+            None if "offset" in v.bad else v.config.offset,
+            None if v.bad & {"offset", "size"} else v.config.size,
+            v.config.read_only,
+        )
+        for v in volumes
+        if not v.bad & {"path", "read_only"}
+    ]
+    problems += config_paths.check_regions(regions, touch_disk=check_paths)
+
+    if problems or unit_name is None or state_dir is None:
+        raise ConfigError(problems)
+    return Config(
+        unit=UnitConfig(unit_name, state_dir, admin),
+        replication=replication,
+        volumes=tuple(v.config for v in volumes),
+        source=source,
+    )
+
+
+def _parse_volume_list(value: object, problems: list[Problem], base_dir: Path) -> list[_Volume]:
+    if value is None:
+        problems.append(("volume", "no [[volume]] tables; a unit needs at least one"))
+        return []
+    if not isinstance(value, list):
+        problems.append(("volume", f"expected [[volume]] tables, got {_type_name(value)}"))
+        return []
+    volumes: list[_Volume] = []
+    for index, item in enumerate(value):
+        if isinstance(item, dict):
+            volumes.append(_parse_volume(item, index, problems, base_dir))
+        else:
+            problems.append((f"volume[{index}]", f"expected a table, got {_type_name(item)}"))
+    if not value:
+        problems.append(("volume", "no [[volume]] tables; a unit needs at least one"))
+    return volumes
+
+
+def _check_volume_set(
+    volumes: Sequence[_Volume], replication: ReplicationConfig, rt: _Table, problems: list[Problem]
+) -> None:
+    first_label: dict[str, str] = {}
+    for i, vol in enumerate(volumes):
+        name = vol.config.name
+        if not name or "name" in vol.bad:
+            continue
+        if name in first_label:
+            message = f"duplicate volume name {name!r} (volume[{i}] repeats {first_label[name]})"
+            problems.append((f"{vol.label}.name", message))
+        else:
+            first_label[name] = f"volume[{i}]"
+    secondaries = [v for v in volumes if v.config.role == "secondary" and "role" not in v.bad]
+    if secondaries and replication.listen is None and "listen" not in rt.bad:
+        rt.fail(
+            "listen",
+            f"missing; {secondaries[0].label} is a secondary and receives writes on this address",
+        )
+
+
+def _check_unit_files(
+    state_dir: Path | None, replication: ReplicationConfig, problems: list[Problem]
+) -> None:
+    if state_dir is not None:
+        problems += [("unit.state_dir", msg) for msg in config_paths.check_state_dir(state_dir)]
+    for name in ("psk_file", "tls_cert", "tls_key", "tls_ca"):
+        path = getattr(replication, name)
+        if isinstance(path, Path):
+            why = config_paths.check_input_file(path, must_be_nonempty=name == "psk_file")
+            if why is not None:
+                problems.append((f"replication.{name}", why))
+
+
+def load_config(path: Path, *, check_paths: bool = True) -> Config:
+    """Read and validate the TOML file at ``path``; raises ConfigError with every problem."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError([("file", f"cannot read {path}: {exc.strerror}")]) from exc
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError([("file", f"{path} is not UTF-8 text: {exc.reason}")]) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([("file", f"{path}: invalid TOML: {exc}")]) from exc
+    return parse_config(
+        data, base_dir=Path(path).absolute().parent, check_paths=check_paths, source=Path(path)
+    )

@@ -1,0 +1,201 @@
+"""A unit: the process that holds volumes, serves their exports and the admin API.
+
+``Unit.start`` opens every volume and listener or fails before serving anything; ``Unit.stop``
+stops accepting, lets requests in flight finish, makes every volume durable and closes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from blockmirror import __version__
+from blockmirror.admin.api import AdminServer
+from blockmirror.config import Config, VolumeConfig
+from blockmirror.counters import VolumeCounters
+from blockmirror.errors import BlockmirrorError
+from blockmirror.frontend.nbd_server import Export, NbdServer
+from blockmirror.volume import Volume
+from blockmirror.writepath import DirectWritePath
+
+log = logging.getLogger(__name__)
+
+# Written to the state directory once every listener is up, so scripts and tests learn the real
+# addresses when the configuration asked for port 0.
+RUNTIME_FILE = "unit.json"
+LOCK_FILE = "unit.lock"
+
+
+class UnitLockedError(BlockmirrorError):
+    """Another unit process already owns this state directory."""
+
+
+@dataclass(slots=True)
+class VolumeRuntime:
+    config: VolumeConfig
+    volume: Volume
+    export: Export
+    server: NbdServer | None = None
+    state: str = "opening"
+    counters: VolumeCounters = field(default_factory=VolumeCounters)
+
+    @property
+    def export_address(self) -> str | None:
+        if self.server is None:
+            return None
+        host, port = self.server.address
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Unit:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.volumes: list[VolumeRuntime] = []
+        self.admin: AdminServer | None = None
+        self.started_at = time.monotonic()
+        self._lock_fd: int | None = None
+
+    # --- life cycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        state_dir = self.config.unit.state_dir
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self._lock(state_dir)
+        try:
+            for vc in self.config.volumes:
+                # A replica is never written by a host: until replication feeds it, and whenever
+                # it is exported, it is read-only.
+                read_only = vc.read_only or vc.role == "secondary"
+                volume = Volume.open(vc.path, size=vc.size, offset=vc.offset, read_only=read_only)
+                export = Export(
+                    name=vc.name,
+                    volume=volume,
+                    write_path=DirectWritePath(volume, loop),
+                    description=vc.description or f"blockmirror {vc.role} volume {vc.name}",
+                    read_only=read_only,
+                )
+                self.volumes.append(VolumeRuntime(vc, volume, export, counters=export.counters))
+            for rt in self.volumes:
+                if rt.config.export is not None:
+                    rt.server = NbdServer({rt.config.name: rt.export})
+                    await rt.server.start(rt.config.export.host, rt.config.export.port)
+                    log.info("volume %s exported on nbd://%s/%s", rt.config.name,
+                             rt.export_address, rt.config.name)
+                rt.state = "serving" if rt.config.role == "primary" else "replica"
+            if self.config.unit.admin is not None:
+                self.admin = AdminServer(self.status)
+                host, port = await self.admin.start(
+                    self.config.unit.admin.host, self.config.unit.admin.port
+                )
+                log.info("admin API on http://%s:%d/", host, port)
+        except BaseException:
+            await self.stop()
+            raise
+        self._write_runtime_file()
+
+    async def stop(self) -> None:
+        """Graceful: no new connections, requests in flight answered, volumes durable."""
+        servers = [rt.server for rt in self.volumes if rt.server is not None]
+        await asyncio.gather(*(s.shutdown() for s in servers), return_exceptions=True)
+        if self.admin is not None:
+            await self.admin.close()
+            self.admin = None
+        for rt in self.volumes:
+            rt.state = "stopped"
+            if not rt.volume.read_only:
+                try:
+                    await asyncio.to_thread(rt.volume.flush)
+                except OSError as exc:
+                    log.error("volume %s: final flush failed: %s", rt.config.name, exc)
+            rt.volume.close()
+        self.volumes.clear()
+        with contextlib.suppress(FileNotFoundError):
+            (self.config.unit.state_dir / RUNTIME_FILE).unlink()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _lock(self, state_dir: Path) -> None:
+        fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UnitLockedError(
+                f"state directory {state_dir} is in use by another blockmirror unit"
+            ) from None
+        self._lock_fd = fd
+
+    def _write_runtime_file(self) -> None:
+        info = {
+            "pid": os.getpid(),
+            "unit": self.config.unit.name,
+            "admin": "{}:{}".format(*self.admin.address) if self.admin else None,
+            "exports": {rt.config.name: rt.export_address for rt in self.volumes},
+        }
+        path = self.config.unit.state_dir / RUNTIME_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(info, indent=2) + "\n")
+        tmp.replace(path)
+
+    # --- status ---------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "unit": self.config.unit.name,
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_seconds": round(time.monotonic() - self.started_at, 3),
+            "volumes": [self._volume_status(rt) for rt in self.volumes],
+        }
+
+    def _volume_status(self, rt: VolumeRuntime) -> dict[str, Any]:
+        return {
+            "name": rt.config.name,
+            "role": rt.config.role,
+            "state": rt.state,
+            "size": rt.volume.size,
+            "path": str(rt.config.path),
+            "offset": rt.config.offset,
+            "read_only": rt.export.read_only,
+            "export": rt.export_address,
+            "counters": rt.counters.as_dict(),
+        }
+
+
+async def run_unit(config: Config) -> int:
+    """Run until SIGTERM or SIGINT; returns the process exit code."""
+    unit = Unit(config)
+    await unit.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("unit %s running (pid %d)", config.unit.name, os.getpid())
+    try:
+        await stop.wait()
+    finally:
+        log.info("unit %s stopping", config.unit.name)
+        await unit.stop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    log.info("unit %s stopped cleanly", config.unit.name)
+    return 0
+
+
+def read_runtime_file(state_dir: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((state_dir / RUNTIME_FILE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None

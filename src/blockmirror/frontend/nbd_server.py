@@ -1,0 +1,479 @@
+"""NBD export: the asyncio adapter around the sans-I/O codec and negotiation.
+
+One :class:`NbdServer` listens on one address and serves one or more exports. Each connection is an
+:class:`asyncio.Protocol` (cheaper than streams per request): bytes are fed to the codec, options to
+the negotiation, and requests are dispatched to the volume (reads) or the write path (everything
+that changes data). Many requests may be in flight; replies go out as they complete, corked so
+that the replies produced in one loop iteration leave in one send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import cast
+
+from blockmirror.counters import VolumeCounters
+from blockmirror.errors import OutOfRangeError, ProtocolError, ReadOnlyError
+from blockmirror.frontend import nbd_protocol as p
+from blockmirror.frontend.nbd_negotiation import ExportInfo, Negotiation, Outcome
+from blockmirror.volume import Volume
+from blockmirror.writepath import WritePath
+
+log = logging.getLogger(__name__)
+
+# Stop reading from a client that has this much outstanding, so a fast writer in front of a slow
+# sync cannot make us buffer without bound. Reading resumes as requests complete.
+MAX_INFLIGHT_REQUESTS = 512
+MAX_INFLIGHT_BYTES = 128 * 1024 * 1024
+# Replies bigger than this are written on their own rather than joined (joining copies).
+JOIN_LIMIT = 256 * 1024
+# Block status: never answer with more extents than this in one reply.
+MAX_EXTENTS = 1024
+
+
+@dataclass(slots=True)
+class Export:
+    """One volume as the NBD server sees it."""
+
+    name: str
+    volume: Volume
+    write_path: WritePath
+    counters: VolumeCounters = field(default_factory=VolumeCounters)
+    description: str = ""
+    read_only: bool = False
+
+    def info(self) -> ExportInfo:
+        return ExportInfo(
+            name=self.name,
+            size=self.volume.size,
+            description=self.description,
+            read_only=self.read_only,
+            can_fast_zero=self.write_path.can_fast_zero(),
+        )
+
+
+def nbd_error(exc: BaseException) -> int:
+    """The NBD error number for an exception from the volume or the write path."""
+    if isinstance(exc, OutOfRangeError):
+        return p.EINVAL
+    if isinstance(exc, ReadOnlyError):
+        return p.EPERM
+    if isinstance(exc, OSError):
+        return {
+            errno.ENOSPC: p.ENOSPC,
+            errno.EDQUOT: p.ENOSPC,
+            errno.EPERM: p.EPERM,
+            errno.EACCES: p.EPERM,
+            errno.EROFS: p.EPERM,
+            errno.EINVAL: p.EINVAL,
+            errno.EOPNOTSUPP: p.ENOTSUP,
+            errno.ENOMEM: p.ENOMEM,
+        }.get(exc.errno or 0, p.EIO)
+    return p.EIO
+
+
+class NbdServer:
+    """Listens on one address and serves the given exports by name."""
+
+    def __init__(self, exports: Mapping[str, Export]) -> None:
+        self.exports = dict(exports)
+        self.connections: set[NbdConnection] = set()
+        self._server: asyncio.Server | None = None
+        self.accepting = False
+
+    @property
+    def address(self) -> tuple[str, int]:
+        if self._server is None or not self._server.sockets:
+            raise RuntimeError("server is not listening")
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return str(host), int(port)
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: NbdConnection(self), host, port, reuse_address=True, backlog=256
+        )
+        self.accepting = True
+        return self.address
+
+    def lookup(self, name: str) -> ExportInfo | None:
+        export = self.exports.get(name)
+        return export.info() if export is not None else None
+
+    def list_exports(self) -> Sequence[ExportInfo]:
+        return [e.info() for e in self.exports.values()]
+
+    async def shutdown(self, timeout: float = 4.0) -> None:
+        """Stop accepting, let requests already received finish, then close every connection."""
+        self.accepting = False
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            conn.begin_drain()
+        waits = [conn.drained for conn in list(self.connections)]
+        if waits:
+            _, pending = await asyncio.wait(waits, timeout=timeout)
+            for conn in list(self.connections):
+                conn.abort()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+
+class NbdConnection(asyncio.Protocol):
+    def __init__(self, server: NbdServer) -> None:
+        self.server = server
+        self.codec = p.NbdServerCodec()
+        self.negotiation = Negotiation(server.lookup, server.list_exports)
+        self.export: Export | None = None
+        self.transport: asyncio.Transport | None = None
+        self.inflight = 0
+        self.inflight_bytes = 0
+        self.draining = False
+        self.closed = False
+        self.drained: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()
+        self._out: list[bytes | bytearray] = []
+        self._out_size = 0
+        self._flush_scheduled = False
+        self._in_batch = False
+        self._reading = True
+        self._write_paused = False
+
+    # --- asyncio callbacks ----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement the interface without subclassing asyncio.Transport.
+        self.transport = cast(asyncio.Transport, transport)
+        if not self.server.accepting:
+            self.transport.abort()
+            return
+        self.server.connections.add(self)
+        self.transport.write(p.encode_greeting())
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed or self.draining:
+            return
+        self.codec.feed(data)
+        self._in_batch = True
+        try:
+            while not self.closed and not self.draining:
+                event = self.codec.next_event()
+                if event is None:
+                    break
+                self._handle(event)
+        except ProtocolError as exc:
+            log.info("closing NBD connection from %s: %s", self._peer(), exc)
+            self._flush_out()
+            self._close()
+        finally:
+            self._in_batch = False
+        self._flush_out()
+        self._update_reading()
+
+    def eof_received(self) -> bool | None:
+        # The client finished sending. Requests already received still get their replies.
+        self._begin_close_after_inflight()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.codec.close()
+        if self in self.server.connections:
+            self.server.connections.discard(self)
+            if self.export is not None:
+                self.export.counters.connections -= 1
+        if not self.drained.done():
+            self.drained.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._update_reading()
+
+    # --- shutdown -------------------------------------------------------------------------------
+
+    def begin_drain(self) -> None:
+        """Stop taking requests; close once the ones in flight have been answered."""
+        self.draining = True
+        self._begin_close_after_inflight()
+
+    def abort(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
+
+    def _begin_close_after_inflight(self) -> None:
+        self.draining = True
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+            self._reading = False
+        self._maybe_finish_drain()
+
+    def _maybe_finish_drain(self) -> None:
+        if self.draining and self.inflight == 0 and not self.closed:
+            self._flush_out()
+            self._close()
+
+    def _close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            self.codec.close()
+            self.transport.close()
+
+    # --- events ---------------------------------------------------------------------------------
+
+    def _handle(self, event: p.Event) -> None:
+        if isinstance(event, p.Request):
+            self._request(event)
+        elif isinstance(event, p.OversizedWrite):
+            self._reply_error(event.cookie, p.EINVAL, f"write of {event.length} bytes is too big")
+        elif isinstance(event, p.ClientFlags):
+            self.negotiation.client_flags = event.flags
+        else:
+            self._option(self.negotiation.handle(event))
+
+    def _option(self, outcome: Outcome) -> None:
+        if outcome.reply:
+            self._send(outcome.reply)
+        if outcome.close:
+            self._flush_out()
+            self._close()
+            return
+        if outcome.export is not None:
+            export = self.server.exports.get(outcome.export.name)
+            if export is None:  # vanished between negotiation and now: treat as unknown
+                self._close()
+                return
+            self.export = export
+            export.counters.connections += 1
+            export.counters.connections_total += 1
+            self.codec.start_transmission()
+
+    def _request(self, req: p.Request) -> None:
+        export = self.export
+        assert export is not None
+        command, cookie = req.command, req.cookie
+        if command == p.Cmd.DISC:
+            self._begin_close_after_inflight()
+            return
+        allowed = p.ALLOWED_CMD_FLAGS.get(command)
+        if allowed is None:
+            self._reply_error(cookie, p.EINVAL, f"unknown command {command}")
+            return
+        if req.flags & ~allowed or (
+            req.flags & p.CmdFlag.DF and not self.negotiation.structured
+        ):
+            self._reply_error(cookie, p.EINVAL, f"flags {req.flags:#x} not valid for {command}")
+            return
+        if command == p.Cmd.FLUSH:
+            self._flush(export, cookie)
+            return
+        size = export.volume.size
+        changes_data = command in (p.Cmd.WRITE, p.Cmd.TRIM, p.Cmd.WRITE_ZEROES)
+        if req.length == 0:
+            self._reply_error(cookie, p.EINVAL, "zero-length request")
+            return
+        if req.offset + req.length > size:
+            self._reply_error(
+                cookie,
+                p.ENOSPC if changes_data else p.EINVAL,
+                f"range {req.offset}+{req.length} is past the end ({size})",
+            )
+            return
+        if changes_data and export.read_only:
+            self._reply_error(cookie, p.EPERM, "export is read-only")
+            return
+        if command == p.Cmd.READ:
+            self._read(export, req)
+        elif command == p.Cmd.WRITE:
+            self._write(export, req)
+        elif command == p.Cmd.WRITE_ZEROES:
+            self._write_zeroes(export, req)
+        elif command == p.Cmd.TRIM:
+            self._start(export, req, export.write_path.trim(
+                req.offset, req.length, fua=bool(req.flags & p.CmdFlag.FUA)
+            ), "trims")
+        elif command == p.Cmd.CACHE:
+            self._cache(export, req)
+        elif command == p.Cmd.BLOCK_STATUS:
+            self._block_status(export, req)
+
+    # --- commands -------------------------------------------------------------------------------
+
+    def _read(self, export: Export, req: p.Request) -> None:
+        structured = self.negotiation.structured
+        if req.length > p.MAX_PAYLOAD:
+            self._reply_error(
+                req.cookie, p.EOVERFLOW if structured else p.EINVAL, "read is too big"
+            )
+            return
+        prefix = p.READ_CHUNK_PREFIX if structured else p.SIMPLE_REPLY_SIZE
+        buf = bytearray(prefix + req.length)
+        try:
+            export.volume.preadinto(req.offset, memoryview(buf)[prefix:])
+        except (OSError, OutOfRangeError) as exc:
+            self._reply_error(req.cookie, nbd_error(exc), f"read failed: {exc}")
+            return
+        if structured:
+            p.pack_read_chunk_into(buf, req.cookie, req.offset, req.length)
+        else:
+            p.pack_simple_reply_into(buf, req.cookie)
+        export.counters.reads += 1
+        export.counters.bytes_read += req.length
+        self._send(buf)
+
+    def _write(self, export: Export, req: p.Request) -> None:
+        try:
+            pending = export.write_path.write(
+                req.offset, req.data, fua=bool(req.flags & p.CmdFlag.FUA)
+            )
+        except (OSError, OutOfRangeError, ReadOnlyError) as exc:
+            self._reply_error(req.cookie, nbd_error(exc), f"write failed: {exc}")
+            return
+        export.counters.writes += 1
+        export.counters.bytes_written += req.length
+        if pending is None:
+            self._send(p.encode_simple_reply(req.cookie))
+        else:
+            self._track(pending, req.cookie, req.length)
+
+    def _write_zeroes(self, export: Export, req: p.Request) -> None:
+        if req.flags & p.CmdFlag.FAST_ZERO and not export.write_path.can_fast_zero():
+            self._reply_error(req.cookie, p.ENOTSUP, "zeroing this volume is not fast")
+            return
+        self._start(export, req, export.write_path.write_zeroes(
+            req.offset,
+            req.length,
+            fua=bool(req.flags & p.CmdFlag.FUA),
+            may_trim=not req.flags & p.CmdFlag.NO_HOLE,
+        ), "zeroes")
+
+    def _flush(self, export: Export, cookie: int) -> None:
+        export.counters.flushes += 1
+        try:
+            pending = export.write_path.flush()
+        except OSError as exc:
+            self._reply_error(cookie, nbd_error(exc), f"flush failed: {exc}")
+            return
+        if pending is None:
+            self._send(p.encode_simple_reply(cookie))
+        else:
+            self._track(pending, cookie, 0)
+
+    def _cache(self, export: Export, req: p.Request) -> None:
+        # CACHE is advisory; ask the kernel to read ahead and answer at once.
+        try:
+            export.volume.advise_willneed(req.offset, req.length)
+        except OSError:
+            pass
+        self._send(p.encode_simple_reply(req.cookie))
+
+    def _block_status(self, export: Export, req: p.Request) -> None:
+        context_id = self.negotiation.meta_context_id
+        if not self.negotiation.structured or context_id is None:
+            self._reply_error(req.cookie, p.EINVAL, "no metadata context was negotiated")
+            return
+        try:
+            extents = export.volume.block_status(req.offset, req.length)
+        except (OSError, OutOfRangeError) as exc:
+            self._reply_error(req.cookie, nbd_error(exc), f"block status failed: {exc}")
+            return
+        if req.flags & p.CmdFlag.REQ_ONE:
+            extents = extents[:1]
+        extents = [(length, flags & (p.STATE_HOLE | p.STATE_ZERO)) for length, flags in extents]
+        self._send(p.encode_block_status_chunk(req.cookie, context_id, extents[:MAX_EXTENTS]))
+
+    def _start(
+        self,
+        export: Export,
+        req: p.Request,
+        pending: asyncio.Future[None] | None,
+        counter: str,
+    ) -> None:
+        setattr(export.counters, counter, getattr(export.counters, counter) + 1)
+        if pending is None:
+            self._send(p.encode_simple_reply(req.cookie))
+        else:
+            self._track(pending, req.cookie, 0)
+
+    # --- completion and replies -----------------------------------------------------------------
+
+    def _track(self, pending: asyncio.Future[None], cookie: int, nbytes: int) -> None:
+        self.inflight += 1
+        self.inflight_bytes += nbytes
+
+        def done(f: asyncio.Future[None]) -> None:
+            self.inflight -= 1
+            self.inflight_bytes -= nbytes
+            exc = f.exception() if not f.cancelled() else asyncio.CancelledError()
+            if exc is None:
+                self._send(p.encode_simple_reply(cookie))
+            else:
+                self._reply_error(cookie, nbd_error(exc), f"request failed: {exc}")
+            self._maybe_finish_drain()
+            self._update_reading()
+
+        pending.add_done_callback(done)
+
+    def _reply_error(self, cookie: int, error: int, message: str) -> None:
+        if self.export is not None:
+            self.export.counters.errors += 1
+        log.debug("NBD error %d to %s: %s", error, self._peer(), message)
+        if self.negotiation.structured:
+            self._send(p.encode_error_chunk(cookie, error, message))
+        else:
+            self._send(p.encode_simple_reply(cookie, error))
+
+    def _send(self, data: bytes | bytearray) -> None:
+        if self.closed:
+            return
+        self._out.append(data)
+        self._out_size += len(data)
+        if self._in_batch:
+            return
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush_out)
+
+    def _flush_out(self) -> None:
+        self._flush_scheduled = False
+        if not self._out:
+            return
+        out, self._out = self._out, []
+        size, self._out_size = self._out_size, 0
+        if self.closed or self.transport is None:
+            return
+        if len(out) == 1:
+            self.transport.write(out[0])
+        elif size <= JOIN_LIMIT:
+            self.transport.write(b"".join(out))
+        else:
+            for chunk in out:
+                self.transport.write(chunk)
+
+    def _update_reading(self) -> None:
+        if self.transport is None or self.closed or self.draining:
+            return
+        busy = (
+            self._write_paused
+            or self.inflight >= MAX_INFLIGHT_REQUESTS
+            or self.inflight_bytes + self.codec.buffered >= MAX_INFLIGHT_BYTES
+        )
+        if busy and self._reading:
+            self.transport.pause_reading()
+            self._reading = False
+        elif not busy and not self._reading:
+            self.transport.resume_reading()
+            self._reading = True
+
+    def _peer(self) -> str:
+        if self.transport is None:
+            return "?"
+        peer = self.transport.get_extra_info("peername")
+        return f"{peer[0]}:{peer[1]}" if peer else "?"

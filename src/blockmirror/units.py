@@ -1,0 +1,108 @@
+"""Byte sizes as operators write them ("10GiB", "64 KiB") and as we print them back."""
+
+from __future__ import annotations
+
+import re
+from fractions import Fraction
+
+from blockmirror.errors import SizeError
+
+__all__ = ["format_size", "parse_size"]
+
+KiB = 1 << 10
+MiB = 1 << 20
+GiB = 1 << 30
+TiB = 1 << 40
+
+# Only binary multiples: a storage tool that silently read "GB" as 10**9 or 2**30 would be wrong
+# for half its users, so decimal units are refused with a hint instead of guessed.
+_MULTIPLIERS: dict[str, int] = {
+    "": 1,
+    "b": 1,
+    "k": KiB,
+    "kib": KiB,
+    "m": MiB,
+    "mib": MiB,
+    "g": GiB,
+    "gib": GiB,
+    "t": TiB,
+    "tib": TiB,
+}
+_DECIMAL_LOOKALIKES = {"kb": "KiB", "mb": "MiB", "gb": "GiB", "tb": "TiB"}
+_UNITS_HELP = "B, KiB, MiB, GiB or TiB"
+_SIZE_RE = re.compile(r"([+-]?)([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)", re.ASCII)
+
+# Largest first, so format_size prefers the biggest unit that still reads exactly.
+_FORMAT_UNITS: tuple[tuple[int, str], ...] = (
+    (TiB, "TiB"),
+    (GiB, "GiB"),
+    (MiB, "MiB"),
+    (KiB, "KiB"),
+)
+
+
+def parse_size(value: str | int, *, key: str = "size") -> int:
+    """Return the number of bytes ``value`` denotes.
+
+    ``value`` is a non-negative int or a string such as ``"512"``, ``"4096B"``, ``"64 KiB"``,
+    ``"1.5GiB"``; ``K``/``M``/``G``/``T`` are binary aliases. ``key`` names the setting in
+    error messages. Raises :class:`SizeError` for anything else.
+    """
+    # bool is an int subclass; True bytes is never what an operator meant.
+    if isinstance(value, bool):
+        raise SizeError(f"invalid {key} {value!r}: expected a number of bytes, not a boolean")
+    if isinstance(value, int):
+        if value < 0:
+            raise SizeError(f"invalid {key} {value}: must not be negative")
+        return value
+    if not isinstance(value, str):
+        raise SizeError(
+            f"invalid {key} {value!r}: expected a whole number of bytes or a string like"
+            f" '10GiB', not {type(value).__name__}"
+        )
+    text = value.strip()
+    if not text:
+        raise SizeError(f"invalid {key} {value!r}: empty")
+    match = _SIZE_RE.fullmatch(text)
+    if match is None:
+        raise SizeError(
+            f"invalid {key} {value!r}: expected a number and an optional unit"
+            f" ({_UNITS_HELP}), like '10GiB'"
+        )
+    sign, number, unit = match.groups()
+    multiplier = _MULTIPLIERS.get(unit.lower())
+    if multiplier is None:
+        hint = _DECIMAL_LOOKALIKES.get(unit.lower())
+        advice = f"; did you mean {hint}? (units are binary)" if hint else f"; use {_UNITS_HELP}"
+        raise SizeError(f"invalid {key} {value!r}: unknown unit {unit!r}{advice}")
+    # Fraction keeps "1.5GiB" exact where float arithmetic could round a huge size.
+    amount = Fraction(number) * multiplier
+    if sign == "-" and amount != 0:
+        raise SizeError(f"invalid {key} {value!r}: must not be negative")
+    if amount.denominator != 1:
+        raise SizeError(
+            f"invalid {key} {value!r}: is {float(amount):g} bytes, not a whole number of bytes"
+        )
+    return int(amount)
+
+
+def format_size(n: int) -> str:
+    """Return a short form of ``n`` bytes, such as ``"10 GiB"``, ``"1.5 MiB"`` or ``"512 B"``.
+
+    The result is always exact, so ``parse_size(format_size(n)) == n``: the largest unit that
+    shows ``n`` with at most two decimals is used, falling back to plain bytes. An approximate
+    "4 GiB" for a file one byte short of it would make "does not fit" messages look absurd.
+    """
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"format_size expects an int, not {type(n).__name__}")
+    if n < 0:
+        return "-" + format_size(-n)
+    for multiplier, name in _FORMAT_UNITS:
+        if n < multiplier:
+            continue
+        hundredths, remainder = divmod(n * 100, multiplier)
+        if remainder == 0:
+            whole, frac = divmod(hundredths, 100)
+            digits = f"{whole}.{frac:02d}".rstrip("0").rstrip(".") if frac else str(whole)
+            return f"{digits} {name}"
+    return f"{n} B"

@@ -1,0 +1,526 @@
+"""The backing store of a volume: a regular file, a block device, or a region of either.
+
+A region (``offset`` + ``size``) lets several volumes share one disk as partitions, so every
+method checks its range against the volume before touching the descriptor: nothing outside
+``[offset, offset + size)`` of the backing store is ever read or written.
+
+This is the NBD server's hot path: data moves with pread/preadv/pwrite/pwritev on memoryviews,
+never block by block. Bad ranges raise :class:`OutOfRangeError`, writes to a read-only volume
+raise :class:`ReadOnlyError`, and I/O failures propagate as :class:`OSError` with the kernel's
+errno intact, because the export must map ENOSPC, EIO, ... onto protocol error codes.
+
+``close()`` must not race with in-flight calls: the descriptor number could be reused by the
+next ``open`` anywhere in the process, and a late write would land in the wrong file.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import stat
+import struct
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Literal, Self
+
+from blockmirror.errors import OutOfRangeError, ReadOnlyError, VolumeError
+
+__all__ = ["EXTENT_DATA", "EXTENT_HOLE_ZERO", "MAX_EXTENTS", "Volume", "backing_size"]
+
+# block_status flags, numerically NBD's base:allocation context (HOLE=1 | ZERO=2).
+EXTENT_DATA = 0
+EXTENT_HOLE_ZERO = 3
+# Bounds the syscalls one block_status call may make; a shorter prefix is returned past it.
+MAX_EXTENTS = 1024
+
+_BLKSSZGET = 0x1268
+_BLKDISCARD = 0x1277
+_BLKZEROOUT = 0x127F
+_BLKGETSIZE64 = 0x80081272
+
+_FALLOC_KEEP_SIZE = 0x01
+_FALLOC_PUNCH = 0x02 | _FALLOC_KEEP_SIZE  # the kernel rejects PUNCH_HOLE without KEEP_SIZE
+_FALLOC_ZERO = 0x10 | _FALLOC_KEEP_SIZE
+
+_OFF_MAX = 2**63 - 1
+# errnos by which filesystems and drivers say "this operation is not implemented here".
+_UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.ENOTTY})
+
+try:
+    _IOV_MAX = max(16, os.sysconf("SC_IOV_MAX"))
+except (ValueError, OSError):
+    _IOV_MAX = 1024
+_ZERO_BLOCK = bytes(64 * 1024)
+_ZEROS_PER_CALL = 128  # 8 MiB per pwritev when zeros must be written as data
+
+
+def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = getattr(libc, "fallocate64", None) or libc.fallocate
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_libc_fallocate = _load_fallocate()
+
+
+def _fallocate(fd: int, mode: int, pos: int, length: int) -> None:
+    if _libc_fallocate is None:
+        raise OSError(errno.ENOSYS, "fallocate is not available")
+    # ctypes calls get no automatic EINTR retry (PEP 475 covers only the os module).
+    while _libc_fallocate(fd, mode, pos, length) != 0:
+        err = ctypes.get_errno()
+        if err != errno.EINTR:
+            raise OSError(err, os.strerror(err))
+
+
+def _ioctl_range(fd: int, request: int, pos: int, length: int) -> None:
+    arg = struct.pack("=QQ", pos, length)
+    while True:
+        try:
+            fcntl.ioctl(fd, request, arg)
+            return
+        except InterruptedError:
+            continue
+
+
+def _device_size(fd: int) -> int:
+    try:
+        (size,) = struct.unpack("=Q", fcntl.ioctl(fd, _BLKGETSIZE64, bytes(8)))
+        return int(size)
+    except OSError:
+        return os.lseek(fd, 0, os.SEEK_END)
+
+
+def _device_zeroes_natively(rdev: int) -> bool:
+    # A device with a WRITE ZEROES command (or a loop device over a file that can punch) zeroes
+    # without transferring data; otherwise the kernel's BLKZEROOUT writes zero pages itself.
+    node = Path(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}")
+    queue = node / "queue" if (node / "queue").exists() else node.resolve().parent / "queue"
+    try:
+        return int((queue / "write_zeroes_max_bytes").read_text()) > 0
+    except (OSError, ValueError):
+        return False
+
+
+def _probe_fallocate(directory: Path) -> dict[int, bool]:
+    """Which hole/zero modes the filesystem of ``directory`` has, tried on an unnamed file.
+
+    Probing the volume itself is unsafe: a concurrent write could land in the probed range.
+    """
+    try:
+        fd = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return {}
+    found: dict[int, bool] = {}
+    try:
+        os.ftruncate(fd, 8192)
+        for mode in (_FALLOC_PUNCH, _FALLOC_ZERO):
+            try:
+                _fallocate(fd, mode, 0, 4096)
+                found[mode] = True
+            except OSError as exc:
+                if exc.errno in _UNSUPPORTED:
+                    found[mode] = False
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return found
+
+
+def backing_size(path: Path) -> int | None:
+    """Bytes in the file or block device at ``path``, or None when nothing is there."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise VolumeError(f"{path}: cannot stat: {exc.strerror}") from exc
+    if stat.S_ISREG(st.st_mode):
+        return st.st_size
+    if not stat.S_ISBLK(st.st_mode):
+        raise VolumeError(f"{path}: neither a regular file nor a block device")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise VolumeError(f"{path}: cannot open: {exc.strerror}") from exc
+    try:
+        return _device_size(fd)
+    finally:
+        os.close(fd)
+
+
+class Volume:
+    """An open backing store; all offsets are relative to the volume's region."""
+
+    path: Path
+    size: int
+    offset: int
+    read_only: bool
+    kind: Literal["file", "block"]
+
+    def __init__(
+        self,
+        path: Path,
+        fd: int,
+        *,
+        kind: Literal["file", "block"],
+        size: int,
+        offset: int,
+        read_only: bool,
+        sector: int = 1,
+        fast_zero_device: bool = False,
+    ) -> None:
+        self.path = path
+        self.size = size
+        self.offset = offset
+        self.read_only = read_only
+        self.kind = kind
+        self._fd = fd
+        self._sector = sector
+        self._fast_zero_device = fast_zero_device
+        # fallocate modes / ioctls by what we learned about them; absent means "not tried yet".
+        self._supported: dict[int, bool] = {}
+
+    @classmethod
+    def open(
+        cls,
+        path: Path,
+        *,
+        size: int,
+        offset: int = 0,
+        read_only: bool = False,
+        create: bool = True,
+    ) -> Volume:
+        path = Path(path)
+        if size <= 0:
+            raise VolumeError(f"{path}: size must be positive, got {size}")
+        if offset < 0:
+            raise VolumeError(f"{path}: offset must not be negative, got {offset}")
+        if offset + size > _OFF_MAX:
+            raise VolumeError(f"{path}: offset + size exceeds the largest file position")
+        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        try:
+            st: os.stat_result | None = os.stat(path)
+        except FileNotFoundError:
+            st = None
+        except OSError as exc:
+            raise VolumeError(f"{path}: cannot stat: {exc.strerror}") from exc
+
+        created = False
+        if st is None:
+            if not create:
+                raise VolumeError(f"{path}: does not exist and create is off")
+            if read_only:
+                raise VolumeError(f"{path}: does not exist, and a read-only volume is not created")
+            try:
+                # 0o600: a disk image holds the host's data, whoever's umask this is.
+                fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                return cls.open(path, size=size, offset=offset, read_only=False, create=False)
+            except OSError as exc:
+                raise VolumeError(f"{path}: cannot create: {exc.strerror}") from exc
+            created = True
+        else:
+            if stat.S_ISDIR(st.st_mode):
+                raise VolumeError(f"{path}: is a directory")
+            # Checked before open: opening a FIFO would block and a char device could be a tty.
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+                raise VolumeError(f"{path}: neither a regular file nor a block device")
+            try:
+                fd = os.open(path, flags)
+            except OSError as exc:
+                how = "read-only" if read_only else "read-write"
+                raise VolumeError(f"{path}: cannot open {how}: {exc.strerror}") from exc
+        try:
+            if created:
+                os.ftruncate(fd, offset + size)  # sparse: no blocks until written
+            return cls._from_fd(path, fd, size=size, offset=offset, read_only=read_only)
+        except BaseException as exc:
+            os.close(fd)
+            if created:
+                path.unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise VolumeError(f"{path}: {exc.strerror or exc}") from exc
+            raise
+
+    @classmethod
+    def _from_fd(cls, path: Path, fd: int, *, size: int, offset: int, read_only: bool) -> Volume:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode):
+            capacity = st.st_size
+            if offset + size > capacity:
+                raise VolumeError(
+                    f"{path}: region [{offset}, {offset + size}) ends past the end of the "
+                    f"file ({capacity} bytes); existing files are never extended"
+                )
+            vol = cls(path, fd, kind="file", size=size, offset=offset, read_only=read_only)
+            if not read_only:
+                vol._supported.update(_probe_fallocate(path.parent))
+            return vol
+        if not stat.S_ISBLK(st.st_mode):
+            raise VolumeError(f"{path}: neither a regular file nor a block device")
+        capacity = _device_size(fd)
+        if offset + size > capacity:
+            raise VolumeError(
+                f"{path}: region [{offset}, {offset + size}) ends past the end of the "
+                f"device ({capacity} bytes)"
+            )
+        try:
+            sector = int.from_bytes(fcntl.ioctl(fd, _BLKSSZGET, bytes(4)), "little")
+        except OSError:
+            sector = 512
+        return cls(
+            path,
+            fd,
+            kind="block",
+            size=size,
+            offset=offset,
+            read_only=read_only,
+            sector=max(sector, 1),
+            fast_zero_device=_device_zeroes_natively(st.st_rdev),
+        )
+
+    def __repr__(self) -> str:
+        mode = "ro" if self.read_only else "rw"
+        return f"<Volume {self.kind} {self.path} [{self.offset}+{self.size}] {mode}>"
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+
+    # -- range checks ---------------------------------------------------------------------
+
+    def _locate(self, offset: int, length: int) -> tuple[int, int]:
+        """(fd, absolute position) for a range, or raise before anything is touched."""
+        if self._fd < 0:
+            raise VolumeError(f"{self.path}: volume is closed")
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise OutOfRangeError(
+                f"{self.path}: range [{offset}, {offset}+{length}) is outside the volume "
+                f"of {self.size} bytes"
+            )
+        return self._fd, self.offset + offset
+
+    def _locate_for_write(self, offset: int, length: int) -> tuple[int, int]:
+        if self.read_only:
+            raise ReadOnlyError(f"{self.path}: volume is read-only")
+        return self._locate(offset, length)
+
+    # -- data -----------------------------------------------------------------------------
+
+    def pread(self, offset: int, length: int) -> bytes:
+        fd, pos = self._locate(offset, length)
+        data = os.pread(fd, length, pos)
+        if len(data) == length:
+            return data
+        buf = bytearray(length)
+        buf[: len(data)] = data
+        _read_fully(fd, pos + len(data), memoryview(buf)[len(data) :])
+        return bytes(buf)
+
+    def preadinto(self, offset: int, buf: memoryview | bytearray) -> None:
+        view = memoryview(buf).cast("B")
+        fd, pos = self._locate(offset, view.nbytes)
+        _read_fully(fd, pos, view)
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        fd, pos = self._locate_for_write(offset, view.nbytes)
+        while len(view):
+            n = os.pwrite(fd, view, pos)
+            if n <= 0:
+                raise OSError(errno.EIO, f"{self.path}: write made no progress")
+            view = view[n:]
+            pos += n
+
+    def pwritev(self, offset: int, buffers: Sequence[bytes | bytearray | memoryview]) -> None:
+        views = [v for v in (memoryview(b).cast("B") for b in buffers) if v.nbytes]
+        fd, pos = self._locate_for_write(offset, sum(v.nbytes for v in views))
+        _write_fully(fd, pos, views)
+
+    def flush(self) -> None:
+        if self._fd < 0:
+            raise VolumeError(f"{self.path}: volume is closed")
+        os.fdatasync(self._fd)
+
+    # -- deallocation and zeroing ---------------------------------------------------------
+
+    def _try(self, op: int, fd: int, pos: int, length: int) -> bool:
+        """Run a fallocate mode (files) or range ioctl (devices); False if not supported."""
+        if self._supported.get(op) is False:
+            return False
+        try:
+            if self.kind == "file":
+                _fallocate(fd, op, pos, length)
+            else:
+                _ioctl_range(fd, op, pos, length)
+        except OSError as exc:
+            # EBUSY: the kernel could not claim a device another holder has (say a mounted
+            # partition of the disk we hold a region of); this call falls back, later ones retry.
+            if exc.errno == errno.EBUSY and self.kind == "block":
+                return False
+            if exc.errno not in _UNSUPPORTED:
+                raise
+            self._supported[op] = False
+            return False
+        self._supported[op] = True
+        return True
+
+    def _sector_span(self, pos: int, length: int) -> tuple[int, int]:
+        # The block layer rejects ranges not aligned to the logical sector: shrink inward.
+        start = -(-pos // self._sector) * self._sector
+        end = (pos + length) // self._sector * self._sector
+        return start, max(start, end)
+
+    def trim(self, offset: int, length: int) -> None:
+        """Advisory deallocation: afterwards the range's content is unspecified.
+
+        Files read zeros from punched holes; devices may return anything after a discard.
+        Unsupported or misaligned pieces are silently left as they were.
+        """
+        fd, pos = self._locate_for_write(offset, length)
+        if length == 0:
+            return
+        if self.kind == "file":
+            self._try(_FALLOC_PUNCH, fd, pos, length)
+            return
+        start, end = self._sector_span(pos, length)
+        if end > start:
+            self._try(_BLKDISCARD, fd, start, end - start)
+
+    def write_zeroes(self, offset: int, length: int, *, may_trim: bool) -> None:
+        """Make the range read as zeros, without writing data where the store allows it."""
+        fd, pos = self._locate_for_write(offset, length)
+        if length == 0:
+            return
+        if self.kind == "block":
+            # BLKZEROOUT never unmaps (NOUNMAP), so may_trim has nothing to add on devices.
+            start, end = self._sector_span(pos, length)
+            if end > start and self._try(_BLKZEROOUT, fd, start, end - start):
+                _write_zeros(fd, pos, start - pos)
+                _write_zeros(fd, end, pos + length - end)
+            else:
+                _write_zeros(fd, pos, length)
+            return
+        if may_trim and self._try(_FALLOC_PUNCH, fd, pos, length):
+            return
+        if self._try(_FALLOC_ZERO, fd, pos, length):
+            return
+        # tmpfs and some others punch but cannot ZERO_RANGE: punch, then allocate again so
+        # a caller who forbade holes still gets allocated (zero-filled) blocks.
+        if self._try(_FALLOC_PUNCH, fd, pos, length):
+            self._try(_FALLOC_KEEP_SIZE, fd, pos, length)
+            return
+        _write_zeros(fd, pos, length)
+
+    def can_fast_zero(self) -> bool:
+        """Whether write_zeroes avoids writing data; NBD's FAST_ZERO must fail fast otherwise."""
+        if self.read_only:
+            return False
+        if self.kind == "block":
+            return self._fast_zero_device and self._supported.get(_BLKZEROOUT) is not False
+        # Unknown (the probe could not run and nothing was tried yet) answers False: a client
+        # told "no" falls back to writing zeros, one told a wrong "yes" waits on a slow write.
+        return bool(self._supported.get(_FALLOC_ZERO) or self._supported.get(_FALLOC_PUNCH))
+
+    # -- allocation map -------------------------------------------------------------------
+
+    def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """``(length, flags)`` extents from ``offset`` on, in order and without gaps.
+
+        They cover exactly ``[offset, offset + length)`` unless more than ``MAX_EXTENTS``
+        would be needed; then a shorter prefix (still at least one extent) is returned and the
+        caller asks again for the rest, which NBD's block status reply allows. A hole past the
+        end of a file reads as zeros and is reported as one.
+        """
+        fd, pos = self._locate(offset, length)
+        end = pos + length
+        if length == 0:
+            return []
+        if self.kind == "block":
+            return [(length, EXTENT_DATA)]
+        extents: list[tuple[int, int]] = []
+        while pos < end and len(extents) < MAX_EXTENTS:
+            try:
+                data = min(os.lseek(fd, pos, os.SEEK_DATA), end)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:  # ENXIO: no data from pos to end of file
+                    extents.append((end - pos, EXTENT_DATA))
+                    break
+                data = end
+            if data > pos:
+                extents.append((data - pos, EXTENT_HOLE_ZERO))
+                pos = data
+                continue
+            try:
+                hole = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
+            except OSError:
+                hole = end  # e.g. truncated concurrently; calling it data is always safe
+            if hole > pos:  # hole == pos only if a punch raced us; look again
+                extents.append((hole - pos, EXTENT_DATA))
+                pos = hole
+        return extents
+
+
+def _read_fully(fd: int, pos: int, view: memoryview) -> None:
+    while len(view):
+        n = os.preadv(fd, [view], pos)
+        if n == 0:
+            # Past the end of a file shorter than the region (truncated behind our back):
+            # like a hole, it reads as zeros.
+            view[:] = bytes(len(view))
+            return
+        view = view[n:]
+        pos += n
+
+
+def _write_fully(fd: int, pos: int, views: list[memoryview]) -> None:
+    i = 0
+    while i < len(views):
+        n = os.pwritev(fd, views[i : i + _IOV_MAX], pos)
+        if n <= 0:
+            raise OSError(errno.EIO, "vectored write made no progress")
+        pos += n
+        # Skip what was written: whole buffers, then the head of a partly written one.
+        while n:
+            if n >= views[i].nbytes:
+                n -= views[i].nbytes
+                i += 1
+            else:
+                views[i] = views[i][n:]
+                n = 0
+
+
+def _write_zeros(fd: int, pos: int, length: int) -> None:
+    chunk = len(_ZERO_BLOCK)
+    whole = memoryview(_ZERO_BLOCK)
+    while length > 0:
+        step = min(length, chunk * _ZEROS_PER_CALL)
+        full, rest = divmod(step, chunk)
+        views = [whole] * full
+        if rest:
+            views.append(whole[:rest])
+        _write_fully(fd, pos, views)
+        pos += step
+        length -= step
