@@ -118,8 +118,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         status = fetch_status(admin or DEFAULT_ADMIN)
     except (OSError, urllib.error.URLError, ValueError, BlockmirrorError) as exc:
-        print(f"cannot reach the unit's admin API at {admin or DEFAULT_ADMIN}: {exc}",
-              file=sys.stderr)
+        print(
+            f"cannot reach the unit's admin API at {admin or DEFAULT_ADMIN}: {exc}", file=sys.stderr
+        )
         return EXIT_FAILURE
     if args.json:
         print(json.dumps(status, indent=2))
@@ -138,10 +139,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from blockmirror.demo import run_demo
 
     _setup_logging(args.verbose)
-    logging.getLogger("blockmirror").setLevel(logging.WARNING if not args.verbose else logging.DEBUG)
+    logging.getLogger("blockmirror").setLevel(
+        logging.WARNING if not args.verbose else logging.DEBUG
+    )
     directory = Path(args.dir) if args.dir else None
-    return run_async(run_demo(directory, size=args.size, duration=args.duration,
-                              keep_running=args.keep_running))
+    return run_async(
+        run_demo(directory, size=args.size, duration=args.duration, keep_running=args.keep_running)
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,10 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the embedded demo on loopback")
     demo.add_argument("--dir", help="directory for the demo's volumes (default: a new one)")
     demo.add_argument("--size", default="256MiB", help="volume size (default 256MiB)")
-    demo.add_argument("--duration", type=float, default=10.0,
-                      help="seconds of workload (default 10)")
-    demo.add_argument("--keep-running", action="store_true",
-                      help="keep serving after the workload until Ctrl-C")
+    demo.add_argument(
+        "--duration", type=float, default=10.0, help="seconds of workload (default 10)"
+    )
+    demo.add_argument(
+        "--keep-running", action="store_true", help="keep serving after the workload until Ctrl-C"
+    )
     demo.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     demo.set_defaults(func=cmd_demo)
 

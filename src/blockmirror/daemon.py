@@ -89,8 +89,12 @@ class Unit:
                 if rt.config.export is not None:
                     rt.server = NbdServer({rt.config.name: rt.export})
                     await rt.server.start(rt.config.export.host, rt.config.export.port)
-                    log.info("volume %s exported on nbd://%s/%s", rt.config.name,
-                             rt.export_address, rt.config.name)
+                    log.info(
+                        "volume %s exported on nbd://%s/%s",
+                        rt.config.name,
+                        rt.export_address,
+                        rt.config.name,
+                    )
                 rt.state = "serving" if rt.config.role == "primary" else "replica"
             if self.config.unit.admin is not None:
                 self.admin = AdminServer(self.status)

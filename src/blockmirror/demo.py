@@ -7,6 +7,7 @@ volume must contain; at the end the export and the file itself are checked again
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import random
@@ -15,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from blockmirror.admin.table import format_status_table
+from blockmirror.admin.table import format_status_table, human_size
 from blockmirror.config import parse_config
 from blockmirror.daemon import Unit
 from blockmirror.frontend.nbd_client import NbdClient
@@ -70,8 +71,10 @@ async def run_demo(
         admin_host, admin_port = unit.admin.address
         _say(f"volume 'demo' ({format_size(size_bytes)}) exported at nbd://{host}:{port}/demo")
         _say(f"admin API at http://{admin_host}:{admin_port}/  (JSON at /api/status)")
-        _say(f"writing random {format_size(BLOCK)} blocks for {duration:.0f} s, "
-             f"{QUEUE_DEPTH} in flight, flushing every second")
+        _say(
+            f"writing random {format_size(BLOCK)} blocks for {duration:.0f} s, "
+            f"{QUEUE_DEPTH} in flight, flushing every second"
+        )
         model = bytearray(size_bytes)
         ok = await _workload(host, port, model, duration)
         ok = await _verify(host, port, image, model) and ok
@@ -79,10 +82,8 @@ async def run_demo(
         _say(format_status_table(unit.status()))
         if keep_running:
             _say(f"\nstill serving nbd://{host}:{port}/demo; press Ctrl-C to stop")
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.Event().wait()
-            except asyncio.CancelledError:
-                pass
     finally:
         await unit.stop()
     _say("\ndemo " + ("PASSED: the volume holds exactly what the host wrote" if ok else "FAILED"))
@@ -124,7 +125,7 @@ async def _workload(host: str, port: int, model: bytearray, duration: float) -> 
             if now - last_report >= 0.5:
                 rate = written / (now - start) / 2**20
                 sys.stdout.write(
-                    f"\r  written {format_size(written):>10}  writes {writes:>7}  "
+                    f"\r  written {human_size(written):>10}  writes {writes:>7}  "
                     f"flushes {flushes:>3}  {rate:7.1f} MiB/s"
                 )
                 sys.stdout.flush()
@@ -134,8 +135,10 @@ async def _workload(host: str, port: int, model: bytearray, duration: float) -> 
     finally:
         await client.close()
     elapsed = time.monotonic() - start
-    _say(f"\r  written {format_size(written):>10}  writes {writes:>7}  flushes {flushes + 1:>3}  "
-         f"{written / elapsed / 2**20:7.1f} MiB/s")
+    _say(
+        f"\r  written {human_size(written):>10}  writes {writes:>7}  flushes {flushes + 1:>3}  "
+        f"{written / elapsed / 2**20:7.1f} MiB/s"
+    )
     return True
 
 
@@ -158,6 +161,7 @@ async def _verify(host: str, port: int, image: Path, model: bytearray) -> bool:
         os.close(fd)
     on_disk = file_digest.hexdigest()
     _say(f"  expected       sha256 {expected[:16]}…")
-    _say(f"  read via NBD   sha256 {via_export[:16]}…  {'ok' if via_export == expected else 'MISMATCH'}")
-    _say(f"  volume file    sha256 {on_disk[:16]}…  {'ok' if on_disk == expected else 'MISMATCH'}")
+    for label, digest_hex in (("read via NBD ", via_export), ("volume file  ", on_disk)):
+        verdict = "ok" if digest_hex == expected else "MISMATCH"
+        _say(f"  {label}  sha256 {digest_hex[:16]}…  {verdict}")
     return via_export == expected == on_disk

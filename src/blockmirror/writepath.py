@@ -24,7 +24,9 @@ Buffer = bytes | bytearray | memoryview
 class WritePath(Protocol):
     """What the export needs from whatever stands between it and the volume."""
 
-    def write(self, offset: int, data: Sequence[Buffer], *, fua: bool) -> asyncio.Future[None] | None:
+    def write(
+        self, offset: int, data: Sequence[Buffer], *, fua: bool
+    ) -> asyncio.Future[None] | None:
         """Apply a write of the concatenated ``data`` at ``offset``; with ``fua``, durably."""
 
     def write_zeroes(
@@ -56,7 +58,9 @@ class DirectWritePath:
         self._loop = loop
         self.syncer = Syncer(volume.flush, loop)
 
-    def write(self, offset: int, data: Sequence[Buffer], *, fua: bool) -> asyncio.Future[None] | None:
+    def write(
+        self, offset: int, data: Sequence[Buffer], *, fua: bool
+    ) -> asyncio.Future[None] | None:
         if len(data) == 1:
             self.volume.pwrite(offset, data[0])
         else:

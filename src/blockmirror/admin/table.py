@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from blockmirror.units import format_size
+
+def human_size(n: int) -> str:
+    """An approximate, readable size for tables and progress lines ("733.2 MiB")."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
 
 HEADERS = (
     "volume",
@@ -31,12 +40,12 @@ def status_rows(status: dict[str, Any]) -> tuple[tuple[str, ...], list[list[str]
                 str(vol.get("name", "")),
                 str(vol.get("role", "")),
                 str(vol.get("state", "")),
-                format_size(int(vol.get("size", 0))),
+                human_size(int(vol.get("size", 0))),
                 str(vol.get("export") or "-"),
                 str(c.get("reads", 0)),
                 str(c.get("writes", 0)),
-                format_size(int(c.get("bytes_read", 0))),
-                format_size(int(c.get("bytes_written", 0))),
+                human_size(int(c.get("bytes_read", 0))),
+                human_size(int(c.get("bytes_written", 0))),
                 str(c.get("flushes", 0)),
                 str(c.get("errors", 0)),
                 str(c.get("connections", 0)),

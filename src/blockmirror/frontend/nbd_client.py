@@ -7,6 +7,7 @@ well-behaved client, the counterpart that bad-input tests check is still served.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import struct
 from dataclasses import dataclass
@@ -138,9 +139,7 @@ class NbdClient:
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         read_len = length if command == p.Cmd.READ else 0
         self._pending[cookie] = (fut, read_len, p.Cmd(command).name)
-        header = struct.pack(
-            ">IHHQQI", p.REQUEST_MAGIC, flags, command, cookie, offset, length
-        )
+        header = struct.pack(">IHHQQI", p.REQUEST_MAGIC, flags, command, cookie, offset, length)
         if data:
             self._writer.writelines([header, data])
         else:
@@ -199,16 +198,12 @@ class NbdClient:
         except ConnectionError:
             pass
         self._writer.close()
-        try:
+        with contextlib.suppress(ConnectionError):
             await self._writer.wait_closed()
-        except ConnectionError:
-            pass
         if self._reader_task is not None:
             self._reader_task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._reader_task
-            except asyncio.CancelledError:
-                pass
 
     async def __aenter__(self) -> NbdClient:
         return self

@@ -173,9 +173,7 @@ class Negotiation:
                 parts.append(encode_option_reply(option, Rep.INFO, encode_info_name(info.name)))
             elif wanted == Info.DESCRIPTION and info.description:
                 parts.append(
-                    encode_option_reply(
-                        option, Rep.INFO, encode_info_description(info.description)
-                    )
+                    encode_option_reply(option, Rep.INFO, encode_info_description(info.description))
                 )
             elif wanted == Info.BLOCK_SIZE:
                 block = encode_info_block_size(MIN_BLOCK, PREFERRED_BLOCK, MAX_PAYLOAD)
@@ -208,9 +206,9 @@ class Negotiation:
         else:
             context_id = 0
         for name in matches:
-            parts.append(encode_option_reply(option, Rep.META_CONTEXT, encode_meta_context(
-                context_id, name
-            )))
+            parts.append(
+                encode_option_reply(option, Rep.META_CONTEXT, encode_meta_context(context_id, name))
+            )
         parts.append(encode_option_reply(option, Rep.ACK))
         return Outcome(b"".join(parts))
 

@@ -468,7 +468,7 @@ def encode_block_status_chunk(
     return encode_chunk(cookie, Chunk.BLOCK_STATUS, body)
 
 
-# --- option payload decoders (all raise ProtocolError on malformed data) ---------------------------
+# --- option payload decoders (all raise ProtocolError on malformed data) -------------------------
 
 
 def _read_string(data: bytes, pos: int, what: str) -> tuple[str, int]:

@@ -10,6 +10,7 @@ that the replies produced in one loop iteration leave in one send.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 from collections.abc import Mapping, Sequence
@@ -107,7 +108,7 @@ class NbdServer:
     def list_exports(self) -> Sequence[ExportInfo]:
         return [e.info() for e in self.exports.values()]
 
-    async def shutdown(self, timeout: float = 4.0) -> None:
+    async def shutdown(self, grace: float = 4.0) -> None:
         """Stop accepting, let requests already received finish, then close every connection."""
         self.accepting = False
         if self._server is not None:
@@ -116,7 +117,7 @@ class NbdServer:
             conn.begin_drain()
         waits = [conn.drained for conn in list(self.connections)]
         if waits:
-            _, pending = await asyncio.wait(waits, timeout=timeout)
+            _, _pending = await asyncio.wait(waits, timeout=grace)
             for conn in list(self.connections):
                 conn.abort()
         if self._server is not None:
@@ -266,9 +267,7 @@ class NbdConnection(asyncio.Protocol):
         if allowed is None:
             self._reply_error(cookie, p.EINVAL, f"unknown command {command}")
             return
-        if req.flags & ~allowed or (
-            req.flags & p.CmdFlag.DF and not self.negotiation.structured
-        ):
+        if req.flags & ~allowed or (req.flags & p.CmdFlag.DF and not self.negotiation.structured):
             self._reply_error(cookie, p.EINVAL, f"flags {req.flags:#x} not valid for {command}")
             return
         if command == p.Cmd.FLUSH:
@@ -296,9 +295,12 @@ class NbdConnection(asyncio.Protocol):
         elif command == p.Cmd.WRITE_ZEROES:
             self._write_zeroes(export, req)
         elif command == p.Cmd.TRIM:
-            self._start(export, req, export.write_path.trim(
-                req.offset, req.length, fua=bool(req.flags & p.CmdFlag.FUA)
-            ), "trims")
+            self._start(
+                export,
+                req,
+                export.write_path.trim(req.offset, req.length, fua=bool(req.flags & p.CmdFlag.FUA)),
+                "trims",
+            )
         elif command == p.Cmd.CACHE:
             self._cache(export, req)
         elif command == p.Cmd.BLOCK_STATUS:
@@ -347,12 +349,17 @@ class NbdConnection(asyncio.Protocol):
         if req.flags & p.CmdFlag.FAST_ZERO and not export.write_path.can_fast_zero():
             self._reply_error(req.cookie, p.ENOTSUP, "zeroing this volume is not fast")
             return
-        self._start(export, req, export.write_path.write_zeroes(
-            req.offset,
-            req.length,
-            fua=bool(req.flags & p.CmdFlag.FUA),
-            may_trim=not req.flags & p.CmdFlag.NO_HOLE,
-        ), "zeroes")
+        self._start(
+            export,
+            req,
+            export.write_path.write_zeroes(
+                req.offset,
+                req.length,
+                fua=bool(req.flags & p.CmdFlag.FUA),
+                may_trim=not req.flags & p.CmdFlag.NO_HOLE,
+            ),
+            "zeroes",
+        )
 
     def _flush(self, export: Export, cookie: int) -> None:
         export.counters.flushes += 1
@@ -368,10 +375,8 @@ class NbdConnection(asyncio.Protocol):
 
     def _cache(self, export: Export, req: p.Request) -> None:
         # CACHE is advisory; ask the kernel to read ahead and answer at once.
-        try:
+        with contextlib.suppress(OSError):
             export.volume.advise_willneed(req.offset, req.length)
-        except OSError:
-            pass
         self._send(p.encode_simple_reply(req.cookie))
 
     def _block_status(self, export: Export, req: p.Request) -> None:

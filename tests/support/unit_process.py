@@ -1,0 +1,138 @@
+"""Run a real ``blockmirror run`` process for tests, and always stop it by its PID."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+BLOCKMIRROR = [sys.executable, "-m", "blockmirror.cli"]
+
+
+def require_commands(*names: str) -> None:
+    """Fail loudly (not skip) when a client the tests promise to use is missing."""
+    missing = [n for n in names if shutil.which(n) is None]
+    if missing:
+        raise RuntimeError(f"missing test clients {missing}: run the tests through `make test`")
+
+
+@dataclass
+class UnitProcess:
+    proc: subprocess.Popen[bytes]
+    config_path: Path
+    state_dir: Path
+    log_path: Path
+    runtime: dict[str, Any]
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def export_url(self, volume: str) -> str:
+        return f"nbd://{self.runtime['exports'][volume]}/{volume}"
+
+    def export_address(self, volume: str) -> tuple[str, int]:
+        host, port = str(self.runtime["exports"][volume]).rsplit(":", 1)
+        return host, int(port)
+
+    @property
+    def admin(self) -> str:
+        return str(self.runtime["admin"])
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def terminate(self, timeout: float = 10.0) -> int:
+        """SIGTERM, wait; returns the exit code (SIGKILL only if it hangs, and then fails)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError(f"unit {self.pid} ignored SIGTERM for {timeout}s") from None
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def write_config(
+    directory: Path,
+    *,
+    name: str = "unit",
+    volumes: list[dict[str, Any]],
+    admin: bool = True,
+) -> Path:
+    """A TOML config with ephemeral ports (port 0) for the admin API and every export."""
+    lines = ["[unit]", f'name = "{name}"', f'state_dir = "{directory / "state"}"']
+    if admin:
+        lines.append('admin = "127.0.0.1:0"')
+    for vol in volumes:
+        lines.append("")
+        lines.append("[[volume]]")
+        for key, value in vol.items():
+            lines.append(f"{key} = {json.dumps(value)}")
+    path = directory / f"{name}.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def start_unit(config_path: Path, state_dir: Path, *, timeout: float = 20.0) -> UnitProcess:
+    log_path = config_path.with_suffix(".log")
+    log = open(log_path, "wb")  # noqa: SIM115 - handed to the child; closed when we return
+    runtime_file = state_dir / "unit.json"
+    if runtime_file.exists():
+        runtime_file.unlink()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [*BLOCKMIRROR, "run", str(config_path)], stdout=log, stderr=subprocess.STDOUT, env=env
+    )
+    log.close()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"unit exited {proc.returncode}:\n{log_path.read_text()}")
+        try:
+            runtime = json.loads(runtime_file.read_text())
+            if runtime.get("pid") == proc.pid:
+                return UnitProcess(proc, config_path, state_dir, log_path, runtime)
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    raise AssertionError(f"unit did not come up in {timeout}s:\n{log_path.read_text()}")
+
+
+@contextmanager
+def running_unit(
+    directory: Path, *, size: str | int = "64MiB", name: str = "unit", **volume: Any
+) -> Iterator[UnitProcess]:
+    """One primary volume named ``vol`` on ``directory/vol.img``; stopped on exit."""
+    vol = {
+        "name": "vol",
+        "role": "primary",
+        "path": str(directory / "vol.img"),
+        "size": size,
+        "export": "127.0.0.1:0",
+    }
+    vol.update(volume)
+    config = write_config(directory, name=name, volumes=[vol])
+    unit = start_unit(config, directory / "state")
+    try:
+        yield unit
+    finally:
+        unit.kill()
