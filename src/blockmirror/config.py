@@ -135,21 +135,28 @@ def _valid_host(host: str) -> bool:
 
 def _address_or_reason(text: str, allow_zero: bool) -> Address | str:
     example = "like 127.0.0.1:10809 or [::1]:10809"
-    host, sep, port_text = text.rpartition(":")
-    if not sep:
-        return f"expected HOST:PORT, {example}; got {text!r}"
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
+    if text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+        if not sep:
+            return f"expected [IPV6]:PORT, {example}; got {text!r}"
         try:
             ipaddress.IPv6Address(host)
         except ValueError:
             return f"{host!r} in brackets is not an IPv6 address"
-    elif ":" in host:
+        return _with_port(host, port_text, text, allow_zero)
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        return f"expected HOST:PORT, {example}; got {text!r}"
+    if ":" in host:
         return f"an IPv6 address needs brackets, like [::1]:{port_text}; got {text!r}"
-    elif not host:
+    if not host:
         return f"missing host in {text!r}; use 0.0.0.0 to listen on every interface"
-    elif not _valid_host(host):
+    if not _valid_host(host):
         return f"{host!r} is not a valid host name or IPv4 address"
+    return _with_port(host, port_text, text, allow_zero)
+
+
+def _with_port(host: str, port_text: str, text: str, allow_zero: bool) -> Address | str:
     if not port_text.isascii() or not port_text.isdigit():
         return f"port {port_text!r} is not a number, in {text!r}"
     # Capped before int(): a thousands-digit "port" would otherwise trip int's size guard.
@@ -480,7 +487,7 @@ def parse_config(
             v.config.read_only,
         )
         for v in volumes
-        if not v.bad & {"path", "read_only"}
+        if "path" not in v.bad
     ]
     problems += config_paths.check_regions(regions, touch_disk=check_paths)
 
