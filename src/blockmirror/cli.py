@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from blockmirror import COPYRIGHT, __version__
 from blockmirror.admin.table import format_status_table
+from blockmirror.allocator import tune_malloc
 from blockmirror.config import Config, load_config, parse_address
 from blockmirror.errors import BlockmirrorError, ConfigError
 from blockmirror.units import format_size
@@ -28,6 +29,7 @@ T = TypeVar("T")
 
 def run_async(coro: Coroutine[Any, Any, T]) -> T:
     """Run on uvloop when it is installed (it is a dependency); plain asyncio otherwise."""
+    tune_malloc()
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a declared dependency

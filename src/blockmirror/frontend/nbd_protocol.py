@@ -434,6 +434,13 @@ def encode_simple_reply(cookie: int, error: int = 0) -> bytes:
     return _SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, cookie)
 
 
+def encode_read_chunk_header(cookie: int, offset: int, length: int) -> bytes:
+    """The header of a final OFFSET_DATA chunk; ``length`` bytes of data follow it."""
+    return _CHUNK_HDR.pack(
+        STRUCTURED_REPLY_MAGIC, CHUNK_FLAG_DONE, Chunk.OFFSET_DATA, cookie, length + 8
+    ) + struct.pack(">Q", offset)
+
+
 def pack_simple_reply_into(buf: bytearray, cookie: int, error: int = 0) -> None:
     """Write a simple reply header at the start of ``buf`` (READ data follows in place)."""
     _SIMPLE_REPLY.pack_into(buf, 0, SIMPLE_REPLY_MAGIC, error, cookie)

@@ -137,18 +137,20 @@ class NbdConnection(asyncio.Protocol):
         self.closed = False
         self.drained: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._loop = asyncio.get_running_loop()
-        self._out: list[bytes | bytearray] = []
+        self._out: list[bytes | bytearray | memoryview] = []
         self._out_size = 0
         self._flush_scheduled = False
         self._in_batch = False
         self._reading = True
         self._write_paused = False
+        self._vectored = False
 
     # --- asyncio callbacks ----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement the interface without subclassing asyncio.Transport.
         self.transport = cast(asyncio.Transport, transport)
+        self._vectored = not isinstance(transport, asyncio.Transport)
         if not self.server.accepting:
             self.transport.abort()
             return
@@ -315,20 +317,21 @@ class NbdConnection(asyncio.Protocol):
                 req.cookie, p.EOVERFLOW if structured else p.EINVAL, "read is too big"
             )
             return
-        prefix = p.READ_CHUNK_PREFIX if structured else p.SIMPLE_REPLY_SIZE
-        buf = bytearray(prefix + req.length)
         try:
-            export.volume.preadinto(req.offset, memoryview(buf)[prefix:])
+            # os.pread hands back a fresh bytes object without zero-filling it first, and
+            # the reply goes out with the header in one writev: the data is never copied here.
+            data = export.volume.pread(req.offset, req.length)
         except (OSError, OutOfRangeError) as exc:
             self._reply_error(req.cookie, nbd_error(exc), f"read failed: {exc}")
             return
         if structured:
-            p.pack_read_chunk_into(buf, req.cookie, req.offset, req.length)
+            header = p.encode_read_chunk_header(req.cookie, req.offset, req.length)
         else:
-            p.pack_simple_reply_into(buf, req.cookie)
+            header = p.encode_simple_reply(req.cookie)
         export.counters.reads += 1
         export.counters.bytes_read += req.length
-        self._send(buf)
+        self._send(header)
+        self._send(data)
 
     def _write(self, export: Export, req: p.Request) -> None:
         try:
@@ -456,8 +459,10 @@ class NbdConnection(asyncio.Protocol):
             return
         if len(out) == 1:
             self.transport.write(out[0])
-        elif size <= JOIN_LIMIT:
-            self.transport.write(b"".join(out))
+        elif self._vectored or size <= JOIN_LIMIT:
+            # uvloop sends a list with one writev; stdlib asyncio joins it (a copy), which is
+            # only worth it for small replies.
+            self.transport.writelines(out)
         else:
             for chunk in out:
                 self.transport.write(chunk)

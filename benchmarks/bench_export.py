@@ -1,0 +1,779 @@
+"""fio over NBD: a blockmirror primary export against nbdkit's file plugin on the same file.
+
+Both servers serve one backing file that is fully allocated and warm in the page cache, so the
+comparison measures the servers (protocol handling, copies, system calls), not the disk. Each job
+runs against both servers back to back, alternating which goes first, ``--repeat`` times; the
+table shows medians and the ratio ours / nbdkit against the targets. Thresholds are reported,
+never enforced: a wall-clock figure on a shared machine is a measurement, not a test.
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/bench_export.py            # full run, about 3 minutes
+    .venv/bin/python benchmarks/bench_export.py --quick --size 256MiB   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from blockmirror import __version__ as blockmirror_version
+from blockmirror.errors import SizeError
+from blockmirror.units import MiB, format_size, parse_size
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+VOLUME_NAME = "bench"
+RAMP_SECONDS = 1
+# Memory-backed file systems would make the file "warm" trivially and differ from a real volume.
+MEMORY_FS_TYPES = frozenset({"tmpfs", "ramfs", "hugetlbfs"})
+SERVER_START_TIMEOUT = 30.0
+SERVER_STOP_TIMEOUT = 15.0
+
+Metric = Literal["MiB/s", "kIOPS"]
+Direction = Literal["read", "write"]
+
+
+# --- jobs -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    """One fio workload and how its result is judged."""
+
+    key: str
+    label: str
+    rw: str
+    bs: str
+    iodepth: int
+    metric: Metric
+    target: float | None  # minimum ratio ours / nbdkit; None: reported only
+
+    @property
+    def direction(self) -> Direction:
+        return "write" if "write" in self.rw else "read"
+
+
+JOBS: tuple[Job, ...] = (
+    Job("seqwrite", "seq write 1M qd8", "write", "1M", 8, "MiB/s", 0.7),
+    Job("seqread", "seq read 1M qd8", "read", "1M", 8, "MiB/s", 0.7),
+    Job("randwrite", "randwrite 4k qd16", "randwrite", "4k", 16, "kIOPS", 0.4),
+    Job("randread", "randread 4k qd16", "randread", "4k", 16, "kIOPS", 0.4),
+    Job("randwrite-qd1", "randwrite 4k qd1", "randwrite", "4k", 1, "kIOPS", None),
+)
+JOBS_BY_KEY = {job.key: job for job in JOBS}
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+
+def log(message: str) -> None:
+    """Progress goes to stderr so stdout carries only the result table."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    """An ephemeral port that was free a moment ago (the server binds it right after)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _unescape_mountinfo(text: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo octal.
+    out: list[str] = []
+    i = 0
+    while i < len(text):
+        if text[i] == "\\" and i + 3 < len(text) and text[i + 1 : i + 4].isdigit():
+            out.append(chr(int(text[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def filesystem_type(path: Path) -> str:
+    """The type of the file system holding ``path`` (longest mount point prefix)."""
+    target = str(path.resolve())
+    best_mount, best_type = "", "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            left, sep, right = line.partition(" - ")
+            fields = left.split()
+            if not sep or len(fields) < 5 or not right:
+                continue
+            mount = _unescape_mountinfo(fields[4])
+            inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+            if inside and len(mount) >= len(best_mount):
+                best_mount, best_type = mount, right.split()[0]
+    return best_type
+
+
+def default_parent_dir() -> Path:
+    """The first of $TMPDIR (or /tmp) and /var/tmp that is on a real disk."""
+    candidates = [Path(tempfile.gettempdir()), Path("/var/tmp")]
+    for candidate in candidates:
+        if candidate.is_dir() and filesystem_type(candidate) not in MEMORY_FS_TYPES:
+            return candidate
+    raise SystemExit(
+        "every default temporary directory is memory-backed (tmpfs); pass --dir on a real disk"
+    )
+
+
+def mem_available() -> int | None:
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process and all its threads, from /proc/PID/stat."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name is in parentheses and may contain spaces; fields follow the last ')'.
+    fields = stat.rsplit(")", 1)[1].split()
+    ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat(5))
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def command_version(argv: Sequence[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unknown ({exc})"
+    lines = (out.stdout or out.stderr).strip().splitlines()
+    return lines[0] if lines else "unknown"
+
+
+def git_revision() -> str:
+    """HEAD plus a marker when the work tree has changes: the server code may be in flux."""
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", "src"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{rev}+local-changes" if dirty else rev
+
+
+def source_digest() -> str:
+    """A digest of the server's sources as this run started them (they may change meanwhile)."""
+    digest = hashlib.sha256()
+    for path in sorted((REPO_ROOT / "src" / "blockmirror").rglob("*.py")):
+        digest.update(str(path.relative_to(REPO_ROOT)).encode() + b"\0")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def machine_info() -> dict[str, Any]:
+    return {
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "fio": command_version(["fio", "--version"]),
+        "nbdkit": command_version(["nbdkit", "--version"]),
+        "blockmirror": blockmirror_version,
+        "git": git_revision(),
+        "source_digest": source_digest(),
+    }
+
+
+# --- backing file ---------------------------------------------------------------------------------
+
+
+def create_backing_file(path: Path, size: int) -> float:
+    """Allocate every block, write non-zero data once, make it clean, read it back (warm).
+
+    Returns the seconds taken. Allocating and writing up front means neither server pays for
+    block allocation or zero-filling during a run, and the fsync leaves no dirty pages whose
+    writeback would land in the first measurement.
+    """
+    started = time.monotonic()
+    chunk = bytearray(os.urandom(MiB))
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.posix_fallocate(fd, 0, size)
+        for index, pos in enumerate(range(0, size, MiB)):
+            # A distinct stamp per MiB, so no two blocks are identical.
+            chunk[:8] = index.to_bytes(8, "little")
+            length = min(MiB, size - pos)
+            view = memoryview(chunk)[:length]
+            while view:
+                written = os.pwrite(fd, view, pos + (length - len(view)))
+                view = view[written:]
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, size, os.POSIX_FADV_WILLNEED)
+        pos = 0
+        while pos < size:
+            data = os.pread(fd, 8 * MiB, pos)
+            if not data:
+                raise OSError(f"{path}: short read at {pos}")
+            pos += len(data)
+    finally:
+        os.close(fd)
+    return time.monotonic() - started
+
+
+def settle(path: Path) -> None:
+    """Write back what the previous run dirtied, so each run starts with a clean, warm cache."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- servers --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    """A running NBD server process, stopped by its own PID."""
+
+    key: str
+    title: str
+    proc: subprocess.Popen[bytes]
+    uri: str
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self) -> None:
+        """SIGTERM and wait; SIGKILL only when it hangs (and say so)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(SERVER_STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                log(f"{self.title} (pid {self.pid}) ignored SIGTERM; killing it")
+                self.proc.kill()
+                self.proc.wait()
+        code = self.proc.returncode
+        if code not in (0, -signal.SIGTERM):
+            log(f"{self.title} (pid {self.pid}) exited with {code}")
+
+
+def _wait_for_port(proc: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
+    deadline = time.monotonic() + SERVER_START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited {proc.returncode}:\n{log_path.read_text()}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1.0):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"server not listening on port {port} after {SERVER_START_TIMEOUT}s")
+
+
+def start_nbdkit(workdir: Path, backing: Path) -> Server:
+    """``nbdkit file`` on an ephemeral loopback port; it exits with us if we die."""
+    log_path = workdir / "nbdkit.log"
+    pidfile = workdir / "nbdkit.pid"
+    last_error: Exception | None = None
+    for _attempt in range(3):  # another process may grab the free port before nbdkit binds it
+        port = free_port()
+        argv = [
+            "nbdkit",
+            "--foreground",
+            "--exit-with-parent",
+            "--ipaddr",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--pidfile",
+            str(pidfile),
+            "file",
+            f"file={backing}",
+        ]
+        with open(log_path, "wb") as log_file:
+            proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            _wait_for_port(proc, port, log_path)
+        except RuntimeError as exc:
+            last_error = exc
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            continue
+        # Export names are ignored by nbdkit's file plugin: the empty name is the file.
+        return Server("nbdkit", "nbdkit file", proc, f"nbd://127.0.0.1:{port}/", log_path)
+    raise RuntimeError(f"nbdkit did not start: {last_error}")
+
+
+def start_blockmirror(workdir: Path, backing: Path, size: int) -> Server:
+    """A unit with one primary volume on the backing file, exported on an ephemeral port."""
+    unit_dir = workdir / "unit"
+    state_dir = unit_dir / "state"
+    unit_dir.mkdir()
+    config = unit_dir / "bench.toml"
+    volume = {
+        "name": VOLUME_NAME,
+        "role": "primary",
+        "path": str(backing),
+        "size": size,
+        "export": "127.0.0.1:0",
+    }
+    lines = ["[unit]", 'name = "bench"', f"state_dir = {json.dumps(str(state_dir))}", ""]
+    lines += ["[[volume]]", *(f"{key} = {json.dumps(value)}" for key, value in volume.items())]
+    config.write_text("\n".join(lines) + "\n")
+
+    log_path = unit_dir / "unit.log"
+    runtime_file = state_dir / "unit.json"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    argv = [sys.executable, "-m", "blockmirror.cli", "run", str(config)]
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+    server: Server | None = None
+    deadline = time.monotonic() + SERVER_START_TIMEOUT
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"blockmirror unit exited {proc.returncode}:\n{log_path.read_text()}"
+                )
+            with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+                runtime = json.loads(runtime_file.read_text())
+                if runtime.get("pid") == proc.pid:
+                    address = runtime["exports"][VOLUME_NAME]
+                    uri = f"nbd://{address}/{VOLUME_NAME}"
+                    server = Server("blockmirror", "blockmirror", proc, uri, log_path)
+                    return server
+            time.sleep(0.05)
+        raise RuntimeError(
+            f"blockmirror unit not up after {SERVER_START_TIMEOUT}s:\n{log_path.read_text()}"
+        )
+    finally:
+        if server is None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(SERVER_STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+# --- fio ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunResult:
+    """One fio run of one job against one server."""
+
+    server: str
+    job: str
+    repeat: int
+    value: float | None  # in the job's metric; None when the run failed
+    server_cpu: float | None  # cores the server kept busy, averaged over the whole fio run
+    error: str | None = None
+    fio: dict[str, Any] | None = None
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "server": self.server,
+            "job": self.job,
+            "repeat": self.repeat,
+            "value": self.value,
+            "server_cpu_cores": self.server_cpu,
+            "error": self.error,
+        }
+
+
+def fio_argv(job: Job, uri: str, size: int, runtime: int, output: Path) -> list[str]:
+    return [
+        "fio",
+        f"--name={job.key}",
+        "--ioengine=nbd",
+        f"--uri={uri}",
+        f"--rw={job.rw}",
+        f"--bs={job.bs}",
+        f"--iodepth={job.iodepth}",
+        "--numjobs=1",
+        f"--size={size}",
+        "--time_based",
+        f"--runtime={runtime}",
+        f"--ramp_time={RAMP_SECONDS}",
+        "--output-format=json",
+        f"--output={output}",
+    ]
+
+
+def _parse_fio_json(text: str) -> dict[str, Any]:
+    # fio may print notices ("fio: connected to NBD server") before the JSON document.
+    start = text.find("{")
+    if start < 0:
+        raise ValueError("no JSON in fio output")
+    document, _end = json.JSONDecoder().raw_decode(text[start:])
+    if not isinstance(document, dict):
+        raise ValueError("fio output is not a JSON object")
+    return document
+
+
+def run_fio(
+    job: Job, server: Server, *, size: int, runtime: int, workdir: Path, repeat: int
+) -> RunResult:
+    output = workdir / f"fio-{job.key}-{server.key}-{repeat}.json"
+    argv = fio_argv(job, server.uri, size, runtime, output)
+    cpu_before = process_cpu_seconds(server.pid)
+    started = time.monotonic()
+    try:
+        proc = subprocess.run(
+            argv, capture_output=True, text=True, timeout=runtime + 120, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return RunResult(server.key, job.key, repeat, None, None, "fio timed out")
+    elapsed = time.monotonic() - started
+    cpu_after = process_cpu_seconds(server.pid)
+    server_cpu = None
+    if cpu_before is not None and cpu_after is not None and elapsed > 0:
+        server_cpu = round((cpu_after - cpu_before) / elapsed, 3)
+    try:
+        document = _parse_fio_json(output.read_text())
+    except (OSError, ValueError) as exc:
+        detail = (proc.stderr or proc.stdout).strip()[-2000:]
+        return RunResult(
+            server.key,
+            job.key,
+            repeat,
+            None,
+            server_cpu,
+            f"fio exit {proc.returncode}: {exc}\n{detail}",
+        )
+    stats = document["jobs"][0]
+    if proc.returncode != 0 or stats.get("error"):
+        detail = (proc.stderr or proc.stdout).strip()[-2000:]
+        return RunResult(
+            server.key,
+            job.key,
+            repeat,
+            None,
+            server_cpu,
+            f"fio exit {proc.returncode}, job error {stats.get('error')}: {detail}",
+            document,
+        )
+    side = stats[job.direction]
+    # Bandwidth for the 1 MiB jobs, operations for the 4 KiB ones: what each workload stresses.
+    value = float(side["bw_bytes"]) / MiB if job.metric == "MiB/s" else float(side["iops"]) / 1000
+    return RunResult(server.key, job.key, repeat, value, server_cpu, None, document)
+
+
+# --- results --------------------------------------------------------------------------------------
+
+
+@dataclass
+class JobSummary:
+    job: Job
+    ours: list[float] = field(default_factory=list)
+    theirs: list[float] = field(default_factory=list)
+    errors: int = 0
+
+    @property
+    def ours_median(self) -> float | None:
+        return statistics.median(self.ours) if self.ours else None
+
+    @property
+    def theirs_median(self) -> float | None:
+        return statistics.median(self.theirs) if self.theirs else None
+
+    @property
+    def ratio(self) -> float | None:
+        ours, theirs = self.ours_median, self.theirs_median
+        if ours is None or theirs is None or theirs == 0:
+            return None
+        return ours / theirs
+
+    @property
+    def verdict(self) -> str:
+        ratio = self.ratio
+        if ratio is None:
+            return "error"
+        if self.job.target is None:
+            return "n/a"
+        return "met" if ratio >= self.job.target else "missed"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "job": self.job.key,
+            "label": self.job.label,
+            "metric": self.job.metric,
+            "blockmirror_runs": self.ours,
+            "nbdkit_runs": self.theirs,
+            "blockmirror": self.ours_median,
+            "nbdkit": self.theirs_median,
+            "ratio": self.ratio,
+            "target": self.job.target,
+            "verdict": self.verdict,
+            "failed_runs": self.errors,
+        }
+
+
+def _fmt(value: float | None, metric: Metric) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.0f} {metric}" if metric == "MiB/s" else f"{value:.1f} {metric}"
+
+
+def table_rows(summaries: Sequence[JobSummary]) -> list[list[str]]:
+    rows = [["job", "blockmirror", "nbdkit file", "ratio", "target", "result"]]
+    for s in summaries:
+        ratio = s.ratio
+        rows.append(
+            [
+                s.job.label,
+                _fmt(s.ours_median, s.job.metric),
+                _fmt(s.theirs_median, s.job.metric),
+                "-" if ratio is None else f"{ratio:.2f}",
+                "-" if s.job.target is None else f"{s.job.target:.1f}",
+                s.verdict,
+            ]
+        )
+    return rows
+
+
+def format_text_table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for n, row in enumerate(rows):
+        cells = [
+            cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row)
+        ]
+        lines.append("  ".join(cells).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def format_markdown_table(rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(rows[0]) + " |"]
+    lines.append("|" + "|".join(["---"] + ["---:"] * (len(rows[0]) - 1)) + "|")
+    lines += ["| " + " | ".join(row) + " |" for row in rows[1:]]
+    return "\n".join(lines)
+
+
+# --- main -----------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="fio over NBD: blockmirror's export against nbdkit's file plugin, same file.",
+    )
+    parser.add_argument("--size", default="1GiB", help="backing file size (default 1GiB)")
+    parser.add_argument(
+        "--dir", type=Path, help="where to create the temporary directory (a real disk, not tmpfs)"
+    )
+    parser.add_argument("--runtime", type=int, default=5, help="seconds per fio run (default 5)")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="runs per job and server; the median counts"
+    )
+    parser.add_argument(
+        "--jobs",
+        help=f"comma-separated subset of: {', '.join(JOBS_BY_KEY)} (default: all)",
+    )
+    parser.add_argument("--quick", action="store_true", help="smoke run: --runtime 2 --repeat 1")
+    parser.add_argument("--json", type=Path, metavar="OUT", help="save every result here")
+    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the temporary directory (logs, fio output)"
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.runtime, args.repeat = 2, 1
+    try:
+        args.size_bytes = parse_size(args.size, key="--size")
+    except SizeError as exc:
+        parser.error(str(exc))
+    if args.size_bytes < MiB or args.size_bytes % MiB:
+        parser.error("--size must be a whole number of MiB, at least 1 MiB")
+    if args.runtime < 1 or args.repeat < 1:
+        parser.error("--runtime and --repeat must be at least 1")
+    if args.jobs:
+        keys = [k.strip() for k in args.jobs.split(",") if k.strip()]
+        unknown = [k for k in keys if k not in JOBS_BY_KEY]
+        if unknown or not keys:
+            parser.error(f"unknown job(s) {unknown}; choose from {', '.join(JOBS_BY_KEY)}")
+        args.selected = [JOBS_BY_KEY[k] for k in keys]
+    else:
+        args.selected = list(JOBS)
+    return args
+
+
+def check_tools() -> None:
+    missing = [tool for tool in ("fio", "nbdkit") if shutil.which(tool) is None]
+    if missing:
+        raise SystemExit(f"missing {', '.join(missing)}: run `make bench` (it installs them)")
+
+
+@contextlib.contextmanager
+def work_directory(parent: Path | None, keep: bool) -> Iterator[Path]:
+    if parent is None:
+        parent = default_parent_dir()
+    elif not parent.is_dir():
+        raise SystemExit(f"--dir {parent} is not a directory")
+    fs_type = filesystem_type(parent)
+    if fs_type in MEMORY_FS_TYPES:
+        raise SystemExit(f"--dir {parent} is on {fs_type}; the backing file must be on a disk")
+    workdir = Path(tempfile.mkdtemp(prefix="blockmirror-bench-", dir=parent))
+    try:
+        yield workdir
+    finally:
+        if keep:
+            log(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run_benchmark(
+    args: argparse.Namespace, workdir: Path
+) -> tuple[list[JobSummary], list[RunResult]]:
+    size: int = args.size_bytes
+    backing = workdir / "backing.img"
+    available = mem_available()
+    if available is not None and available < 2 * size:
+        log(f"warning: only {format_size(available)} of memory available; the file may not stay")
+        log("         in the page cache and the runs would measure the disk")
+    log(f"backing file {backing}: {format_size(size)} on {filesystem_type(workdir)}")
+    seconds = create_backing_file(backing, size)
+    log(f"  allocated, written and read back in {seconds:.1f}s")
+
+    summaries = [JobSummary(job) for job in args.selected]
+    results: list[RunResult] = []
+    with contextlib.ExitStack() as stack:
+        nbdkit = start_nbdkit(workdir, backing)
+        stack.callback(nbdkit.stop)
+        log(f"nbdkit file: pid {nbdkit.pid}, {nbdkit.uri}")
+        ours = start_blockmirror(workdir, backing, size)
+        stack.callback(ours.stop)
+        log(f"blockmirror: pid {ours.pid}, {ours.uri}")
+
+        total = len(summaries) * args.repeat * 2
+        reported_dead: set[str] = set()
+        done = 0
+        for summary in summaries:
+            job = summary.job
+            for repeat in range(args.repeat):
+                # Alternate who goes first, so drift (thermal, cache, writeback) hits both alike.
+                order = (ours, nbdkit) if repeat % 2 == 0 else (nbdkit, ours)
+                for server in order:
+                    done += 1
+                    if not server.alive():
+                        result = RunResult(
+                            server.key, job.key, repeat, None, None, "server is not running"
+                        )
+                    else:
+                        settle(backing)
+                        result = run_fio(
+                            job,
+                            server,
+                            size=size,
+                            runtime=args.runtime,
+                            workdir=workdir,
+                            repeat=repeat,
+                        )
+                    results.append(result)
+                    if result.value is None:
+                        summary.errors += 1
+                        log(f"[{done}/{total}] {job.label} {server.title}: FAILED {result.error}")
+                        if not server.alive() and server.key not in reported_dead:
+                            reported_dead.add(server.key)
+                            log(f"{server.title} died:\n{server.log_tail()}")
+                        continue
+                    (summary.ours if server is ours else summary.theirs).append(result.value)
+                    cpu = (
+                        "" if result.server_cpu is None else f", server CPU {result.server_cpu:.2f}"
+                    )
+                    log(
+                        f"[{done}/{total}] {job.label:<18} {server.title:<12}"
+                        f" {_fmt(result.value, job.metric):>12}{cpu}"
+                    )
+    return summaries, results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    check_tools()
+    info = machine_info()
+    settings = {
+        "size": args.size_bytes,
+        "runtime": args.runtime,
+        "ramp_time": RAMP_SECONDS,
+        "repeat": args.repeat,
+        "jobs": [job.key for job in args.selected],
+    }
+    log(
+        f"blockmirror {info['blockmirror']} ({info['git']}, sources {info['source_digest']})"
+        f" vs nbdkit file; {info['fio']},"
+        f" {info['nbdkit']}; {info['cpus']} CPUs, kernel {info['kernel']}"
+    )
+    log(
+        f"{format_size(args.size_bytes)} file, {args.runtime}s runs after {RAMP_SECONDS}s ramp,"
+        f" {args.repeat} repeat(s), jobs: {', '.join(settings['jobs'])}"
+    )
+    started = time.monotonic()
+    with work_directory(args.dir, args.keep) as workdir:
+        summaries, results = run_benchmark(args, workdir)
+    rows = table_rows(summaries)
+    print(format_markdown_table(rows) if args.markdown else format_text_table(rows))
+    log(f"finished in {time.monotonic() - started:.0f}s")
+
+    if args.json is not None:
+        report = {
+            "machine": info,
+            "settings": settings,
+            "summary": [s.as_dict() for s in summaries],
+            "runs": [r.summary() | {"fio": r.fio} for r in results],
+        }
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        log(f"results saved to {args.json}")
+    failed = sum(s.errors for s in summaries)
+    if failed:
+        log(f"{failed} run(s) failed")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
