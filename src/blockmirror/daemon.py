@@ -180,17 +180,18 @@ class Unit:
 async def run_unit(config: Config) -> int:
     """Run until SIGTERM or SIGINT; returns the process exit code."""
     unit = Unit(config)
-    await unit.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    # Handlers go in before start(): a signal during start-up must still stop gracefully.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("unit %s running (pid %d)", config.unit.name, os.getpid())
     try:
+        await unit.start()
+        log.info("unit %s running (pid %d)", config.unit.name, os.getpid())
         await stop.wait()
-    finally:
         log.info("unit %s stopping", config.unit.name)
         await unit.stop()
+    finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
     log.info("unit %s stopped cleanly", config.unit.name)

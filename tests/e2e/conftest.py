@@ -30,12 +30,20 @@ CLIENT_TIMEOUT = 60.0
 
 
 def run(
-    args: Sequence[str], *, timeout: float = CLIENT_TIMEOUT, check: bool = False
+    args: Sequence[str],
+    *,
+    timeout: float = CLIENT_TIMEOUT,
+    check: bool = False,
+    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run a client, capturing text output; on ``check`` failure the output is in the message."""
+    """Run a client, capturing text output; on ``check`` failure the output is in the message.
+
+    Pass ``cwd`` (a tmp_path) for clients that drop files in their working directory.
+    """
     proc = subprocess.run(
         list(args),
         check=False,  # checked below, with the output in the message
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import re
+import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -137,6 +138,10 @@ def test_nbdinfo_map_shows_holes_and_data(tmp_path: Path) -> None:
         assert code == 0, out
         extents = json.loads(run(["nbdinfo", "--map", "--json", url], check=True).stdout)
         text_map = run(["nbdinfo", "--map", url], check=True).stdout
+        # qemu asks with REQ_ONE (one extent per reply) and checks the context id.
+        qemu_map = json.loads(
+            run(["qemu-img", "map", "--output=json", "-f", "raw", url], check=True).stdout
+        )
 
     # The map tiles the whole disk with no gaps or overlaps.
     position = 0
@@ -160,6 +165,10 @@ def test_nbdinfo_map_shows_holes_and_data(tmp_path: Path) -> None:
     data_bytes = sum(e["length"] for e in extents if e["description"] == "data")
     assert sum(length for _, length in written) <= data_bytes <= 4 * MiB, extents
     assert "hole,zero" in text_map and "data" in text_map
+    qemu_data = [(e["start"], e["length"]) for e in qemu_map if e["data"]]
+    for offset, length in written:
+        assert any(s <= offset and offset + length <= s + n for s, n in qemu_data), qemu_map
+    assert qemu_map[0]["start"] == 0 and qemu_map[0]["zero"] and not qemu_map[0]["data"]
 
 
 def test_read_only_volume_refuses_writes(tmp_path: Path) -> None:
@@ -245,7 +254,11 @@ QEMU_IO_SCRIPT = [
 
 @pytest.mark.parametrize(
     "cache_options",
-    [pytest.param([], id="writethrough"), ["-t", "writeback"], ["-t", "none"]],
+    [
+        pytest.param([], id="writethrough"),  # qemu-io's default: FUA on every write
+        pytest.param(["-t", "writeback"], id="writeback"),
+        pytest.param(["-t", "none"], id="none"),
+    ],
 )
 def test_qemu_io_script(prefilled_unit: UnitProcess, cache_options: list[str]) -> None:
     url = prefilled_unit.export_url("vol")
@@ -359,7 +372,10 @@ def test_fio_verified_random_io(unit: UnitProcess, rw: str, tmp_path: Path) -> N
             "--do_verify=1",
             "--verify_fatal=1",
             "--randseed=1234",
-        ]
+            # fio saves verify state files to its working directory: keep them out of the repo.
+            "--verify_state_save=0",
+        ],
+        cwd=tmp_path,
     )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output
@@ -409,12 +425,13 @@ def test_cli_status_table_and_json(tmp_path: Path) -> None:
     assert vol["counters"] == expected["volumes"][0]["counters"]
 
 
-def test_cli_status_unreachable_admin_fails_clearly(tmp_path: Path) -> None:
-    # A port we just had and closed: nothing listens there.
-    with running_unit(tmp_path) as unit:
-        admin = unit.admin
-        assert unit.terminate() == 0
-    code, out, err = blockmirror("status", "--admin", admin)
+def test_cli_status_unreachable_admin_fails_clearly() -> None:
+    # A port held by a bound but not listening socket: connecting is refused, and no other
+    # process can take the port while the test runs.
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        admin = f"127.0.0.1:{held.getsockname()[1]}"
+        code, out, err = blockmirror("status", "--admin", admin)
     assert code == 1
     assert "cannot reach" in err and admin in err
     assert out == ""

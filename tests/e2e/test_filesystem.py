@@ -94,7 +94,7 @@ def test_ext4_on_the_export_survives_umount_fsck_and_remount(
     block_stack.close()
 
     # The volume file itself holds a consistent filesystem, not just the server's view of it.
-    fsck = run(["e2fsck", "-fn", str(fs_unit.log_path.parent / "vol.img")])
+    fsck = run(["e2fsck", "-fn", str(tmp_path / "vol.img")])
     assert fsck.returncode == 0, f"e2fsck on the volume file:\n{fsck.stdout}\n{fsck.stderr}"
 
     counters = volume_counters(fs_unit)
