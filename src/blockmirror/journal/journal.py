@@ -1,0 +1,537 @@
+"""The journal of one volume: the ring file, its live records, consumers and checkpoints.
+
+Appends are staged on the event loop and written by :meth:`Journal.write_batch` as one vectored
+write (two around the ring's end). Syncs, checkpoints and dirty-map writes run in worker threads.
+The rules that make this crash-safe are in docs/journal.md; the comments here point at them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from blockmirror.dirtymap import DirtyMap
+from blockmirror.errors import BlockmirrorError
+from blockmirror.journal.checkpoint import (
+    Checkpoint,
+    ConsumerState,
+    new_journal_id,
+    read_checkpoint,
+    write_checkpoint,
+)
+from blockmirror.journal.format import HEADER_SIZE, Kind, RecordHeader, record_iov, record_size
+from blockmirror.journal.recovery import JournalCorruptError, ScanResult, scan
+from blockmirror.journal.ring import DATA_START, Ring
+from blockmirror.volume import Volume
+
+log = logging.getLogger(__name__)
+
+Buffer = bytes | bytearray | memoryview
+Mode = Literal["journal", "tracking"]
+IOV_MAX = 1024
+DIRTY_REGION = 64 * 1024
+
+
+class JournalError(BlockmirrorError):
+    """The journal cannot be opened or used as configured."""
+
+
+def boot_id() -> str:
+    """The running kernel's boot id: it changes on every boot, never on a process restart."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+@dataclass(slots=True)
+class LiveRecord:
+    seq: int
+    lpos: int
+    size: int
+    kind: Kind
+    offset: int
+    length: int
+    timestamp_ns: int
+
+
+@dataclass(slots=True)
+class Consumer:
+    """A named cursor over the journal (a replication peer, for instance)."""
+
+    name: str
+    acked_seq: int
+    mode: Mode
+    paused: bool
+    dirty: DirtyMap
+
+    def state(self) -> ConsumerState:
+        return ConsumerState(self.acked_seq, self.mode, self.paused)
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryReport:
+    records: int
+    replayed: int
+    torn_tail: str | None
+    unclean_os_restart: bool
+    seconds: float
+
+
+def _pwritev_all(fd: int, buffers: list[Buffer], pos: int) -> None:
+    """Write every buffer at ``pos`` in as few ``pwritev`` calls as the kernel allows."""
+    views = [memoryview(b).cast("B") for b in buffers]
+    while views:
+        batch = views[:IOV_MAX]
+        total = sum(v.nbytes for v in batch)
+        written = os.pwritev(fd, batch, pos)
+        pos += written
+        if written == total:
+            views = views[IOV_MAX:]
+            continue
+        # A short write: drop what went out and go on from the remainder.
+        rest = written
+        while rest:
+            first = views[0]
+            if first.nbytes <= rest:
+                rest -= first.nbytes
+                views.pop(0)
+            else:
+                views[0] = first[rest:]
+                rest = 0
+
+
+class Journal:
+    def __init__(self, path: Path, fd: int, ring: Ring, volume: Volume, journal_id: str) -> None:
+        self.path = path
+        self.fd = fd
+        self.ring = ring
+        self.volume = volume
+        self.journal_id = journal_id
+        self.records: deque[LiveRecord] = deque()
+        self.tail_lpos = 0
+        self.next_seq = 1
+        # Highest sequence number known durable in the journal (covered by a finished fdatasync).
+        self.durable_seq = 0
+        # Highest sequence number written to the ring file (page cache) by write_batch.
+        self.written_seq = 0
+        # Every record up to this one is durable in the volume (from the last checkpoint).
+        self.applied_seq = 0
+        # Ring space before this position may be reused: it is the head of a durable checkpoint.
+        self.checkpoint_head_lpos = 0
+        self.checkpoint_head_seq = 1
+        self.generation = 0
+        self.consumers: dict[str, Consumer] = {}
+        self.enqueue_paused = False
+        self.needs_full_resync = False
+        self.high_water_alert = False
+        self.recovery: RecoveryReport | None = None
+        self._recovered_consumers: dict[str, ConsumerState] = {}
+        self._unclean_os_restart = False
+        self._batch: list[tuple[int, list[Buffer]]] = []
+        self._batch_seq = 0
+
+    # --- opening and recovery ---------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        path: Path,
+        *,
+        volume: Volume,
+        journal_size: int,
+        consumers: Sequence[str],
+        dirty_dir: Path,
+        volume_name: str,
+    ) -> Journal:
+        """Open (creating if missing) and recover; replays what the volume may lack.
+
+        Raises :class:`JournalCorruptError` when the log is damaged in the middle, and
+        :class:`JournalError` when it does not belong to this volume or size.
+        """
+        capacity = journal_size - DATA_START
+        ring = Ring(capacity)
+        exists = path.exists()
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            if not exists or os.fstat(fd).st_size == 0:
+                journal = cls._create(path, fd, ring, volume)
+            else:
+                journal = cls._recover(path, fd, ring, volume)
+            journal._attach_consumers(consumers, dirty_dir, volume_name)
+            journal._write_checkpoint_now(clean=False)
+        except BaseException:
+            os.close(fd)
+            raise
+        return journal
+
+    @classmethod
+    def _create(cls, path: Path, fd: int, ring: Ring, volume: Volume) -> Journal:
+        os.posix_fallocate(fd, 0, DATA_START + ring.capacity)
+        journal = cls(path, fd, ring, volume, new_journal_id())
+        journal._write_checkpoint_now(clean=True)
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return journal
+
+    @classmethod
+    def _recover(cls, path: Path, fd: int, ring: Ring, volume: Volume) -> Journal:
+        started = time.monotonic()
+        if os.fstat(fd).st_size < DATA_START + ring.capacity:
+            raise JournalError(f"journal {path} is smaller than journal_size; was it changed?")
+        found = read_checkpoint(fd)
+        if found is None:
+            raise JournalError(
+                f"journal {path} has no valid checkpoint: it is not a blockmirror journal or "
+                "both checkpoint slots are damaged; run `blockmirror journal recover`"
+            )
+        _, generation, cp = found
+        if cp.capacity != ring.capacity:
+            raise JournalError(
+                f"journal {path} holds {cp.capacity} bytes of ring but journal_size asks for "
+                f"{ring.capacity}; restore the old journal_size (changing it needs an empty "
+                "journal: stop cleanly, remove the file, start again)"
+            )
+        if cp.volume_size != volume.size:
+            raise JournalError(
+                f"journal {path} belongs to a volume of {cp.volume_size} bytes, not {volume.size}"
+            )
+        result: ScanResult = scan(fd, ring, cp.head_lpos, cp.head_seq, cp.next_seq)
+        if result.corrupt:
+            assert result.stop is not None and result.corruption_witness is not None
+            raise JournalCorruptError(str(path), result.stop, result.corruption_witness)
+        journal = cls(path, fd, ring, volume, cp.journal_id)
+        journal.generation = generation
+        journal.checkpoint_head_lpos = cp.head_lpos
+        journal.checkpoint_head_seq = cp.head_seq
+        journal.tail_lpos = result.tail_lpos
+        journal.next_seq = max(result.next_seq, cp.next_seq)
+        journal.written_seq = journal.durable_seq = journal.next_seq - 1
+        journal.applied_seq = cp.applied_seq
+        journal.enqueue_paused = cp.enqueue_paused
+        journal.needs_full_resync = cp.needs_full_resync
+        journal._recovered_consumers = dict(cp.consumers)
+        journal._unclean_os_restart = not cp.clean and cp.boot_id != boot_id()
+        for rec in result.records:
+            journal.records.append(
+                LiveRecord(
+                    rec.seq, rec.lpos, rec.size, rec.kind, rec.offset, rec.length, rec.timestamp_ns
+                )
+            )
+        if result.next_seq < cp.next_seq:
+            # The checkpoint saw records that are gone: only possible if the tail past the
+            # checkpoint's own records was never written. Sequence numbers are not reused.
+            log.warning("journal %s: log ends before the checkpoint's next_seq", path)
+        # A header carrying the expected sequence number whose record does not check out is
+        # the torn last batch; anything else at the end is old data from an earlier lap.
+        torn = result.stop.reason if result.stop is not None and result.stop.torn else None
+        if torn is not None:
+            log.warning("journal %s: cut a torn tail at seq %d: %s", path, result.next_seq, torn)
+        replayed = journal._replay()
+        journal.recovery = RecoveryReport(
+            len(result.records),
+            replayed,
+            torn,
+            journal._unclean_os_restart,
+            time.monotonic() - started,
+        )
+        return journal
+
+    def _replay(self) -> int:
+        """Bring the volume up to date with every record after ``applied_seq``; then sync it."""
+        count = 0
+        for rec in self.records:
+            if rec.seq <= self.applied_seq:
+                continue
+            self.apply_from_ring(rec)
+            count += 1
+        if count:
+            self.volume.flush()
+        self.applied_seq = self.next_seq - 1
+        return count
+
+    def apply_from_ring(self, rec: LiveRecord) -> None:
+        if rec.kind == Kind.WRITE:
+            data = os.pread(self.fd, rec.length, self.ring.physical(rec.lpos) + HEADER_SIZE)
+            self.volume.pwrite(rec.offset, data)
+        elif rec.kind == Kind.ZERO:
+            self.volume.write_zeroes(rec.offset, rec.length, may_trim=False)
+        elif rec.kind == Kind.TRIM:
+            self.volume.trim(rec.offset, rec.length)
+
+    def _attach_consumers(self, names: Sequence[str], dirty_dir: Path, volume_name: str) -> None:
+        known = self._recovered_consumers
+        for name in names:
+            safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+            dpath = dirty_dir / f"{volume_name}.{safe}.dirty"
+            state = known.get(name)
+            if dpath.exists():
+                dirty = DirtyMap.open(dpath, volume_size=self.volume.size, region_size=DIRTY_REGION)
+            else:
+                dirty = DirtyMap.create(
+                    dpath, volume_size=self.volume.size, region_size=DIRTY_REGION
+                )
+            if state is None:
+                # A consumer new to this journal has never seen the volume: all of it differs.
+                dirty.mark_all()
+                state = ConsumerState(self.next_seq - 1, "tracking", False)
+            consumer = Consumer(name, state.acked_seq, state.mode, state.paused, dirty)
+            if self._unclean_os_restart or self.needs_full_resync:
+                # Volume pages may have reached the disk without their journal records.
+                consumer.dirty.mark_all()
+                consumer.mode = "tracking"
+            if consumer.mode == "journal" and consumer.acked_seq + 1 < self.head_seq:
+                # The records it needs are gone (should not happen; be safe).
+                consumer.dirty.mark_all()
+                consumer.mode = "tracking"
+            consumer.dirty.sync()
+            self.consumers[name] = consumer
+        self.needs_full_resync = False
+
+    # --- positions ------------------------------------------------------------------------------
+
+    @property
+    def head_seq(self) -> int:
+        return self.records[0].seq if self.records else self.next_seq
+
+    @property
+    def head_lpos(self) -> int:
+        return self.records[0].lpos if self.records else self.tail_lpos
+
+    @property
+    def used(self) -> int:
+        return self.tail_lpos - self.checkpoint_head_lpos
+
+    @property
+    def capacity(self) -> int:
+        return self.ring.capacity
+
+    def max_payload(self) -> int:
+        """The largest payload one record may carry (bigger writes are split)."""
+        return min(self.ring.max_record - HEADER_SIZE, 4 * 1024 * 1024) & ~7
+
+    def fits(self, payload_len: int) -> bool:
+        size = record_size(payload_len)
+        return self.ring.place(self.tail_lpos, size).new_tail - self.checkpoint_head_lpos <= (
+            self.ring.capacity
+        )
+
+    # --- appending ------------------------------------------------------------------------------
+
+    def stage(
+        self, kind: Kind, offset: int, length: int, payload: Sequence[Buffer] = ()
+    ) -> LiveRecord:
+        """Encode one record into the current batch. The caller checked :meth:`fits`."""
+        payload_len = length if kind == Kind.WRITE else 0
+        size = record_size(payload_len)
+        placement = self.ring.place(self.tail_lpos, size)
+        seq = self.next_seq
+        if placement.pad_len and placement.pad_header:
+            pad = RecordHeader(
+                Kind.PADDING, seq, 0, 0, 0, self.durable_seq, placement.pad_payload_len
+            )
+            self._add_iov(placement.pad_lpos, record_iov(pad))
+        now = time.time_ns()
+        header = RecordHeader(kind, seq, now, offset, length, self.durable_seq, payload_len)
+        self._add_iov(placement.record_lpos, record_iov(header, payload))
+        rec = LiveRecord(seq, placement.record_lpos, size, kind, offset, length, now)
+        self.records.append(rec)
+        self.next_seq = seq + 1
+        self.tail_lpos = placement.new_tail
+        self._batch_seq = seq
+        return rec
+
+    def _add_iov(self, lpos: int, iov: list[Buffer]) -> None:
+        pos = self.ring.physical(lpos)
+        if self._batch:
+            start, bufs = self._batch[-1]
+            end = start + sum(memoryview(b).nbytes for b in bufs)
+            if end == pos:
+                bufs.extend(iov)
+                return
+        self._batch.append((pos, iov))
+
+    @property
+    def batch_pending(self) -> bool:
+        return bool(self._batch)
+
+    def write_batch(self) -> None:
+        """Write every staged record to the ring: one pwritev per contiguous run."""
+        batch, self._batch = self._batch, []
+        for pos, bufs in batch:
+            _pwritev_all(self.fd, bufs, pos)
+        if batch:
+            self.written_seq = self._batch_seq
+
+    def sync(self) -> int:
+        """fdatasync the ring (blocking: call in a thread); returns the seq now durable."""
+        target = self.written_seq
+        os.fdatasync(self.fd)
+        return target
+
+    # --- consumers ------------------------------------------------------------------------------
+
+    def acknowledge(self, name: str, seq: int) -> None:
+        consumer = self.consumers[name]
+        if consumer.mode == "journal" and seq > consumer.acked_seq:
+            consumer.acked_seq = min(seq, self.next_seq - 1)
+
+    def backlog(self, consumer: Consumer) -> tuple[int, int]:
+        """(bytes, records) the consumer has yet to acknowledge."""
+        if consumer.mode != "journal":
+            return 0, 0
+        nbytes = count = 0
+        for rec in reversed(self.records):
+            if rec.seq <= consumer.acked_seq:
+                break
+            nbytes += rec.size
+            count += 1
+        return nbytes, count
+
+    def switch_to_tracking(self, consumer: Consumer, *, upto: int | None = None) -> None:
+        """Turn the consumer's unacknowledged records (up to ``upto``) into dirty bits.
+
+        The caller makes the dirty map durable and writes a checkpoint before the ring space
+        those records occupy is reused (docs/journal.md, "Consumers, overflow and the dirty map").
+        """
+        last = self.next_seq - 1 if upto is None else upto
+        for rec in self.records:
+            if consumer.acked_seq < rec.seq <= last and rec.kind != Kind.FLUSH:
+                consumer.dirty.mark(rec.offset, rec.length)
+        if upto is None or upto >= self.next_seq - 1:
+            consumer.mode = "tracking"
+        else:
+            consumer.acked_seq = last
+        log.warning(
+            "journal %s: consumer %s switched to dirty-map tracking (%d bytes dirty)",
+            self.path.name,
+            consumer.name,
+            consumer.dirty.dirty_bytes(),
+        )
+
+    def mark_dirty_everywhere(self, offset: int, length: int) -> bool:
+        """Record a write in every consumer's dirty map; True if any bit is new."""
+        new = False
+        for consumer in self.consumers.values():
+            new = consumer.dirty.mark(offset, length) or new
+        return new
+
+    def tracking_consumers(self) -> list[Consumer]:
+        return [c for c in self.consumers.values() if c.mode == "tracking"]
+
+    def dirty_pending(self) -> bool:
+        return any(c.dirty.pending() for c in self.consumers.values())
+
+    def sync_dirty_maps(self) -> None:
+        """Blocking; run in a thread."""
+        for consumer in list(self.consumers.values()):
+            if consumer.dirty.pending():
+                consumer.dirty.sync()
+
+    # --- checkpoints ----------------------------------------------------------------------------
+
+    def checkpoint_state(self, *, applied_seq: int, clean: bool) -> Checkpoint:
+        """The checkpoint to write once the volume is durable through ``applied_seq``.
+
+        The new head is the oldest record some journal-mode consumer still needs or the volume
+        might still need replayed; everything before it is freed in memory now, and its ring
+        space becomes reusable when this checkpoint is durable.
+        """
+        keep_from = applied_seq + 1
+        for consumer in self.consumers.values():
+            if consumer.mode == "journal":
+                keep_from = min(keep_from, consumer.acked_seq + 1)
+        while self.records and self.records[0].seq < keep_from:
+            self.records.popleft()
+        return Checkpoint(
+            journal_id=self.journal_id,
+            volume_size=self.volume.size,
+            capacity=self.ring.capacity,
+            head_lpos=self.head_lpos,
+            head_seq=self.head_seq,
+            next_seq=self.next_seq,
+            applied_seq=applied_seq,
+            boot_id=boot_id(),
+            clean=clean,
+            enqueue_paused=self.enqueue_paused,
+            needs_full_resync=self.needs_full_resync,
+            consumers={name: c.state() for name, c in self.consumers.items()},
+        )
+
+    def write_checkpoint(self, cp: Checkpoint) -> None:
+        """Blocking (run in a thread): write the next slot and sync it."""
+        write_checkpoint(self.fd, cp, self.generation + 1)
+        self.generation += 1
+
+    def checkpoint_written(self, cp: Checkpoint) -> None:
+        self.applied_seq = max(self.applied_seq, cp.applied_seq)
+        self.checkpoint_head_lpos = cp.head_lpos
+        self.checkpoint_head_seq = cp.head_seq
+
+    def _write_checkpoint_now(self, *, clean: bool) -> None:
+        """Synchronous checkpoint, for opening and closing (nothing else is running)."""
+        self.write_batch()
+        os.fdatasync(self.fd)
+        self.durable_seq = self.written_seq
+        if not self.volume.read_only:
+            self.volume.flush()
+        self.sync_dirty_maps()
+        cp = self.checkpoint_state(applied_seq=self.written_seq, clean=clean)
+        self.write_checkpoint(cp)
+        self.checkpoint_written(cp)
+
+    def close(self, *, clean: bool = True) -> None:
+        if self.fd < 0:
+            return
+        try:
+            self._write_checkpoint_now(clean=clean)
+        finally:
+            for consumer in self.consumers.values():
+                with contextlib.suppress(Exception):
+                    consumer.dirty.close()
+            os.close(self.fd)
+            self.fd = -1
+
+    # --- status ---------------------------------------------------------------------------------
+
+    def status(self, high_water: float) -> dict[str, object]:
+        oldest = self.records[0] if self.records else None
+        used = self.tail_lpos - self.head_lpos
+        return {
+            "path": str(self.path),
+            "capacity": self.ring.capacity,
+            "used": used,
+            "used_reserved": self.used,
+            "records": len(self.records),
+            "oldest_seq": oldest.seq if oldest else None,
+            "newest_seq": self.next_seq - 1,
+            "oldest_age_seconds": (
+                round((time.time_ns() - oldest.timestamp_ns) / 1e9, 3) if oldest else 0.0
+            ),
+            "durable_seq": self.durable_seq,
+            "applied_seq": self.applied_seq,
+            "high_water": high_water,
+            "above_high_water": used >= high_water * self.ring.capacity,
+            "enqueue_paused": self.enqueue_paused,
+            "consumers": {
+                name: {
+                    "mode": c.mode,
+                    "paused": c.paused,
+                    "acked_seq": c.acked_seq,
+                    "backlog_bytes": self.backlog(c)[0],
+                    "backlog_records": self.backlog(c)[1],
+                    "dirty_bytes": c.dirty.dirty_bytes(),
+                }
+                for name, c in self.consumers.items()
+            },
+        }
