@@ -255,7 +255,11 @@ class DirtyMap:
         _check_geometry(path, volume_size, region_size)
         nbytes = bitmap_pages(volume_size, region_size) * PAGE_SIZE
         bits = bytearray(nbytes)
-        dm_regions = _region_count(volume_size, region_size)
+        if all_dirty:
+            full, rest = divmod(_region_count(volume_size, region_size), 8)
+            bits[:full] = b"\xff" * full
+            if rest:
+                bits[full] = (1 << rest) - 1  # padding bits past the last region stay clear
         tmp = path.with_name(path.name + ".new")
         try:
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -272,12 +276,8 @@ class DirtyMap:
                     raise
             header = _encode_header(volume_size, region_size)
             _write_fully(fd, 0, [memoryview(header)])
-            dm = cls(path, fd, volume_size=volume_size, region_size=region_size, bits=bits)
             if all_dirty:
-                dm._set_range(0, dm_regions, value=True)
                 _write_fully(fd, PAGE_SIZE, [memoryview(bits)])
-                dm._pending.clear()
-                dm._pending_sets.clear()
             os.fdatasync(fd)
             os.replace(tmp, path)
             _fsync_dir(path.parent)
@@ -287,7 +287,7 @@ class DirtyMap:
             if isinstance(exc, OSError):
                 raise DirtyMapError(f"{path}: cannot create: {exc.strerror or exc}") from exc
             raise
-        return dm
+        return cls(path, fd, volume_size=volume_size, region_size=region_size, bits=bits)
 
     @classmethod
     def open(
@@ -322,7 +322,11 @@ class DirtyMap:
             raise DirtyMapError(f"{path}: header checksum mismatch (header is corrupt)")
         if version != VERSION:
             raise DirtyMapError(f"{path}: dirty map version {version}, this build reads {VERSION}")
-        if bitmap_offset != PAGE_SIZE or f_count != _region_count(f_volume, f_region):
+        if (
+            bitmap_offset != PAGE_SIZE
+            or f_region <= 0
+            or f_count != _region_count(f_volume, f_region)
+        ):
             raise DirtyMapError(
                 f"{path}: inconsistent header (bitmap offset {bitmap_offset}, {f_count} regions "
                 f"of {f_region} bytes for {f_volume} bytes)"
@@ -401,9 +405,9 @@ class DirtyMap:
     def _set_range(self, first: int, end: int, *, value: bool) -> bool:
         """Set (or clear) the bits of regions ``[first, end)``; True if any bit changed.
 
-        Changed pages are added to the pending sets. Caller holds ``_lock`` (or owns the map
-        alone) and has checked ``0 <= first < end <= regions``. The work is a handful of byte
-        operations at the edges plus slice assignments per page in between: nothing per bit.
+        Changed pages are added to the pending sets. Caller holds ``_lock`` and has checked
+        ``0 <= first < end <= regions``. The work is a couple of masked edge bytes plus, per page
+        in between, a C-level count and a slice assignment: nothing per bit.
         """
         bits = self._bits
         changed_pages: list[int] = []
