@@ -1,4 +1,4 @@
-"""A tiny blocking NBD client on a raw socket, for tests that must say exactly what goes on the wire.
+"""A tiny blocking NBD client on a raw socket, for tests that say exactly what goes on the wire.
 
 It does only what a test tells it to: no retries, no validation beyond framing, so a test can send
 any byte in any order and then read what the server answers (or see that it hung up).
@@ -149,7 +149,7 @@ def request(
 # --- what comes back ------------------------------------------------------------------------------
 
 
-class Closed(Exception):  # noqa: N818 - it is an event, not a failure of ours
+class Closed(Exception):
     """The server closed the connection (orderly EOF or reset)."""
 
 
@@ -197,6 +197,7 @@ class RawNbd:
     def __init__(self, address: tuple[str, int], *, timeout: float = 5.0) -> None:
         self.sock = socket.create_connection(address, timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.export: Export | None = None  # set by a successful go()
 
     def __enter__(self) -> RawNbd:
         return self
@@ -310,7 +311,8 @@ class RawNbd:
         assert len(exports) == 1, replies
         _, size, flags = struct.unpack(">HQH", exports[0].data)
         assert flags & TX_HAS_FLAGS
-        return Export(int(size), int(flags))
+        self.export = Export(int(size), int(flags))
+        return self.export
 
     def structured(self) -> None:
         assert [r.reply for r in self.ask(OPT_STRUCTURED_REPLY)] == [REP_ACK]
@@ -400,7 +402,9 @@ class RawNbd:
                 kind = CHUNK_ERROR if error else CHUNK_NONE
                 return [ChunkReply(CHUNK_FLAG_DONE, kind, cookie, payload)]
             assert magic == STRUCTURED_REPLY_MAGIC, hex(magic)
-            flags_, kind, got, length_ = struct.unpack(">HHQI", self.recv_exact(CHUNK_HEADER_SIZE - 4))
+            flags_, kind, got, length_ = struct.unpack(
+                ">HHQI", self.recv_exact(CHUNK_HEADER_SIZE - 4)
+            )
             assert got == cookie, (got, cookie)
             chunk = ChunkReply(flags_, kind, got, self.recv_exact(length_))
             chunks.append(chunk)

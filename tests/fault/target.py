@@ -131,22 +131,23 @@ class Target:
         if unchanged:
             assert self.digest() == self.baseline, "the volume changed"
         self.assert_log_clean()
-        asyncio.run(self._served())
+        offset = self.size - 8192
+        with open(self.image, "rb") as f:
+            f.seek(offset)
+            on_disk = f.read(4096)
+        asyncio.run(self._served(offset, on_disk))
         assert self.alive()
         self.assert_log_clean()
 
-    async def _served(self) -> None:
-        """A well-behaved client writes (unless read-only) and reads back through the export."""
+    async def _served(self, offset: int, on_disk: bytes) -> None:
+        """A well-behaved client writes (unless read-only) and reads back through the export;
+        on a read-only volume it must read what the image holds at ``offset``."""
         host, port = self.address
         client = await asyncio.wait_for(NbdClient.connect(host, port, "vol"), 5)
         async with client:
             assert client.export is not None and client.export.size == self.size
-            offset = self.size - 8192
             if self.read_only:
-                got = await asyncio.wait_for(client.read(offset, 4096), 5)
-                with open(self.image, "rb") as f:
-                    f.seek(offset)
-                    assert got == f.read(4096)
+                assert await asyncio.wait_for(client.read(offset, 4096), 5) == on_disk
             else:
                 data = random.randbytes(4096)
                 await asyncio.wait_for(client.write(offset, data), 5)

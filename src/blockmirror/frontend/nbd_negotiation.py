@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from blockmirror.errors import ProtocolError
 from blockmirror.frontend.nbd_protocol import (
     CLIENT_FLAG_NO_ZEROES,
+    MAX_NAME,
     MAX_OPTION_DATA,
     MAX_PAYLOAD,
     MIN_BLOCK,
@@ -102,6 +103,10 @@ class Negotiation:
     def handle(self, event: OptionRequest | OversizedOption) -> Outcome:
         self.options_seen += 1
         if isinstance(event, OversizedOption):
+            if event.option == Opt.EXPORT_NAME:
+                # EXPORT_NAME has no error reply (an option reply would be read as size and
+                # flags): refusing it means closing, as for any other name we cannot serve.
+                return Outcome(close=True)
             return Outcome(
                 self._error(
                     event.option,
@@ -213,7 +218,11 @@ class Negotiation:
         return Outcome(b"".join(parts))
 
     def _error(self, option: int, reply: int, message: str) -> bytes:
-        return encode_option_reply(option, reply, message.encode())
+        # An error message is a protocol string: at most MAX_NAME bytes of UTF-8. Messages quote
+        # the client's names, which may themselves be MAX_NAME bytes long, so cut on a character
+        # boundary rather than send an over-long or broken string.
+        raw = message.encode()[:MAX_NAME].decode(errors="ignore").encode()
+        return encode_option_reply(option, reply, raw)
 
 
 def _match_contexts(queries: Sequence[str], *, listing: bool) -> list[str]:

@@ -106,16 +106,20 @@ class CmdFlag(enum.IntFlag):
     FAST_ZERO = 1 << 4
 
 
-# Which command flags each command may carry; anything else is answered EINVAL.
+# Which command flags each command may carry; anything else is answered EINVAL. FUA is on every
+# command: the spec says a server advertising SEND_FUA MUST accept it on all of them (even by
+# ignoring it), because existing clients set it on reads and flushes. The masks are plain ints on
+# purpose: ``~`` of an IntFlag only spans the enum's defined bits, so ``flags & ~mask`` would let
+# every undefined bit (5 to 15) through.
 ALLOWED_CMD_FLAGS: dict[int, int] = {
-    Cmd.READ: CmdFlag.DF,
-    Cmd.WRITE: CmdFlag.FUA,
-    Cmd.DISC: 0,
-    Cmd.FLUSH: 0,
-    Cmd.TRIM: CmdFlag.FUA,
-    Cmd.CACHE: 0,
-    Cmd.WRITE_ZEROES: CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO,
-    Cmd.BLOCK_STATUS: CmdFlag.REQ_ONE,
+    Cmd.READ: int(CmdFlag.FUA | CmdFlag.DF),
+    Cmd.WRITE: int(CmdFlag.FUA),
+    Cmd.DISC: int(CmdFlag.FUA),
+    Cmd.FLUSH: int(CmdFlag.FUA),
+    Cmd.TRIM: int(CmdFlag.FUA),
+    Cmd.CACHE: int(CmdFlag.FUA),
+    Cmd.WRITE_ZEROES: int(CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO),
+    Cmd.BLOCK_STATUS: int(CmdFlag.FUA | CmdFlag.REQ_ONE),
 }
 
 
@@ -462,7 +466,8 @@ def encode_chunk(cookie: int, chunk_type: int, payload: bytes, *, done: bool = T
 
 
 def encode_error_chunk(cookie: int, error: int, message: str = "") -> bytes:
-    raw = message.encode()[:MAX_NAME]
+    # The message is a protocol string: at most MAX_NAME bytes, and still UTF-8 once cut.
+    raw = message.encode()[:MAX_NAME].decode(errors="ignore").encode()
     return encode_chunk(cookie, Chunk.ERROR, struct.pack(">IH", error, len(raw)) + raw)
 
 

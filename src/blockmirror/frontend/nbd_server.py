@@ -144,6 +144,7 @@ class NbdConnection(asyncio.Protocol):
         self._reading = True
         self._write_paused = False
         self._vectored = False
+        self._eof = False
 
     # --- asyncio callbacks ----------------------------------------------------------------------
 
@@ -161,11 +162,26 @@ class NbdConnection(asyncio.Protocol):
         if self.closed or self.draining:
             return
         self.codec.feed(data)
+        self._process()
+
+    def _process(self) -> None:
+        """Handle the buffered events, but stop while the client is not reading our replies.
+
+        One receive can hold thousands of requests; answered all at once, a pipeline of 32 MiB
+        READs would pile up gigabytes of replies. Replies are handed to the transport as they
+        accumulate, so its ``pause_writing`` stops this loop; ``resume_writing`` restarts it.
+        """
         self._in_batch = True
         try:
             while not self.closed and not self.draining:
+                if self._out_size >= JOIN_LIMIT:
+                    self._flush_out()
+                if self._write_paused:
+                    break
                 event = self.codec.next_event()
                 if event is None:
+                    if self._eof:
+                        self._begin_close_after_inflight()
                     break
                 self._handle(event)
         except ProtocolError as exc:
@@ -178,8 +194,11 @@ class NbdConnection(asyncio.Protocol):
         self._update_reading()
 
     def eof_received(self) -> bool | None:
-        # The client finished sending. Requests already received still get their replies.
-        self._begin_close_after_inflight()
+        # The client finished sending. Requests already received still get their replies,
+        # including any still buffered because the client was slow to read (see _process).
+        self._eof = True
+        if not self._write_paused:
+            self._begin_close_after_inflight()
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -198,7 +217,8 @@ class NbdConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        self._update_reading()
+        if not self.closed and not self.draining:
+            self._process()  # requests left buffered while paused; it updates reading too
 
     # --- shutdown -------------------------------------------------------------------------------
 
