@@ -24,8 +24,11 @@ from blockmirror.config import Config, VolumeConfig
 from blockmirror.counters import VolumeCounters
 from blockmirror.errors import BlockmirrorError
 from blockmirror.frontend.nbd_server import Export, NbdServer
+from blockmirror.journal.journal import Journal, JournalError
+from blockmirror.journal.recovery import JournalCorruptError
+from blockmirror.journal.writepath import JournalWritePath
 from blockmirror.volume import Volume
-from blockmirror.writepath import DirectWritePath
+from blockmirror.writepath import DirectWritePath, WritePath
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,8 @@ class VolumeRuntime:
     server: NbdServer | None = None
     state: str = "opening"
     counters: VolumeCounters = field(default_factory=VolumeCounters)
+    journal: JournalWritePath | None = None
+    problem: str | None = None
 
     @property
     def export_address(self) -> str | None:
@@ -73,19 +78,10 @@ class Unit:
         self._lock(state_dir)
         try:
             for vc in self.config.volumes:
-                # A replica is never written by a host: until replication feeds it, and whenever
-                # it is exported, it is read-only.
-                read_only = vc.read_only or vc.role == "secondary"
-                volume = Volume.open(vc.path, size=vc.size, offset=vc.offset, read_only=read_only)
-                export = Export(
-                    name=vc.name,
-                    volume=volume,
-                    write_path=DirectWritePath(volume, loop),
-                    description=vc.description or f"blockmirror {vc.role} volume {vc.name}",
-                    read_only=read_only,
-                )
-                self.volumes.append(VolumeRuntime(vc, volume, export, counters=export.counters))
+                self.volumes.append(await self._open_volume(vc, loop))
             for rt in self.volumes:
+                if rt.problem is not None:
+                    continue
                 if rt.config.export is not None:
                     rt.server = NbdServer({rt.config.name: rt.export})
                     await rt.server.start(rt.config.export.host, rt.config.export.port)
@@ -96,6 +92,9 @@ class Unit:
                         rt.config.name,
                     )
                 rt.state = "serving" if rt.config.role == "primary" else "replica"
+            for rt in self.volumes:
+                if rt.problem is not None:
+                    rt.state = "failed"
             if self.config.unit.admin is not None:
                 self.admin = AdminServer(self.status)
                 host, port = await self.admin.start(
@@ -107,6 +106,68 @@ class Unit:
             raise
         self._write_runtime_file()
 
+    async def _open_volume(
+        self, vc: VolumeConfig, loop: asyncio.AbstractEventLoop
+    ) -> VolumeRuntime:
+        # A replica is never written by a host: whenever it is exported, it is read-only.
+        read_only = vc.read_only or vc.role == "secondary"
+        volume = Volume.open(vc.path, size=vc.size, offset=vc.offset, read_only=read_only)
+        write_path: WritePath = DirectWritePath(volume, loop)
+        journal_wp: JournalWritePath | None = None
+        problem = None
+        if vc.role == "primary" and not read_only:
+            try:
+                journal = await asyncio.to_thread(
+                    Journal.open,
+                    self.config.unit.state_dir / f"{vc.name}.journal",
+                    volume=volume,
+                    journal_size=vc.journal_size,
+                    consumers=[str(peer) for peer in vc.peers],
+                    dirty_dir=self.config.unit.state_dir,
+                    volume_name=vc.name,
+                )
+            except (JournalCorruptError, JournalError) as exc:
+                # This volume is not served; the others are. Status and the log say why.
+                problem = str(exc)
+                log.error("volume %s is not served: %s", vc.name, exc)
+            else:
+                if journal.recovery is not None:
+                    r = journal.recovery
+                    log.info(
+                        "volume %s: journal recovered: %d records, %d replayed in %.3f s%s",
+                        vc.name,
+                        r.records,
+                        r.replayed,
+                        r.seconds,
+                        f", torn tail cut ({r.torn_tail})" if r.torn_tail else "",
+                    )
+                journal_wp = JournalWritePath(
+                    journal,
+                    volume,
+                    loop,
+                    overflow=vc.overflow,
+                    high_water=vc.journal_high_water,
+                )
+                journal_wp.start()
+                write_path = journal_wp
+        export = Export(
+            name=vc.name,
+            volume=volume,
+            write_path=write_path,
+            description=vc.description or f"blockmirror {vc.role} volume {vc.name}",
+            read_only=read_only,
+        )
+        rt = VolumeRuntime(vc, volume, export, counters=export.counters, journal=journal_wp)
+        rt.problem = problem
+        rt.state = "failed" if problem else "opening"
+        return rt
+
+    def runtime(self, name: str) -> VolumeRuntime:
+        for rt in self.volumes:
+            if rt.config.name == name:
+                return rt
+        raise KeyError(name)
+
     async def stop(self) -> None:
         """Graceful: no new connections, requests in flight answered, volumes durable."""
         servers = [rt.server for rt in self.volumes if rt.server is not None]
@@ -116,6 +177,11 @@ class Unit:
             self.admin = None
         for rt in self.volumes:
             rt.state = "stopped"
+            if rt.journal is not None:
+                try:
+                    await rt.journal.close()
+                except (OSError, BlockmirrorError) as exc:
+                    log.error("volume %s: closing the journal failed: %s", rt.config.name, exc)
             if not rt.volume.read_only:
                 try:
                     await asyncio.to_thread(rt.volume.flush)
@@ -174,6 +240,8 @@ class Unit:
             "read_only": rt.export.read_only,
             "export": rt.export_address,
             "counters": rt.counters.as_dict(),
+            "problem": rt.problem,
+            "journal": rt.journal.status() if rt.journal is not None else None,
         }
 
 

@@ -43,6 +43,15 @@ class WritePath(Protocol):
     def can_fast_zero(self) -> bool:
         """Whether write_zeroes is cheap (no data written), for NBD's FAST_ZERO flag."""
 
+    def commit(self) -> asyncio.Future[None] | None:
+        """Finish the work of every request accepted since the last commit.
+
+        A request method that returned None may defer its work (a batched journal append, then
+        the volume write) until this call. The export calls it after handing over all it read
+        from one socket read, and must not send any reply produced since the previous commit
+        before this returns, or before the returned future completes when it returns one.
+        """
+
 
 class DirectWritePath:
     """Writes straight to the volume. Durability comes from the volume's own sync.
@@ -84,6 +93,9 @@ class DirectWritePath:
 
     def can_fast_zero(self) -> bool:
         return self.volume.can_fast_zero()
+
+    def commit(self) -> asyncio.Future[None] | None:
+        return None  # every request completed when it was accepted
 
     def _then_sync(self, first: asyncio.Future[None]) -> asyncio.Future[None]:
         result: asyncio.Future[None] = self._loop.create_future()

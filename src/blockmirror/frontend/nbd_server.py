@@ -32,6 +32,8 @@ MAX_INFLIGHT_REQUESTS = 512
 MAX_INFLIGHT_BYTES = 128 * 1024 * 1024
 # Replies bigger than this are written on their own rather than joined (joining copies).
 JOIN_LIMIT = 256 * 1024
+# Seconds a client has from connecting to choosing an export.
+HANDSHAKE_TIMEOUT = 30
 # Block status: never answer with more extents than this in one reply.
 MAX_EXTENTS = 1024
 
@@ -144,6 +146,7 @@ class NbdConnection(asyncio.Protocol):
         self._reading = True
         self._write_paused = False
         self._vectored = False
+        self._handshake_timer: asyncio.TimerHandle | None = None
         self._eof = False
 
     # --- asyncio callbacks ----------------------------------------------------------------------
@@ -156,6 +159,8 @@ class NbdConnection(asyncio.Protocol):
             self.transport.abort()
             return
         self.server.connections.add(self)
+        # A client that never finishes negotiating must not hold a connection forever.
+        self._handshake_timer = self._loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_expired)
         self.transport.write(p.encode_greeting())
 
     def data_received(self, data: bytes) -> None:
@@ -175,7 +180,7 @@ class NbdConnection(asyncio.Protocol):
         try:
             while not self.closed and not self.draining:
                 if self._out_size >= JOIN_LIMIT:
-                    self._flush_out()
+                    self._release()
                 if self._write_paused:
                     break
                 event = self.codec.next_event()
@@ -190,8 +195,45 @@ class NbdConnection(asyncio.Protocol):
             self._close()
         finally:
             self._in_batch = False
-        self._flush_out()
+        self._release()
         self._update_reading()
+
+    def _release(self) -> None:
+        """Commit the write path's batch, then send the replies it allows.
+
+        Replies to requests accepted since the last commit may claim work the write path only
+        does in commit() (journal append, then volume write): they leave after it, or after the
+        future it returns. A failed commit drops them and the connection: nothing unapplied
+        is ever acknowledged.
+        """
+        gate = None
+        if self.export is not None:
+            try:
+                gate = self.export.write_path.commit()
+            except Exception as exc:
+                log.error("write path failed; dropping connection %s: %s", self._peer(), exc)
+                self._out.clear()
+                self._out_size = 0
+                self.abort()
+                return
+        if gate is None:
+            self._flush_out()
+            return
+        held, self._out = self._out, []
+        self._out_size = 0
+        self.inflight += 1
+
+        def released(f: asyncio.Future[None]) -> None:
+            self.inflight -= 1
+            if f.cancelled() or f.exception() is not None:
+                self.abort()
+                return
+            for chunk in held:
+                self._send(chunk)
+            self._maybe_finish_drain()
+            self._update_reading()
+
+        gate.add_done_callback(released)
 
     def eof_received(self) -> bool | None:
         # The client finished sending. Requests already received still get their replies,
@@ -201,7 +243,18 @@ class NbdConnection(asyncio.Protocol):
             self._begin_close_after_inflight()
         return True
 
+    def _handshake_expired(self) -> None:
+        if self.export is None and not self.closed:
+            log.info(
+                "closing NBD connection from %s: no export chosen in %ds",
+                self._peer(),
+                HANDSHAKE_TIMEOUT,
+            )
+            self.abort()
+
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
         self.closed = True
         self.codec.close()
         if self in self.server.connections:
@@ -277,6 +330,8 @@ class NbdConnection(asyncio.Protocol):
             export.counters.connections += 1
             export.counters.connections_total += 1
             self.codec.start_transmission()
+            if self._handshake_timer is not None:
+                self._handshake_timer.cancel()
 
     def _request(self, req: p.Request) -> None:
         export = self.export
@@ -458,7 +513,7 @@ class NbdConnection(asyncio.Protocol):
         else:
             self._send(p.encode_simple_reply(cookie, error))
 
-    def _send(self, data: bytes | bytearray) -> None:
+    def _send(self, data: bytes | bytearray | memoryview) -> None:
         if self.closed:
             return
         self._out.append(data)

@@ -70,9 +70,7 @@ class CheckpointError(BlockmirrorError, ValueError):
 def _check_u64(name: str, value: object) -> None:
     # bool is an int in Python but never a valid count or position here.
     if type(value) is not int or not 0 <= value <= _U64_MAX:
-        raise CheckpointError(
-            f"checkpoint field {name} must be an integer in 0..2**64-1: {value!r}"
-        )
+        raise CheckpointError(f"checkpoint field {name} must be a u64 integer: {value!r}")
 
 
 def _check_bool(name: str, value: object) -> None:

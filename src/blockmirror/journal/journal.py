@@ -459,7 +459,9 @@ class Journal:
             capacity=self.ring.capacity,
             head_lpos=self.head_lpos,
             head_seq=self.head_seq,
-            next_seq=self.next_seq,
+            # Only records up to durable_seq are known durable; recovery treats a bad record below
+            # next_seq as corruption, so it must not count records a crash may legitimately tear.
+            next_seq=self.durable_seq + 1,
             applied_seq=applied_seq,
             boot_id=boot_id(),
             clean=clean,

@@ -1,0 +1,516 @@
+"""The journaled write path: every host write goes to the journal, then to the volume.
+
+Requests are *accepted* synchronously (encoded into the current batch) and completed by
+:meth:`JournalWritePath.commit`, which the export calls after handing over everything it read
+from one socket read: one vectored journal write for the whole batch, then the volume writes in
+sequence order, then the export may release the replies. Slow steps (syncs, dirty maps,
+checkpoints, zeroing without fallocate) run in threads; while one is pending, volume writes queue
+behind it so the volume always changes in journal order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from blockmirror.journal.format import Kind, record_size
+from blockmirror.journal.journal import Journal
+from blockmirror.syncer import Syncer
+from blockmirror.volume import Volume
+
+log = logging.getLogger(__name__)
+
+Buffer = bytes | bytearray | memoryview
+CHECKPOINT_INTERVAL = 1.0
+# Start freeing space early, well before an append finds the ring full.
+EAGER_CHECKPOINT_FILL = 0.5
+
+
+@dataclass(slots=True)
+class _Item:
+    """One change waiting to be applied to the volume, in journal order."""
+
+    kind: Kind
+    offset: int
+    length: int
+    data: Sequence[Buffer] = ()
+    may_trim: bool = False
+    journaled: bool = True
+    fua: bool = False
+    done: asyncio.Future[None] | None = None
+
+
+@dataclass(slots=True)
+class _Waiting:
+    """A request that found the journal full; staged once room is made."""
+
+    kind: Kind
+    offset: int
+    length: int
+    data: Sequence[Buffer]
+    may_trim: bool
+    fua: bool
+    done: asyncio.Future[None]
+
+
+@dataclass(slots=True)
+class _Alerts:
+    high_water: bool = False
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+
+class JournalWritePath:
+    def __init__(
+        self,
+        journal: Journal,
+        volume: Volume,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        overflow: Literal["track", "block"] = "track",
+        high_water: float = 0.8,
+        checkpoint_interval: float = CHECKPOINT_INTERVAL,
+        on_alert: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.journal = journal
+        self.volume = volume
+        self._loop = loop
+        self.overflow = overflow
+        self.high_water = high_water
+        self.checkpoint_interval = checkpoint_interval
+        self._on_alert = on_alert
+        self._queue: deque[_Item] = deque()
+        self._blocked = False
+        self._applied_index = 0  # items applied since start (for gates)
+        self._queued_index = 0
+        self._gates: deque[tuple[int, asyncio.Future[None]]] = deque()
+        self._waiting: deque[_Waiting] = deque()
+        self._making_room = False
+        self._room_task: asyncio.Task[None] | None = None
+        self._commit_scheduled = False
+        self._flush_waiters: list[asyncio.Future[None]] = []
+        self._unjournaled_writes = False
+        self.applied_seq = journal.next_seq - 1
+        self.failed: BaseException | None = None
+        self.alerts = _Alerts()
+        self._journal_syncer = Syncer(self._sync_journal, loop)
+        self._volume_syncer = Syncer(volume.flush, loop)
+        self._checkpoint_lock = asyncio.Lock()
+        self._checkpoint_wanted = asyncio.Event()
+        self._acked = asyncio.Event()
+        self._dirty_since_checkpoint = False
+        self._task: asyncio.Task[None] | None = None
+        self.checkpoints = 0
+
+    # --- life cycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = self._loop.create_task(self._checkpointer())
+
+    async def close(self) -> None:
+        """Apply and sync everything, write a clean checkpoint, close the journal."""
+        if self._room_task is not None:
+            with contextlib.suppress(Exception):
+                await self._room_task
+        if self.failed is None:
+            gate = self.commit()
+            if gate is not None:
+                with contextlib.suppress(Exception):
+                    await gate
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        async with self._checkpoint_lock:
+            await asyncio.to_thread(self.journal.close, clean=self.failed is None)
+
+    # --- the WritePath interface ----------------------------------------------------------------
+
+    def write(
+        self, offset: int, data: Sequence[Buffer], *, fua: bool
+    ) -> asyncio.Future[None] | None:
+        length = sum(memoryview(b).nbytes for b in data)
+        return self._accept(Kind.WRITE, offset, length, data, False, fua)
+
+    def write_zeroes(
+        self, offset: int, length: int, *, fua: bool, may_trim: bool
+    ) -> asyncio.Future[None] | None:
+        return self._accept(Kind.ZERO, offset, length, (), may_trim, fua)
+
+    def trim(self, offset: int, length: int, *, fua: bool) -> asyncio.Future[None] | None:
+        return self._accept(Kind.TRIM, offset, length, (), True, fua)
+
+    def flush(self) -> asyncio.Future[None] | None:
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._flush_waiters.append(fut)
+        self._schedule_commit()
+        return fut
+
+    def can_fast_zero(self) -> bool:
+        return self.volume.can_fast_zero()
+
+    def commit(self) -> asyncio.Future[None] | None:
+        """Write the batch, apply what can be applied; a future gates the batch's replies."""
+        self._commit_scheduled = False
+        if self.failed is not None:
+            raise self.failed
+        try:
+            self.journal.write_batch()
+        except OSError as exc:
+            self._fail(exc)
+            raise
+        self._drain()
+        if self._flush_waiters:
+            waiters, self._flush_waiters = self._flush_waiters, []
+            self._durable_then(waiters, volume_too=self._unjournaled_writes)
+        if self._applied_index >= self._queued_index:
+            return None
+        gate: asyncio.Future[None] = self._loop.create_future()
+        self._gates.append((self._queued_index, gate))
+        return gate
+
+    # --- accepting ------------------------------------------------------------------------------
+
+    def _accept(
+        self,
+        kind: Kind,
+        offset: int,
+        length: int,
+        data: Sequence[Buffer],
+        may_trim: bool,
+        fua: bool,
+    ) -> asyncio.Future[None] | None:
+        if self.failed is not None:
+            raise self.failed
+        if self._waiting or not self._room_for(kind, length):
+            done: asyncio.Future[None] = self._loop.create_future()
+            self._waiting.append(_Waiting(kind, offset, length, data, may_trim, fua, done))
+            self._start_making_room()
+            return done
+        done_opt = self._loop.create_future() if fua else None
+        self._stage(kind, offset, length, data, may_trim, fua, done_opt)
+        self._schedule_commit()
+        return done_opt
+
+    def _room_for(self, kind: Kind, length: int) -> bool:
+        if self.journal.enqueue_paused:
+            return True
+        if kind != Kind.WRITE:
+            return self.journal.fits(0)
+        # Simulate the placement of each piece a large write is split into.
+        limit = self.journal.max_payload()
+        tail = self.journal.tail_lpos
+        for start in range(0, max(length, 1), limit):
+            size = record_size(min(limit, length - start))
+            tail = self.journal.ring.place(tail, size).new_tail
+        return tail - self.journal.checkpoint_head_lpos <= self.journal.capacity
+
+    def _stage(
+        self,
+        kind: Kind,
+        offset: int,
+        length: int,
+        data: Sequence[Buffer],
+        may_trim: bool,
+        fua: bool,
+        done: asyncio.Future[None] | None,
+    ) -> None:
+        journal = self.journal
+        if journal.enqueue_paused:
+            # Not journaled: every consumer must learn of it through its dirty map instead.
+            journal.mark_dirty_everywhere(offset, length)
+            self._unjournaled_writes = True
+            self._push(_Item(kind, offset, length, data, may_trim, False, fua, done))
+            return
+        for consumer in journal.tracking_consumers():
+            consumer.dirty.mark(offset, length)
+        if kind == Kind.WRITE and length > journal.max_payload():
+            pieces = _split(data, journal.max_payload())
+            last = len(pieces) - 1
+            pos = offset
+            for i, piece in enumerate(pieces):
+                n = sum(memoryview(b).nbytes for b in piece)
+                journal.stage(Kind.WRITE, pos, n, piece)
+                self._push(
+                    _Item(
+                        kind,
+                        pos,
+                        n,
+                        piece,
+                        False,
+                        True,
+                        fua and i == last,
+                        done if i == last else None,
+                    )
+                )
+                pos += n
+        else:
+            journal.stage(kind, offset, length, data)
+            self._push(_Item(kind, offset, length, data, may_trim, True, fua, done))
+        self._dirty_since_checkpoint = True
+        self._check_fill()
+
+    def _push(self, item: _Item) -> None:
+        self._queue.append(item)
+        self._queued_index += 1
+
+    def _schedule_commit(self) -> None:
+        # The export calls commit() itself; this covers callers that do not (tests, shutdown).
+        if not self._commit_scheduled:
+            self._commit_scheduled = True
+            self._loop.call_soon(self._commit_soon)
+
+    def _commit_soon(self) -> None:
+        if self._commit_scheduled:
+            with contextlib.suppress(Exception):
+                self.commit()
+
+    # --- applying in order ----------------------------------------------------------------------
+
+    def _drain(self) -> None:
+        while self._queue and not self._blocked:
+            if self.journal.dirty_pending():
+                # A dirty bit is durable before the write it covers reaches the volume.
+                self._block_on(self.journal.sync_dirty_maps)
+                return
+            item = self._queue[0]
+            if item.kind != Kind.WRITE and not self.volume.can_fast_zero():
+                self._block_on(lambda it=item: self._apply(it), then=self._applied_one)  # type: ignore[misc]
+                return
+            try:
+                self._apply(item)
+            except OSError as exc:
+                self._fail(exc)
+                return
+            self._applied_one()
+        self._release_gates()
+
+    def _apply(self, item: _Item) -> None:
+        if item.kind == Kind.WRITE:
+            if len(item.data) == 1:
+                self.volume.pwrite(item.offset, item.data[0])
+            else:
+                self.volume.pwritev(item.offset, item.data)
+        elif item.kind == Kind.ZERO:
+            self.volume.write_zeroes(item.offset, item.length, may_trim=item.may_trim)
+        elif item.kind == Kind.TRIM:
+            self.volume.trim(item.offset, item.length)
+
+    def _applied_one(self) -> None:
+        item = self._queue.popleft()
+        self._applied_index += 1
+        if item.journaled:
+            self.applied_seq += 1
+        if item.done is not None:
+            if item.fua:
+                self._durable_then([item.done], volume_too=not item.journaled)
+            elif not item.done.done():
+                item.done.set_result(None)
+
+    def _block_on(self, fn: Callable[[], None], then: Callable[[], None] | None = None) -> None:
+        self._blocked = True
+        fut = self._loop.run_in_executor(None, fn)
+
+        def finished(f: asyncio.Future[None]) -> None:
+            self._blocked = False
+            exc = f.exception()
+            if exc is not None:
+                self._fail(exc)
+                return
+            if then is not None:
+                then()
+            self._drain()
+
+        fut.add_done_callback(finished)
+
+    def _release_gates(self) -> None:
+        while self._gates and self._gates[0][0] <= self._applied_index:
+            _, gate = self._gates.popleft()
+            if not gate.done():
+                gate.set_result(None)
+
+    def _durable_then(self, waiters: list[asyncio.Future[None]], *, volume_too: bool) -> None:
+        journal_sync = self._journal_syncer.sync()
+        parts: list[asyncio.Future[None]] = [journal_sync]
+        if volume_too:
+            parts.append(self._volume_syncer.sync())
+        combined = asyncio.gather(*parts)
+
+        def finished(f: asyncio.Future[list[None]]) -> None:
+            exc = f.exception()
+            for waiter in waiters:
+                if waiter.done():
+                    continue
+                if exc is None:
+                    waiter.set_result(None)
+                else:
+                    waiter.set_exception(exc)
+
+        combined.add_done_callback(finished)
+
+    def _sync_journal(self) -> None:
+        durable = self.journal.sync()
+        self.journal.durable_seq = max(self.journal.durable_seq, durable)
+
+    def _fail(self, exc: BaseException) -> None:
+        log.error("volume write path failed: %s", exc)
+        self.failed = exc
+        for item in self._queue:
+            if item.done is not None and not item.done.done():
+                item.done.set_exception(exc)
+        for _, gate in self._gates:
+            if not gate.done():
+                gate.set_exception(exc)
+        self._gates.clear()
+
+    # --- room, checkpoints, alerts --------------------------------------------------------------
+
+    def _check_fill(self) -> None:
+        used = self.journal.tail_lpos - self.journal.head_lpos
+        cap = self.journal.capacity
+        if used >= self.high_water * cap and not self.alerts.high_water:
+            self.alerts.high_water = True
+            self._alert("journal_high_water", f"journal is {used / cap:.0%} full")
+        elif used < self.high_water * cap * 0.9 and self.alerts.high_water:
+            self.alerts.high_water = False
+        if self.journal.used >= EAGER_CHECKPOINT_FILL * cap:
+            self._checkpoint_wanted.set()
+
+    def _alert(self, kind: str, message: str) -> None:
+        log.warning("%s: %s", self.journal.path.name, message)
+        self.alerts.events.append({"kind": kind, "message": message})
+        del self.alerts.events[:-20]
+        if self._on_alert is not None:
+            self._on_alert(kind, message)
+
+    def _start_making_room(self) -> None:
+        if not self._making_room:
+            self._making_room = True
+            self._room_task = self._loop.create_task(self._make_room())
+
+    async def _make_room(self) -> None:
+        try:
+            while self._waiting and self.failed is None:
+                first = self._waiting[0]
+                if self._room_for(first.kind, first.length):
+                    self._waiting.popleft()
+                    self._stage(
+                        first.kind,
+                        first.offset,
+                        first.length,
+                        first.data,
+                        first.may_trim,
+                        first.fua,
+                        first.done,
+                    )
+                    self.commit()
+                    continue
+                # Let everything staged so far reach the volume, then free what we can.
+                self.commit()
+                holders = [
+                    c
+                    for c in self.journal.consumers.values()
+                    if c.mode == "journal" and c.acked_seq < self.applied_seq
+                ]
+                if holders and self.overflow == "track":
+                    slowest = min(holders, key=lambda c: c.acked_seq)
+                    self.journal.switch_to_tracking(slowest)
+                    self._alert(
+                        "consumer_tracking",
+                        f"consumer {slowest.name} fell behind the journal; tracking dirty regions",
+                    )
+                elif holders:
+                    self._acked.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._acked.wait(), 0.5)
+                await self.checkpoint()
+        except BaseException as exc:
+            self._fail(exc)
+            raise
+        finally:
+            self._making_room = False
+
+    async def checkpoint(self, *, clean: bool = False) -> None:
+        async with self._checkpoint_lock:
+            await self._journal_syncer.sync()
+            # Never claim a record applied that the journal might still lose: replay starts after
+            # applied_seq, and a record durable only in the volume would never reach a consumer.
+            target = min(self.applied_seq, self.journal.durable_seq)
+            await asyncio.to_thread(self.volume.flush)
+            await asyncio.to_thread(self.journal.sync_dirty_maps)
+            cp = self.journal.checkpoint_state(applied_seq=target, clean=clean)
+            await asyncio.to_thread(self.journal.write_checkpoint, cp)
+            self.journal.checkpoint_written(cp)
+            self.checkpoints += 1
+            self._dirty_since_checkpoint = False
+
+    async def _checkpointer(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._checkpoint_wanted.wait(), self.checkpoint_interval)
+            self._checkpoint_wanted.clear()
+            if self._dirty_since_checkpoint or self._acked.is_set():
+                try:
+                    await self.checkpoint()
+                except OSError as exc:
+                    self._fail(exc)
+                    return
+
+    # --- consumers and operator controls ---------------------------------------------------------
+
+    def acknowledge(self, name: str, seq: int) -> None:
+        self.journal.acknowledge(name, seq)
+        self._acked.set()
+
+    async def pause_enqueue(self, paused: bool) -> None:
+        self.commit()
+        self.journal.enqueue_paused = paused
+        await self.checkpoint()
+
+    async def pause_consumer(self, name: str, paused: bool) -> None:
+        self.journal.consumers[name].paused = paused
+        await self.checkpoint()
+
+    async def discard(self, name: str, first_seq: int, last_seq: int) -> int:
+        """Turn a consumer's records in [first_seq, last_seq] into dirty bits; returns how many."""
+        consumer = self.journal.consumers[name]
+        count = 0
+        if consumer.mode == "journal":
+            for rec in self.journal.records:
+                if first_seq <= rec.seq <= last_seq and rec.seq > consumer.acked_seq:
+                    if rec.kind != Kind.FLUSH:
+                        consumer.dirty.mark(rec.offset, rec.length)
+                    count += 1
+            if first_seq <= consumer.acked_seq + 1 <= last_seq:
+                consumer.acked_seq = min(last_seq, self.journal.next_seq - 1)
+        await asyncio.to_thread(self.journal.sync_dirty_maps)
+        await self.checkpoint()
+        return count
+
+    def status(self) -> dict[str, object]:
+        out = self.journal.status(self.high_water)
+        out["checkpoints"] = self.checkpoints
+        out["failed"] = str(self.failed) if self.failed is not None else None
+        out["alerts"] = list(self.alerts.events)
+        return out
+
+
+def _split(data: Sequence[Buffer], limit: int) -> list[list[memoryview]]:
+    """Cut a write's buffers into pieces of at most ``limit`` bytes, without copying."""
+    pieces: list[list[memoryview]] = [[]]
+    room = limit
+    for buf in data:
+        view = memoryview(buf).cast("B")
+        while view.nbytes:
+            if room == 0:
+                pieces.append([])
+                room = limit
+            take = min(room, view.nbytes)
+            pieces[-1].append(view[:take])
+            view = view[take:]
+            room -= take
+    return pieces
