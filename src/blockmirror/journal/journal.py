@@ -27,7 +27,12 @@ from blockmirror.journal.checkpoint import (
     write_checkpoint,
 )
 from blockmirror.journal.format import HEADER_SIZE, Kind, RecordHeader, record_iov, record_size
-from blockmirror.journal.recovery import JournalCorruptError, ScanResult, scan
+from blockmirror.journal.recovery import (
+    JournalCorruptError,
+    ScanResult,
+    erase_stale_headers,
+    scan,
+)
 from blockmirror.journal.ring import DATA_START, Ring
 from blockmirror.volume import Volume
 
@@ -237,6 +242,14 @@ class Journal:
         torn = result.stop.reason if result.stop is not None and result.stop.torn else None
         if torn is not None:
             log.warning("journal %s: cut a torn tail at seq %d: %s", path, result.next_seq, torn)
+        if not cp.clean:
+            erased = erase_stale_headers(fd, ring, result.tail_lpos, cp.head_lpos, journal.next_seq)
+            if erased or torn is not None:
+                os.fdatasync(fd)
+                # Records past the cut may have reached a consumer before the crash; only a
+                # full resync is sure to undo that.
+                journal.needs_full_resync = True
+                log.warning("journal %s: %d stale record headers past the end erased", path, erased)
         replayed = journal._replay()
         journal.recovery = RecoveryReport(
             len(result.records),

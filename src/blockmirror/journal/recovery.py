@@ -7,6 +7,7 @@ recovery command and the tests all use the same function.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from blockmirror.errors import BlockmirrorError
@@ -15,6 +16,7 @@ from blockmirror.journal.format import (
     MAGIC,
     Kind,
     RecordError,
+    RecordHeader,
     decode_header,
     verify_record,
 )
@@ -138,21 +140,20 @@ def scan(fd: int, ring: Ring, head_lpos: int, head_seq: int, durable_before: int
 
 
 def _header_seq(fd: int, ring: Ring, lpos: int) -> int | None:
+    header = _try_header(fd, ring, lpos)
+    return header.seq if header is not None else None
+
+
+def _try_header(fd: int, ring: Ring, lpos: int) -> RecordHeader | None:
     try:
-        return decode_header(_pread(fd, HEADER_SIZE, ring.physical(lpos))).seq
+        return decode_header(_pread(fd, HEADER_SIZE, ring.physical(lpos)))
     except RecordError:
         return None
 
 
-def _find_witness(fd: int, ring: Ring, head_lpos: int, bad: BadRecord) -> FoundRecord | None:
-    """A valid record after ``bad`` whose ``durable_seq`` covers it, if the ring holds one.
-
-    Candidates are found by their magic at 8-byte aligned positions between the bad record and
-    the end of the live window. Records of earlier laps have lower sequence numbers and do not
-    count; records of the same unsynced tail have a lower ``durable_seq`` and do not count.
-    """
-    end = head_lpos + ring.capacity
-    lpos = bad.lpos + 8
+def _candidates(fd: int, ring: Ring, start: int, end: int) -> Iterator[tuple[int, RecordHeader]]:
+    """Every 8-aligned position in [start, end) holding something that decodes as a header."""
+    lpos = start
     while lpos < end:
         length = min(_SCAN_CHUNK, end - lpos, ring.space_to_end(lpos))
         chunk = _pread(fd, length, ring.physical(lpos))
@@ -160,14 +161,41 @@ def _find_witness(fd: int, ring: Ring, head_lpos: int, bad: BadRecord) -> FoundR
         while at != -1:
             cand = lpos + at
             if cand % 8 == 0 and ring.space_to_end(cand) >= HEADER_SIZE:
-                try:
-                    h = decode_header(_pread(fd, HEADER_SIZE, ring.physical(cand)))
-                    if h.seq > bad.expected_seq and h.durable_seq >= bad.expected_seq:
-                        rec, _ = _read_record(fd, ring, cand, h.seq)
-                        return rec
-                except RecordError:
-                    pass
+                header = _try_header(fd, ring, cand)
+                if header is not None:
+                    yield cand, header
             at = chunk.find(_MAGIC_BYTES, at + 1)
         # Chunks start and end 8-aligned, so an aligned magic never straddles two of them.
         lpos += length
+
+
+def _find_witness(fd: int, ring: Ring, head_lpos: int, bad: BadRecord) -> FoundRecord | None:
+    """A valid record after ``bad`` whose ``durable_seq`` covers it, if the ring holds one.
+
+    Records of earlier laps have lower sequence numbers and do not count; records of the same
+    unsynced tail have a lower ``durable_seq`` and do not count.
+    """
+    for lpos, h in _candidates(fd, ring, bad.lpos + 8, head_lpos + ring.capacity):
+        if h.seq > bad.expected_seq and h.durable_seq >= bad.expected_seq:
+            try:
+                rec, _ = _read_record(fd, ring, lpos, h.seq)
+            except RecordError:
+                continue
+            return rec
     return None
+
+
+def erase_stale_headers(fd: int, ring: Ring, tail_lpos: int, head_lpos: int, next_seq: int) -> int:
+    """Zero every header past the end of the log that carries a number the log will reuse.
+
+    After a crash the end of the log may be followed by records of the same unsynced batch (the
+    torn record's successors). New appends reuse their sequence numbers at the same positions,
+    so one of them could line up with where a later scan expects the next record and be
+    replayed over newer data. Returns how many were erased; the caller syncs.
+    """
+    erased = 0
+    for lpos, h in _candidates(fd, ring, tail_lpos, head_lpos + ring.capacity):
+        if h.seq >= next_seq:
+            os.pwrite(fd, bytes(HEADER_SIZE), ring.physical(lpos))
+            erased += 1
+    return erased
