@@ -431,14 +431,23 @@ def journal_fd(tmp_path: Path) -> Iterator[int]:
 
 
 def test_write_and_read_checkpoints(journal_fd: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each checkpoint must be made durable: by a write with RWF_DSYNC, or by fdatasync.
     synced: list[int] = []
     real_fdatasync = os.fdatasync
+    real_pwritev = os.pwritev
 
     def spy(fd: int) -> None:
         synced.append(fd)
         real_fdatasync(fd)
 
+    def spy_pwritev(fd: int, buffers: list[bytes], offset: int, flags: int = 0) -> int:
+        written = real_pwritev(fd, buffers, offset, flags)
+        if flags & getattr(os, "RWF_DSYNC", 0):
+            synced.append(fd)
+        return written
+
     monkeypatch.setattr(os, "fdatasync", spy)
+    monkeypatch.setattr(os, "pwritev", spy_pwritev)
     assert read_checkpoint(journal_fd) is None  # a fresh journal: both slots zero
     for generation in range(1, 6):
         cp = sample(head_seq=generation)

@@ -127,8 +127,10 @@ class Journal:
         self.durable_seq = 0
         # Highest sequence number written to the ring file (page cache) by write_batch.
         self.written_seq = 0
-        # Every record up to this one is durable in the volume (from the last checkpoint).
+        # Every record up to this one is in the volume (from the last checkpoint).
         self.applied_seq = 0
+        # The volume was last synced when it held every record up to this one.
+        self.volume_durable_seq = 0
         # Ring space before this position may be reused: it is the head of a durable checkpoint.
         self.checkpoint_head_lpos = 0
         self.checkpoint_head_seq = 1
@@ -251,6 +253,7 @@ class Journal:
                 journal.needs_full_resync = True
                 log.warning("journal %s: %d stale record headers past the end erased", path, erased)
         replayed = journal._replay()
+        journal.volume_durable_seq = journal.applied_seq
         journal.recovery = RecoveryReport(
             len(result.records),
             replayed,
@@ -453,17 +456,24 @@ class Journal:
 
     # --- checkpoints ----------------------------------------------------------------------------
 
-    def checkpoint_state(self, *, applied_seq: int, clean: bool) -> Checkpoint:
-        """The checkpoint to write once the volume is durable through ``applied_seq``.
-
-        The new head is the oldest record some journal-mode consumer still needs or the volume
-        might still need replayed; everything before it is freed in memory now, and its ring
-        space becomes reusable when this checkpoint is durable.
-        """
-        keep_from = applied_seq + 1
+    def keep_from(self, applied_seq: int) -> int:
+        """The oldest sequence number the volume or a journal-mode consumer may still need."""
+        keep = applied_seq + 1
         for consumer in self.consumers.values():
             if consumer.mode == "journal":
-                keep_from = min(keep_from, consumer.acked_seq + 1)
+                keep = min(keep, consumer.acked_seq + 1)
+        return keep
+
+    def checkpoint_state(self, *, applied_seq: int, clean: bool) -> Checkpoint:
+        """The checkpoint that frees every record up to ``applied_seq`` nobody else needs.
+
+        ``applied_seq``: the volume (page cache) holds every record up to it. The new head is
+        the oldest record some journal-mode consumer still needs, or the next not yet applied;
+        everything before it is freed in memory now, and its ring space becomes reusable once
+        this checkpoint is durable. The checkpoint's own ``applied_seq`` is the volume's
+        *durable* point, so recovery replays every record after it that the ring still holds.
+        """
+        keep_from = self.keep_from(applied_seq)
         while self.records and self.records[0].seq < keep_from:
             self.records.popleft()
         return Checkpoint(
@@ -475,7 +485,7 @@ class Journal:
             # Only records up to durable_seq are known durable; recovery treats a bad record below
             # next_seq as corruption, so it must not count records a crash may legitimately tear.
             next_seq=self.durable_seq + 1,
-            applied_seq=applied_seq,
+            applied_seq=min(self.volume_durable_seq, applied_seq),
             boot_id=boot_id(),
             clean=clean,
             enqueue_paused=self.enqueue_paused,
@@ -489,7 +499,6 @@ class Journal:
         self.generation += 1
 
     def checkpoint_written(self, cp: Checkpoint) -> None:
-        self.applied_seq = max(self.applied_seq, cp.applied_seq)
         self.checkpoint_head_lpos = cp.head_lpos
         self.checkpoint_head_seq = cp.head_seq
 
@@ -500,6 +509,7 @@ class Journal:
         self.durable_seq = self.written_seq
         if not self.volume.read_only:
             self.volume.flush()
+        self.volume_durable_seq = self.written_seq
         self.sync_dirty_maps()
         cp = self.checkpoint_state(applied_seq=self.written_seq, clean=clean)
         self.write_checkpoint(cp)

@@ -94,6 +94,9 @@ class JournalWritePath:
         self._commit_scheduled = False
         self._flush_waiters: list[asyncio.Future[None]] = []
         self._unjournaled_writes = False
+        # Checkpoints that freed records the volume holds only in the page cache, since the
+        # volume was last synced; a FLUSH must then sync the volume too.
+        self._freed_unsynced = 0
         self.applied_seq = journal.next_seq - 1
         self.failed: BaseException | None = None
         self.alerts = _Alerts()
@@ -166,7 +169,9 @@ class JournalWritePath:
         self._drain()
         if self._flush_waiters:
             waiters, self._flush_waiters = self._flush_waiters, []
-            self._durable_then(waiters, volume_too=self._unjournaled_writes)
+            self._durable_then(
+                waiters, volume_too=self._unjournaled_writes or self._freed_unsynced > 0
+            )
         if self._applied_index >= self._queued_index:
             return None
         gate: asyncio.Future[None] = self._loop.create_future()
@@ -337,7 +342,7 @@ class JournalWritePath:
         journal_sync = self._journal_syncer.sync()
         parts: list[asyncio.Future[None]] = [journal_sync]
         if volume_too:
-            parts.append(self._volume_syncer.sync())
+            parts.append(self._loop.create_task(self._sync_volume(self.applied_seq)))
         combined = asyncio.gather(*parts)
 
         def finished(f: asyncio.Future[list[None]]) -> None:
@@ -435,18 +440,35 @@ class JournalWritePath:
             self._making_room = False
 
     async def checkpoint(self, *, clean: bool = False) -> None:
+        """Free what the volume and every journal-mode consumer no longer need.
+
+        The volume is synced first only when the records being freed include one a FLUSH or
+        FUA promised (sequence number <= durable_seq), since it must stay durable somewhere.
+        Records never promised may be freed while the volume still holds them only in the page
+        cache; the next FLUSH then syncs the volume as well (see ``_freed_unsynced``).
+        """
         async with self._checkpoint_lock:
-            await self._journal_syncer.sync()
-            # Never claim a record applied that the journal might still lose: replay starts after
-            # applied_seq, and a record durable only in the volume would never reach a consumer.
-            target = min(self.applied_seq, self.journal.durable_seq)
-            await asyncio.to_thread(self.volume.flush)
-            await asyncio.to_thread(self.journal.sync_dirty_maps)
-            cp = self.journal.checkpoint_state(applied_seq=target, clean=clean)
-            await asyncio.to_thread(self.journal.write_checkpoint, cp)
-            self.journal.checkpoint_written(cp)
+            journal = self.journal
+            target = self.applied_seq
+            last_freed = journal.keep_from(target) - 1
+            if clean or journal.head_seq <= min(last_freed, journal.durable_seq):
+                await self._sync_volume(target)
+            elif last_freed > journal.volume_durable_seq and journal.head_seq <= last_freed:
+                self._freed_unsynced += 1
+            await asyncio.to_thread(journal.sync_dirty_maps)
+            cp = journal.checkpoint_state(applied_seq=target, clean=clean)
+            await asyncio.to_thread(journal.write_checkpoint, cp)
+            journal.checkpoint_written(cp)
             self.checkpoints += 1
             self._dirty_since_checkpoint = False
+
+    async def _sync_volume(self, target: int) -> None:
+        """Sync the volume; afterwards it durably holds every record up to ``target``."""
+        freed = self._freed_unsynced
+        await self._volume_syncer.sync()
+        self.journal.volume_durable_seq = max(self.journal.volume_durable_seq, target)
+        if self._freed_unsynced == freed:
+            self._freed_unsynced = 0
 
     async def _checkpointer(self) -> None:
         while True:
