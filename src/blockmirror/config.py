@@ -90,6 +90,7 @@ class VolumeConfig:
     size: int
     export: Address | None = None
     read_only: bool = False
+    journal: bool = True
     journal_size: int = GiB
     journal_high_water: float = 0.8
     overflow: Overflow = "track"
@@ -279,7 +280,7 @@ _TOP_KEYS = ("unit", "replication", "volume")
 _UNIT_KEYS = ("name", "state_dir", "admin")
 _REPLICATION_KEYS = ("listen", "psk_file", "tls_cert", "tls_key", "tls_ca")
 _VOLUME_KEYS = (
-    "name", "role", "path", "offset", "size", "export", "read_only", "journal_size",
+    "name", "role", "path", "offset", "size", "export", "read_only", "journal", "journal_size",
     "journal_high_water", "overflow", "ack", "ack_timeout", "peers", "description",
 )  # fmt: skip
 _ROLES: dict[str, Role] = {"primary": "primary", "secondary": "secondary"}
@@ -332,6 +333,7 @@ def _parse_volume(
     size = t.size("size", required=True)
     export = t.address("export", allow_zero=True)
     read_only = t.flag("read_only")
+    journal = t.flag("journal")
     journal_size = t.size("journal_size")
     high_water = t.number("journal_high_water")
     overflow = t.choice("overflow", tuple(_OVERFLOWS))
@@ -357,6 +359,8 @@ def _parse_volume(
         t.fail("ack_timeout", f"{ack_timeout} must be a positive number of seconds")
     if role == "primary" and export is None and "export" not in t.bad:
         t.fail("export", "missing; a primary needs the NBD address it serves the host on")
+    if journal is False and peers and "peers" not in t.bad:
+        t.fail("journal", "false, but peers are listed; replication streams from the journal")
     if ack == "remote" and not peers and "peers" not in t.bad:
         t.fail("ack", "'remote' waits for peers, but peers is empty")
 
@@ -369,6 +373,7 @@ def _parse_volume(
         size=size or 0,
         export=export,
         read_only=defaults.read_only if read_only is None else read_only,
+        journal=defaults.journal if journal is None else journal,
         journal_size=journal_size or defaults.journal_size,
         journal_high_water=defaults.journal_high_water if high_water is None else high_water,
         overflow=_OVERFLOWS.get(overflow or "", defaults.overflow),

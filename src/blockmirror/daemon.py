@@ -115,7 +115,7 @@ class Unit:
         write_path: WritePath = DirectWritePath(volume, loop)
         journal_wp: JournalWritePath | None = None
         problem = None
-        if vc.role == "primary" and not read_only:
+        if vc.role == "primary" and not read_only and vc.journal:
             try:
                 journal = await asyncio.to_thread(
                     Journal.open,

@@ -1137,3 +1137,24 @@ def test_problem_order_follows_the_file(tmp_path: Path) -> None:
     data["volume"][0]["size"] = 0
     keys = keys_of(problems_of(data, tmp_path))
     assert keys.index("unit.name") < keys.index("volume[db].size")
+
+
+def test_journal_can_be_turned_off_but_not_with_peers(tmp_path: Path) -> None:
+    base = {
+        "unit": {"name": "u", "state_dir": str(tmp_path / "state")},
+        "volume": [
+            {
+                "name": "v",
+                "role": "primary",
+                "path": str(tmp_path / "v.img"),
+                "size": "1MiB",
+                "export": "127.0.0.1:0",
+                "journal": False,
+            }
+        ],
+    }
+    assert parse_config(base, base_dir=tmp_path).volumes[0].journal is False
+    base["volume"][0]["peers"] = ["127.0.0.1:7800"]  # type: ignore[index]
+    with pytest.raises(ConfigError) as info:
+        parse_config(base, base_dir=tmp_path)
+    assert any(key == "volume[v].journal" for key, _ in info.value.problems)
