@@ -9,17 +9,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import os
 import signal
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from blockmirror import __version__
 from blockmirror.admin.api import AdminServer
+from blockmirror.admin.controls import handle as handle_control
 from blockmirror.config import Config, VolumeConfig
 from blockmirror.counters import VolumeCounters
 from blockmirror.errors import BlockmirrorError
@@ -27,6 +30,10 @@ from blockmirror.frontend.nbd_server import Export, NbdServer
 from blockmirror.journal.journal import Journal, JournalError
 from blockmirror.journal.recovery import JournalCorruptError
 from blockmirror.journal.writepath import JournalWritePath
+from blockmirror.link.auth import load_psk
+from blockmirror.link.receiver import ReplicaRuntime, ReplicationServer
+from blockmirror.link.sender import PeerSender
+from blockmirror.link.tls import client_ssl_context, server_ssl_context
 from blockmirror.volume import Volume
 from blockmirror.writepath import DirectWritePath, WritePath
 
@@ -52,6 +59,8 @@ class VolumeRuntime:
     counters: VolumeCounters = field(default_factory=VolumeCounters)
     journal: JournalWritePath | None = None
     problem: str | None = None
+    replica: ReplicaRuntime | None = None
+    senders: list[PeerSender] = field(default_factory=list)
 
     @property
     def export_address(self) -> str | None:
@@ -66,6 +75,7 @@ class Unit:
         self.config = config
         self.volumes: list[VolumeRuntime] = []
         self.admin: AdminServer | None = None
+        self.replication: ReplicationServer | None = None
         self.started_at = time.monotonic()
         self._lock_fd: int | None = None
 
@@ -95,8 +105,9 @@ class Unit:
             for rt in self.volumes:
                 if rt.problem is not None:
                     rt.state = "failed"
+            await self._start_replication()
             if self.config.unit.admin is not None:
-                self.admin = AdminServer(self.status)
+                self.admin = AdminServer(self.status, functools.partial(handle_control, self))
                 host, port = await self.admin.start(
                     self.config.unit.admin.host, self.config.unit.admin.port
                 )
@@ -109,13 +120,13 @@ class Unit:
     async def _open_volume(
         self, vc: VolumeConfig, loop: asyncio.AbstractEventLoop
     ) -> VolumeRuntime:
-        # A replica is never written by a host: whenever it is exported, it is read-only.
+        # A replica is written only by replication: whenever it is exported, it is read-only.
         read_only = vc.read_only or vc.role == "secondary"
-        volume = Volume.open(vc.path, size=vc.size, offset=vc.offset, read_only=read_only)
+        volume = Volume.open(vc.path, size=vc.size, offset=vc.offset, read_only=vc.read_only)
         write_path: WritePath = DirectWritePath(volume, loop)
         journal_wp: JournalWritePath | None = None
         problem = None
-        if vc.role == "primary" and not read_only and vc.journal:
+        if not vc.read_only and vc.journal:
             try:
                 journal = await asyncio.to_thread(
                     Journal.open,
@@ -168,8 +179,66 @@ class Unit:
                 return rt
         raise KeyError(name)
 
+    async def _start_replication(self) -> None:
+        """The listener for sources (secondaries here) and one sender per peer of each volume."""
+        rc = self.config.replication
+        psk = load_psk(rc.psk_file) if rc.psk_file is not None else None
+        if rc.listen is not None:
+            self.replication = ReplicationServer(
+                self.config.unit.name,
+                self._replica_runtime,
+                psk=psk,
+                ssl_context=server_ssl_context(rc),
+            )
+            host, port = await self.replication.start(rc.listen.host, rc.listen.port)
+            log.info("accepting links on %s:%d", host, port)
+        client_ssl = client_ssl_context(rc)
+        for rt in self.volumes:
+            if rt.journal is None or rt.problem is not None:
+                continue
+            if rt.config.role == "secondary":
+                rt.replica = ReplicaRuntime(rt.config.name, rt.volume.size, rt.journal)
+            for peer in rt.config.peers:
+                sender = PeerSender(
+                    unit_name=self.config.unit.name,
+                    volume_name=rt.config.name,
+                    write_path=rt.journal,
+                    consumer=str(peer),
+                    host=peer.host,
+                    port=peer.port,
+                    volume_id=self._volume_id(rt),
+                    psk=psk,
+                    ssl_context=client_ssl,
+                )
+                rt.senders.append(sender)
+                sender.start()
+
+    def _volume_id(self, rt: VolumeRuntime) -> Callable[[], str | None]:
+        assert rt.journal is not None
+        journal = rt.journal.journal
+
+        def identity() -> str | None:
+            if rt.config.role == "primary":
+                return journal.journal_id
+            # A relay passes on the origin's identity, once it has one.
+            return journal.replica.volume_id if journal.replica is not None else None
+
+        return identity
+
+    def _replica_runtime(self, name: str) -> ReplicaRuntime | None:
+        for rt in self.volumes:
+            if rt.config.name == name and rt.replica is not None:
+                return rt.replica
+        return None
+
     async def stop(self) -> None:
         """Graceful: no new connections, requests in flight answered, volumes durable."""
+        for rt in self.volumes:
+            for sender in rt.senders:
+                await sender.stop()
+        if self.replication is not None:
+            await self.replication.close()
+            self.replication = None
         servers = [rt.server for rt in self.volumes if rt.server is not None]
         await asyncio.gather(*(s.shutdown() for s in servers), return_exceptions=True)
         if self.admin is not None:
@@ -242,6 +311,8 @@ class Unit:
             "counters": rt.counters.as_dict(),
             "problem": rt.problem,
             "journal": rt.journal.status() if rt.journal is not None else None,
+            "peers": [sender.status() for sender in rt.senders],
+            "replica": rt.replica.status() if rt.replica is not None else None,
         }
 
 

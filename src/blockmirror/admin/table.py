@@ -54,8 +54,84 @@ def status_rows(status: dict[str, Any]) -> tuple[tuple[str, ...], list[list[str]
     return HEADERS, rows
 
 
-def format_status_table(status: dict[str, Any]) -> str:
-    headers, rows = status_rows(status)
+JOURNAL_HEADERS = (
+    "journal",
+    "used",
+    "capacity",
+    "fill",
+    "records",
+    "oldest",
+    "newest seq",
+    "enqueue",
+)
+CONSUMER_HEADERS = ("consumer", "volume", "mode", "paused", "backlog", "records", "dirty")
+
+
+def human_age(seconds: float) -> str:
+    """A short age for tables: "0.4 s", "12 s", "3 min", "2.5 h"."""
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _int(value: Any) -> int:
+    return int(value) if isinstance(value, int | float) else 0
+
+
+def journal_rows(status: dict[str, Any]) -> tuple[tuple[str, ...], list[list[str]]]:
+    """One row per volume with a journal: fill, records, age of the oldest, enqueueing."""
+    rows = []
+    for vol in status.get("volumes", []):
+        j = vol.get("journal")
+        if not isinstance(j, dict):
+            continue
+        used, capacity = _int(j.get("used")), _int(j.get("capacity"))
+        records = _int(j.get("records"))
+        rows.append(
+            [
+                str(vol.get("name", "")),
+                human_size(used),
+                human_size(capacity),
+                f"{used / capacity:.0%}" if capacity else "-",
+                str(records),
+                human_age(float(j.get("oldest_age_seconds") or 0)) if records else "-",
+                str(j.get("newest_seq", "-")),
+                "paused" if j.get("enqueue_paused") else "on",
+            ]
+        )
+    return JOURNAL_HEADERS, rows
+
+
+def consumer_rows(status: dict[str, Any]) -> tuple[tuple[str, ...], list[list[str]]]:
+    """One row per consumer of every journal: mode, pause, backlog and dirty bytes."""
+    rows = []
+    for vol in status.get("volumes", []):
+        j = vol.get("journal")
+        consumers = j.get("consumers") if isinstance(j, dict) else None
+        if not isinstance(consumers, dict):
+            continue
+        for name, c in consumers.items():
+            if not isinstance(c, dict):
+                continue
+            rows.append(
+                [
+                    str(name),
+                    str(vol.get("name", "")),
+                    str(c.get("mode", "?")),
+                    "yes" if c.get("paused") else "no",
+                    human_size(_int(c.get("backlog_bytes"))),
+                    str(_int(c.get("backlog_records"))),
+                    human_size(_int(c.get("dirty_bytes"))),
+                ]
+            )
+    return CONSUMER_HEADERS, rows
+
+
+def _table(headers: tuple[str, ...], rows: list[list[str]]) -> list[str]:
     widths = [len(h) for h in headers]
     for row in rows:
         widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
@@ -65,9 +141,27 @@ def format_status_table(status: dict[str, Any]) -> str:
         out += [cell.rjust(w) for cell, w in zip(cells[1:], widths[1:], strict=True)]
         return "  ".join(out).rstrip()
 
+    return [line(headers), *(line(row) for row in rows)]
+
+
+def format_status_table(status: dict[str, Any]) -> str:
+    """The volume table; under it the journals, their consumers, and any volume's problem."""
+    headers, rows = status_rows(status)
     title = f"unit {status.get('unit', '?')}  (blockmirror {status.get('version', '?')})"
-    lines = [title, line(headers)]
-    lines += [line(row) for row in rows]
+    lines = [title, *_table(headers, rows)]
     if not rows:
         lines.append("(no volumes)")
+    jheaders, jrows = journal_rows(status)
+    if jrows:
+        lines += ["", *_table(jheaders, jrows)]
+    cheaders, crows = consumer_rows(status)
+    if crows:
+        lines += ["", *_table(cheaders, crows)]
+    problems = [
+        f"{vol.get('name', '?')}: {vol['problem']}"
+        for vol in status.get("volumes", [])
+        if vol.get("problem")
+    ]
+    if problems:
+        lines += ["", "problems:", *(f"  {p}" for p in problems)]
     return "\n".join(lines)

@@ -93,6 +93,51 @@ class ConsumerState:
         _check_bool("paused", self.paused)
 
 
+@dataclass(frozen=True, slots=True)
+class ReplicaState:
+    """On a secondary: where the replica's data comes from and whether it is consistent.
+
+    ``volume_id`` is the identity of the origin volume (a primary's journal id), carried along a
+    chain unchanged. ``sync_lsn`` is the last resync frame applied durably; while a resync runs,
+    ``consistent`` is false and ``sync_as_of`` is the source sequence number the replica must
+    reach once the resync is done.
+    """
+
+    volume_id: str
+    source_unit: str = ""
+    consistent: bool = False
+    sync_lsn: int = 0
+    sync_as_of: int = 0
+    sync_done: bool = False
+
+    def to_doc(self) -> dict[str, Any]:
+        return {
+            "volume_id": self.volume_id,
+            "source_unit": self.source_unit,
+            "consistent": self.consistent,
+            "sync_lsn": self.sync_lsn,
+            "sync_as_of": self.sync_as_of,
+            "sync_done": self.sync_done,
+        }
+
+    @classmethod
+    def from_doc(cls, doc: object) -> ReplicaState:
+        if not isinstance(doc, dict):
+            raise CheckpointError("checkpoint replica is not a JSON object")
+        _exact_keys("replica", doc, _REPLICA_KEYS)
+        try:
+            state = cls(**doc)
+        except TypeError as exc:
+            raise CheckpointError(f"checkpoint replica: {exc}") from None
+        for name in ("sync_lsn", "sync_as_of"):
+            _check_u64(name, getattr(state, name))
+        for name in ("consistent", "sync_done"):
+            _check_bool(name, getattr(state, name))
+        if not isinstance(state.volume_id, str) or not isinstance(state.source_unit, str):
+            raise CheckpointError("checkpoint replica: volume_id and source_unit are strings")
+        return state
+
+
 def _no_consumers() -> Mapping[str, ConsumerState]:
     return MappingProxyType({})
 
@@ -118,6 +163,7 @@ class Checkpoint:
     enqueue_paused: bool = False
     needs_full_resync: bool = False
     consumers: Mapping[str, ConsumerState] = field(default_factory=_no_consumers)
+    replica: ReplicaState | None = None
 
     def __post_init__(self) -> None:
         if self.format != FORMAT or type(self.format) is not int:
@@ -166,6 +212,8 @@ class Checkpoint:
                 for name, c in self.consumers.items()
             },
         }
+        if self.replica is not None:
+            doc["replica"] = self.replica.to_doc()
         # ASCII escapes keep any name encodable (lone surrogates included); ASCII is UTF-8.
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode("ascii")
 
@@ -183,6 +231,9 @@ class Checkpoint:
             raise CheckpointError(
                 f"unsupported checkpoint format {fmt!r} (this version reads {FORMAT})"
             )
+        # "replica" is optional: only secondaries have one, and journals written before it existed
+        # have none.
+        replica = ReplicaState.from_doc(doc.pop("replica")) if "replica" in doc else None
         _exact_keys("checkpoint", doc, _BODY_KEYS)
         raw_consumers = doc["consumers"]
         if not isinstance(raw_consumers, dict):
@@ -194,10 +245,11 @@ class Checkpoint:
             _exact_keys(f"consumer {name!r}", raw, _CONSUMER_KEYS)
             consumers[name] = ConsumerState(raw["acked_seq"], raw["mode"], raw["paused"])
         scalars: dict[str, Any] = {k: doc[k] for k in _BODY_KEYS if k != "consumers"}
-        return cls(**scalars, consumers=consumers)
+        return cls(**scalars, consumers=consumers, replica=replica)
 
 
-_BODY_KEYS: Final = frozenset(f.name for f in fields(Checkpoint))
+_BODY_KEYS: Final = frozenset(f.name for f in fields(Checkpoint)) - {"replica"}
+_REPLICA_KEYS: Final = frozenset(f.name for f in fields(ReplicaState))
 _CONSUMER_KEYS: Final = frozenset({"acked_seq", "mode", "paused"})
 _HEX: Final = frozenset("0123456789abcdef")
 

@@ -22,6 +22,7 @@ from blockmirror.errors import BlockmirrorError
 from blockmirror.journal.checkpoint import (
     Checkpoint,
     ConsumerState,
+    ReplicaState,
     new_journal_id,
     read_checkpoint,
     write_checkpoint,
@@ -140,6 +141,8 @@ class Journal:
         self.needs_full_resync = False
         self.high_water_alert = False
         self.recovery: RecoveryReport | None = None
+        # On a secondary: where the replica's data comes from (None on a primary).
+        self.replica: ReplicaState | None = None
         self._recovered_consumers: dict[str, ConsumerState] = {}
         self._unclean_os_restart = False
         self._batch: list[tuple[int, list[Buffer]]] = []
@@ -227,6 +230,7 @@ class Journal:
         journal.applied_seq = cp.applied_seq
         journal.enqueue_paused = cp.enqueue_paused
         journal.needs_full_resync = cp.needs_full_resync
+        journal.replica = cp.replica
         journal._recovered_consumers = dict(cp.consumers)
         journal._unclean_os_restart = not cp.clean and cp.boot_id != boot_id()
         for rec in result.records:
@@ -345,9 +349,21 @@ class Journal:
     # --- appending ------------------------------------------------------------------------------
 
     def stage(
-        self, kind: Kind, offset: int, length: int, payload: Sequence[Buffer] = ()
+        self,
+        kind: Kind,
+        offset: int,
+        length: int,
+        payload: Sequence[Buffer] = (),
+        *,
+        seq: int | None = None,
     ) -> LiveRecord:
-        """Encode one record into the current batch. The caller checked :meth:`fits`."""
+        """Encode one record into the current batch. The caller checked :meth:`fits`.
+
+        ``seq``: a secondary keeps its source's numbering, so it passes the number the record
+        arrived with; it must be the next one (the link guarantees it).
+        """
+        if seq is not None and seq != self.next_seq:
+            raise JournalError(f"record seq {seq} arrived, {self.next_seq} was expected")
         payload_len = length if kind == Kind.WRITE else 0
         size = record_size(payload_len)
         placement = self.ring.place(self.tail_lpos, size)
@@ -491,6 +507,7 @@ class Journal:
             enqueue_paused=self.enqueue_paused,
             needs_full_resync=self.needs_full_resync,
             consumers={name: c.state() for name, c in self.consumers.items()},
+            replica=self.replica,
         )
 
     def write_checkpoint(self, cp: Checkpoint) -> None:
@@ -501,6 +518,21 @@ class Journal:
     def checkpoint_written(self, cp: Checkpoint) -> None:
         self.checkpoint_head_lpos = cp.head_lpos
         self.checkpoint_head_seq = cp.head_seq
+
+    def rebase(self, next_seq: int) -> None:
+        """Continue the numbering at ``next_seq`` (a secondary after a resync).
+
+        Only on an empty journal whose records are all in the volume: the caller applied and
+        checkpointed everything and switched journal-mode consumers to tracking first.
+        """
+        if self.records or self._batch:
+            raise JournalError("cannot renumber a journal that still holds records")
+        self.next_seq = next_seq
+        self.written_seq = self.durable_seq = next_seq - 1
+        self.volume_durable_seq = next_seq - 1
+        for consumer in self.consumers.values():
+            if consumer.mode == "tracking":
+                consumer.acked_seq = next_seq - 1
 
     def _write_checkpoint_now(self, *, clean: bool) -> None:
         """Synchronous checkpoint, for opening and closing (nothing else is running)."""

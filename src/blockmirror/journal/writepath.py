@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from blockmirror.errors import BlockmirrorError
 from blockmirror.journal.format import Kind, record_size
 from blockmirror.journal.journal import Journal
 from blockmirror.syncer import Syncer
@@ -29,6 +30,10 @@ Buffer = bytes | bytearray | memoryview
 CHECKPOINT_INTERVAL = 1.0
 # Start freeing space early, well before an append finds the ring full.
 EAGER_CHECKPOINT_FILL = 0.5
+
+
+class JournalFullError(BlockmirrorError):
+    """A journal could not be emptied for renumbering."""
 
 
 @dataclass(slots=True)
@@ -108,6 +113,8 @@ class JournalWritePath:
         self._dirty_since_checkpoint = False
         self._task: asyncio.Task[None] | None = None
         self.checkpoints = 0
+        # Set whenever records reach the volume: senders wait on it for more to stream.
+        self.applied_event = asyncio.Event()
 
     # --- life cycle -----------------------------------------------------------------------------
 
@@ -310,6 +317,7 @@ class JournalWritePath:
         self._applied_index += 1
         if item.journaled:
             self.applied_seq += 1
+            self.applied_event.set()
         if item.done is not None:
             if item.fua:
                 self._durable_then([item.done], volume_too=not item.journaled)
@@ -481,6 +489,88 @@ class JournalWritePath:
                 except OSError as exc:
                     self._fail(exc)
                     return
+
+    # --- a secondary's side: records and resync data from a source -------------------------------
+
+    async def append_replicated(
+        self, records: Sequence[tuple[Kind, int, int, int, Buffer]]
+    ) -> asyncio.Future[None]:
+        """Journal records received from a source, keeping their numbers.
+
+        ``records``: ``(kind, seq, offset, length, payload)``. They are written to the ring and
+        applied to the replica in order. Returns (once staged; only a full journal makes this
+        wait) a future that completes when they are durable in the journal, which is when the
+        source may be told so.
+        """
+        if self.failed is not None:
+            raise self.failed
+        for kind, seq, offset, length, payload in records:
+            while not self.journal.fits(length if kind == Kind.WRITE else 0):
+                await self._free_space_for_records()
+            for consumer in self.journal.tracking_consumers():
+                consumer.dirty.mark(offset, length)
+            data = (payload,) if kind == Kind.WRITE else ()
+            self.journal.stage(kind, offset, length, data, seq=seq)
+            self._push(_Item(kind, offset, length, data, kind != Kind.WRITE, True, False, None))
+        self._dirty_since_checkpoint = True
+        self.commit()
+        self._check_fill()
+        done: asyncio.Future[None] = self._loop.create_future()
+        self._durable_then([done], volume_too=False)
+        return done
+
+    async def _free_space_for_records(self) -> None:
+        gate = self.commit()
+        if gate is not None:
+            await gate
+        holders = [
+            c
+            for c in self.journal.consumers.values()
+            if c.mode == "journal" and c.acked_seq < self.applied_seq
+        ]
+        if holders:
+            slowest = min(holders, key=lambda c: c.acked_seq)
+            self.journal.switch_to_tracking(slowest)
+            self._alert(
+                "consumer_tracking",
+                f"consumer {slowest.name} fell behind the journal; tracking dirty regions",
+            )
+        await self.checkpoint()
+
+    def apply_resync(self, offset: int, length: int, data: Buffer | None) -> asyncio.Future[None]:
+        """Write a region copied by a resync (``data`` None: zeros) in order with the records.
+
+        It is not journaled (the source resends it if the copy is interrupted); every consumer
+        of this unit learns of it through its dirty map. The future completes when the region
+        is durable in the replica.
+        """
+        if self.failed is not None:
+            raise self.failed
+        self.journal.mark_dirty_everywhere(offset, length)
+        done: asyncio.Future[None] = self._loop.create_future()
+        if data is None:
+            item = _Item(Kind.ZERO, offset, length, (), True, False, True, done)
+        else:
+            item = _Item(Kind.WRITE, offset, length, (data,), False, False, True, done)
+        self._push(item)
+        self.commit()
+        return done
+
+    async def rebase(self, next_seq: int) -> None:
+        """Renumber an emptied journal so records from ``next_seq`` on can follow."""
+        gate = self.commit()
+        if gate is not None:
+            await gate
+        for consumer in self.journal.consumers.values():
+            if consumer.mode == "journal":
+                self.journal.switch_to_tracking(consumer)
+        await self.checkpoint()
+        if self.journal.records:
+            raise JournalFullError("records are still held after a checkpoint; cannot renumber")
+        await self._sync_volume(self.applied_seq)
+        self.journal.rebase(next_seq)
+        self.applied_seq = next_seq - 1
+        await self.checkpoint()
 
     # --- consumers and operator controls ---------------------------------------------------------
 

@@ -1,0 +1,293 @@
+"""Operator controls of the admin API: routing, validation and execution, without any HTTP.
+
+The admin server hands every request under ``/api/volumes/`` to :func:`handle` and writes back
+the ``(status, body)`` it gets. Routes (all ``POST``; parameters in the query string):
+
+- ``/api/volumes/{volume}/journal/pause`` and ``/resume``: stop or restart *enqueueing*. While
+  paused, host writes are still served and applied to the volume, but instead of journal records
+  they become bits in every consumer's dirty map.
+- ``/api/volumes/{volume}/consumers/{consumer}/pause`` and ``/resume``: stop or restart one
+  consumer's dequeueing.
+- ``/api/volumes/{volume}/consumers/{consumer}/discard?from=A&to=B``: turn that consumer's
+  records with sequence numbers in ``[A, B]`` into dirty bits; answers how many records.
+
+Consumer names are peer addresses (``127.0.0.1:7800``, ``[::1]:7800``) and may come raw or
+percent-encoded (``127.0.0.1%3A7800``): every path segment is decoded after the path is split
+at ``/``. Every refusal is ``{"error": "..."}`` with a 4xx status and changes nothing
+(invariant 7); a failure of the operation itself is a 500 and the unit keeps running.
+
+Routing and validation (:func:`parse`) are pure; :func:`execute` awaits the write path's
+controls, which write a checkpoint so the setting survives a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any, Literal, Protocol
+from urllib.parse import parse_qsl, unquote
+
+from blockmirror.errors import BlockmirrorError
+
+log = logging.getLogger(__name__)
+
+PREFIX = "/api/volumes/"
+# Sequence numbers are u64 in the journal format; 20 digits hold any of them.
+_SEQ_RE = re.compile(r"[0-9]{1,20}", re.ASCII)
+_U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
+
+Action = Literal["journal-pause", "journal-resume", "consumer-pause", "consumer-resume", "discard"]
+Reply = tuple[int, dict[str, Any]]
+
+
+# --- what the controls need from a unit (the daemon's Unit, or a fake in the tests) ----------
+
+
+class JournalView(Protocol):
+    @property
+    def consumers(self) -> Mapping[str, object]: ...
+
+    @property
+    def enqueue_paused(self) -> bool: ...
+
+
+class ControlledWritePath(Protocol):
+    """The operator controls of :class:`blockmirror.journal.writepath.JournalWritePath`."""
+
+    @property
+    def journal(self) -> JournalView: ...
+
+    @property
+    def failed(self) -> BaseException | None: ...
+
+    async def pause_enqueue(self, paused: bool) -> None: ...
+
+    async def pause_consumer(self, name: str, paused: bool) -> None: ...
+
+    async def discard(self, name: str, first_seq: int, last_seq: int) -> int: ...
+
+    def status(self) -> dict[str, object]: ...
+
+
+class ControlledVolume(Protocol):
+    @property
+    def journal(self) -> ControlledWritePath | None: ...
+
+    @property
+    def problem(self) -> str | None: ...
+
+    @property
+    def state(self) -> str: ...
+
+
+class ControlledUnit(Protocol):
+    def runtime(self, name: str) -> ControlledVolume: ...
+
+
+# --- requests --------------------------------------------------------------------------------
+
+
+class ControlError(BlockmirrorError):
+    """A request refused before anything changed; ``status`` is the HTTP status to answer."""
+
+    def __init__(self, status: HTTPStatus, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class ControlRequest:
+    volume: str
+    action: Action
+    consumer: str | None = None
+    first_seq: int | None = None
+    last_seq: int | None = None
+
+
+def is_control_path(path: str) -> bool:
+    return path.startswith(PREFIX)
+
+
+def _segments(path: str) -> list[str]:
+    raw = path[len(PREFIX) :].split("/")
+    try:
+        # Split first, decode after: a name's %2F can never create or hide a path level.
+        return [unquote(seg, errors="strict") for seg in raw]
+    except UnicodeDecodeError:
+        raise ControlError(
+            HTTPStatus.BAD_REQUEST, "the path is not valid percent-encoded UTF-8"
+        ) from None
+
+
+def _route(segments: list[str]) -> tuple[str, Action, str | None] | None:
+    if any(not seg for seg in segments):
+        return None
+    match segments:
+        case [volume, "journal", "pause"]:
+            return volume, "journal-pause", None
+        case [volume, "journal", "resume"]:
+            return volume, "journal-resume", None
+        case [volume, "consumers", consumer, "pause"]:
+            return volume, "consumer-pause", consumer
+        case [volume, "consumers", consumer, "resume"]:
+            return volume, "consumer-resume", consumer
+        case [volume, "consumers", consumer, "discard"]:
+            return volume, "discard", consumer
+    return None
+
+
+def _params(query: str, allowed: tuple[str, ...]) -> dict[str, str]:
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, errors="strict")
+    except (UnicodeDecodeError, ValueError):
+        raise ControlError(HTTPStatus.BAD_REQUEST, "the query string is malformed") from None
+    params: dict[str, str] = {}
+    for key, value in pairs:
+        if key not in allowed:
+            what = f"allowed: {', '.join(allowed)}" if allowed else "this control takes none"
+            raise ControlError(HTTPStatus.BAD_REQUEST, f"unknown parameter {key!r} ({what})")
+        if key in params:
+            raise ControlError(HTTPStatus.BAD_REQUEST, f"parameter {key!r} is given twice")
+        params[key] = value
+    return params
+
+
+def _seq(params: dict[str, str], key: str) -> int:
+    text = params.get(key)
+    if text is None:
+        raise ControlError(HTTPStatus.BAD_REQUEST, f"parameter {key!r} is required")
+    if not _SEQ_RE.fullmatch(text) or not 1 <= int(text) <= _U64_MAX:
+        raise ControlError(
+            HTTPStatus.BAD_REQUEST,
+            f"parameter {key!r} must be a sequence number (an integer from 1 to 2**64-1), "
+            f"not {text!r}",
+        )
+    return int(text)
+
+
+def parse(method: str, path: str, query: str) -> ControlRequest:
+    """Route and validate a request; raises :class:`ControlError` (404, 405 or 400)."""
+    route = _route(_segments(path))
+    if route is None:
+        raise ControlError(
+            HTTPStatus.NOT_FOUND,
+            f"no such control: {path} (see docs/operations.md, 'Operator controls')",
+        )
+    volume, action, consumer = route
+    if method != "POST":
+        raise ControlError(HTTPStatus.METHOD_NOT_ALLOWED, f"{path} takes POST, not {method}")
+    if action != "discard":
+        _params(query, ())
+        return ControlRequest(volume, action, consumer)
+    params = _params(query, ("from", "to"))
+    first, last = _seq(params, "from"), _seq(params, "to")
+    if first > last:
+        raise ControlError(
+            HTTPStatus.BAD_REQUEST, f"empty range: from ({first}) is greater than to ({last})"
+        )
+    return ControlRequest(volume, action, consumer, first, last)
+
+
+# --- execution -------------------------------------------------------------------------------
+
+
+def _write_path(unit: ControlledUnit, volume: str) -> ControlledWritePath:
+    try:
+        rt = unit.runtime(volume)
+    except KeyError:
+        raise ControlError(HTTPStatus.NOT_FOUND, f"no volume named {volume!r}") from None
+    wp = rt.journal
+    if wp is None:
+        if rt.problem is not None:
+            why = f"it is not served: {rt.problem}"
+        else:
+            why = "only a writable primary volume has one"
+        raise ControlError(HTTPStatus.CONFLICT, f"volume {volume!r} has no journal ({why})")
+    if rt.state == "stopped":
+        raise ControlError(HTTPStatus.SERVICE_UNAVAILABLE, "the unit is stopping")
+    if wp.failed is not None:
+        raise ControlError(
+            HTTPStatus.CONFLICT, f"volume {volume!r}: the write path has failed: {wp.failed}"
+        )
+    return wp
+
+
+def _consumer(wp: ControlledWritePath, volume: str, name: str) -> None:
+    names = list(wp.journal.consumers)
+    if name not in names:
+        known = ", ".join(names) if names else "none: the volume lists no peers"
+        raise ControlError(
+            HTTPStatus.NOT_FOUND,
+            f"volume {volume!r} has no consumer {name!r} (consumers: {known})",
+        )
+
+
+def _consumer_status(wp: ControlledWritePath, name: str) -> dict[str, Any]:
+    consumers = wp.status().get("consumers")
+    entry = consumers.get(name) if isinstance(consumers, dict) else None
+    return dict(entry) if isinstance(entry, dict) else {}
+
+
+async def execute(unit: ControlledUnit, req: ControlRequest) -> Reply:
+    """Carry out a validated request; refusals raise :class:`ControlError`."""
+    wp = _write_path(unit, req.volume)
+    body: dict[str, Any] = {"volume": req.volume}
+    if req.action in ("journal-pause", "journal-resume"):
+        paused = req.action == "journal-pause"
+        was_paused = wp.journal.enqueue_paused
+        await wp.pause_enqueue(paused)
+        log.warning(
+            "volume %s: journal enqueueing %s by the operator",
+            req.volume,
+            "paused" if paused else "resumed",
+        )
+        status = wp.status()
+        body |= {
+            "enqueue_paused": wp.journal.enqueue_paused,
+            "changed": was_paused != paused,
+            "newest_seq": status.get("newest_seq"),
+        }
+        return HTTPStatus.OK, body
+    assert req.consumer is not None
+    _consumer(wp, req.volume, req.consumer)
+    body["consumer"] = req.consumer
+    if req.action == "discard":
+        assert req.first_seq is not None and req.last_seq is not None
+        count = await wp.discard(req.consumer, req.first_seq, req.last_seq)
+        log.warning(
+            "volume %s: the operator discarded %d records (seq %d..%d) of consumer %s",
+            req.volume,
+            count,
+            req.first_seq,
+            req.last_seq,
+            req.consumer,
+        )
+        body |= {"from": req.first_seq, "to": req.last_seq, "discarded": count}
+    else:
+        pause = req.action == "consumer-pause"
+        before = _consumer_status(wp, req.consumer).get("paused")
+        await wp.pause_consumer(req.consumer, pause)
+        log.warning(
+            "volume %s: consumer %s %s by the operator",
+            req.volume,
+            req.consumer,
+            "paused" if pause else "resumed",
+        )
+        body["changed"] = before != pause
+    body |= _consumer_status(wp, req.consumer)
+    return HTTPStatus.OK, body
+
+
+async def handle(unit: ControlledUnit, method: str, path: str, query: str) -> Reply:
+    """Route, validate and execute one request; never raises for a bad request."""
+    try:
+        return await execute(unit, parse(method, path, query))
+    except ControlError as exc:
+        return exc.status, {"error": exc.message}
+    except (OSError, BlockmirrorError) as exc:
+        log.error("control %s %s failed: %s", method, path, exc)
+        return HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"the control failed: {exc}"}

@@ -1,0 +1,568 @@
+"""``blockmirror journal recover CONFIG VOLUME``: the way out of a journal refused as corrupt.
+
+The daemon does not serve a volume whose journal is damaged in the middle (a record that had
+been made durable no longer checks out, see docs/journal.md, "Recovery"): replaying around the
+hole silently could hand consumers a history that never happened. This command, run while no
+unit holds the state directory, does what an operator would otherwise do by hand:
+
+1. Replay into the volume every valid record newer than the checkpoint's ``applied_seq``, in
+   sequence order: the records before the corruption *and* the ones after it that are still
+   intact. Stopping at the hole would be worse than skipping it: the volume may already hold
+   later writes (a process crash leaves them in the page cache), and replaying only the older
+   records over them would roll back blocks the host had been told were written. What the
+   damaged records did cannot be known; the report names them.
+2. Sync the volume.
+3. Mark every consumer's dirty map fully dirty (a full resync: whatever the damaged records
+   did, or did not do, to a peer is covered).
+4. Write a fresh checkpoint: an empty journal (head at the start of the ring), ``next_seq``
+   above every sequence number found anywhere in the old file (so no number is ever given
+   twice, to a peer or to a later recovery), ``needs_full_resync`` set, every consumer in
+   tracking mode.
+5. Zero every record header left in the ring, so no old record can ever be taken for a new one.
+
+Each step is safe to interrupt: until the new checkpoint is durable, running the command again
+starts over (replay is idempotent); after it, the old records all carry numbers below the new
+``next_seq`` and recovery never accepts them, zeroed or not.
+
+A journal with no usable checkpoint at all (both slots damaged) is recovered the same way
+except that nothing is replayed: without the checkpoint's head and ``applied_seq`` there is no
+telling which records are older than what the volume holds.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from blockmirror.admin.table import human_size
+from blockmirror.config import Config, VolumeConfig
+from blockmirror.daemon import LOCK_FILE
+from blockmirror.dirtymap import DirtyMap
+from blockmirror.errors import BlockmirrorError
+from blockmirror.journal.checkpoint import (
+    SLOT_SIZE,
+    Checkpoint,
+    CheckpointError,
+    ConsumerState,
+    new_journal_id,
+    read_checkpoint,
+    slot_offset,
+    write_checkpoint,
+)
+from blockmirror.journal.format import (
+    HEADER_SIZE,
+    MAGIC,
+    RECORD_ALIGN,
+    Kind,
+    RecordError,
+    RecordHeader,
+    decode_header,
+    verify_record,
+)
+from blockmirror.journal.journal import DIRTY_REGION, boot_id
+from blockmirror.journal.recovery import (
+    BadRecord,
+    FoundRecord,
+    JournalCorruptError,
+    ScanResult,
+    scan,
+)
+from blockmirror.journal.ring import DATA_START, Ring
+from blockmirror.volume import Volume
+
+__all__ = [
+    "JournalRecovery",
+    "LostRecords",
+    "NotCorruptError",
+    "RecoverError",
+    "RecoveryPlan",
+    "dirty_map_path",
+]
+
+_CHUNK = 4 * 1024 * 1024
+_MAGIC_BYTES = MAGIC.to_bytes(4, "little")
+
+
+class RecoverError(BlockmirrorError):
+    """The journal cannot (or must not) be recovered as asked; nothing was changed."""
+
+
+class NotCorruptError(RecoverError):
+    """The journal is not corrupt: ``blockmirror run`` recovers it by itself."""
+
+
+def dirty_map_path(state_dir: Path, volume: str, consumer: str) -> Path:
+    """Where a consumer's dirty map lives: the convention of ``Journal._attach_consumers``."""
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in consumer)
+    return state_dir / f"{volume}.{safe}.dirty"
+
+
+@dataclass(frozen=True, slots=True)
+class LostRecords:
+    """Records ``first_seq..last_seq`` are damaged or missing; they cannot be replayed."""
+
+    first_seq: int
+    last_seq: int
+    lpos: int
+    reason: str
+    # The first damaged record's header, when it is still readable (a damaged payload).
+    header: RecordHeader | None
+    # Every one of them was durably in the volume before the checkpoint: nothing is lost.
+    applied: bool
+
+    def describe(self) -> str:
+        seqs = (
+            f"seq {self.first_seq}"
+            if self.first_seq == self.last_seq
+            else f"seq {self.first_seq}..{self.last_seq}"
+        )
+        what = ""
+        h = self.header
+        if h is not None and self.first_seq == self.last_seq and h.kind != Kind.PADDING:
+            kind = {Kind.WRITE: "write", Kind.ZERO: "write-zeroes", Kind.TRIM: "trim"}
+            if h.kind in kind:
+                size = human_size(h.length)
+                what = f": a {kind[h.kind]} of {size} at volume offset {h.offset}"
+        fate = (
+            "already in the volume before the checkpoint"
+            if self.applied
+            else "not replayed; the volume keeps what it holds there"
+        )
+        return f"{seqs}{what} ({self.reason}; ring position {self.lpos}): {fate}"
+
+
+@dataclass(slots=True)
+class RecoveryPlan:
+    """What :meth:`JournalRecovery.run` will do; computed without changing anything."""
+
+    volume: VolumeConfig
+    journal_path: Path
+    problem: str
+    checkpoint: Checkpoint | None
+    generation: int
+    replay: list[FoundRecord]
+    already_applied: int
+    lost: list[LostRecords]
+    highest_seq: int
+    consumers: list[str]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def next_seq(self) -> int:
+        return self.highest_seq + 1
+
+    def describe(self) -> list[str]:
+        lines = [f"volume {self.volume.name}: {self.problem}"]
+        lines += self.notes
+        if self.replay:
+            lines.append(
+                f"will replay {len(self.replay)} records (seq {self.replay[0].seq}.."
+                f"{self.replay[-1].seq}) into {self.volume.path} and sync it"
+            )
+        else:
+            lines.append(f"will replay nothing into {self.volume.path}")
+        if self.already_applied:
+            lines.append(f"{self.already_applied} intact records were already in the volume")
+        lines += [f"lost: {lost.describe()}" for lost in self.lost]
+        lines.append(
+            f"will rewrite the journal empty, numbering from seq {self.next_seq} "
+            f"(the highest found in the old file is {self.highest_seq})"
+        )
+        if self.consumers:
+            lines.append(
+                f"will mark the whole volume dirty for {', '.join(self.consumers)} (full resync)"
+            )
+        else:
+            lines.append("the volume has no consumers (no peers): no resync is needed")
+        return lines
+
+
+class JournalRecovery:
+    """Holds the unit's state-directory lock from analysis to the end of :meth:`run`.
+
+    Construction takes the lock (refusing while a unit runs), reads the journal and builds the
+    :attr:`plan`, changing nothing; :meth:`run` carries it out. Use as a context manager.
+    """
+
+    def __init__(self, config: Config, volume_name: str) -> None:
+        self.config = config
+        self.volume = _primary_volume(config, volume_name)
+        self.state_dir = config.unit.state_dir
+        self.journal_path = self.state_dir / f"{volume_name}.journal"
+        self._lock_fd = -1
+        self._fd = -1
+        self._done = False
+        try:
+            self._lock()
+            try:
+                self._fd = os.open(self.journal_path, os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                raise RecoverError(
+                    f"volume {volume_name} has no journal at {self.journal_path}: nothing to "
+                    "recover"
+                ) from None
+            except OSError as exc:
+                raise RecoverError(f"cannot open {self.journal_path}: {exc.strerror}") from exc
+            self.ring = Ring(self.volume.journal_size - DATA_START)
+            self.plan = self._analyse()
+        except BaseException:
+            self.close()
+            raise
+
+    # --- life cycle -----------------------------------------------------------------------
+
+    def _lock(self) -> None:
+        if not self.state_dir.is_dir():
+            raise RecoverError(
+                f"state directory {self.state_dir} does not exist: there is no journal to recover"
+            )
+        path = self.state_dir / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RecoverError(
+                f"state directory {self.state_dir} is in use by a running blockmirror unit: "
+                "stop it first (the journal is only recovered offline)"
+            ) from None
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = -1
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # --- analysis (reads only) ------------------------------------------------------------
+
+    def _analyse(self) -> RecoveryPlan:
+        vc, ring, fd = self.volume, self.ring, self._fd
+        if os.fstat(fd).st_size < DATA_START + ring.capacity:
+            raise RecoverError(
+                f"journal {self.journal_path} is smaller than journal_size "
+                f"({vc.journal_size} bytes): restore the journal_size it was created with"
+            )
+        consumers = [str(peer) for peer in vc.peers]
+        try:
+            found = read_checkpoint(fd)
+            unusable = None if found is not None else "no valid checkpoint in either slot"
+        except CheckpointError as exc:
+            found, unusable = None, f"a checkpoint slot holds something unreadable: {exc}"
+        if found is None:
+            assert unusable is not None
+            highest = self._highest_seq()
+            return RecoveryPlan(
+                vc,
+                self.journal_path,
+                f"journal {self.journal_path} cannot be opened: {unusable}",
+                None,
+                0,
+                [],
+                0,
+                [],
+                highest,
+                consumers,
+                [
+                    "without a checkpoint there is no telling which records the volume already "
+                    "holds: nothing is replayed, the volume is kept as it is"
+                ],
+            )
+        _, generation, cp = found
+        if cp.capacity != ring.capacity:
+            raise RecoverError(
+                f"journal {self.journal_path} holds {cp.capacity} bytes of ring but "
+                f"journal_size asks for {ring.capacity}: restore the old journal_size first"
+            )
+        if cp.volume_size != vc.size:
+            raise RecoverError(
+                f"journal {self.journal_path} belongs to a volume of {cp.volume_size} bytes, "
+                f"not {vc.size}: restore the volume's size first"
+            )
+        first = scan(fd, ring, cp.head_lpos, cp.head_seq, cp.next_seq)
+        if not first.corrupt:
+            raise NotCorruptError(
+                f"journal {self.journal_path} is not corrupt ({len(first.records)} live "
+                "records): `blockmirror run` recovers it by itself; nothing was changed"
+            )
+        assert first.stop is not None and first.corruption_witness is not None
+        problem = str(
+            JournalCorruptError(str(self.journal_path), first.stop, first.corruption_witness)
+        )
+        records, lost = self._follow(first, cp)
+        replay = [r for r in records if r.seq > cp.applied_seq]
+        highest = max(
+            self._highest_seq(),
+            cp.next_seq - 1,
+            cp.applied_seq,
+            *(c.acked_seq for c in cp.consumers.values()),
+            *(lost_range.last_seq for lost_range in lost),
+            first.stop.expected_seq,
+        )
+        return RecoveryPlan(
+            vc,
+            self.journal_path,
+            problem,
+            cp,
+            generation,
+            replay,
+            len(records) - len(replay),
+            lost,
+            highest,
+            consumers,
+        )
+
+    def _follow(
+        self, first: ScanResult, cp: Checkpoint
+    ) -> tuple[list[FoundRecord], list[LostRecords]]:
+        """Every intact record of the live window, past each damaged stretch; and the holes."""
+        window_end = cp.head_lpos + self.ring.capacity
+        records = list(first.records)
+        lost: list[LostRecords] = []
+        result = first
+        while result.stop is not None:
+            bad = result.stop
+            nxt = self._next_segment(bad, window_end)
+            if nxt is None:
+                break  # the end of the log (clean, or a torn last batch)
+            header = self._header_at(bad.lpos)
+            if header is not None and header.seq != bad.expected_seq:
+                header = None
+            last = nxt.records[0].seq - 1
+            lost.append(
+                LostRecords(
+                    bad.expected_seq,
+                    last,
+                    bad.lpos,
+                    bad.reason,
+                    header,
+                    last <= cp.applied_seq,
+                )
+            )
+            inside = [r for r in nxt.records if r.lpos < window_end]
+            records += inside
+            if len(inside) < len(nxt.records):
+                break
+            result = nxt
+        return records, lost
+
+    def _next_segment(self, bad: BadRecord, window_end: int) -> ScanResult | None:
+        """The intact run of records that follows a damaged one, if the window holds one.
+
+        Candidates are aligned record headers past the damaged record with a higher sequence
+        number, no more of them than could fit in between (64 bytes each at least), and a
+        correct CRC; the first is the start of the next run. When the damaged record's header
+        is intact its payload is skipped: a payload may hold bytes that look like records.
+        """
+        ring = self.ring
+        start = bad.lpos + RECORD_ALIGN
+        h = self._header_at(bad.lpos)
+        if (
+            h is not None
+            and h.seq == bad.expected_seq
+            and h.kind != Kind.PADDING
+            and h.size <= ring.space_to_end(bad.lpos)
+        ):
+            start = bad.lpos + h.size
+        for cand in self._magic_positions(start, window_end):
+            h = self._header_at(cand)
+            if (
+                h is None
+                or not bad.expected_seq
+                < h.seq
+                <= bad.expected_seq + (cand - bad.lpos) // HEADER_SIZE
+            ):
+                continue
+            if h.durable_seq >= h.seq or not self._valid_at(cand, h):
+                continue
+            seg = scan(self._fd, ring, cand, h.seq, 0)
+            if seg.records:
+                return seg
+        return None
+
+    def _magic_positions(self, start: int, end: int) -> Iterator[int]:
+        """Logical positions in ``[start, end)``, 8-aligned, where a record header could begin."""
+        ring = self.ring
+        lpos = -(-start // RECORD_ALIGN) * RECORD_ALIGN
+        while lpos < end:
+            length = min(_CHUNK, end - lpos, ring.space_to_end(lpos))
+            chunk = os.pread(self._fd, length, ring.physical(lpos))
+            if not chunk:
+                return
+            at = chunk.find(_MAGIC_BYTES)
+            while at != -1:
+                # Chunks start 8-aligned, so alignment within the chunk is alignment in the ring.
+                if at % RECORD_ALIGN == 0 and ring.space_to_end(lpos + at) >= HEADER_SIZE:
+                    yield lpos + at
+                at = chunk.find(_MAGIC_BYTES, at + 1)
+            lpos += length
+
+    def _header_at(self, lpos: int) -> RecordHeader | None:
+        raw = os.pread(self._fd, HEADER_SIZE, self.ring.physical(lpos))
+        try:
+            return decode_header(raw)
+        except RecordError:
+            return None
+
+    def _valid_at(self, lpos: int, h: RecordHeader) -> bool:
+        """Whether the record whose header is ``h`` at ``lpos`` is whole (its CRC checks out)."""
+        ring = self.ring
+        pos = ring.physical(lpos)
+        head = os.pread(self._fd, HEADER_SIZE, pos)
+        if h.kind == Kind.PADDING:
+            payload = b""
+            if HEADER_SIZE + h.payload_len != ring.space_to_end(lpos):
+                return False
+        else:
+            if h.size > ring.space_to_end(lpos):
+                return False
+            payload = os.pread(self._fd, h.payload_len, pos + HEADER_SIZE)
+        try:
+            verify_record(head, payload)
+        except RecordError:
+            return False
+        return True
+
+    def _highest_seq(self) -> int:
+        """The highest sequence number of any intact record anywhere in the ring (0 if none)."""
+        highest = 0
+        for lpos in self._magic_positions(0, self.ring.capacity):
+            h = self._header_at(lpos)
+            if h is not None and h.seq > highest and self._valid_at(lpos, h):
+                highest = h.seq
+        return highest
+
+    # --- recovery (writes) ----------------------------------------------------------------
+
+    def run(self) -> list[str]:
+        """Carry out :attr:`plan`; returns what was done, one line each."""
+        if self._done or self._fd < 0:
+            raise RecoverError("this recovery has already run")
+        plan, vc = self.plan, self.volume
+        done: list[str] = []
+        if plan.replay:
+            self._replay(plan.replay)
+            done.append(
+                f"replayed {len(plan.replay)} records (seq {plan.replay[0].seq}.."
+                f"{plan.replay[-1].seq}) into {vc.path} and synced it"
+            )
+        done += [f"lost: {lost.describe()}" for lost in plan.lost]
+        for name in plan.consumers:
+            path = dirty_map_path(self.state_dir, vc.name, name)
+            # Created whole under a temporary name and renamed: a damaged old map is replaced.
+            DirtyMap.create(
+                path, volume_size=vc.size, region_size=DIRTY_REGION, all_dirty=True
+            ).close()
+            done.append(f"consumer {name}: every region marked dirty ({path.name}; full resync)")
+        self._write_checkpoint()
+        zeroed = self._zero_headers()
+        done.append(
+            f"journal {self.journal_path} rewritten empty: next sequence number "
+            f"{plan.next_seq}, {zeroed} old record headers zeroed"
+        )
+        done.append(f"`blockmirror run` serves volume {vc.name} again")
+        self._done = True
+        return done
+
+    def _replay(self, records: list[FoundRecord]) -> None:
+        vc, ring, fd = self.volume, self.ring, self._fd
+        try:
+            volume = Volume.open(vc.path, size=vc.size, offset=vc.offset, create=False)
+        except BlockmirrorError as exc:
+            raise RecoverError(f"cannot open volume {vc.name}: {exc}") from exc
+        try:
+            for rec in records:
+                if rec.kind == Kind.WRITE:
+                    data = os.pread(fd, rec.length, ring.physical(rec.lpos) + HEADER_SIZE)
+                    if len(data) != rec.length:
+                        raise RecoverError(f"short read of record seq {rec.seq}'s payload")
+                    volume.pwrite(rec.offset, data)
+                elif rec.kind == Kind.ZERO:
+                    volume.write_zeroes(rec.offset, rec.length, may_trim=False)
+                elif rec.kind == Kind.TRIM:
+                    volume.trim(rec.offset, rec.length)
+            volume.flush()
+        finally:
+            volume.close()
+
+    def _write_checkpoint(self) -> None:
+        plan, vc = self.plan, self.volume
+        old = plan.checkpoint
+        old_consumers = old.consumers if old is not None else {}
+        next_seq = plan.next_seq
+        consumers = {
+            name: ConsumerState(
+                next_seq - 1,
+                "tracking",
+                old_consumers[name].paused if name in old_consumers else False,
+            )
+            for name in plan.consumers
+        }
+        cp = Checkpoint(
+            journal_id=old.journal_id if old is not None else new_journal_id(),
+            volume_size=vc.size,
+            capacity=self.ring.capacity,
+            head_lpos=0,
+            head_seq=next_seq,
+            next_seq=next_seq,
+            applied_seq=next_seq - 1,
+            boot_id=boot_id(),
+            clean=True,
+            enqueue_paused=old.enqueue_paused if old is not None else False,
+            needs_full_resync=True,
+            consumers=consumers,
+        )
+        generation = plan.generation + 1
+        write_checkpoint(self._fd, cp, generation)  # synced
+        if old is None:
+            # The other slot may hold the unreadable checkpoint that stopped the journal from
+            # opening; it must not win (or fail) the next choice between the two.
+            other = slot_offset((generation + 1) % 2)
+            view = memoryview(bytes(SLOT_SIZE))
+            while view:
+                n = os.pwrite(self._fd, view, other)
+                view, other = view[n:], other + n
+            os.fdatasync(self._fd)
+
+    def _zero_headers(self) -> int:
+        """Overwrite every aligned record magic in the ring (and its header) with zeros."""
+        ring = self.ring
+        zeros = bytes(HEADER_SIZE)
+        count = 0
+        for lpos in self._magic_positions(0, ring.capacity):
+            n = min(HEADER_SIZE, ring.space_to_end(lpos))
+            os.pwrite(self._fd, zeros[:n], ring.physical(lpos))
+            count += 1
+        os.fdatasync(self._fd)
+        return count
+
+
+def _primary_volume(config: Config, name: str) -> VolumeConfig:
+    for vc in config.volumes:
+        if vc.name == name:
+            if vc.role != "primary" or vc.read_only or not vc.journal:
+                raise RecoverError(
+                    f"volume {name} has no journal to recover: this command recovers the journal "
+                    "of a writable primary volume (journal = true)"
+                )
+            return vc
+    known = ", ".join(vc.name for vc in config.volumes) or "none"
+    raise RecoverError(f"no volume named {name!r} in the configuration (volumes: {known})")

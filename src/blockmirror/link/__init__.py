@@ -1,0 +1,1 @@
+"""The replication link: wire codec (:mod:`.protocol`) and peer authentication (:mod:`.auth`)."""

@@ -1,0 +1,873 @@
+"""The link wire format of docs/link-protocol.md, as a sans-I/O codec.
+
+Bytes go in with :meth:`LinkCodec.feed`; messages come out of :meth:`LinkCodec.next_event`.
+Frames are built by :func:`encode`, :func:`encode_records` and :func:`encode_raw_records`, which
+return lists of buffers for ``writelines``/``writev``. Nothing here touches a socket or a loop.
+
+Bulk data is never copied by the codec on its own account. On the way out, record payloads and
+resync data are handed back as the caller's buffers, with the frame CRC computed over them where
+they lie. On the way in, a record payload is a view into the received frame: a frame that arrived
+in one fed chunk is used in place, one that straddles chunks is joined once.
+
+Every check that can be made on the 16-byte frame header is made as soon as it arrives, before
+any payload is buffered: a peer cannot make us hold more than the announced, bounded length,
+and a corrupted length for a fixed-size frame is caught at once instead of stalling the stream.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import struct
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Final, TypeAlias
+
+from crc32c import crc32c
+
+from blockmirror.errors import ProtocolError
+from blockmirror.journal.format import (
+    HEADER_SIZE,
+    RECORD_ALIGN,
+    Buffer,
+    Kind,
+    RecordError,
+    RecordHeader,
+    padding_bytes,
+    record_iov,
+    record_size,
+    verify_record,
+)
+from blockmirror.link.auth import is_token
+
+__all__ = [
+    "AUTH_NONE",
+    "AUTH_PSK",
+    "FRAME_HEADER_SIZE",
+    "MAGIC",
+    "MAX_JSON",
+    "MAX_PAYLOAD",
+    "MAX_SYNC_DATA",
+    "PROTOCOL_VERSION",
+    "Ack",
+    "AuthClient",
+    "AuthServer",
+    "FrameType",
+    "Heartbeat",
+    "Hello",
+    "LinkCodec",
+    "Message",
+    "Record",
+    "Records",
+    "Refuse",
+    "RefuseCode",
+    "SyncData",
+    "SyncDone",
+    "SyncStart",
+    "SyncZero",
+    "VersionError",
+    "Welcome",
+    "encode",
+    "encode_raw_records",
+    "encode_records",
+]
+
+# --- constants ------------------------------------------------------------------------------------
+
+# Little-endian, so the first four bytes on the wire read "BMLK" in a capture.
+MAGIC: Final = 0x4B4C4D42
+PROTOCOL_VERSION: Final = 1
+FRAME_HEADER_SIZE: Final = 16
+MAX_PAYLOAD: Final = 64 * 1024 * 1024
+MAX_JSON: Final = 64 * 1024
+
+AUTH_PSK: Final = "psk"
+AUTH_NONE: Final = "none"
+_AUTH_METHODS: Final = frozenset({AUTH_PSK, AUTH_NONE})
+
+_U64_MAX: Final = 2**64 - 1
+
+
+class FrameType(enum.IntEnum):
+    HELLO = 1
+    AUTH_SERVER = 2
+    AUTH_CLIENT = 3
+    WELCOME = 4
+    REFUSE = 5
+    RECORDS = 6
+    ACK = 7
+    HEARTBEAT = 8
+    SYNC_START = 9
+    SYNC_DATA = 10
+    SYNC_DONE = 11
+    SYNC_ZERO = 12
+
+
+class RefuseCode(enum.StrEnum):
+    """The REFUSE codes of version 1. Decoding accepts any string: a newer peer may know more
+    reasons, and a refusal ends the connection whatever its code."""
+
+    VERSION = "version"
+    AUTH = "auth"
+    UNKNOWN_VOLUME = "unknown-volume"
+    SIZE_MISMATCH = "size-mismatch"
+    IDENTITY_MISMATCH = "identity-mismatch"
+    BUSY = "busy"
+    BAD_FRAME = "bad-frame"
+    INTERNAL = "internal"
+
+
+class VersionError(ProtocolError):
+    """A HELLO or WELCOME of another protocol version that this codec cannot read.
+
+    Raised instead of a plain :class:`ProtocolError` so that the receiver answers REFUSE
+    ``version`` rather than ``bad-frame``. A frame of another version that happens to carry every
+    version-1 key decodes normally, with its ``protocol`` field as sent.
+    """
+
+    def __init__(self, version: int, reason: str) -> None:
+        self.version = version
+        super().__init__(
+            f"peer speaks link protocol version {version}, this unit speaks "
+            f"{PROTOCOL_VERSION} ({reason})"
+        )
+
+
+# Bytes 0..12 of a frame header: what the CRC covers ahead of the payload.
+_PREFIX = struct.Struct("<IBBHI")
+_HEADER = struct.Struct("<IBBHII")
+assert _PREFIX.size == 12 and _HEADER.size == FRAME_HEADER_SIZE
+
+_ACK = struct.Struct("<QQQ")
+_HEARTBEAT = struct.Struct("<QQ")
+_SYNC_START = struct.Struct("<QBQQ")  # "<": no alignment padding, 25 bytes as on the wire
+_SYNC_DATA = struct.Struct("<QQQ")
+_SYNC_DONE = struct.Struct("<QQ")
+_SYNC_ZERO = struct.Struct("<QQQQ")
+assert _SYNC_START.size == 25
+
+MAX_SYNC_DATA: Final = MAX_PAYLOAD - _SYNC_DATA.size
+"""The most data one SYNC_DATA frame can carry."""
+
+# The smallest and largest payload each frame type may announce. Fixed-size frames have one
+# length; RECORDS hold at least one record header. Checked on the header alone (see module doc).
+_LENGTHS: Final[dict[int, tuple[int, int]]] = {
+    FrameType.HELLO: (0, MAX_JSON),
+    FrameType.AUTH_SERVER: (0, MAX_JSON),
+    FrameType.AUTH_CLIENT: (0, MAX_JSON),
+    FrameType.WELCOME: (0, MAX_JSON),
+    FrameType.REFUSE: (0, MAX_JSON),
+    FrameType.RECORDS: (HEADER_SIZE, MAX_PAYLOAD),
+    FrameType.ACK: (_ACK.size, _ACK.size),
+    FrameType.HEARTBEAT: (_HEARTBEAT.size, _HEARTBEAT.size),
+    FrameType.SYNC_START: (_SYNC_START.size, _SYNC_START.size),
+    FrameType.SYNC_DATA: (_SYNC_DATA.size, MAX_PAYLOAD),
+    FrameType.SYNC_DONE: (_SYNC_DONE.size, _SYNC_DONE.size),
+    FrameType.SYNC_ZERO: (_SYNC_ZERO.size, _SYNC_ZERO.size),
+}
+_NAMES: Final = {int(t): t.name for t in FrameType}
+
+
+def _prefix_crc(frame_type: int, length: int) -> int:
+    return crc32c(_PREFIX.pack(MAGIC, frame_type, 0, 0, length))
+
+
+# Fixed-size frames have a constant header prefix, so its CRC is computed once here rather than
+# on every ACK and HEARTBEAT.
+_FIXED_PREFIX_CRC: Final = {t: _prefix_crc(t, lo) for t, (lo, hi) in _LENGTHS.items() if lo == hi}
+_SYNC_DATA_TYPE: Final = int(FrameType.SYNC_DATA)
+_RECORDS_TYPE: Final = int(FrameType.RECORDS)
+
+# Zero fill after a record payload is at most RECORD_ALIGN - 1 bytes.
+_ZERO_FILL: Final = bytes(RECORD_ALIGN)
+
+
+# --- messages -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """Source → secondary, first frame. ``nonce`` is 64 lowercase hex characters; ``auth`` is
+    :data:`AUTH_PSK` or :data:`AUTH_NONE`."""
+
+    protocol: int
+    unit: str
+    volume: str
+    volume_id: str
+    size: int
+    nonce: str
+    auth: str
+
+
+@dataclass(frozen=True, slots=True)
+class AuthServer:
+    nonce: str
+    proof: str
+
+
+@dataclass(frozen=True, slots=True)
+class AuthClient:
+    proof: str
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    """The secondary accepts. ``volume_id`` is None for a replica that never received."""
+
+    protocol: int
+    unit: str
+    received_seq: int
+    applied_seq: int
+    consistent: bool
+    volume_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    """Either side gives up; ``code`` is usually a :class:`RefuseCode`."""
+
+    code: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One journal record of a RECORDS frame. ``payload`` is a view into the received frame
+    (empty for write-zeroes, trim and flush), not a copy; it excludes the zero fill."""
+
+    header: RecordHeader
+    payload: memoryview
+
+    @property
+    def seq(self) -> int:
+        return self.header.seq
+
+
+@dataclass(frozen=True, slots=True)
+class Records:
+    """One or more records with consecutive sequence numbers, never padding."""
+
+    records: tuple[Record, ...]
+
+    @property
+    def first_seq(self) -> int:
+        return self.records[0].header.seq
+
+    @property
+    def last_seq(self) -> int:
+        return self.records[-1].header.seq
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    durable_seq: int
+    applied_seq: int
+    sync_lsn: int
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    sent_ns: int
+    echo_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class SyncStart:
+    lsn: int
+    full: bool
+    total_bytes: int
+    as_of_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class SyncData:
+    """One region of the source volume; ``data`` is a view into the received frame."""
+
+    lsn: int
+    offset: int
+    as_of_seq: int
+    data: memoryview
+
+
+@dataclass(frozen=True, slots=True)
+class SyncDone:
+    lsn: int
+    as_of_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class SyncZero:
+    """A region of the source volume that reads as zeroes: SYNC_DATA without the data, so a
+    resync of a sparse or trimmed volume does not carry its holes over the link."""
+
+    lsn: int
+    offset: int
+    length: int
+    as_of_seq: int
+
+
+Message: TypeAlias = (
+    Hello
+    | AuthServer
+    | AuthClient
+    | Welcome
+    | Refuse
+    | Records
+    | Ack
+    | Heartbeat
+    | SyncStart
+    | SyncData
+    | SyncDone
+    | SyncZero
+)
+
+
+# --- JSON payloads --------------------------------------------------------------------------------
+
+_JsonObject: TypeAlias = dict[str, object]
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> _JsonObject:
+    # json.loads keeps the last of duplicate keys; two readers of the same bytes could then
+    # disagree on a field, so a duplicate is refused outright.
+    obj: _JsonObject = {}
+    for key, value in pairs:
+        if key in obj:
+            raise ProtocolError(f"duplicate key {key!r}")
+        obj[key] = value
+    return obj
+
+
+def _no_constant(name: str) -> object:
+    raise ProtocolError(f"{name} is not JSON")
+
+
+def _parse_json(payload: memoryview) -> _JsonObject:
+    """A JSON object from UTF-8 bytes; anything else is a :class:`ProtocolError`."""
+    try:
+        # Decoded explicitly: json.loads(bytes) would also accept UTF-16 and UTF-32.
+        text = str(payload, "utf-8")
+        obj = json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constant)
+    except ProtocolError:
+        raise
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers UnicodeDecodeError, JSONDecodeError and over-long integer literals;
+        # RecursionError a deeply nested value (64 KiB of "[" is enough).
+        raise ProtocolError(f"payload is not UTF-8 JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"payload is a JSON {type(obj).__name__}, not an object")
+    return obj
+
+
+def _missing(key: str) -> ProtocolError:
+    return ProtocolError(f"missing key {key!r}")
+
+
+def _get_int(obj: _JsonObject, key: str) -> int:
+    if key not in obj:
+        raise _missing(key)
+    value = obj[key]
+    # type() rather than isinstance(): JSON true/false arrive as bool, a subclass of int.
+    if type(value) is not int:
+        raise ProtocolError(f"{key!r} must be an integer, not {type(value).__name__}")
+    if not 0 <= value <= _U64_MAX:
+        raise ProtocolError(f"{key!r} = {value} is outside 0..2**64-1")
+    return value
+
+
+def _get_str(obj: _JsonObject, key: str) -> str:
+    if key not in obj:
+        raise _missing(key)
+    value = obj[key]
+    if not isinstance(value, str):
+        raise ProtocolError(f"{key!r} must be a string, not {type(value).__name__}")
+    try:
+        # A "\ud800" escape decodes to a lone surrogate that could not be encoded again (for a
+        # proof, a log line or a file name) later; refuse it while it is still a protocol error.
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ProtocolError(f"{key!r} holds a lone surrogate") from None
+    return value
+
+
+def _get_token(obj: _JsonObject, key: str) -> str:
+    value = _get_str(obj, key)
+    if not is_token(value):
+        raise ProtocolError(f"{key!r} must be 64 lowercase hex characters")
+    return value
+
+
+def _get_bool(obj: _JsonObject, key: str) -> bool:
+    if key not in obj:
+        raise _missing(key)
+    value = obj[key]
+    if not isinstance(value, bool):
+        raise ProtocolError(f"{key!r} must be a boolean, not {type(value).__name__}")
+    return value
+
+
+def _hello_from(obj: _JsonObject) -> Hello:
+    # The version is read first, so that a peer of another version whose HELLO this codec cannot
+    # read is told "version" rather than "bad frame".
+    protocol = _get_int(obj, "protocol")
+    try:
+        auth = _get_str(obj, "auth")
+        if auth not in _AUTH_METHODS:
+            raise ProtocolError(f"'auth' is {auth!r}, expected 'psk' or 'none'")
+        return Hello(
+            protocol,
+            _get_str(obj, "unit"),
+            _get_str(obj, "volume"),
+            _get_str(obj, "volume_id"),
+            _get_int(obj, "size"),
+            _get_token(obj, "nonce"),
+            auth,
+        )
+    except ProtocolError as exc:
+        if protocol != PROTOCOL_VERSION:
+            raise VersionError(protocol, str(exc)) from None
+        raise
+
+
+def _welcome_from(obj: _JsonObject) -> Welcome:
+    protocol = _get_int(obj, "protocol")
+    try:
+        if "volume_id" not in obj:
+            raise _missing("volume_id")
+        volume_id = None if obj["volume_id"] is None else _get_str(obj, "volume_id")
+        return Welcome(
+            protocol,
+            _get_str(obj, "unit"),
+            _get_int(obj, "received_seq"),
+            _get_int(obj, "applied_seq"),
+            _get_bool(obj, "consistent"),
+            volume_id,
+        )
+    except ProtocolError as exc:
+        if protocol != PROTOCOL_VERSION:
+            raise VersionError(protocol, str(exc)) from None
+        raise
+
+
+def _auth_server_from(obj: _JsonObject) -> AuthServer:
+    return AuthServer(_get_token(obj, "nonce"), _get_token(obj, "proof"))
+
+
+def _auth_client_from(obj: _JsonObject) -> AuthClient:
+    return AuthClient(_get_token(obj, "proof"))
+
+
+def _refuse_from(obj: _JsonObject) -> Refuse:
+    return Refuse(_get_str(obj, "code"), _get_str(obj, "message"))
+
+
+_JSON_DECODERS: Final[dict[int, Callable[[_JsonObject], Message]]] = {
+    FrameType.HELLO: _hello_from,
+    FrameType.AUTH_SERVER: _auth_server_from,
+    FrameType.AUTH_CLIENT: _auth_client_from,
+    FrameType.WELCOME: _welcome_from,
+    FrameType.REFUSE: _refuse_from,
+}
+
+
+def _json_fields(message: Message) -> tuple[FrameType, _JsonObject]:
+    match message:
+        case Hello():
+            return FrameType.HELLO, {
+                "protocol": message.protocol,
+                "unit": message.unit,
+                "volume": message.volume,
+                "volume_id": message.volume_id,
+                "size": message.size,
+                "nonce": message.nonce,
+                "auth": message.auth,
+            }
+        case AuthServer():
+            return FrameType.AUTH_SERVER, {"nonce": message.nonce, "proof": message.proof}
+        case AuthClient():
+            return FrameType.AUTH_CLIENT, {"proof": message.proof}
+        case Welcome():
+            return FrameType.WELCOME, {
+                "protocol": message.protocol,
+                "unit": message.unit,
+                "received_seq": message.received_seq,
+                "applied_seq": message.applied_seq,
+                "consistent": message.consistent,
+                "volume_id": message.volume_id,
+            }
+        case Refuse():
+            return FrameType.REFUSE, {"code": message.code, "message": message.message}
+    raise TypeError(f"{type(message).__name__} is not a JSON link message")
+
+
+# --- binary payloads ------------------------------------------------------------------------------
+
+
+def _records_from(payload: memoryview) -> Records:
+    """Split and verify the records of a RECORDS payload (see docs/link-protocol.md)."""
+    end = len(payload)
+    pos = 0
+    records: list[Record] = []
+    expected_seq = -1
+    while pos < end:
+        if end - pos < HEADER_SIZE:
+            raise ProtocolError(
+                f"{end - pos} bytes after record {len(records)}, too short for a record header"
+            )
+        start = pos + HEADER_SIZE
+        try:
+            # verify_record takes the payload from the rest of the frame and reads only
+            # payload_len bytes of it: one header decode and CRC per record.
+            header = verify_record(payload[pos:start], payload[start:])
+        except RecordError as exc:
+            raise ProtocolError(f"record {len(records)} at byte {pos}: {exc}") from None
+        if header.kind is Kind.PADDING:
+            # Padding only exists to fill the end of a ring; it means nothing to a peer.
+            raise ProtocolError(f"record {len(records)} is padding")
+        if expected_seq >= 0 and header.seq != expected_seq:
+            raise ProtocolError(
+                f"record seq {header.seq} follows seq {expected_seq - 1}, expected {expected_seq}"
+            )
+        stop = start + header.payload_len
+        fill = padding_bytes(header.payload_len)
+        if stop + fill > end:
+            # Only the zero fill can overrun here: verify_record refused a short payload.
+            raise ProtocolError(f"record seq {header.seq} overruns the frame")
+        # The fill is outside the record CRC; the frame CRC covers it, but a sender bug would
+        # still pass that, and the secondary stores records byte for byte.
+        if fill and payload[stop : stop + fill] != _ZERO_FILL[:fill]:
+            raise ProtocolError(f"record seq {header.seq} has non-zero fill")
+        records.append(Record(header, payload[start:stop]))
+        expected_seq = header.seq + 1
+        pos = stop + fill
+    return Records(tuple(records))
+
+
+def _ack_from(payload: memoryview) -> Ack:
+    return Ack(*_ACK.unpack(payload))
+
+
+def _heartbeat_from(payload: memoryview) -> Heartbeat:
+    return Heartbeat(*_HEARTBEAT.unpack(payload))
+
+
+def _sync_start_from(payload: memoryview) -> SyncStart:
+    lsn, full, total_bytes, as_of_seq = _SYNC_START.unpack(payload)
+    if full > 1:
+        raise ProtocolError(f"full is {full}, expected 0 or 1")
+    return SyncStart(lsn, full == 1, total_bytes, as_of_seq)
+
+
+def _sync_data_from(payload: memoryview) -> SyncData:
+    lsn, offset, as_of_seq = _SYNC_DATA.unpack_from(payload)
+    return SyncData(lsn, offset, as_of_seq, payload[_SYNC_DATA.size :])
+
+
+def _sync_done_from(payload: memoryview) -> SyncDone:
+    return SyncDone(*_SYNC_DONE.unpack(payload))
+
+
+def _sync_zero_from(payload: memoryview) -> SyncZero:
+    return SyncZero(*_SYNC_ZERO.unpack(payload))
+
+
+def _json_decoder(frame_type: int) -> Callable[[memoryview], Message]:
+    decode_object = _JSON_DECODERS[frame_type]
+
+    def decode(payload: memoryview) -> Message:
+        return decode_object(_parse_json(payload))
+
+    return decode
+
+
+_DECODERS: Final[dict[int, Callable[[memoryview], Message]]] = {
+    **{t: _json_decoder(t) for t in _JSON_DECODERS},
+    FrameType.RECORDS: _records_from,
+    FrameType.ACK: _ack_from,
+    FrameType.HEARTBEAT: _heartbeat_from,
+    FrameType.SYNC_START: _sync_start_from,
+    FrameType.SYNC_DATA: _sync_data_from,
+    FrameType.SYNC_DONE: _sync_done_from,
+    FrameType.SYNC_ZERO: _sync_zero_from,
+}
+assert _DECODERS.keys() == _LENGTHS.keys() == set(FrameType)
+
+
+# --- the input side -------------------------------------------------------------------------------
+
+
+class _Chunks:
+    """Received bytes as a queue of views of the fed buffers (nothing is copied on feed)."""
+
+    __slots__ = ("_queue", "size")
+
+    def __init__(self) -> None:
+        self._queue: deque[memoryview] = deque()
+        self.size = 0
+
+    def append(self, data: Buffer) -> None:
+        view = memoryview(data).cast("B")
+        if view:
+            self._queue.append(view)
+            self.size += len(view)
+
+    def take(self, n: int) -> memoryview:
+        """The next ``n`` bytes (``n <= size``): a slice of one fed buffer when they lie in
+        one, otherwise one joined copy."""
+        if n == 0:
+            return memoryview(b"")
+        self.size -= n
+        first = self._queue[0]
+        if len(first) >= n:
+            if len(first) == n:
+                self._queue.popleft()
+            else:
+                self._queue[0] = first[n:]
+            return first[:n]
+        parts = []
+        need = n
+        while need:
+            first = self._queue.popleft()
+            if len(first) > need:
+                self._queue.appendleft(first[need:])
+                first = first[:need]
+            parts.append(first)
+            need -= len(first)
+        return memoryview(b"".join(parts))
+
+
+class LinkCodec:
+    """Frames one direction of a link's byte stream into messages.
+
+    The same codec serves both ends: which messages are acceptable at which point of the
+    handshake is the caller's business. A malformed frame raises :class:`ProtocolError` (a
+    :class:`VersionError` for a HELLO/WELCOME of another version); the stream cannot be
+    re-synchronised after that, so the codec stays failed and raises the same error again.
+
+    :meth:`feed` keeps references to the buffers it is given, and messages hold views into
+    them: a caller must not modify a buffer after feeding it (``bytes`` from a transport are
+    immutable, so the usual case is safe).
+    """
+
+    __slots__ = ("_chunks", "_error", "_pending")
+
+    def __init__(self) -> None:
+        self._chunks = _Chunks()
+        # (frame type, payload length, CRC of the header prefix, CRC from the header) once a
+        # frame header has been read and its payload is awaited.
+        self._pending: tuple[int, int, int, int] | None = None
+        self._error: ProtocolError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes fed and not yet consumed by a message (a parsed header included)."""
+        return self._chunks.size + (0 if self._pending is None else FRAME_HEADER_SIZE)
+
+    @property
+    def needed(self) -> int:
+        """Bytes still missing before the frame in progress (or the next header) is whole."""
+        want = FRAME_HEADER_SIZE if self._pending is None else self._pending[1]
+        return max(0, want - self._chunks.size)
+
+    def feed(self, data: Buffer) -> None:
+        """Add received bytes. Ignored once the codec has failed."""
+        if self._error is None:
+            self._chunks.append(data)
+
+    def next_event(self) -> Message | None:
+        """The next whole message, or None when more bytes are needed."""
+        if self._error is not None:
+            raise self._error
+        try:
+            return self._next()
+        except ProtocolError as exc:
+            self._error = exc
+            self._chunks = _Chunks()  # drop the rest: nothing after a bad frame is trusted
+            raise
+
+    def events(self) -> Iterator[Message]:
+        """Every whole message buffered so far, in order."""
+        while (message := self.next_event()) is not None:
+            yield message
+
+    def _next(self) -> Message | None:
+        chunks = self._chunks
+        if self._pending is None:
+            if chunks.size < FRAME_HEADER_SIZE:
+                return None
+            self._pending = _check_header(chunks.take(FRAME_HEADER_SIZE))
+        frame_type, length, crc, stored = self._pending
+        if chunks.size < length:
+            return None
+        self._pending = None
+        payload = chunks.take(length)
+        crc = crc32c(payload, crc)
+        if crc != stored:
+            raise ProtocolError(
+                f"{_NAMES[frame_type]} frame of {length} bytes: CRC mismatch "
+                f"(stored 0x{stored:08x}, computed 0x{crc:08x})"
+            )
+        try:
+            return _DECODERS[frame_type](payload)
+        except ProtocolError as exc:
+            if isinstance(exc, VersionError):
+                raise
+            raise ProtocolError(f"{_NAMES[frame_type]} frame: {exc}") from None
+
+
+def _check_header(header: memoryview) -> tuple[int, int, int, int]:
+    """Validate a frame header; returns (type, length, CRC of bytes 0..12, stored CRC)."""
+    magic, frame_type, flags, reserved, length, stored = _HEADER.unpack(header)
+    if magic != MAGIC:
+        raise ProtocolError(f"bad frame magic 0x{magic:08x}, expected 0x{MAGIC:08x}")
+    bounds = _LENGTHS.get(frame_type)
+    if bounds is None:
+        raise ProtocolError(f"unknown frame type {frame_type}")
+    name = _NAMES[frame_type]
+    if flags or reserved:
+        raise ProtocolError(
+            f"{name} frame: reserved header fields are not zero "
+            f"(flags 0x{flags:02x}, reserved 0x{reserved:04x})"
+        )
+    lo, hi = bounds
+    if not lo <= length <= hi:
+        if lo == hi:
+            raise ProtocolError(f"{name} frame announces {length} payload bytes, expected {lo}")
+        raise ProtocolError(f"{name} frame announces {length} payload bytes, allowed {lo}..{hi}")
+    # Records are 8-byte aligned, so a RECORDS payload is too; a corrupted length is then more
+    # often caught here, before we wait for bytes that will never belong to this frame.
+    if frame_type == _RECORDS_TYPE and length % RECORD_ALIGN:
+        raise ProtocolError(f"RECORDS frame length {length} is not a multiple of {RECORD_ALIGN}")
+    return frame_type, length, crc32c(header[:12]), stored
+
+
+# --- encoders -------------------------------------------------------------------------------------
+
+
+def _header(frame_type: int, length: int, parts: Sequence[Buffer]) -> bytes:
+    crc = _prefix_crc(frame_type, length)
+    for part in parts:
+        crc = crc32c(part, crc)
+    return _HEADER.pack(MAGIC, frame_type, 0, 0, length, crc)
+
+
+def _fixed_frame(frame_type: int, payload: bytes) -> list[Buffer]:
+    crc = crc32c(payload, _FIXED_PREFIX_CRC[frame_type])
+    return [_HEADER.pack(MAGIC, frame_type, 0, 0, len(payload), crc) + payload]
+
+
+def _pack(codec: struct.Struct, *values: int) -> bytes:
+    try:
+        return codec.pack(*values)
+    except struct.error as exc:
+        raise ValueError(f"link message field out of range: {exc}") from None
+
+
+def _nbytes(buf: Buffer) -> int:
+    return buf.nbytes if isinstance(buf, memoryview) else len(buf)
+
+
+def encode(message: Message) -> list[Buffer]:
+    """The buffers of one frame carrying ``message``, for ``writelines``/``writev``.
+
+    Small frames are one ``bytes``; RECORDS and SYNC_DATA return their data buffers as given,
+    after the header. Raises :class:`ValueError` for a message the decoder would refuse (a
+    field out of range, a malformed nonce, a JSON payload over :data:`MAX_JSON`, ...).
+    """
+    match message:
+        case Records():
+            return encode_records([(r.header, (r.payload,)) for r in message.records])
+        case Ack():
+            body = _pack(_ACK, message.durable_seq, message.applied_seq, message.sync_lsn)
+            return _fixed_frame(FrameType.ACK, body)
+        case SyncData():
+            size = _nbytes(message.data)
+            if size > MAX_SYNC_DATA:
+                raise ValueError(f"SYNC_DATA of {size} bytes, at most {MAX_SYNC_DATA}")
+            prefix = _pack(_SYNC_DATA, message.lsn, message.offset, message.as_of_seq)
+            parts: list[Buffer] = [prefix, message.data] if size else [prefix]
+            head = _header(_SYNC_DATA_TYPE, len(prefix) + size, parts)
+            # The small prefix rides with the header; the data stays where the caller has it.
+            return [head + prefix, message.data] if size else [head + prefix]
+        case Heartbeat():
+            body = _pack(_HEARTBEAT, message.sent_ns, message.echo_ns)
+            return _fixed_frame(FrameType.HEARTBEAT, body)
+        case SyncStart():
+            body = _pack(
+                _SYNC_START,
+                message.lsn,
+                int(message.full),
+                message.total_bytes,
+                message.as_of_seq,
+            )
+            return _fixed_frame(FrameType.SYNC_START, body)
+        case SyncDone():
+            return _fixed_frame(
+                FrameType.SYNC_DONE, _pack(_SYNC_DONE, message.lsn, message.as_of_seq)
+            )
+        case SyncZero():
+            body = _pack(_SYNC_ZERO, message.lsn, message.offset, message.length, message.as_of_seq)
+            return _fixed_frame(FrameType.SYNC_ZERO, body)
+    return _encode_json(message)
+
+
+def _encode_json(message: Message) -> list[Buffer]:
+    frame_type, fields = _json_fields(message)
+    # Run the decoder's own checks on the fields, so that nothing is sent that the peer must
+    # refuse (a bool where an int belongs, a malformed nonce, a lone surrogate, ...). Handshake
+    # frames are rare; the cost does not matter.
+    try:
+        _JSON_DECODERS[frame_type](fields)
+    except ProtocolError as exc:
+        raise ValueError(f"cannot encode {frame_type.name}: {exc}") from None
+    payload = json.dumps(fields, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode(
+        "utf-8"
+    )
+    if len(payload) > MAX_JSON:
+        raise ValueError(f"{frame_type.name} payload is {len(payload)} bytes, at most {MAX_JSON}")
+    return [_header(frame_type, len(payload), (payload,)) + payload]
+
+
+def encode_records(records: Sequence[tuple[RecordHeader, Sequence[Buffer]]]) -> list[Buffer]:
+    """A RECORDS frame from record headers and their payload parts (see ``format.record_iov``).
+
+    The payload parts are returned as given (not copied); the record CRCs and the frame CRC are
+    computed over them where they lie. Raises :class:`ValueError` for no records, a padding
+    record, sequence numbers that are not consecutive, parts that do not match their header,
+    or a frame over :data:`MAX_PAYLOAD`.
+    """
+    if not records:
+        raise ValueError("a RECORDS frame holds at least one record")
+    length = 0
+    expected_seq = records[0][0].seq
+    for header, _parts in records:
+        if header.kind == Kind.PADDING:
+            raise ValueError(f"record seq {header.seq} is padding, which is never sent")
+        if header.seq != expected_seq:
+            raise ValueError(f"record seq {header.seq} where seq {expected_seq} belongs")
+        expected_seq += 1
+        length += record_size(header.payload_len)
+    # Before any CRC is computed: an oversized batch is refused cheaply.
+    if length > MAX_PAYLOAD:
+        raise ValueError(f"RECORDS frame of {length} bytes, at most {MAX_PAYLOAD}")
+    iov: list[Buffer] = []
+    for header, parts in records:
+        iov.extend(record_iov(header, parts))
+    return [_header(_RECORDS_TYPE, length, iov), *iov]
+
+
+def encode_raw_records(raw: Buffer) -> list[Buffer]:
+    """A RECORDS frame around records already in journal format (a run read from the ring).
+
+    Only the frame header is built: the caller guarantees that ``raw`` is whole, consecutive,
+    non-padding records (the receiver verifies every one and refuses the frame otherwise).
+    Raises :class:`ValueError` for a length no RECORDS frame can have.
+    """
+    length = _nbytes(raw)
+    if not HEADER_SIZE <= length <= MAX_PAYLOAD or length % RECORD_ALIGN:
+        raise ValueError(
+            f"{length} bytes cannot be a RECORDS payload (a multiple of {RECORD_ALIGN} "
+            f"in {HEADER_SIZE}..{MAX_PAYLOAD})"
+        )
+    return [_header(_RECORDS_TYPE, length, (raw,)), raw]

@@ -1,0 +1,531 @@
+"""The source's end of a link: one sender per peer, a consumer of the volume's journal.
+
+A sender connects (forever, with capped exponential backoff), proves who it is, learns what the
+secondary holds, then streams journal records it lacks, keeping a window of bytes in flight.
+When the secondary lacks records the journal no longer has (a new replica, a consumer switched to
+tracking), it copies the dirty regions while the stream goes on, and clears each region's bit
+once the secondary has it durably.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import ssl
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from blockmirror.errors import BlockmirrorError, ProtocolError
+from blockmirror.journal.journal import Consumer, LiveRecord
+from blockmirror.journal.writepath import JournalWritePath
+from blockmirror.link import auth
+from blockmirror.link.protocol import (
+    PROTOCOL_VERSION,
+    Ack,
+    AuthClient,
+    AuthServer,
+    Heartbeat,
+    Hello,
+    LinkCodec,
+    Message,
+    Refuse,
+    SyncData,
+    SyncDone,
+    SyncStart,
+    SyncZero,
+    Welcome,
+    encode,
+    encode_raw_records,
+)
+from blockmirror.link.receiver import LinkRefused
+
+log = logging.getLogger(__name__)
+
+WINDOW_BYTES = 64 * 1024 * 1024
+FRAME_BYTES = 4 * 1024 * 1024
+SYNC_CHUNK = 1024 * 1024
+CONNECT_TIMEOUT = 10.0
+IDLE_TIMEOUT = 10.0
+HEARTBEAT_INTERVAL = 2.0
+BACKOFF_MIN = 0.1
+BACKOFF_MAX = 10.0
+READ_SIZE = 256 * 1024
+
+
+@dataclass(slots=True)
+class SenderStats:
+    state: str = "connecting"
+    acked_seq: int = 0
+    peer_applied_seq: int = 0
+    bytes_sent: int = 0
+    records_sent: int = 0
+    sync_bytes_sent: int = 0
+    connects: int = 0
+    last_error: str | None = None
+    connected_since: float | None = None
+    consistent: bool = False
+    throughput: float = 0.0  # bytes per second, smoothed
+    _rate_at: float = field(default_factory=time.monotonic)
+    _rate_bytes: int = 0
+
+    def count(self, nbytes: int) -> None:
+        self.bytes_sent += nbytes
+        self._rate_bytes += nbytes
+        now = time.monotonic()
+        elapsed = now - self._rate_at
+        if elapsed >= 1.0:
+            self.throughput = 0.5 * self.throughput + 0.5 * self._rate_bytes / elapsed
+            self._rate_at, self._rate_bytes = now, 0
+
+
+class PeerSender:
+    def __init__(
+        self,
+        *,
+        unit_name: str,
+        volume_name: str,
+        write_path: JournalWritePath,
+        consumer: str,
+        host: str,
+        port: int,
+        volume_id: Callable[[], str | None],
+        psk: bytes | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.unit_name = unit_name
+        self.volume_name = volume_name
+        self.wp = write_path
+        self.consumer_name = consumer
+        self.host = host
+        self.port = port
+        self._volume_id = volume_id
+        self.volume_id = ""
+        self.psk = psk
+        self.ssl_context = ssl_context
+        self.stats = SenderStats()
+        self._task: asyncio.Task[None] | None = None
+        self._lsn = 0
+
+    @property
+    def consumer(self) -> Consumer:
+        return self.wp.journal.consumers[self.consumer_name]
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def status(self) -> dict[str, object]:
+        journal = self.wp.journal
+        consumer = self.consumer
+        backlog, records = journal.backlog(consumer)
+        oldest = next((r for r in journal.records if r.seq > consumer.acked_seq), None)
+        lag_seconds = (time.time_ns() - oldest.timestamp_ns) / 1e9 if oldest else 0.0
+        state = "paused" if consumer.paused else self.stats.state
+        if consumer.mode == "tracking" and state not in ("syncing", "connecting"):
+            state = "tracking"
+        return {
+            "address": f"{self.host}:{self.port}",
+            "state": state,
+            "mode": consumer.mode,
+            "acked_seq": consumer.acked_seq,
+            "applied_seq": self.stats.peer_applied_seq,
+            "lag_bytes": backlog + consumer.dirty.dirty_bytes(),
+            "lag_records": records,
+            "lag_seconds": round(lag_seconds, 3) if consumer.mode == "journal" else None,
+            "dirty_bytes": consumer.dirty.dirty_bytes(),
+            "bytes_sent": self.stats.bytes_sent,
+            "sync_bytes_sent": self.stats.sync_bytes_sent,
+            "records_sent": self.stats.records_sent,
+            "throughput_bytes_per_second": round(self.stats.throughput),
+            "consistent": self.stats.consistent,
+            "connects": self.stats.connects,
+            "last_error": self.stats.last_error,
+        }
+
+    # --- connection life cycle ------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        delay = BACKOFF_MIN
+        while True:
+            self.stats.state = "connecting"
+            started = time.monotonic()
+            try:
+                await self._session()
+            except asyncio.CancelledError:
+                raise
+            except (
+                OSError,
+                ProtocolError,
+                BlockmirrorError,
+                TimeoutError,
+                asyncio.IncompleteReadError,
+            ) as exc:
+                self.stats.last_error = str(exc) or type(exc).__name__
+                log.info(
+                    "link to %s:%d for %s: %s",
+                    self.host,
+                    self.port,
+                    self.volume_name,
+                    self.stats.last_error,
+                )
+            self.stats.connected_since = None
+            if time.monotonic() - started > 5 * BACKOFF_MAX:
+                delay = BACKOFF_MIN  # it worked for a while: start over quickly
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, BACKOFF_MAX)
+
+    async def _session(self) -> None:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(self.host, self.port, ssl=self.ssl_context, limit=READ_SIZE),
+            CONNECT_TIMEOUT,
+        )
+        link = _Link(reader, writer)
+        try:
+            welcome = await self._handshake(link)
+            self.stats.connects += 1
+            self.stats.connected_since = time.time()
+            self.stats.last_error = None
+            await self._replicate(link, welcome)
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _handshake(self, link: _Link) -> Welcome:
+        identity = self._volume_id()
+        if identity is None:
+            # A relay with nothing received yet has no data to pass on.
+            raise BlockmirrorError("this replica has no source data yet; nothing to relay")
+        self.volume_id = identity
+        nonce = auth.new_nonce()
+        link.send(
+            Hello(
+                PROTOCOL_VERSION,
+                self.unit_name,
+                self.volume_name,
+                self.volume_id,
+                self.wp.volume.size,
+                nonce,
+                "psk" if self.psk else "none",
+            )
+        )
+        reply = await link.receive(CONNECT_TIMEOUT)
+        if isinstance(reply, AuthServer):
+            if self.psk is None:
+                raise LinkRefused("auth", "the secondary requires a pre-shared key; none set")
+            expected = auth.server_proof(self.psk, nonce, reply.nonce, self.volume_name)
+            if not auth.verify(expected, reply.proof):
+                link.send(Refuse("auth", "the secondary does not know the pre-shared key"))
+                raise LinkRefused("auth", "the secondary failed to prove the pre-shared key")
+            link.send(AuthClient(auth.client_proof(self.psk, reply.nonce, nonce, self.volume_name)))
+            reply = await link.receive(CONNECT_TIMEOUT)
+        elif self.psk is not None and isinstance(reply, Welcome):
+            link.send(Refuse("auth", "a pre-shared key is configured here; prove it"))
+            raise LinkRefused("auth", "the secondary did not ask for the pre-shared key")
+        if isinstance(reply, Refuse):
+            raise LinkRefused(reply.code, reply.message)
+        if not isinstance(reply, Welcome):
+            raise ProtocolError(f"expected WELCOME, got {type(reply).__name__}")
+        return reply
+
+    # --- replication ----------------------------------------------------------------------------
+
+    async def _replicate(self, link: _Link, welcome: Welcome) -> None:
+        journal = self.wp.journal
+        consumer = self.consumer
+        received = welcome.received_seq
+        full = False
+        if welcome.volume_id != self.volume_id:
+            full = True  # a new replica, or one of another volume we were allowed to overwrite
+        elif consumer.mode == "journal":
+            if received > journal.next_seq - 1 or received + 1 < journal.head_seq:
+                full = True  # it claims records we never wrote, or a gap we no longer hold
+            elif received > consumer.acked_seq:
+                self.wp.acknowledge(self.consumer_name, received)
+        if full:
+            consumer.dirty.mark_all()
+            consumer.mode = "tracking"
+        self.stats.consistent = welcome.consistent and not full
+        stream = _Stream(self, link, start=consumer.acked_seq + 1)
+        reader = asyncio.create_task(stream.read_acks())
+        beats = asyncio.create_task(stream.heartbeats())
+        try:
+            await stream.run(full=full)
+        finally:
+            reader.cancel()
+            beats.cancel()
+            for task in (reader, beats):
+                with contextlib.suppress(BaseException):
+                    await task
+
+    def next_lsn(self) -> int:
+        self._lsn += 1
+        return self._lsn
+
+
+class _Link:
+    """Frames over one stream connection."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.codec = LinkCodec()
+        self.last_sent = time.monotonic()
+        self.last_heard = time.monotonic()
+
+    def send(self, message: Message) -> int:
+        buffers = encode(message)
+        self.writer.writelines(buffers)
+        self.last_sent = time.monotonic()
+        return sum(memoryview(b).nbytes for b in buffers)
+
+    def send_buffers(self, buffers: Sequence[bytes | bytearray | memoryview]) -> int:
+        self.writer.writelines(buffers)
+        self.last_sent = time.monotonic()
+        return sum(memoryview(b).nbytes for b in buffers)
+
+    async def receive(self, timeout: float) -> Message:
+        while True:
+            event = self.codec.next_event()
+            if event is not None:
+                self.last_heard = time.monotonic()
+                return event
+            data = await asyncio.wait_for(self.reader.read(READ_SIZE), timeout)
+            if not data:
+                raise ConnectionError("the secondary closed the link")
+            self.codec.feed(data)
+
+
+class _Stream:
+    """One connected session: records out, ACKs in, resync alongside."""
+
+    def __init__(self, sender: PeerSender, link: _Link, *, start: int) -> None:
+        self.sender = sender
+        self.link = link
+        self.wp = sender.wp
+        self.journal = sender.wp.journal
+        self.next_seq = start
+        self.acked = start - 1
+        self.sent_bytes_at: deque[tuple[int, int]] = deque()  # (seq, cumulative bytes)
+        self.cumulative = 0
+        self.acked_bytes = 0
+        self.sync_inflight: deque[tuple[int, int, int]] = deque()  # (lsn, offset, length)
+        self.sync_done_lsn: int | None = None
+        self.progress = asyncio.Event()
+        self.failed: BaseException | None = None
+
+    # --- sending --------------------------------------------------------------------------------
+
+    async def run(self, *, full: bool) -> None:
+        consumer = self.sender.consumer
+        if consumer.mode == "tracking" or not consumer.dirty.is_clean():
+            await self._resync(full=full)
+        self.sender.stats.state = "replicating"
+        while True:
+            await self._check_failed()
+            if self.sender.consumer.mode == "tracking":
+                # The journal overflowed while we were behind: our records are gone.
+                await self._resync(full=False)
+                self.sender.stats.state = "replicating"
+                continue
+            if self.sender.consumer.paused:
+                await self._wait(1.0)
+                continue
+            if not self._send_records():
+                await self._wait(HEARTBEAT_INTERVAL)
+
+    async def _wait(self, seconds: float) -> None:
+        self.wp.applied_event.clear()
+        self.progress.clear()
+        waits = [
+            asyncio.ensure_future(self.wp.applied_event.wait()),
+            asyncio.ensure_future(self.progress.wait()),
+        ]
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+
+    async def _check_failed(self) -> None:
+        if self.failed is not None:
+            raise self.failed
+        if self.link.writer.transport.get_write_buffer_size() > WINDOW_BYTES:
+            await self.link.writer.drain()
+
+    def _send_records(self) -> bool:
+        """Send what the volume holds and the window allows; False when nothing could go."""
+        sent_any = False
+        limit = self.wp.applied_seq
+        while self.next_seq <= limit and self.cumulative - self.acked_bytes < WINDOW_BYTES:
+            if self.sender.consumer.mode != "journal":
+                return sent_any
+            run = self._run_of_records(self.next_seq, limit)
+            if not run:
+                return sent_any
+            first, last = run[0], run[-1]
+            length = last.lpos + last.size - first.lpos
+            raw = os.pread(self.journal.fd, length, self.journal.ring.physical(first.lpos))
+            nbytes = self.link.send_buffers(encode_raw_records(raw))
+            self.cumulative += nbytes
+            self.sent_bytes_at.append((last.seq, self.cumulative))
+            self.sender.stats.count(nbytes)
+            self.sender.stats.records_sent += len(run)
+            self.next_seq = last.seq + 1
+            sent_any = True
+        return sent_any
+
+    def _run_of_records(self, seq: int, limit: int) -> list[LiveRecord]:
+        """Consecutive records from ``seq``, contiguous in the ring, at most FRAME_BYTES."""
+        records = self.journal.records
+        if not records:
+            return []
+        if seq < records[0].seq:
+            # Records this consumer needs are gone (should not happen in journal mode): fall
+            # back to copying everything rather than leave the replica short.
+            log.error(
+                "%s: records from %d were freed under a journal-mode consumer",
+                self.sender.volume_name,
+                seq,
+            )
+            self.sender.consumer.dirty.mark_all()
+            self.sender.consumer.mode = "tracking"
+            return []
+        index = seq - records[0].seq
+        run: list[LiveRecord] = []
+        total = 0
+        while index < len(records):
+            rec = records[index]
+            if rec.seq > limit:
+                break
+            if run and (rec.lpos != run[-1].lpos + run[-1].size or total + rec.size > FRAME_BYTES):
+                break
+            run.append(rec)
+            total += rec.size
+            index += 1
+        return run
+
+    async def _resync(self, *, full: bool) -> None:
+        """Copy every dirty region while records keep streaming (docs/link-protocol.md)."""
+        sender = self.sender
+        consumer = sender.consumer
+        sender.stats.state = "syncing"
+        sender.stats.consistent = False
+        # From here on every new write reaches the peer through the journal, so the dirty map
+        # only has to cover what happened before this point. A consumer still in journal mode
+        # (an interrupted resync) keeps its cursor: its records after it are not in the map.
+        if consumer.mode == "journal":
+            base = min(consumer.acked_seq, self.wp.applied_seq)
+        else:
+            base = self.wp.applied_seq
+        consumer.mode = "journal"
+        consumer.acked_seq = base
+        await self.wp.checkpoint()
+        self.next_seq = base + 1
+        self.acked = base
+        total = consumer.dirty.dirty_bytes()
+        log.info(
+            "%s -> %s:%d: %s resync of %d bytes",
+            sender.volume_name,
+            sender.host,
+            sender.port,
+            "full" if full else "dirty-region",
+            total,
+        )
+        self.link.send(SyncStart(sender.next_lsn(), full, total, base))
+        volume = self.wp.volume
+        zeros = bytes(SYNC_CHUNK)
+        for run_offset, run_length in list(consumer.dirty.dirty_regions()):
+            offset, end = run_offset, run_offset + run_length
+            while offset < end:
+                n = min(SYNC_CHUNK, end - offset)
+                await self._check_failed()
+                while self.cumulative - self.acked_bytes >= WINDOW_BYTES:
+                    await self._wait(1.0)
+                    await self._check_failed()
+                if consumer.mode != "journal":
+                    return  # overflowed again mid-copy; run() starts over from the dirty map
+                self._send_records()  # records the copy would include go first
+                as_of = self.wp.applied_seq
+                data = volume.pread(offset, n)
+                lsn = sender.next_lsn()
+                if data == zeros[:n]:
+                    nbytes = self.link.send(SyncZero(lsn, offset, n, as_of))
+                else:
+                    nbytes = self.link.send(SyncData(lsn, offset, as_of, memoryview(data)))
+                self.sync_inflight.append((lsn, offset, n))
+                self.cumulative += nbytes
+                self.sent_bytes_at.append((-lsn, self.cumulative))
+                sender.stats.count(nbytes)
+                sender.stats.sync_bytes_sent += n
+                offset += n
+        done_lsn = sender.next_lsn()
+        self.sync_done_lsn = done_lsn
+        self.link.send(SyncDone(done_lsn, self.wp.applied_seq))
+        while self.sync_inflight:
+            self._send_records()
+            await self._wait(1.0)
+            await self._check_failed()
+        log.info("%s -> %s:%d: resync complete", sender.volume_name, sender.host, sender.port)
+
+    # --- receiving ------------------------------------------------------------------------------
+
+    async def read_acks(self) -> None:
+        try:
+            while True:
+                message = await self.link.receive(IDLE_TIMEOUT)
+                if isinstance(message, Ack):
+                    self._on_ack(message)
+                elif isinstance(message, Heartbeat):
+                    pass
+                elif isinstance(message, Refuse):
+                    raise LinkRefused(message.code, message.message)
+                else:
+                    raise ProtocolError(f"unexpected {type(message).__name__} from secondary")
+        except BaseException as exc:
+            if not isinstance(exc, asyncio.CancelledError):
+                self.failed = exc
+                self.progress.set()
+            raise
+
+    def _on_ack(self, ack: Ack) -> None:
+        sender = self.sender
+        sender.stats.peer_applied_seq = ack.applied_seq
+        if ack.durable_seq > self.acked:
+            self.acked = ack.durable_seq
+            if sender.consumer.mode == "journal":
+                self.wp.acknowledge(sender.consumer_name, ack.durable_seq)
+            sender.stats.acked_seq = ack.durable_seq
+        consumer = sender.consumer
+        while self.sync_inflight and self.sync_inflight[0][0] <= ack.sync_lsn:
+            _, offset, length = self.sync_inflight.popleft()
+            # The secondary holds this copy durably; later writes to it are in the stream.
+            if consumer.mode == "journal":
+                consumer.dirty.clear(offset, length)
+        while self.sent_bytes_at:
+            key, cumulative = self.sent_bytes_at[0]
+            done = key <= self.acked if key > 0 else -key <= ack.sync_lsn
+            if not done:
+                break
+            self.acked_bytes = cumulative
+            self.sent_bytes_at.popleft()
+        sender.stats.consistent = (
+            consumer.mode == "journal" and not self.sync_inflight and consumer.dirty.is_clean()
+        )
+        self.progress.set()
+
+    async def heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_INTERVAL / 2)
+            if time.monotonic() - self.link.last_sent >= HEARTBEAT_INTERVAL:
+                with contextlib.suppress(Exception):
+                    self.link.send(Heartbeat(time.time_ns(), 0))
