@@ -15,8 +15,8 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 

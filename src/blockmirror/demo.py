@@ -9,6 +9,7 @@ volume byte for byte.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import random
 import sys
@@ -101,10 +102,8 @@ async def run_demo(
         if keep_running:
             assert primary.admin is not None
             _say("\nstill running; press Ctrl-C to stop")
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.Event().wait()
-            except asyncio.CancelledError:
-                pass
     finally:
         if primary is not None:
             await primary.stop()

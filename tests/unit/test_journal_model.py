@@ -137,7 +137,9 @@ class JournalModel(RuleBasedStateMachine):
         }
         live = {r.seq for r in journal.records}
         for seq, offset, length in self.writes:
-            if peer.mode == "journal" and seq <= peer.acked_seq:
+            # Acknowledged writes need no tracking; in tracking mode the cursor stays where the
+            # last acknowledgement left it.
+            if seq <= peer.acked_seq:
                 continue
             in_journal = peer.mode == "journal" and seq in live
             regions = set(range(offset // REGION, (offset + length - 1) // REGION + 1))
@@ -153,5 +155,5 @@ class JournalModel(RuleBasedStateMachine):
             self.dir.rmdir()
 
 
-JournalModel.TestCase.settings = settings(max_examples=40, stateful_step_count=40, deadline=None)
+JournalModel.TestCase.settings = settings(max_examples=25, stateful_step_count=40, deadline=None)
 TestJournalModel = JournalModel.TestCase

@@ -152,7 +152,9 @@ def test_set_meta_context_selects_base_allocation() -> None:
 def test_list_meta_context_lists_base_allocation_and_unknown_query_lists_nothing() -> None:
     n = negotiation()
     n.handle(p.OptionRequest(p.Opt.STRUCTURED_REPLY, b""))
-    listed = parse_replies(n.handle(p.OptionRequest(p.Opt.LIST_META_CONTEXT, meta_data("db"))).reply)
+    listed = parse_replies(
+        n.handle(p.OptionRequest(p.Opt.LIST_META_CONTEXT, meta_data("db"))).reply
+    )
     assert [r[1] for r in listed] == [p.Rep.META_CONTEXT, p.Rep.ACK]
     none = parse_replies(
         n.handle(p.OptionRequest(p.Opt.LIST_META_CONTEXT, meta_data("db", "qemu:dirty"))).reply

@@ -181,6 +181,8 @@ _RECORDS_TYPE: Final = int(FrameType.RECORDS)
 
 # Zero fill after a record payload is at most RECORD_ALIGN - 1 bytes.
 _ZERO_FILL: Final = bytes(RECORD_ALIGN)
+# Looked up once: an enum attribute costs a class-dict walk in a loop run once per record.
+_PADDING: Final = Kind.PADDING
 
 
 # --- messages -------------------------------------------------------------------------------------
@@ -522,7 +524,7 @@ def _records_from(payload: memoryview) -> Records:
             header = verify_record(payload[pos:start], payload[start:])
         except RecordError as exc:
             raise ProtocolError(f"record {len(records)} at byte {pos}: {exc}") from None
-        if header.kind is Kind.PADDING:
+        if header.kind is _PADDING:
             # Padding only exists to fill the end of a ring; it means nothing to a peer.
             raise ProtocolError(f"record {len(records)} is padding")
         if expected_seq >= 0 and header.seq != expected_seq:
@@ -532,10 +534,11 @@ def _records_from(payload: memoryview) -> Records:
         stop = start + header.payload_len
         fill = padding_bytes(header.payload_len)
         if stop + fill > end:
-            # Only the zero fill can overrun here: verify_record refused a short payload.
+            # Only the fill can overrun (verify_record refused a short payload), and not while
+            # the header check keeps RECORDS lengths aligned; kept so this function stands alone.
             raise ProtocolError(f"record seq {header.seq} overruns the frame")
-        # The fill is outside the record CRC; the frame CRC covers it, but a sender bug would
-        # still pass that, and the secondary stores records byte for byte.
+        # The fill is outside the record CRC. The frame CRC only shows it arrived as sent; the
+        # format says zero, and a sender bug must not pass junk to whatever copies records on.
         if fill and payload[stop : stop + fill] != _ZERO_FILL[:fill]:
             raise ProtocolError(f"record seq {header.seq} has non-zero fill")
         records.append(Record(header, payload[start:stop]))

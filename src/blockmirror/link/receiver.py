@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 
 from blockmirror.errors import BlockmirrorError, ProtocolError
 from blockmirror.journal.checkpoint import ReplicaState
-from blockmirror.journal.format import Kind
 from blockmirror.journal.writepath import JournalWritePath
 from blockmirror.link import auth
 from blockmirror.link.protocol import (
