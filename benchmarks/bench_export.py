@@ -1,14 +1,17 @@
-"""fio over NBD: a blockmirror primary export against nbdkit's file plugin on the same file.
+"""fio over NBD: blockmirror's export, with and without its journal, against nbdkit's file plugin.
 
-Both servers serve one backing file that is fully allocated and warm in the page cache, so the
-comparison measures the servers (protocol handling, copies, system calls), not the disk. Each job
-runs against both servers back to back, alternating which goes first, ``--repeat`` times; the
-table shows medians and the ratio ours / nbdkit against the targets. Thresholds are reported,
-never enforced: a wall-clock figure on a shared machine is a measurement, not a test.
+Three servers serve one backing file that is fully allocated and warm in the page cache: nbdkit's
+``file`` plugin (the baseline), a blockmirror unit whose volume has ``journal = false`` (the
+previous release's plain export) and a blockmirror unit with the journal (``journal_size``
+1 GiB by default, in a state directory on the backing file's file system). Each job runs against
+every server back to back, rotating which goes first, ``--repeat`` times; the table shows
+medians, the ratios to nbdkit and the journal's cost (1 - journal / no journal) against their
+targets. Targets are reported, never enforced: a wall-clock figure on a shared machine is a
+measurement, not a test.
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/bench_export.py            # full run, about 3 minutes
+    .venv/bin/python benchmarks/bench_export.py            # full run, about 5 minutes
     .venv/bin/python benchmarks/bench_export.py --quick --size 256MiB   # smoke run
 """
 
@@ -18,6 +21,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -35,21 +39,37 @@ from typing import Any, Literal
 
 from blockmirror import __version__ as blockmirror_version
 from blockmirror.errors import SizeError
-from blockmirror.units import MiB, format_size, parse_size
+from blockmirror.units import GiB, MiB, format_size, parse_size
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 VOLUME_NAME = "bench"
 RAMP_SECONDS = 1
 # Memory-backed file systems would make the file "warm" trivially and differ from a real volume.
 MEMORY_FS_TYPES = frozenset({"tmpfs", "ramfs", "hugetlbfs"})
-SERVER_START_TIMEOUT = 30.0
-SERVER_STOP_TIMEOUT = 15.0
+SERVER_START_TIMEOUT = 60.0  # the journaled unit allocates its journal file before serving
+SERVER_STOP_TIMEOUT = 30.0  # and syncs it, with a clean checkpoint, when it stops
+DEFAULT_JOURNAL_SIZE = GiB
+# The journal is written once over its whole length (plus this margin) before any measurement.
+WARMUP_FACTOR = 1.1
 
 Metric = Literal["MiB/s", "kIOPS"]
 Direction = Literal["read", "write"]
 
 
-# --- jobs -----------------------------------------------------------------------------------------
+# --- servers and jobs -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerKind:
+    key: str
+    title: str
+
+
+NBDKIT = ServerKind("nbdkit", "nbdkit file")
+NOJOURNAL = ServerKind("nojournal", "no journal")
+JOURNAL = ServerKind("journal", "journal")
+SERVER_KINDS: tuple[ServerKind, ...] = (NBDKIT, NOJOURNAL, JOURNAL)
+SERVERS_BY_KEY = {kind.key: kind for kind in SERVER_KINDS}
 
 
 @dataclass(frozen=True)
@@ -62,7 +82,8 @@ class Job:
     bs: str
     iodepth: int
     metric: Metric
-    target: float | None  # minimum ratio ours / nbdkit; None: reported only
+    target: float | None  # minimum ratio no-journal / nbdkit; None: reported only
+    max_cost: float | None  # maximum journal cost, 1 - journal / no-journal; None: reported only
 
     @property
     def direction(self) -> Direction:
@@ -70,11 +91,11 @@ class Job:
 
 
 JOBS: tuple[Job, ...] = (
-    Job("seqwrite", "seq write 1M qd8", "write", "1M", 8, "MiB/s", 0.7),
-    Job("seqread", "seq read 1M qd8", "read", "1M", 8, "MiB/s", 0.7),
-    Job("randwrite", "randwrite 4k qd16", "randwrite", "4k", 16, "kIOPS", 0.4),
-    Job("randread", "randread 4k qd16", "randread", "4k", 16, "kIOPS", 0.4),
-    Job("randwrite-qd1", "randwrite 4k qd1", "randwrite", "4k", 1, "kIOPS", None),
+    Job("seqwrite", "seq write 1M qd8", "write", "1M", 8, "MiB/s", 0.7, 0.25),
+    Job("seqread", "seq read 1M qd8", "read", "1M", 8, "MiB/s", 0.7, None),
+    Job("randwrite", "randwrite 4k qd16", "randwrite", "4k", 16, "kIOPS", 0.4, 0.35),
+    Job("randread", "randread 4k qd16", "randread", "4k", 16, "kIOPS", 0.4, None),
+    Job("randwrite-qd1", "randwrite 4k qd1", "randwrite", "4k", 1, "kIOPS", None, None),
 )
 JOBS_BY_KEY = {job.key: job for job in JOBS}
 
@@ -248,13 +269,21 @@ def create_backing_file(path: Path, size: int) -> float:
     return time.monotonic() - started
 
 
-def settle(path: Path) -> None:
-    """Write back what the previous run dirtied, so each run starts with a clean, warm cache."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def settle(paths: Sequence[Path]) -> None:
+    """Write back what the previous run dirtied, so each run starts with a clean, warm cache.
+
+    The backing file and every journal: a journal's dirty pages would otherwise be written back
+    in the middle of whichever run comes next, whatever server it drives.
+    """
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 # --- servers --------------------------------------------------------------------------------------
@@ -264,11 +293,19 @@ def settle(path: Path) -> None:
 class Server:
     """A running NBD server process, stopped by its own PID."""
 
-    key: str
-    title: str
+    kind: ServerKind
     proc: subprocess.Popen[bytes]
     uri: str
     log_path: Path
+    journal_path: Path | None = None
+
+    @property
+    def key(self) -> str:
+        return self.kind.key
+
+    @property
+    def title(self) -> str:
+        return self.kind.title
 
     @property
     def pid(self) -> int:
@@ -341,24 +378,37 @@ def start_nbdkit(workdir: Path, backing: Path) -> Server:
             proc.wait()
             continue
         # Export names are ignored by nbdkit's file plugin: the empty name is the file.
-        return Server("nbdkit", "nbdkit file", proc, f"nbd://127.0.0.1:{port}/", log_path)
+        return Server(NBDKIT, proc, f"nbd://127.0.0.1:{port}/", log_path)
     raise RuntimeError(f"nbdkit did not start: {last_error}")
 
 
-def start_blockmirror(workdir: Path, backing: Path, size: int) -> Server:
-    """A unit with one primary volume on the backing file, exported on an ephemeral port."""
-    unit_dir = workdir / "unit"
+def start_blockmirror(
+    kind: ServerKind, workdir: Path, backing: Path, size: int, journal_size: int
+) -> Server:
+    """A unit with one primary volume on the backing file, exported on an ephemeral port.
+
+    Each unit has its own directory (config, log, state); the journaled unit's journal is
+    ``STATE_DIR/bench.journal``, on the file system of the backing file like the rest of
+    ``workdir``.
+    """
+    journaled = kind is JOURNAL
+    unit_dir = workdir / f"unit-{kind.key}"
     state_dir = unit_dir / "state"
     unit_dir.mkdir()
     config = unit_dir / "bench.toml"
-    volume = {
+    volume: dict[str, Any] = {
         "name": VOLUME_NAME,
         "role": "primary",
         "path": str(backing),
         "size": size,
         "export": "127.0.0.1:0",
+        "journal": journaled,
     }
-    lines = ["[unit]", 'name = "bench"', f"state_dir = {json.dumps(str(state_dir))}", ""]
+    if journaled:
+        volume["journal_size"] = journal_size
+    unit_name = f"bench-{kind.key}"
+    lines = ["[unit]", f"name = {json.dumps(unit_name)}"]
+    lines += [f"state_dir = {json.dumps(str(state_dir))}", ""]
     lines += ["[[volume]]", *(f"{key} = {json.dumps(value)}" for key, value in volume.items())]
     config.write_text("\n".join(lines) + "\n")
 
@@ -380,8 +430,18 @@ def start_blockmirror(workdir: Path, backing: Path, size: int) -> Server:
                 runtime = json.loads(runtime_file.read_text())
                 if runtime.get("pid") == proc.pid:
                     address = runtime["exports"][VOLUME_NAME]
+                    if address is None:
+                        raise RuntimeError(
+                            f"blockmirror unit does not serve {VOLUME_NAME}:\n"
+                            f"{log_path.read_text()}"
+                        )
                     uri = f"nbd://{address}/{VOLUME_NAME}"
-                    server = Server("blockmirror", "blockmirror", proc, uri, log_path)
+                    journal_path = state_dir / f"{VOLUME_NAME}.journal" if journaled else None
+                    if journal_path is not None and not journal_path.exists():
+                        raise RuntimeError(f"the journaled unit has no journal at {journal_path}")
+                    if not journaled and (state_dir / f"{VOLUME_NAME}.journal").exists():
+                        raise RuntimeError("the unit with journal = false created a journal")
+                    server = Server(kind, proc, uri, log_path, journal_path)
                     return server
             time.sleep(0.05)
         raise RuntimeError(
@@ -411,14 +471,40 @@ class RunResult:
     server_cpu: float | None  # cores the server kept busy, averaged over the whole fio run
     error: str | None = None
     fio: dict[str, Any] | None = None
+    order: int = 0  # position in the round: 0 went first
+
+    @property
+    def latency_us(self) -> float | None:
+        """fio's mean total latency per request (submission to completion), in µs."""
+        side = self._side()
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            return float(side["lat_ns"]["mean"]) / 1000 if side else None
+        return None
+
+    @property
+    def p99_us(self) -> float | None:
+        """fio's 99th percentile completion latency, in µs."""
+        side = self._side()
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            return float(side["clat_ns"]["percentile"]["99.000000"]) / 1000 if side else None
+        return None
+
+    def _side(self) -> dict[str, Any] | None:
+        if self.fio is None or self.value is None:
+            return None
+        side: dict[str, Any] = self.fio["jobs"][0][JOBS_BY_KEY[self.job].direction]
+        return side
 
     def summary(self) -> dict[str, Any]:
         return {
             "server": self.server,
             "job": self.job,
             "repeat": self.repeat,
+            "order": self.order,
             "value": self.value,
             "server_cpu_cores": self.server_cpu,
+            "mean_latency_us": self.latency_us,
+            "p99_latency_us": self.p99_us,
             "error": self.error,
         }
 
@@ -501,52 +587,124 @@ def run_fio(
     return RunResult(server.key, job.key, repeat, value, server_cpu, None, document)
 
 
+def warm_journal(server: Server, *, size: int, journal_size: int, workdir: Path) -> float:
+    """Write the whole journal once, unmeasured, through the journaled export.
+
+    A new journal is allocated but never written: its first lap would pay for converting
+    unwritten extents and for pages not yet cached, a cost a running unit pays once. Writing
+    ``WARMUP_FACTOR`` times its size in 1 MiB writes laps the ring. Returns the seconds taken.
+    """
+    loops = max(1, math.ceil(journal_size * WARMUP_FACTOR / size))
+    output = workdir / "fio-warmup.json"
+    argv = [
+        "fio",
+        "--name=warmup",
+        "--ioengine=nbd",
+        f"--uri={server.uri}",
+        "--rw=write",
+        "--bs=1M",
+        "--iodepth=8",
+        "--numjobs=1",
+        f"--size={size}",
+        f"--loops={loops}",
+        "--output-format=json",
+        f"--output={output}",
+    ]
+    started = time.monotonic()
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
+    if proc.returncode != 0:
+        detail = (proc.stderr or proc.stdout).strip()[-2000:]
+        raise RuntimeError(f"journal warm-up failed (fio exit {proc.returncode}): {detail}")
+    return time.monotonic() - started
+
+
 # --- results --------------------------------------------------------------------------------------
 
 
 @dataclass
 class JobSummary:
+    """Every completed run of one job, by server key, in the order they ran."""
+
     job: Job
-    ours: list[float] = field(default_factory=list)
-    theirs: list[float] = field(default_factory=list)
+    runs: dict[str, list[float]] = field(default_factory=dict)
+    cpu: dict[str, list[float]] = field(default_factory=dict)
+    latency: dict[str, list[float]] = field(default_factory=dict)
+    p99: dict[str, list[float]] = field(default_factory=dict)
     errors: int = 0
 
-    @property
-    def ours_median(self) -> float | None:
-        return statistics.median(self.ours) if self.ours else None
+    def add(self, result: RunResult) -> None:
+        if result.value is None:
+            self.errors += 1
+            return
+        self.runs.setdefault(result.server, []).append(result.value)
+        for store, value in (
+            (self.cpu, result.server_cpu),
+            (self.latency, result.latency_us),
+            (self.p99, result.p99_us),
+        ):
+            if value is not None:
+                store.setdefault(result.server, []).append(value)
 
-    @property
-    def theirs_median(self) -> float | None:
-        return statistics.median(self.theirs) if self.theirs else None
+    def median(self, key: str, store: dict[str, list[float]] | None = None) -> float | None:
+        values = (self.runs if store is None else store).get(key)
+        return statistics.median(values) if values else None
 
-    @property
-    def ratio(self) -> float | None:
-        ours, theirs = self.ours_median, self.theirs_median
+    def ratio(self, num: str, den: str) -> float | None:
+        ours, theirs = self.median(num), self.median(den)
         if ours is None or theirs is None or theirs == 0:
             return None
         return ours / theirs
 
     @property
-    def verdict(self) -> str:
-        ratio = self.ratio
+    def nojournal_ratio(self) -> float | None:
+        """No-journal blockmirror over nbdkit: the export's own cost."""
+        return self.ratio(NOJOURNAL.key, NBDKIT.key)
+
+    @property
+    def journal_ratio(self) -> float | None:
+        return self.ratio(JOURNAL.key, NBDKIT.key)
+
+    @property
+    def journal_cost(self) -> float | None:
+        """1 - journal / no-journal: the share of throughput the journal takes away."""
+        ratio = self.ratio(JOURNAL.key, NOJOURNAL.key)
+        return None if ratio is None else 1 - ratio
+
+    @property
+    def ratio_verdict(self) -> str:
+        ratio = self.nojournal_ratio
         if ratio is None:
-            return "error"
+            return "error" if self.errors else "-"
         if self.job.target is None:
             return "n/a"
         return "met" if ratio >= self.job.target else "missed"
+
+    @property
+    def cost_verdict(self) -> str:
+        cost = self.journal_cost
+        if cost is None:
+            return "error" if self.errors else "-"
+        if self.job.max_cost is None:
+            return "n/a"
+        return "met" if cost <= self.job.max_cost else "missed"
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "job": self.job.key,
             "label": self.job.label,
             "metric": self.job.metric,
-            "blockmirror_runs": self.ours,
-            "nbdkit_runs": self.theirs,
-            "blockmirror": self.ours_median,
-            "nbdkit": self.theirs_median,
-            "ratio": self.ratio,
-            "target": self.job.target,
-            "verdict": self.verdict,
+            "runs": self.runs,
+            "medians": {key: self.median(key) for key in self.runs},
+            "server_cpu_cores_median": {key: self.median(key, self.cpu) for key in self.cpu},
+            "mean_latency_us_median": {key: self.median(key, self.latency) for key in self.latency},
+            "p99_latency_us_median": {key: self.median(key, self.p99) for key in self.p99},
+            "ratio_nojournal_nbdkit": self.nojournal_ratio,
+            "ratio_journal_nbdkit": self.journal_ratio,
+            "journal_cost": self.journal_cost,
+            "target_ratio": self.job.target,
+            "max_journal_cost": self.job.max_cost,
+            "ratio_verdict": self.ratio_verdict,
+            "cost_verdict": self.cost_verdict,
             "failed_runs": self.errors,
         }
 
@@ -557,20 +715,68 @@ def _fmt(value: float | None, metric: Metric) -> str:
     return f"{value:.0f} {metric}" if metric == "MiB/s" else f"{value:.1f} {metric}"
 
 
-def table_rows(summaries: Sequence[JobSummary]) -> list[list[str]]:
-    rows = [["job", "blockmirror", "nbdkit file", "ratio", "target", "result"]]
+def _fmt_ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _fmt_pct(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.0f}%"
+
+
+def _fmt_us(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.0f} µs" if value < 1000 else f"{value / 1000:.1f} ms"
+
+
+def table_rows(summaries: Sequence[JobSummary], servers: Sequence[ServerKind]) -> list[list[str]]:
+    """The result table; ratio and cost columns appear when both servers they need ran."""
+    keys = {kind.key for kind in servers}
+    with_ratio = {NBDKIT.key, NOJOURNAL.key} <= keys
+    with_journal_ratio = {NBDKIT.key, JOURNAL.key} <= keys
+    with_cost = {NOJOURNAL.key, JOURNAL.key} <= keys
+    header = ["job", *(kind.title for kind in servers)]
+    if with_ratio:
+        header += ["no-journal / nbdkit", "target", "result"]
+    if with_journal_ratio:
+        header += ["journal / nbdkit"]
+    if with_cost:
+        header += ["journal cost", "max cost", "result"]
+    rows = [header]
     for s in summaries:
-        ratio = s.ratio
-        rows.append(
-            [
-                s.job.label,
-                _fmt(s.ours_median, s.job.metric),
-                _fmt(s.theirs_median, s.job.metric),
-                "-" if ratio is None else f"{ratio:.2f}",
-                "-" if s.job.target is None else f"{s.job.target:.1f}",
-                s.verdict,
-            ]
-        )
+        job = s.job
+        row = [job.label, *(_fmt(s.median(kind.key), job.metric) for kind in servers)]
+        if with_ratio:
+            target = "-" if job.target is None else f"≥ {job.target:.1f}"
+            row += [_fmt_ratio(s.nojournal_ratio), target, s.ratio_verdict]
+        if with_journal_ratio:
+            row += [_fmt_ratio(s.journal_ratio)]
+        if with_cost:
+            max_cost = "-" if job.max_cost is None else f"≤ {job.max_cost * 100:.0f}%"
+            row += [_fmt_pct(s.journal_cost), max_cost, s.cost_verdict]
+        rows.append(row)
+    return rows
+
+
+def detail_rows(summaries: Sequence[JobSummary], servers: Sequence[ServerKind]) -> list[list[str]]:
+    """Every run in the order it ran, and the medians of server CPU and fio's latencies."""
+    rows = [["job", "server", "runs", "server CPU", "mean latency", "p99 latency"]]
+    for s in summaries:
+        for kind in servers:
+            runs = s.runs.get(kind.key, [])
+            unit = s.job.metric if s.job.metric == "MiB/s" else "k"
+            digits = 0 if s.job.metric == "MiB/s" else 1
+            cpu = s.median(kind.key, s.cpu)
+            rows.append(
+                [
+                    s.job.label,
+                    kind.title,
+                    ", ".join(f"{v:.{digits}f}" for v in runs) + f" {unit}" if runs else "-",
+                    "-" if cpu is None else f"{cpu:.2f}",
+                    _fmt_us(s.median(kind.key, s.latency)),
+                    _fmt_us(s.median(kind.key, s.p99)),
+                ]
+            )
     return rows
 
 
@@ -597,9 +803,20 @@ def format_markdown_table(rows: list[list[str]]) -> str:
 # --- main -----------------------------------------------------------------------------------------
 
 
+def _choose(
+    text: str, known: dict[str, Any], what: str, parser: argparse.ArgumentParser
+) -> list[str]:
+    keys = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in known]
+    if unknown or not keys:
+        parser.error(f"unknown {what} {unknown}; choose from {', '.join(known)}")
+    return keys
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="fio over NBD: blockmirror's export against nbdkit's file plugin, same file.",
+        description="fio over NBD: blockmirror's export, with and without its journal, against"
+        " nbdkit's file plugin on the same file.",
     )
     parser.add_argument("--size", default="1GiB", help="backing file size (default 1GiB)")
     parser.add_argument(
@@ -613,9 +830,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--jobs",
         help=f"comma-separated subset of: {', '.join(JOBS_BY_KEY)} (default: all)",
     )
+    parser.add_argument(
+        "--servers",
+        help=f"comma-separated subset of: {', '.join(SERVERS_BY_KEY)} (default: all)",
+    )
+    parser.add_argument(
+        "--journal-size",
+        default=format_size(DEFAULT_JOURNAL_SIZE),
+        help="journal_size of the journaled unit (default 1GiB, the configuration's default)",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: --runtime 2 --repeat 1")
     parser.add_argument("--json", type=Path, metavar="OUT", help="save every result here")
-    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    parser.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
+    parser.add_argument(
+        "--details",
+        action="store_true",
+        help="also print every run, the server's CPU and fio's latencies per job and server",
+    )
     parser.add_argument(
         "--keep", action="store_true", help="keep the temporary directory (logs, fio output)"
     )
@@ -624,25 +855,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.runtime, args.repeat = 2, 1
     try:
         args.size_bytes = parse_size(args.size, key="--size")
+        args.journal_size_bytes = parse_size(args.journal_size, key="--journal-size")
     except SizeError as exc:
         parser.error(str(exc))
     if args.size_bytes < MiB or args.size_bytes % MiB:
         parser.error("--size must be a whole number of MiB, at least 1 MiB")
+    if args.journal_size_bytes < MiB or args.journal_size_bytes % MiB:
+        parser.error("--journal-size must be a whole number of MiB, at least 1 MiB")
     if args.runtime < 1 or args.repeat < 1:
         parser.error("--runtime and --repeat must be at least 1")
-    if args.jobs:
-        keys = [k.strip() for k in args.jobs.split(",") if k.strip()]
-        unknown = [k for k in keys if k not in JOBS_BY_KEY]
-        if unknown or not keys:
-            parser.error(f"unknown job(s) {unknown}; choose from {', '.join(JOBS_BY_KEY)}")
-        args.selected = [JOBS_BY_KEY[k] for k in keys]
-    else:
-        args.selected = list(JOBS)
+    jobs = _choose(args.jobs, JOBS_BY_KEY, "job(s)", parser) if args.jobs else list(JOBS_BY_KEY)
+    args.selected = [JOBS_BY_KEY[k] for k in jobs]
+    servers = (
+        _choose(args.servers, SERVERS_BY_KEY, "server(s)", parser)
+        if args.servers
+        else list(SERVERS_BY_KEY)
+    )
+    # Always in the canonical order, whatever order they were listed in.
+    args.server_kinds = [kind for kind in SERVER_KINDS if kind.key in servers]
     return args
 
 
-def check_tools() -> None:
-    missing = [tool for tool in ("fio", "nbdkit") if shutil.which(tool) is None]
+def check_tools(servers: Sequence[ServerKind]) -> None:
+    tools = ["fio"] + (["nbdkit"] if NBDKIT in servers else [])
+    missing = [tool for tool in tools if shutil.which(tool) is None]
     if missing:
         raise SystemExit(f"missing {', '.join(missing)}: run `make bench` (it installs them)")
 
@@ -666,14 +902,41 @@ def work_directory(parent: Path | None, keep: bool) -> Iterator[Path]:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
+def rotation(servers: Sequence[Server], repeat: int) -> list[Server]:
+    """Round ``repeat``'s order: rotated by one each round, so each server goes first in turn."""
+    shift = repeat % len(servers)
+    return [*servers[shift:], *servers[:shift]]
+
+
+def start_servers(
+    stack: contextlib.ExitStack, args: argparse.Namespace, workdir: Path, backing: Path
+) -> list[Server]:
+    """Every selected server, canonical order, each stopped (by PID) when ``stack`` closes."""
+    servers: list[Server] = []
+    for kind in args.server_kinds:
+        if kind is NBDKIT:
+            server = start_nbdkit(workdir, backing)
+        else:
+            server = start_blockmirror(
+                kind, workdir, backing, args.size_bytes, args.journal_size_bytes
+            )
+        stack.callback(server.stop)
+        servers.append(server)
+        extra = f", journal {server.journal_path}" if server.journal_path else ""
+        log(f"{server.title}: pid {server.pid}, {server.uri}{extra}")
+    return servers
+
+
 def run_benchmark(
     args: argparse.Namespace, workdir: Path
 ) -> tuple[list[JobSummary], list[RunResult]]:
     size: int = args.size_bytes
+    journal_size: int = args.journal_size_bytes
     backing = workdir / "backing.img"
+    needed = size + (journal_size if JOURNAL in args.server_kinds else 0)
     available = mem_available()
-    if available is not None and available < 2 * size:
-        log(f"warning: only {format_size(available)} of memory available; the file may not stay")
+    if available is not None and available < 2 * needed:
+        log(f"warning: only {format_size(available)} of memory available; the files may not stay")
         log("         in the page cache and the runs would measure the disk")
     log(f"backing file {backing}: {format_size(size)} on {filesystem_type(workdir)}")
     seconds = create_backing_file(backing, size)
@@ -682,29 +945,29 @@ def run_benchmark(
     summaries = [JobSummary(job) for job in args.selected]
     results: list[RunResult] = []
     with contextlib.ExitStack() as stack:
-        nbdkit = start_nbdkit(workdir, backing)
-        stack.callback(nbdkit.stop)
-        log(f"nbdkit file: pid {nbdkit.pid}, {nbdkit.uri}")
-        ours = start_blockmirror(workdir, backing, size)
-        stack.callback(ours.stop)
-        log(f"blockmirror: pid {ours.pid}, {ours.uri}")
+        servers = start_servers(stack, args, workdir, backing)
+        synced = [backing, *(s.journal_path for s in servers if s.journal_path is not None)]
+        for server in servers:
+            if server.journal_path is not None:
+                settle(synced)
+                took = warm_journal(server, size=size, journal_size=journal_size, workdir=workdir)
+                log(f"  journal written over once ({format_size(journal_size)}) in {took:.1f}s")
 
-        total = len(summaries) * args.repeat * 2
+        total = len(summaries) * args.repeat * len(servers)
         reported_dead: set[str] = set()
         done = 0
         for summary in summaries:
             job = summary.job
             for repeat in range(args.repeat):
-                # Alternate who goes first, so drift (thermal, cache, writeback) hits both alike.
-                order = (ours, nbdkit) if repeat % 2 == 0 else (nbdkit, ours)
-                for server in order:
+                # Rotate who goes first, so drift (thermal, cache, writeback) hits all alike.
+                for order, server in enumerate(rotation(servers, repeat)):
                     done += 1
                     if not server.alive():
                         result = RunResult(
                             server.key, job.key, repeat, None, None, "server is not running"
                         )
                     else:
-                        settle(backing)
+                        settle(synced)
                         result = run_fio(
                             job,
                             server,
@@ -713,15 +976,15 @@ def run_benchmark(
                             workdir=workdir,
                             repeat=repeat,
                         )
+                    result.order = order
                     results.append(result)
+                    summary.add(result)
                     if result.value is None:
-                        summary.errors += 1
                         log(f"[{done}/{total}] {job.label} {server.title}: FAILED {result.error}")
                         if not server.alive() and server.key not in reported_dead:
                             reported_dead.add(server.key)
                             log(f"{server.title} died:\n{server.log_tail()}")
                         continue
-                    (summary.ours if server is ours else summary.theirs).append(result.value)
                     cpu = (
                         "" if result.server_cpu is None else f", server CPU {result.server_cpu:.2f}"
                     )
@@ -734,29 +997,34 @@ def run_benchmark(
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    check_tools()
+    check_tools(args.server_kinds)
     info = machine_info()
     settings = {
         "size": args.size_bytes,
+        "journal_size": args.journal_size_bytes,
         "runtime": args.runtime,
         "ramp_time": RAMP_SECONDS,
         "repeat": args.repeat,
         "jobs": [job.key for job in args.selected],
+        "servers": [kind.key for kind in args.server_kinds],
     }
     log(
-        f"blockmirror {info['blockmirror']} ({info['git']}, sources {info['source_digest']})"
-        f" vs nbdkit file; {info['fio']},"
-        f" {info['nbdkit']}; {info['cpus']} CPUs, kernel {info['kernel']}"
+        f"blockmirror {info['blockmirror']} ({info['git']}, sources {info['source_digest']});"
+        f" {info['fio']}, {info['nbdkit']}; {info['cpus']} CPUs, kernel {info['kernel']}"
     )
     log(
         f"{format_size(args.size_bytes)} file, {args.runtime}s runs after {RAMP_SECONDS}s ramp,"
-        f" {args.repeat} repeat(s), jobs: {', '.join(settings['jobs'])}"
+        f" {args.repeat} repeat(s), journal_size {format_size(args.journal_size_bytes)};"
+        f" servers: {', '.join(settings['servers'])}; jobs: {', '.join(settings['jobs'])}"
     )
     started = time.monotonic()
     with work_directory(args.dir, args.keep) as workdir:
         summaries, results = run_benchmark(args, workdir)
-    rows = table_rows(summaries)
-    print(format_markdown_table(rows) if args.markdown else format_text_table(rows))
+    fmt = format_markdown_table if args.markdown else format_text_table
+    print(fmt(table_rows(summaries, args.server_kinds)))
+    if args.details:
+        print()
+        print(fmt(detail_rows(summaries, args.server_kinds)))
     log(f"finished in {time.monotonic() - started:.0f}s")
 
     if args.json is not None:

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import fcntl
 import functools
+import io
 import json
 import logging
 import os
@@ -281,6 +282,9 @@ class Unit:
             "unit": self.config.unit.name,
             "admin": "{}:{}".format(*self.admin.address) if self.admin else None,
             "exports": {rt.config.name: rt.export_address for rt in self.volumes},
+            "replication": (
+                "{}:{}".format(*self.replication.address) if self.replication else None
+            ),
         }
         path = self.config.unit.state_dir / RUNTIME_FILE
         tmp = path.with_suffix(".tmp")
@@ -324,6 +328,7 @@ async def run_unit(config: Config) -> int:
     # Handlers go in before start(): a signal during start-up must still stop gracefully.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR2, dump_tasks, unit)
     try:
         await unit.start()
         log.info("unit %s running (pid %d)", config.unit.name, os.getpid())
@@ -331,10 +336,21 @@ async def run_unit(config: Config) -> int:
         log.info("unit %s stopping", config.unit.name)
         await unit.stop()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
             loop.remove_signal_handler(sig)
     log.info("unit %s stopped cleanly", config.unit.name)
     return 0
+
+
+def dump_tasks(unit: Unit) -> None:
+    """SIGUSR2: write every task's stack to the log, to see where a stuck unit waits."""
+    buffer = io.StringIO()
+    for task in asyncio.all_tasks():
+        task.print_stack(file=buffer)
+    for rt in unit.volumes:
+        for sender in rt.senders:
+            buffer.write(f"sender {sender.host}:{sender.port}: {sender.describe_task()}\n")
+    log.warning("task dump on SIGUSR2:\n%s", buffer.getvalue())
 
 
 def read_runtime_file(state_dir: Path) -> dict[str, Any] | None:

@@ -15,11 +15,8 @@ import itertools
 import random
 import signal
 import socket
-import struct
 import subprocess
 import time
-import zlib
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -27,35 +24,13 @@ import pytest
 from blockmirror.errors import BlockmirrorError
 from blockmirror.frontend.nbd_client import NbdClient
 from tests.e2e.conftest import MiB
+from tests.support.stamps import BLOCK, BLOCKS, Ledger, read_stamp, stamp
 from tests.support.unit_process import UnitProcess, running_unit, start_unit
 
 pytestmark = pytest.mark.e2e
 
-BLOCK = 4096
-MAGIC = int.from_bytes(b"bmSTAMP1", "big")
-HEADER = struct.Struct(">QQQQ")  # magic, run id, sequence number, block number
-CRC = struct.Struct(">I")
-# A small region, so blocks are rewritten many times: "a later write to the same block" happens.
-BLOCKS = 1024
 DEPTH = 32  # writes in flight per connection
 EXIT_DEADLINE = 5.0
-
-
-def stamp(run_id: int, seq: int, block: int) -> bytes:
-    head = HEADER.pack(MAGIC, run_id, seq, block)
-    body = (head * (BLOCK // HEADER.size))[: BLOCK - CRC.size]
-    return body + CRC.pack(zlib.crc32(body))
-
-
-def read_stamp(data: bytes) -> tuple[int, int, int] | None:
-    """(run id, seq, block) of a stamped block; None for a never-written (all-zero) block."""
-    if data == bytes(BLOCK):
-        return None
-    body, (crc,) = data[: BLOCK - CRC.size], CRC.unpack(data[BLOCK - CRC.size :])
-    magic, run_id, seq, block = HEADER.unpack_from(body)
-    if magic != MAGIC or zlib.crc32(body) != crc:
-        raise AssertionError("block holds neither zeros nor a valid stamp (torn or garbage)")
-    return run_id, seq, block
 
 
 def test_stamps_round_trip_and_damage_is_detected() -> None:
@@ -78,49 +53,6 @@ def test_stamps_round_trip_and_damage_is_detected() -> None:
     image[5 * BLOCK : 6 * BLOCK] = stamp(7, 43, 5)  # a write that was never submitted
     with pytest.raises(AssertionError, match="never submitted"):
         ledger.check(bytes(image), ledger.durable, "flushed")
-
-
-@dataclass
-class Ledger:
-    """What the writer submitted, what was acknowledged, and what an acknowledged FLUSH covers."""
-
-    run_id: int
-    seq: int = 0
-    submitted: dict[int, list[int]] = field(default_factory=dict)  # block -> seqs, ascending
-    acked: dict[int, int] = field(default_factory=dict)  # block -> newest acknowledged seq
-    durable: dict[int, int] = field(default_factory=dict)  # acked, as of the last acked FLUSH
-    inflight: set[int] = field(default_factory=set)  # blocks with a write in flight
-    writes_acked: int = 0
-    flushes_acked: int = 0
-    inflight_at_signal: int = -1
-
-    def next_write(self, rng: random.Random) -> tuple[int, int]:
-        # Never two writes in flight to one block: the server may apply those in either order,
-        # so "the newest acknowledged write" would not be well defined.
-        while True:
-            block = rng.randrange(BLOCKS)
-            if block not in self.inflight:
-                break
-        self.seq += 1
-        self.inflight.add(block)
-        self.submitted.setdefault(block, []).append(self.seq)
-        return block, self.seq
-
-    def check(self, image: bytes, required: dict[int, int], what: str) -> None:
-        """Every block holds a write we submitted to it, at least as new as ``required``."""
-        for block in range(BLOCKS):
-            found = read_stamp(image[block * BLOCK : (block + 1) * BLOCK])
-            need = required.get(block)
-            if found is None:
-                assert block not in self.submitted or need is None, (
-                    f"block {block}: {what} write {need} lost, block reads as zeros"
-                )
-                continue
-            run_id, seq, stamped_block = found
-            assert (run_id, stamped_block) == (self.run_id, block), f"block {block}: {found}"
-            assert seq in self.submitted.get(block, []), f"block {block}: seq {seq} never submitted"
-            if need is not None:
-                assert seq >= need, f"block {block}: {what} write {need} lost, found older {seq}"
 
 
 async def write_until_cut(client: NbdClient, ledger: Ledger, seed: int) -> None:

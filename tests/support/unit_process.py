@@ -75,11 +75,19 @@ def write_config(
     name: str = "unit",
     volumes: list[dict[str, Any]],
     admin: bool = True,
+    replication: dict[str, Any] | None = None,
+    state_dir: Path | None = None,
 ) -> Path:
     """A TOML config with ephemeral ports (port 0) for the admin API and every export."""
-    lines = ["[unit]", f'name = "{name}"', f'state_dir = "{directory / "state"}"']
+    state = state_dir or directory / "state"
+    lines = ["[unit]", f'name = "{name}"', f'state_dir = "{state}"']
     if admin:
         lines.append('admin = "127.0.0.1:0"')
+    if replication:
+        lines.append("")
+        lines.append("[replication]")
+        for key, value in replication.items():
+            lines.append(f"{key} = {json.dumps(value)}")
     for vol in volumes:
         lines.append("")
         lines.append("[[volume]]")
@@ -136,3 +144,21 @@ def running_unit(
         yield unit
     finally:
         unit.kill()
+
+
+def free_port() -> int:
+    """A port that was free a moment ago (for listeners that must keep their port on restart)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def fetch_status(admin: str) -> dict[str, Any]:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{admin}/api/status", timeout=5) as response:
+        data = json.loads(response.read())
+    assert isinstance(data, dict)
+    return data

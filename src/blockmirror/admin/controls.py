@@ -72,7 +72,15 @@ class ControlledWritePath(Protocol):
     def status(self) -> dict[str, object]: ...
 
 
+class VolumeConfigView(Protocol):
+    @property
+    def role(self) -> str: ...
+
+
 class ControlledVolume(Protocol):
+    @property
+    def config(self) -> VolumeConfigView: ...
+
     @property
     def journal(self) -> ControlledWritePath | None: ...
 
@@ -195,17 +203,20 @@ def parse(method: str, path: str, query: str) -> ControlRequest:
 # --- execution -------------------------------------------------------------------------------
 
 
-def _write_path(unit: ControlledUnit, volume: str) -> ControlledWritePath:
+def _runtime(unit: ControlledUnit, volume: str) -> ControlledVolume:
     try:
-        rt = unit.runtime(volume)
+        return unit.runtime(volume)
     except KeyError:
         raise ControlError(HTTPStatus.NOT_FOUND, f"no volume named {volume!r}") from None
+
+
+def _write_path(rt: ControlledVolume, volume: str) -> ControlledWritePath:
     wp = rt.journal
     if wp is None:
         if rt.problem is not None:
             why = f"it is not served: {rt.problem}"
         else:
-            why = "only a writable primary volume has one"
+            why = "it is read-only or has journal = false"
         raise ControlError(HTTPStatus.CONFLICT, f"volume {volume!r} has no journal ({why})")
     if rt.state == "stopped":
         raise ControlError(HTTPStatus.SERVICE_UNAVAILABLE, "the unit is stopping")
@@ -234,10 +245,19 @@ def _consumer_status(wp: ControlledWritePath, name: str) -> dict[str, Any]:
 
 async def execute(unit: ControlledUnit, req: ControlRequest) -> Reply:
     """Carry out a validated request; refusals raise :class:`ControlError`."""
-    wp = _write_path(unit, req.volume)
+    rt = _runtime(unit, req.volume)
+    wp = _write_path(rt, req.volume)
     body: dict[str, Any] = {"volume": req.volume}
     if req.action in ("journal-pause", "journal-resume"):
         paused = req.action == "journal-pause"
+        if paused and rt.config.role != "primary":
+            # A secondary journals what its source sends, numbered by the source; there is no
+            # host write to divert into dirty maps. (Resuming stays allowed: it undoes a flag.)
+            raise ControlError(
+                HTTPStatus.CONFLICT,
+                f"volume {req.volume!r} is a {rt.config.role}: it journals what its source "
+                "sends; pause enqueueing on the primary",
+            )
         was_paused = wp.journal.enqueue_paused
         await wp.pause_enqueue(paused)
         log.warning(

@@ -558,10 +558,14 @@ class JournalRecovery:
 def _primary_volume(config: Config, name: str) -> VolumeConfig:
     for vc in config.volumes:
         if vc.name == name:
-            if vc.role != "primary" or vc.read_only or not vc.journal:
+            if vc.role != "primary":
                 raise RecoverError(
-                    f"volume {name} has no journal to recover: this command recovers the journal "
-                    "of a writable primary volume (journal = true)"
+                    f"volume {name} is a {vc.role}: this command recovers the journal of a "
+                    "primary volume"
+                )
+            if vc.read_only or not vc.journal:
+                raise RecoverError(
+                    f"volume {name} has no journal to recover (read_only = true or journal = false)"
                 )
             return vc
     known = ", ".join(vc.name for vc in config.volumes) or "none"

@@ -183,6 +183,9 @@ class _Session:
     # --- frames in and out ----------------------------------------------------------------------
 
     def send(self, message: Message) -> None:
+        if self.writer.is_closing():
+            # uvloop raises RuntimeError on a write to a closed transport.
+            raise ConnectionResetError("the link is closed")
         self.writer.writelines(encode(message))
         self._last_sent = time.monotonic()
 

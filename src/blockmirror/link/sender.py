@@ -109,6 +109,7 @@ class PeerSender:
         self.stats = SenderStats()
         self._task: asyncio.Task[None] | None = None
         self._lsn = 0
+        self._stopping = False
 
     @property
     def consumer(self) -> Consumer:
@@ -118,10 +119,21 @@ class PeerSender:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
+    def describe_task(self) -> str:
+        task = self._task
+        if task is None:
+            return "not started"
+        if not task.done():
+            return f"running: {task!r}"
+        if task.cancelled():
+            return "cancelled"
+        return f"ended: {task.exception()!r}"
 
     def status(self) -> dict[str, object]:
         journal = self.wp.journal
@@ -161,7 +173,16 @@ class PeerSender:
             try:
                 await self._session()
             except asyncio.CancelledError:
-                raise
+                if self._stopping:
+                    raise
+                # Not ours to end: a cancellation leaked from inside the session.
+                self.stats.last_error = "session cancelled unexpectedly"
+                log.exception(
+                    "link to %s:%d for %s: session cancelled",
+                    self.host,
+                    self.port,
+                    self.volume_name,
+                )
             except (
                 OSError,
                 ProtocolError,
@@ -177,6 +198,10 @@ class PeerSender:
                     self.volume_name,
                     self.stats.last_error,
                 )
+            except Exception as exc:
+                # A bug must not end replication for good: say so loudly, then reconnect.
+                self.stats.last_error = f"internal error: {exc!r}"
+                log.exception("link to %s:%d for %s failed", self.host, self.port, self.volume_name)
             self.stats.connected_since = None
             if time.monotonic() - started > 5 * BACKOFF_MAX:
                 delay = BACKOFF_MIN  # it worked for a while: start over quickly
@@ -284,14 +309,21 @@ class _Link:
 
     def send(self, message: Message) -> int:
         buffers = encode(message)
+        self._check_open()
         self.writer.writelines(buffers)
         self.last_sent = time.monotonic()
         return sum(memoryview(b).nbytes for b in buffers)
 
     def send_buffers(self, buffers: Sequence[bytes | bytearray | memoryview]) -> int:
+        self._check_open()
         self.writer.writelines(buffers)
         self.last_sent = time.monotonic()
         return sum(memoryview(b).nbytes for b in buffers)
+
+    def _check_open(self) -> None:
+        # uvloop raises RuntimeError on a write to a closed transport; asyncio drops it quietly.
+        if self.writer.is_closing():
+            raise ConnectionResetError("the link is closed")
 
     async def receive(self, timeout: float) -> Message:
         while True:

@@ -1,0 +1,182 @@
+"""A primary and its secondaries as real processes, and waiting until replicas catch up."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.support.unit_process import (
+    UnitProcess,
+    fetch_status,
+    free_port,
+    start_unit,
+    write_config,
+)
+
+MiB = 1024 * 1024
+
+
+@dataclass
+class Site:
+    """One unit's files: config, state, and the image of its volume(s)."""
+
+    directory: Path
+    name: str
+    config: Path
+    state: Path
+    images: dict[str, Path]
+    listen_port: int | None = None
+    unit: UnitProcess | None = None
+
+    def start(self) -> UnitProcess:
+        self.unit = start_unit(self.config, self.state)
+        return self.unit
+
+    def kill(self) -> None:
+        if self.unit is not None:
+            self.unit.kill()
+
+    def status(self) -> dict[str, Any]:
+        assert self.unit is not None
+        return fetch_status(self.unit.admin)
+
+    def volume_status(self, volume: str = "vol") -> dict[str, Any]:
+        for vol in self.status()["volumes"]:
+            if vol["name"] == volume:
+                return dict(vol)
+        raise AssertionError(f"no volume {volume} on {self.name}")
+
+
+@dataclass
+class Topology:
+    root: Path
+    sites: dict[str, Site] = field(default_factory=dict)
+
+    def add_secondary(
+        self,
+        name: str,
+        *,
+        volumes: dict[str, int] | None = None,
+        peers: list[str] | None = None,
+        replication: dict[str, Any] | None = None,
+        journal_size: str = "64MiB",
+        image_size: int | None = None,
+    ) -> Site:
+        directory = self.root / name
+        directory.mkdir()
+        port = free_port()
+        vols = volumes or {"vol": 64 * MiB}
+        images = {v: directory / f"{v}.img" for v in vols}
+        entries = []
+        for vol, size in vols.items():
+            entry: dict[str, Any] = {
+                "name": vol,
+                "role": "secondary",
+                "path": str(images[vol]),
+                "size": image_size or size,
+                "journal_size": journal_size,
+            }
+            if peers:
+                entry["peers"] = peers
+            entries.append(entry)
+        rep = {"listen": f"127.0.0.1:{port}"}
+        rep.update(replication or {})
+        config = write_config(directory, name=name, volumes=entries, replication=rep)
+        site = Site(directory, name, config, directory / "state", images, listen_port=port)
+        self.sites[name] = site
+        return site
+
+    def add_primary(
+        self,
+        name: str,
+        *,
+        peers: list[str],
+        size: int = 64 * MiB,
+        volume: str = "vol",
+        journal_size: str = "64MiB",
+        replication: dict[str, Any] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> Site:
+        directory = self.root / name
+        directory.mkdir()
+        image = directory / f"{volume}.img"
+        entry: dict[str, Any] = {
+            "name": volume,
+            "role": "primary",
+            "path": str(image),
+            "size": size,
+            "export": "127.0.0.1:0",
+            "journal_size": journal_size,
+            "peers": peers,
+        }
+        entry.update(extra or {})
+        config = write_config(directory, name=name, volumes=[entry], replication=replication)
+        site = Site(directory, name, config, directory / "state", {volume: image})
+        self.sites[name] = site
+        return site
+
+    def stop_all(self) -> None:
+        for site in self.sites.values():
+            site.kill()
+
+
+@contextmanager
+def topology(root: Path) -> Iterator[Topology]:
+    topo = Topology(root)
+    try:
+        yield topo
+    finally:
+        topo.stop_all()
+
+
+def peer_address(site: Site) -> str:
+    assert site.listen_port is not None
+    return f"127.0.0.1:{site.listen_port}"
+
+
+def wait_caught_up(
+    source: Site, replica: Site, *, volume: str = "vol", timeout: float = 60.0
+) -> dict[str, Any]:
+    """Until the source's peer is replicating with no lag and the replica is consistent and has
+    applied everything the source journaled. Returns the replica's volume status."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        src = source.volume_status(volume)
+        rep = replica.volume_status(volume)
+        newest = src["journal"]["newest_seq"]
+        peer = next(
+            (p for p in src["peers"] if p["address"].endswith(f":{replica.listen_port}")), None
+        )
+        r = rep["replica"]
+        last = (peer, r, newest)
+        if (
+            peer is not None
+            and peer["state"] == "replicating"
+            and peer["lag_bytes"] == 0
+            and r["consistent"]
+            and r["applied_seq"] >= newest
+            and peer["acked_seq"] >= newest
+        ):
+            return dict(rep)
+        time.sleep(0.1)
+    raise AssertionError(f"replica {replica.name} did not catch up: {last}")
+
+
+def file_hash(path: Path, size: int, offset: int = 0) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        f.seek(offset)
+        remaining = size
+        while remaining:
+            chunk = f.read(min(4 * MiB, remaining))
+            if not chunk:
+                chunk = bytes(min(4 * MiB, remaining))
+            digest.update(chunk)
+            remaining -= len(chunk)
+    return digest.hexdigest()
