@@ -26,8 +26,10 @@ from blockmirror.admin.api import AdminServer
 from blockmirror.admin.controls import handle as handle_control
 from blockmirror.config import Config, VolumeConfig
 from blockmirror.counters import VolumeCounters
+from blockmirror.dirtymap import DirtyMapError
 from blockmirror.errors import BlockmirrorError
 from blockmirror.frontend.nbd_server import Export, NbdServer
+from blockmirror.journal.checkpoint import CheckpointError
 from blockmirror.journal.journal import Journal, JournalError
 from blockmirror.journal.recovery import JournalCorruptError
 from blockmirror.journal.writepath import JournalWritePath
@@ -138,7 +140,7 @@ class Unit:
                     dirty_dir=self.config.unit.state_dir,
                     volume_name=vc.name,
                 )
-            except (JournalCorruptError, JournalError) as exc:
+            except (JournalCorruptError, JournalError, CheckpointError, DirtyMapError) as exc:
                 # This volume is not served; the others are. Status and the log say why.
                 problem = str(exc)
                 log.error("volume %s is not served: %s", vc.name, exc)

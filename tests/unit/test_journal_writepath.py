@@ -118,27 +118,48 @@ def test_acknowledged_writes_survive_a_crash_and_are_replayed(tmp_path: Path) ->
     run(tmp_path, body)
 
 
-def test_torn_tail_is_cut_and_earlier_records_kept(tmp_path: Path) -> None:
+def caught_up(wp: JournalWritePath, name: str = "peer") -> None:
+    """Pretend the consumer has everything: journal mode, nothing dirty (checkpoint after)."""
+    peer = wp.journal.consumers[name]
+    peer.dirty.clear_all()
+    peer.dirty.sync()
+    peer.mode = "journal"
+    peer.acked_seq = wp.journal.next_seq - 1
+
+
+@pytest.mark.parametrize("valid_after_cut", [False, True])
+def test_torn_tail_is_cut_and_earlier_records_kept(tmp_path: Path, valid_after_cut: bool) -> None:
     async def body(loop: asyncio.AbstractEventLoop) -> None:
         wp = open_path(tmp_path, loop, consumers=("peer",))
+        caught_up(wp)
+        await wp.checkpoint()
         for i in range(10):
             await settle(wp.write(i * 4096, [bytes([i + 1]) * 4096], fua=False), wp)
         await settle(wp.flush(), wp)
+        wp.acknowledge("peer", wp.journal.next_seq - 1)
+        await wp.checkpoint()
         durable = wp.journal.durable_seq
-        # The last batch: written to the ring but never synced, and then torn.
+        # The last batch(es): written to the ring but never synced, and then torn.
         await settle(wp.write(100 * 4096, [b"\xaa" * 4096], fua=False), wp)
-        last = wp.journal.records[-1]
+        torn = wp.journal.records[-1]
+        if valid_after_cut:
+            await settle(wp.write(101 * 4096, [b"\xbb" * 4096], fua=False), wp)
         path = wp.journal.path
         crash(wp)
-        corrupt(path, wp.journal.ring.physical(last.lpos) + 64 + 100)
+        corrupt(path, wp.journal.ring.physical(torn.lpos) + 64 + 100)
         wp2 = open_path(tmp_path, loop, consumers=("peer",))
         report = wp2.journal.recovery
         assert report is not None and report.torn_tail is not None
-        assert wp2.journal.next_seq == durable + 1  # the torn record is gone, nothing else
+        assert wp2.journal.next_seq == durable + 1  # the torn record is gone, and all after it
         for i in range(10):
             assert wp2.volume.pread(i * 4096, 4096) == bytes([i + 1]) * 4096
-        # Records past the cut could have reached the consumer: it must resync everything.
-        assert wp2.journal.consumers["peer"].dirty.dirty_bytes() == VOLUME
+        dirty = wp2.journal.consumers["peer"].dirty.dirty_bytes()
+        if valid_after_cut:
+            # A record after the cut may have been sent before the crash: resync everything.
+            assert dirty == VOLUME
+        else:
+            # A torn last batch was never applied, so never sent: nothing to resync.
+            assert dirty == 0
         await wp2.close()
 
     run(tmp_path, body)

@@ -31,6 +31,7 @@ from typing import Any, Literal, Protocol
 from urllib.parse import parse_qsl, unquote
 
 from blockmirror.errors import BlockmirrorError
+from blockmirror.journal.writepath import DiscardRangeError
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +278,10 @@ async def execute(unit: ControlledUnit, req: ControlRequest) -> Reply:
     body["consumer"] = req.consumer
     if req.action == "discard":
         assert req.first_seq is not None and req.last_seq is not None
-        count = await wp.discard(req.consumer, req.first_seq, req.last_seq)
+        try:
+            count = await wp.discard(req.consumer, req.first_seq, req.last_seq)
+        except DiscardRangeError as exc:
+            return HTTPStatus.BAD_REQUEST, {"error": str(exc)}
         log.warning(
             "volume %s: the operator discarded %d records (seq %d..%d) of consumer %s",
             req.volume,

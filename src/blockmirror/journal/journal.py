@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from blockmirror.dirtymap import DirtyMap
+from blockmirror.dirtymap import DirtyMap, DirtyMapError
 from blockmirror.errors import BlockmirrorError
 from blockmirror.journal.checkpoint import (
     Checkpoint,
@@ -175,8 +175,13 @@ class Journal:
                 journal = cls._create(path, fd, ring, volume)
             else:
                 journal = cls._recover(path, fd, ring, volume)
-            journal._attach_consumers(consumers, dirty_dir, volume_name)
-            journal._write_checkpoint_now(clean=False)
+            try:
+                journal._attach_consumers(consumers, dirty_dir, volume_name)
+                journal._write_checkpoint_now(clean=False)
+            except BaseException:
+                for consumer in journal.consumers.values():
+                    consumer.dirty.close(sync=False)
+                raise
         except BaseException:
             os.close(fd)
             raise
@@ -252,8 +257,12 @@ class Journal:
             erased = erase_stale_headers(fd, ring, result.tail_lpos, cp.head_lpos, journal.next_seq)
             if erased or torn is not None:
                 os.fdatasync(fd)
-                # Records past the cut may have reached a consumer before the crash; only a
-                # full resync is sure to undo that.
+            if erased:
+                # Valid records past the cut were written after a torn one: their batch may
+                # have been applied and sent before a power loss tore the earlier one, so a
+                # consumer may hold writes the log no longer has. Only a full resync undoes
+                # that. A torn last batch alone needs none: a batch is applied, and so sent,
+                # only after all of it was written.
                 journal.needs_full_resync = True
                 log.warning("journal %s: %d stale record headers past the end erased", path, erased)
         replayed = journal._replay()
@@ -296,7 +305,21 @@ class Journal:
             dpath = dirty_dir / f"{volume_name}.{safe}.dirty"
             state = known.get(name)
             if dpath.exists():
-                dirty = DirtyMap.open(dpath, volume_size=self.volume.size, region_size=DIRTY_REGION)
+                try:
+                    dirty = DirtyMap.open(
+                        dpath, volume_size=self.volume.size, region_size=DIRTY_REGION
+                    )
+                except DirtyMapError as exc:
+                    # A damaged map cannot say what differs, so everything does: the consumer
+                    # gets a full resync rather than the volume going out of service.
+                    log.error("%s; recreating it with every region dirty", exc)
+                    dirty = DirtyMap.create(
+                        dpath,
+                        volume_size=self.volume.size,
+                        region_size=DIRTY_REGION,
+                        all_dirty=True,
+                    )
+                    state = ConsumerState(self.next_seq - 1, "tracking", False)
             else:
                 dirty = DirtyMap.create(
                     dpath, volume_size=self.volume.size, region_size=DIRTY_REGION

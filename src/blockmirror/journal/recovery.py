@@ -191,11 +191,14 @@ def erase_stale_headers(fd: int, ring: Ring, tail_lpos: int, head_lpos: int, nex
     After a crash the end of the log may be followed by records of the same unsynced batch (the
     torn record's successors). New appends reuse their sequence numbers at the same positions,
     so one of them could line up with where a later scan expects the next record and be
-    replayed over newer data. Returns how many were erased; the caller syncs.
+    replayed over newer data. Returns how many were erased past the torn record at the cut
+    itself (those are what prove a later batch was written); the caller syncs.
     """
     erased = 0
     for lpos, h in _candidates(fd, ring, tail_lpos, head_lpos + ring.capacity):
         if h.seq >= next_seq:
             os.pwrite(fd, bytes(HEADER_SIZE), ring.physical(lpos))
-            erased += 1
+            # The torn record itself sits at the cut; only records *past* it count.
+            if lpos != tail_lpos:
+                erased += 1
     return erased

@@ -32,6 +32,10 @@ CHECKPOINT_INTERVAL = 1.0
 EAGER_CHECKPOINT_FILL = 0.5
 
 
+class DiscardRangeError(BlockmirrorError, ValueError):
+    """A discard range the consumer's stream cannot honour."""
+
+
 class JournalFullError(BlockmirrorError):
     """A journal could not be emptied for renumbering."""
 
@@ -591,6 +595,13 @@ class JournalWritePath:
         """Turn a consumer's records in [first_seq, last_seq] into dirty bits; returns how many."""
         consumer = self.journal.consumers[name]
         count = 0
+        if consumer.mode == "journal" and first_seq > consumer.acked_seq + 1:
+            # A stream cannot skip records in its middle: discarding must start at the next
+            # record the consumer would get, or the "discarded" records would still be sent.
+            raise DiscardRangeError(
+                f"consumer {name} has acknowledged up to {consumer.acked_seq}; a discard must "
+                f"start at or before {consumer.acked_seq + 1}"
+            )
         if consumer.mode == "journal":
             for rec in self.journal.records:
                 if first_seq <= rec.seq <= last_seq and rec.seq > consumer.acked_seq:
