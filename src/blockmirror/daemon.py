@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from blockmirror import __version__
+from blockmirror.ackmode import RemoteAck
 from blockmirror.admin.api import AdminServer
 from blockmirror.admin.controls import handle as handle_control
 from blockmirror.config import Config, VolumeConfig
@@ -162,6 +163,15 @@ class Unit:
                     overflow=vc.overflow,
                     high_water=vc.journal_high_water,
                 )
+                if vc.ack == "remote" and vc.peers:
+                    remote = RemoteAck(
+                        loop, [str(p) for p in vc.peers], vc.ack_timeout, journal_wp.alert
+                    )
+                    for peer in vc.peers:
+                        consumer = journal.consumers[str(peer)]
+                        if consumer.mode == "journal":
+                            remote.set_acked(str(peer), consumer.acked_seq)
+                    journal_wp.remote_ack = remote
                 journal_wp.start()
                 write_path = journal_wp
         export = Export(

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from blockmirror.ackmode import RemoteAck
 from blockmirror.errors import BlockmirrorError
 from blockmirror.journal.format import Kind, record_size
 from blockmirror.journal.journal import Journal
@@ -119,6 +121,8 @@ class JournalWritePath:
         self.checkpoints = 0
         # Set whenever records reach the volume: senders wait on it for more to stream.
         self.applied_event = asyncio.Event()
+        # ack = "remote": host writes also wait for the peers (set by the unit).
+        self.remote_ack: RemoteAck | None = None
 
     # --- life cycle -----------------------------------------------------------------------------
 
@@ -207,7 +211,8 @@ class JournalWritePath:
             self._waiting.append(_Waiting(kind, offset, length, data, may_trim, fua, done))
             self._start_making_room()
             return done
-        done_opt = self._loop.create_future() if fua else None
+        waits = fua or self.remote_ack is not None
+        done_opt = self._loop.create_future() if waits else None
         self._stage(kind, offset, length, data, may_trim, fua, done_opt)
         self._schedule_commit()
         return done_opt
@@ -323,10 +328,30 @@ class JournalWritePath:
             self.applied_seq += 1
             self.applied_event.set()
         if item.done is not None:
+            target = item.done
+            if self.remote_ack is not None and item.journaled:
+                # Local completion first, then every required peer must hold it too.
+                target = self._loop.create_future()
+                target.add_done_callback(
+                    functools.partial(self._then_remote, item.done, self.applied_seq)
+                )
             if item.fua:
-                self._durable_then([item.done], volume_too=not item.journaled)
-            elif not item.done.done():
-                item.done.set_result(None)
+                self._durable_then([target], volume_too=not item.journaled)
+            elif not target.done():
+                target.set_result(None)
+
+    def _then_remote(
+        self, outer: asyncio.Future[None], seq: int, local: asyncio.Future[None]
+    ) -> None:
+        if outer.done():
+            return
+        exc = local.exception() if not local.cancelled() else asyncio.CancelledError()
+        if exc is not None:
+            outer.set_exception(exc)
+        elif self.remote_ack is not None:
+            self.remote_ack.wait(seq, outer)
+        else:
+            outer.set_result(None)
 
     def _block_on(self, fn: Callable[[], None], then: Callable[[], None] | None = None) -> None:
         self._blocked = True
@@ -396,6 +421,10 @@ class JournalWritePath:
             self.alerts.high_water = False
         if self.journal.used >= EAGER_CHECKPOINT_FILL * cap:
             self._checkpoint_wanted.set()
+
+    def alert(self, kind: str, message: str) -> None:
+        """Record an alert for status (and the log); other components raise theirs here."""
+        self._alert(kind, message)
 
     def _alert(self, kind: str, message: str) -> None:
         log.warning("%s: %s", self.journal.path.name, message)
@@ -581,6 +610,8 @@ class JournalWritePath:
     def acknowledge(self, name: str, seq: int) -> None:
         self.journal.acknowledge(name, seq)
         self._acked.set()
+        if self.remote_ack is not None:
+            self.remote_ack.acknowledge(name, seq)
 
     async def pause_enqueue(self, paused: bool) -> None:
         self.commit()
@@ -619,6 +650,7 @@ class JournalWritePath:
         out["checkpoints"] = self.checkpoints
         out["failed"] = str(self.failed) if self.failed is not None else None
         out["alerts"] = list(self.alerts.events)
+        out["ack"] = self.remote_ack.status() if self.remote_ack is not None else {"mode": "local"}
         return out
 
 
