@@ -180,3 +180,41 @@ def file_hash(path: Path, size: int, offset: int = 0) -> str:
             digest.update(chunk)
             remaining -= len(chunk)
     return digest.hexdigest()
+
+
+@contextmanager
+def frozen(site: Site, *, timeout: float = 5.0) -> Iterator[None]:
+    """SIGSTOP the site's unit for the block, SIGCONT it afterwards whatever happens.
+
+    The block starts only once every thread of the unit is stopped (state ``T`` in /proc): a
+    signal is delivered asynchronously, and a thread on another CPU runs on until it notices.
+    While stopped the unit changes nothing (a ``pwrite`` in progress completes first), so a copy
+    of its files taken inside the block is one instant of it.
+    """
+    import os
+    import signal
+
+    assert site.unit is not None and site.unit.proc.poll() is None, f"{site.name} is not running"
+    pid = site.unit.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + timeout
+        while not _all_threads_stopped(pid):
+            assert time.monotonic() < deadline, f"{site.name} ({pid}) did not stop in {timeout}s"
+            time.sleep(0.001)
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def _all_threads_stopped(pid: int) -> bool:
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        try:
+            text = stat.read_text()
+        except FileNotFoundError:
+            continue  # the thread ended
+        # The state follows the command name, which is in parentheses and may hold spaces.
+        state = text[text.rindex(")") + 2]
+        if state not in "TtXZ":
+            return False
+    return True

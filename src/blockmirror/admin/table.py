@@ -131,6 +131,53 @@ def consumer_rows(status: dict[str, Any]) -> tuple[tuple[str, ...], list[list[st
     return CONSUMER_HEADERS, rows
 
 
+PEER_HEADERS = ("peer", "volume", "state", "acked seq", "lag", "lag s", "sent", "rate/s", "error")
+REPLICA_HEADERS = ("replica", "source", "state", "received", "applied", "bytes in", "connected")
+
+
+def peer_rows(status: dict[str, Any]) -> tuple[tuple[str, ...], list[list[str]]]:
+    """One row per replication peer of every volume: what a sender knows about its link."""
+    rows = []
+    for vol in status.get("volumes", []):
+        for p in vol.get("peers") or []:
+            lag_s = p.get("lag_seconds")
+            rows.append(
+                [
+                    str(p.get("address", "?")),
+                    str(vol.get("name", "")),
+                    str(p.get("state", "?")),
+                    str(_int(p.get("acked_seq"))),
+                    human_size(_int(p.get("lag_bytes"))),
+                    "-" if lag_s is None else f"{float(lag_s):.1f}",
+                    human_size(_int(p.get("bytes_sent"))),
+                    human_size(_int(p.get("throughput_bytes_per_second"))),
+                    str(p.get("last_error") or "")[:40],
+                ]
+            )
+    return PEER_HEADERS, rows
+
+
+def replica_rows(status: dict[str, Any]) -> tuple[tuple[str, ...], list[list[str]]]:
+    """One row per replica this unit holds: its source and whether it is consistent."""
+    rows = []
+    for vol in status.get("volumes", []):
+        r = vol.get("replica")
+        if not isinstance(r, dict):
+            continue
+        rows.append(
+            [
+                str(vol.get("name", "")),
+                str(r.get("source_unit") or "-"),
+                "consistent" if r.get("consistent") else "INCONSISTENT",
+                str(_int(r.get("received_seq"))),
+                str(_int(r.get("applied_seq"))),
+                human_size(_int(r.get("bytes_received"))),
+                "yes" if r.get("connected") else "no",
+            ]
+        )
+    return REPLICA_HEADERS, rows
+
+
 def _table(headers: tuple[str, ...], rows: list[list[str]]) -> list[str]:
     widths = [len(h) for h in headers]
     for row in rows:
@@ -145,7 +192,7 @@ def _table(headers: tuple[str, ...], rows: list[list[str]]) -> list[str]:
 
 
 def format_status_table(status: dict[str, Any]) -> str:
-    """The volume table; under it the journals, their consumers, and any volume's problem."""
+    """The volume table; under it journals, consumers, peers, replicas and any problem."""
     headers, rows = status_rows(status)
     title = f"unit {status.get('unit', '?')}  (blockmirror {status.get('version', '?')})"
     lines = [title, *_table(headers, rows)]
@@ -157,6 +204,10 @@ def format_status_table(status: dict[str, Any]) -> str:
     cheaders, crows = consumer_rows(status)
     if crows:
         lines += ["", *_table(cheaders, crows)]
+    for table_rows in (peer_rows(status), replica_rows(status)):
+        theaders, trows = table_rows
+        if trows:
+            lines += ["", *_table(theaders, trows)]
     problems = [
         f"{vol.get('name', '?')}: {vol['problem']}"
         for vol in status.get("volumes", [])
