@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tests.support.unit_process import (
     UnitProcess,
@@ -19,6 +20,8 @@ from tests.support.unit_process import (
 )
 
 MiB = 1024 * 1024
+
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -218,3 +221,128 @@ def _all_threads_stopped(pid: int) -> bool:
         if state not in "TtXZ":
             return False
     return True
+
+
+# --- helpers for link tests: peers by address, waiting on status, real clients --------------------
+
+
+def find_peer(source: Site, address: str, volume: str = "vol") -> dict[str, Any]:
+    """The source's peer entry whose address is ``address`` (HOST:PORT, as configured)."""
+    for peer in source.volume_status(volume)["peers"]:
+        if peer["address"] == address:
+            return dict(peer)
+    raise AssertionError(f"{source.name} has no peer {address}")
+
+
+def wait_status(
+    check: Callable[[], _T | None], *, timeout: float, what: str, interval: float = 0.05
+) -> _T:
+    """Poll ``check`` until it returns something other than None (or False); return that."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while True:
+        try:
+            value = check()
+        except (OSError, KeyError) as exc:  # a unit restarting: keep polling
+            value, last_error = None, exc
+        if value is not None and value is not False:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"timed out after {timeout}s waiting for {what}"
+                + (f" (last error: {last_error!r})" if last_error else "")
+            )
+        time.sleep(interval)
+
+
+def wait_caught_up_via(
+    source: Site,
+    replica: Site,
+    address: str,
+    *,
+    volume: str = "vol",
+    timeout: float = 60.0,
+) -> dict[str, Any]:
+    """:func:`wait_caught_up` for a peer configured as ``address`` (a proxy in front of the
+    replica's listener, say). Returns the replica's volume status."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        src = source.volume_status(volume)
+        rep = replica.volume_status(volume)
+        newest = src["journal"]["newest_seq"]
+        peer = next((p for p in src["peers"] if p["address"] == address), None)
+        r = rep["replica"]
+        last = (peer, r, newest)
+        if (
+            peer is not None
+            and peer["state"] == "replicating"
+            and peer["lag_bytes"] == 0
+            and r["consistent"]
+            and r["applied_seq"] >= newest
+            and peer["acked_seq"] >= newest
+        ):
+            return dict(rep)
+        time.sleep(0.1)
+    raise AssertionError(f"replica {replica.name} did not catch up via {address}: {last}")
+
+
+def run_client(args: list[str], *, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    """Run a client program with a timeout (subprocess kills it when the timeout expires)."""
+    return subprocess.run(
+        args,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def fio_args(
+    url: str,
+    *,
+    size: str,
+    bs: str = "4k",
+    offset: str = "0",
+    seed: int = 1,
+    iodepth: int = 16,
+    verify: bool = True,
+) -> list[str]:
+    """A bounded fio random-write job on an NBD export (``size`` bytes from ``offset``)."""
+    args = [
+        "fio",
+        "--name=link",
+        "--ioengine=nbd",
+        f"--uri={url}",
+        "--rw=randwrite",
+        f"--bs={bs}",
+        f"--iodepth={iodepth}",
+        f"--offset={offset}",
+        f"--size={size}",
+        f"--randseed={seed}",
+        "--verify_state_save=0",
+    ]
+    if verify:
+        args += ["--verify=crc32c", "--do_verify=1", "--verify_fatal=1"]
+    return args
+
+
+def fio_write(url: str, cwd: Path, **job: Any) -> None:
+    """Run :func:`fio_args` to completion; fails unless fio exits 0 with no I/O error."""
+    proc = subprocess.run(
+        fio_args(url, **job),
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0 and "err= 0" in proc.stdout, proc.stdout + proc.stderr
+
+
+def qemu_img_compare(a: Path, b: Path) -> None:
+    """Byte-for-byte comparison of two raw images (qemu-img compare exits 0 when identical)."""
+    proc = run_client(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", str(a), str(b)])
+    assert proc.returncode == 0, f"{a} and {b} differ: {proc.stdout}{proc.stderr}"
