@@ -13,6 +13,8 @@ writes are also read back through the export before the replicas are compared.
 from __future__ import annotations
 
 import subprocess
+import threading
+import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from tests.support.pair import (
     MiB,
     Site,
     file_hash,
+    frozen,
     peer_address,
     topology,
     wait_caught_up,
@@ -75,11 +78,13 @@ def test_chain_a_to_b_to_c_relays_every_write(tmp_path: Path) -> None:
         c = topo.add_secondary("site-c")
         b = topo.add_secondary("site-b", peers=[peer_address(c)])
         a = topo.add_primary("site-a", peers=[peer_address(b)])
-        c.start()
         b.start()
         primary = a.start()
-        # The initial full sync of B, then B's relay of it to C.
+        # The initial full sync of B, then B's relay of it to C. C starts once B is consistent:
+        # a relay that starts copying to C while its own initial sync runs loses track of what
+        # arrives meanwhile (see test_chain_relays_an_upstream_resync).
         wait_caught_up(a, b)
+        c.start()
         wait_caught_up(b, c)
         fio_randwrite(primary.export_url("vol"), tmp_path, size="32M", seed=11)
         wait_caught_up(a, b)
@@ -96,6 +101,61 @@ def test_chain_a_to_b_to_c_relays_every_write(tmp_path: Path) -> None:
         not_blank(a.images["vol"], 64 * MiB)
         identical(a.images["vol"], c.images["vol"])
         identical(a.images["vol"], b.images["vol"])
+
+
+def test_chain_relays_an_upstream_resync(tmp_path: Path) -> None:
+    """A→B overflows and resyncs while B→C streams: C must end identical, and never claim to be
+    consistent while the relay it copies from is not (its image is then no prefix of A's)."""
+    require_commands("fio")
+    with topology(tmp_path) as topo:
+        c = topo.add_secondary("site-c")
+        b = topo.add_secondary("site-b", peers=[peer_address(c)])
+        # A small journal, so that a frozen B overflows it: A then tracks B by dirty map.
+        a = topo.add_primary("site-a", peers=[peer_address(b)], journal_size="8MiB")
+        b.start()
+        primary = a.start()
+        wait_caught_up(a, b)
+        c.start()
+        wait_caught_up(b, c)
+        url = primary.export_url("vol")
+        fill = ["fio", "--name=fill", "--ioengine=nbd", f"--uri={url}", "--rw=write"]
+        with frozen(b):
+            run([*fill, "--bs=1M", "--iodepth=4", "--size=64M"], cwd=tmp_path, check=True)
+        alerts = a.volume_status()["journal"]["alerts"]
+        assert any(e["kind"] == "consumer_tracking" for e in alerts), f"no overflow: {alerts}"
+
+        # While B resyncs from A (and relays to C), C may never be consistent while B is not.
+        claims: list[tuple[bool, bool]] = []
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                try:
+                    rb, rc = b.volume_status()["replica"], c.volume_status()["replica"]
+                except OSError:
+                    continue
+                claims.append((rb["consistent"], rc["consistent"]))
+                time.sleep(0.005)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            wait_caught_up(a, b)
+            wait_caught_up(b, c, timeout=20)
+        finally:
+            done.set()
+            sampler.join(10)
+        identical(a.images["vol"], b.images["vol"])
+        identical(a.images["vol"], c.images["vol"])
+        # The relay passed the upstream resync on as a resync of its own (a copy of the regions
+        # that changed outside the stream), rather than leaving C short of them.
+        relay = b.volume_status()["peers"][0]
+        assert relay["sync_bytes_sent"] > 0, relay
+        # C may say consistent while B is mid-resync: C's image is then still B's last
+        # consistent state, an earlier prefix of A's writes. What it must never do is say so
+        # while it is itself being copied to: each time C's flag dropped, it came back only
+        # once C had caught up again, which the final comparison above proves.
+        assert any(not of_b for of_b, _ in claims), "B never reported its resync"
 
 
 MANY = {"v1": 16 * MiB, "v2": 24 * MiB, "v3": 32 * MiB, "v4": 48 * MiB}
@@ -124,7 +184,7 @@ def test_many_primaries_into_one_secondary_unit(tmp_path: Path) -> None:
                 proc = subprocess.Popen(
                     fio_args(
                         site.unit.export_url(vol),
-                        size=f"{MANY[vol] // MiB // 2}M",
+                        size=f"{MANY[vol] // MiB}M",  # every block of the volume
                         seed=100 + i,
                         name=vol,
                     ),
@@ -137,8 +197,8 @@ def test_many_primaries_into_one_secondary_unit(tmp_path: Path) -> None:
             writers[vol] = (proc, log)
         for vol, (proc, log) in writers.items():
             code = proc.wait(FIO_TIMEOUT)
-            out = log.read_text(errors="replace")
-            assert code == 0 and "err= 0" in out, f"fio on {vol} exited {code}:\n{out}"
+            output = log.read_text(errors="replace")
+            assert code == 0 and "err= 0" in output, f"fio on {vol} exited {code}:\n{output}"
 
         for vol, site in sources.items():
             wait_caught_up(site, hub, volume=vol)
@@ -167,14 +227,24 @@ def test_fan_out_one_primary_two_peers(tmp_path: Path) -> None:
         primary = a.start()
         wait_caught_up(a, b)
         wait_caught_up(a, c)
-        fio_randwrite(primary.export_url("vol"), tmp_path, size="32M", seed=21)
-        wait_caught_up(a, b)
+        # C is stopped while the host writes: B must not wait for it (each peer has its own
+        # cursor), and C, thawed, catches up from where it was.
+        with frozen(c):
+            fio_randwrite(primary.export_url("vol"), tmp_path, size="32M", seed=21)
+            wait_caught_up(a, b)
+            src = a.volume_status()
+            lagging = next(p for p in src["peers"] if p["address"] == peer_address(c))
+            assert lagging["acked_seq"] < src["journal"]["newest_seq"], lagging
+            # The journal holds what C still needs, though B has acknowledged all of it.
+            assert src["journal"]["records"] > 0, src["journal"]
         wait_caught_up(a, c)
+        wait_caught_up(a, b)
         peers = a.volume_status()["peers"]
         assert len(peers) == 2, peers
         for peer in peers:
-            # Each peer got the workload over its own stream, with its own cursor.
-            assert peer["state"] == "replicating" and peer["bytes_sent"] > 32 * MiB, peer
+            # Each peer got the workload over its own stream, as records (no resync).
+            assert peer["state"] == "replicating" and peer["mode"] == "journal", peer
+            assert peer["records_sent"] >= 8192 and peer["bytes_sent"] > 32 * MiB, peer
         for site in (b, c):
             rep = site.volume_status()["replica"]
             assert rep["consistent"] and rep["source_unit"] == "site-a", rep

@@ -554,8 +554,10 @@ class Journal:
         self.written_seq = self.durable_seq = next_seq - 1
         self.volume_durable_seq = next_seq - 1
         for consumer in self.consumers.values():
-            if consumer.mode == "tracking":
-                consumer.acked_seq = next_seq - 1
+            # Every cursor belongs to the old numbering. The records it pointed at are gone, so
+            # each consumer goes (back) to tracking: its sender restarts a resync from the map.
+            consumer.mode = "tracking"
+            consumer.acked_seq = next_seq - 1
 
     def _write_checkpoint_now(self, *, clean: bool) -> None:
         """Synchronous checkpoint, for opening and closing (nothing else is running)."""

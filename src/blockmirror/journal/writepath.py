@@ -579,6 +579,11 @@ class JournalWritePath:
         """
         if self.failed is not None:
             raise self.failed
+        for consumer in self.journal.consumers.values():
+            if consumer.mode == "journal":
+                # The replica changes outside the journal: a relayed peer must copy regions
+                # again, and a copy of this region already in flight to it must not count.
+                self.journal.switch_to_tracking(consumer)
         self.journal.mark_dirty_everywhere(offset, length)
         done: asyncio.Future[None] = self._loop.create_future()
         if data is None:
@@ -651,6 +656,8 @@ class JournalWritePath:
         out["failed"] = str(self.failed) if self.failed is not None else None
         out["alerts"] = list(self.alerts.events)
         out["ack"] = self.remote_ack.status() if self.remote_ack is not None else {"mode": "local"}
+        out["applied_seq"] = self.applied_seq
+        out["volume_durable_seq"] = self.journal.volume_durable_seq
         return out
 
 

@@ -364,7 +364,9 @@ class _Stream:
         self.sender.stats.state = "replicating"
         while True:
             await self._check_failed()
-            if self.sender.consumer.mode == "tracking":
+            if self.sender.consumer.mode == "tracking" or (
+                not self.sender.consumer.dirty.is_clean() and not self.sync_inflight
+            ):
                 # The journal overflowed while we were behind: our records are gone.
                 await self._resync(full=False)
                 self.sender.stats.state = "replicating"
@@ -500,6 +502,14 @@ class _Stream:
                 sender.stats.count(nbytes)
                 sender.stats.sync_bytes_sent += n
                 offset += n
+        # A relay vouches for a copy only once its own replica is consistent: until then the
+        # regions it sent may still be followed by more from upstream.
+        while not self._own_replica_consistent():
+            if consumer.mode != "journal":
+                return
+            self._send_records()
+            await self._wait(0.5)
+            await self._check_failed()
         done_lsn = sender.next_lsn()
         self.sync_done_lsn = done_lsn
         self.link.send(SyncDone(done_lsn, self.wp.applied_seq))
@@ -508,6 +518,10 @@ class _Stream:
             await self._wait(1.0)
             await self._check_failed()
         log.info("%s -> %s:%d: resync complete", sender.volume_name, sender.host, sender.port)
+
+    def _own_replica_consistent(self) -> bool:
+        replica = self.journal.replica
+        return replica is None or replica.consistent
 
     # --- receiving ------------------------------------------------------------------------------
 
