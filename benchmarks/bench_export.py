@@ -51,6 +51,9 @@ SERVER_STOP_TIMEOUT = 30.0  # and syncs it, with a clean checkpoint, when it sto
 DEFAULT_JOURNAL_SIZE = GiB
 # The journal is written once over its whole length (plus this margin) before any measurement.
 WARMUP_FACTOR = 1.1
+# --profile: how far into a fio run (past its ramp) the profilers start, and for how long.
+PROFILE_DELAY = 1.5
+PROFILE_SECONDS = 4.0
 
 Metric = Literal["MiB/s", "kIOPS"]
 Direction = Literal["read", "write"]
@@ -457,6 +460,118 @@ def start_blockmirror(
                 proc.wait()
 
 
+# --- profiling ------------------------------------------------------------------------------------
+
+
+def _io_counters(pid: int) -> tuple[int, int] | None:
+    """(rchar, wchar) of a process: bytes through read-like and write-like calls, sockets too."""
+    try:
+        fields = dict(
+            line.split(": ", 1) for line in Path(f"/proc/{pid}/io").read_text().splitlines()
+        )
+        return int(fields["rchar"]), int(fields["wchar"])
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+@dataclass
+class Profiler:
+    """``--profile``: py-spy (blockmirror units) and/or perf (any server) during each fio run.
+
+    Each profile covers ``PROFILE_SECONDS`` from ``PROFILE_DELAY`` into the run, files named
+    ``JOB-SERVER-REPEAT``: ``.pyspy.txt`` (py-spy's raw, collapsed stacks), ``.perf.data`` and
+    ``.json``, the server's CPU and bytes in and out over the same window, so that costs can be
+    turned into CPU time per request. A profiled run is perturbed: take figures from a run
+    without ``--profile``.
+    """
+
+    directory: Path
+    py_spy: str | None
+    perf: str | None
+
+    def seconds(self, runtime: int) -> float:
+        return max(1.0, min(PROFILE_SECONDS, RAMP_SECONDS + runtime - PROFILE_DELAY - 0.5))
+
+    def record(self, server: Server, job: Job, repeat: int, runtime: int) -> None:
+        name = f"{job.key}-{server.key}-{repeat}"
+        seconds = self.seconds(runtime)
+        argvs: list[list[str]] = []
+        if self.py_spy is not None and server.kind is not NBDKIT:
+            argvs.append(
+                [
+                    self.py_spy,
+                    "record",
+                    "-p",
+                    str(server.pid),
+                    "-d",
+                    str(round(seconds)),
+                    "-r",
+                    "200",
+                    "-f",
+                    "raw",
+                    "-o",
+                    str(self.directory / f"{name}.pyspy.txt"),
+                    "--nonblocking",
+                ]
+            )
+        if self.perf is not None:
+            argvs.append(
+                [
+                    self.perf,
+                    "record",
+                    "-F",
+                    "999",
+                    "-g",
+                    "-p",
+                    str(server.pid),
+                    "-o",
+                    str(self.directory / f"{name}.perf.data"),
+                    "--",
+                    "sleep",
+                    str(seconds),
+                ]
+            )
+        if not argvs:
+            return  # py-spy only, and this server is not a Python process
+        io_before, cpu_before = _io_counters(server.pid), process_cpu_seconds(server.pid)
+        started = time.monotonic()
+        procs = [
+            subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            for argv in argvs
+        ]
+        for argv, proc in zip(argvs, procs, strict=True):
+            try:
+                _out, err = proc.communicate(timeout=seconds + 60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                _out, err = proc.communicate()
+            if proc.returncode != 0:
+                log(f"  {Path(argv[0]).name} failed ({proc.returncode}): {err.decode()[-500:]}")
+        elapsed = time.monotonic() - started
+        io_after, cpu_after = _io_counters(server.pid), process_cpu_seconds(server.pid)
+        window: dict[str, Any] = {
+            "server": server.key,
+            "job": job.key,
+            "repeat": repeat,
+            "seconds": round(elapsed, 3),
+            "block_size": parse_size(job.bs, key="bs"),
+        }
+        if cpu_before is not None and cpu_after is not None:
+            window["server_cpu_cores"] = round((cpu_after - cpu_before) / elapsed, 3)
+        if io_before is not None and io_after is not None:
+            received = (io_after[0] - io_before[0]) / elapsed
+            sent = (io_after[1] - io_before[1]) / elapsed
+            window["read_bytes_per_s"] = round(received)
+            window["written_bytes_per_s"] = round(sent)
+            # Every payload byte passes through a read-like call: a write's is received from
+            # the socket, a read's is read from the file. (Sends may not be counted: nbdkit's
+            # send(2) is not in wchar.)
+            window["requests_per_s"] = round(received / window["block_size"], 1)
+        (self.directory / f"{name}.json").write_text(json.dumps(window, indent=2) + "\n")
+        rate = window.get("requests_per_s")
+        log(f"  profiled {server.title} for {elapsed:.1f}s: {name}.*, {rate} requests/s")
+
+
 # --- fio ------------------------------------------------------------------------------------------
 
 
@@ -489,6 +604,22 @@ class RunResult:
             return float(side["clat_ns"]["percentile"]["99.000000"]) / 1000 if side else None
         return None
 
+    @property
+    def cpu_per_request_us(self) -> float | None:
+        """Server CPU time per request, in µs: cores busy over requests per second.
+
+        The cores are averaged over the whole fio process (start-up and ramp included), the
+        rate over the measured part, so this reads a few percent low; unlike the throughput it
+        hardly moves when the scheduler gives the server less of a CPU.
+        """
+        side = self._side()
+        if side is None or self.server_cpu is None:
+            return None
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            iops = float(side["iops"])
+            return self.server_cpu / iops * 1e6 if iops > 0 else None
+        return None
+
     def _side(self) -> dict[str, Any] | None:
         if self.fio is None or self.value is None:
             return None
@@ -505,6 +636,7 @@ class RunResult:
             "server_cpu_cores": self.server_cpu,
             "mean_latency_us": self.latency_us,
             "p99_latency_us": self.p99_us,
+            "server_cpu_per_request_us": self.cpu_per_request_us,
             "error": self.error,
         }
 
@@ -540,18 +672,33 @@ def _parse_fio_json(text: str) -> dict[str, Any]:
 
 
 def run_fio(
-    job: Job, server: Server, *, size: int, runtime: int, workdir: Path, repeat: int
+    job: Job,
+    server: Server,
+    *,
+    size: int,
+    runtime: int,
+    workdir: Path,
+    repeat: int,
+    profiler: Profiler | None = None,
 ) -> RunResult:
     output = workdir / f"fio-{job.key}-{server.key}-{repeat}.json"
     argv = fio_argv(job, server.uri, size, runtime, output)
     cpu_before = process_cpu_seconds(server.pid)
     started = time.monotonic()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        proc = subprocess.run(
-            argv, capture_output=True, text=True, timeout=runtime + 120, check=False
-        )
+        if profiler is not None:
+            time.sleep(PROFILE_DELAY)
+            profiler.record(server, job, repeat, runtime)
+        stdout, stderr = proc.communicate(timeout=runtime + 120)
     except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
         return RunResult(server.key, job.key, repeat, None, None, "fio timed out")
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
     elapsed = time.monotonic() - started
     cpu_after = process_cpu_seconds(server.pid)
     server_cpu = None
@@ -560,7 +707,7 @@ def run_fio(
     try:
         document = _parse_fio_json(output.read_text())
     except (OSError, ValueError) as exc:
-        detail = (proc.stderr or proc.stdout).strip()[-2000:]
+        detail = (stderr or stdout).strip()[-2000:]
         return RunResult(
             server.key,
             job.key,
@@ -571,7 +718,7 @@ def run_fio(
         )
     stats = document["jobs"][0]
     if proc.returncode != 0 or stats.get("error"):
-        detail = (proc.stderr or proc.stdout).strip()[-2000:]
+        detail = (stderr or stdout).strip()[-2000:]
         return RunResult(
             server.key,
             job.key,
@@ -630,6 +777,7 @@ class JobSummary:
     cpu: dict[str, list[float]] = field(default_factory=dict)
     latency: dict[str, list[float]] = field(default_factory=dict)
     p99: dict[str, list[float]] = field(default_factory=dict)
+    cpu_per_request: dict[str, list[float]] = field(default_factory=dict)
     errors: int = 0
 
     def add(self, result: RunResult) -> None:
@@ -641,6 +789,7 @@ class JobSummary:
             (self.cpu, result.server_cpu),
             (self.latency, result.latency_us),
             (self.p99, result.p99_us),
+            (self.cpu_per_request, result.cpu_per_request_us),
         ):
             if value is not None:
                 store.setdefault(result.server, []).append(value)
@@ -671,6 +820,15 @@ class JobSummary:
         return None if ratio is None else 1 - ratio
 
     @property
+    def journal_cpu_cost(self) -> float | None:
+        """1 - no-journal / journal server CPU per request: the cost if CPU were the limit."""
+        ours = self.median(JOURNAL.key, self.cpu_per_request)
+        base = self.median(NOJOURNAL.key, self.cpu_per_request)
+        if ours is None or base is None or ours == 0:
+            return None
+        return 1 - base / ours
+
+    @property
     def ratio_verdict(self) -> str:
         ratio = self.nojournal_ratio
         if ratio is None:
@@ -698,6 +856,10 @@ class JobSummary:
             "server_cpu_cores_median": {key: self.median(key, self.cpu) for key in self.cpu},
             "mean_latency_us_median": {key: self.median(key, self.latency) for key in self.latency},
             "p99_latency_us_median": {key: self.median(key, self.p99) for key in self.p99},
+            "server_cpu_per_request_us_median": {
+                key: self.median(key, self.cpu_per_request) for key in self.cpu_per_request
+            },
+            "journal_cpu_cost": self.journal_cpu_cost,
             "ratio_nojournal_nbdkit": self.nojournal_ratio,
             "ratio_journal_nbdkit": self.journal_ratio,
             "journal_cost": self.journal_cost,
@@ -726,6 +888,8 @@ def _fmt_pct(value: float | None) -> str:
 def _fmt_us(value: float | None) -> str:
     if value is None:
         return "-"
+    if value < 100:
+        return f"{value:.1f} µs"
     return f"{value:.0f} µs" if value < 1000 else f"{value / 1000:.1f} ms"
 
 
@@ -760,7 +924,7 @@ def table_rows(summaries: Sequence[JobSummary], servers: Sequence[ServerKind]) -
 
 def detail_rows(summaries: Sequence[JobSummary], servers: Sequence[ServerKind]) -> list[list[str]]:
     """Every run in the order it ran, and the medians of server CPU and fio's latencies."""
-    rows = [["job", "server", "runs", "server CPU", "mean latency", "p99 latency"]]
+    rows = [["job", "server", "runs", "server CPU", "CPU / request", "mean latency", "p99 latency"]]
     for s in summaries:
         for kind in servers:
             runs = s.runs.get(kind.key, [])
@@ -773,10 +937,23 @@ def detail_rows(summaries: Sequence[JobSummary], servers: Sequence[ServerKind]) 
                     kind.title,
                     ", ".join(f"{v:.{digits}f}" for v in runs) + f" {unit}" if runs else "-",
                     "-" if cpu is None else f"{cpu:.2f}",
+                    _fmt_us(s.median(kind.key, s.cpu_per_request)),
                     _fmt_us(s.median(kind.key, s.latency)),
                     _fmt_us(s.median(kind.key, s.p99)),
                 ]
             )
+    return rows
+
+
+def cost_rows(summaries: Sequence[JobSummary]) -> list[list[str]]:
+    """The journal's cost two ways: in throughput, and in server CPU per request.
+
+    On a small machine the scheduler decides how much of a CPU the server gets, and that moves
+    the throughput of one run by tens of percent; the CPU each request costs moves much less.
+    """
+    rows = [["job", "journal cost (throughput)", "journal cost (server CPU per request)"]]
+    for s in summaries:
+        rows.append([s.job.label, _fmt_pct(s.journal_cost), _fmt_pct(s.journal_cpu_cost)])
     return rows
 
 
@@ -850,6 +1027,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--keep", action="store_true", help="keep the temporary directory (logs, fio output)"
     )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="profile the server during every run, into DIR"
+        " (perturbs the figures: profile in a separate run)",
+    )
+    parser.add_argument(
+        "--profilers",
+        default="py-spy",
+        help="with --profile: py-spy (blockmirror units), perf (every server), or both,"
+        " comma-separated (default py-spy); two at once perturb each other",
+    )
+    parser.add_argument(
+        "--py-spy",
+        metavar="PATH",
+        help="the py-spy to use (default: py-spy on PATH)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.runtime, args.repeat = 2, 1
@@ -873,6 +1068,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     # Always in the canonical order, whatever order they were listed in.
     args.server_kinds = [kind for kind in SERVER_KINDS if kind.key in servers]
+    args.profiler = None
+    if args.profile is not None:
+        tools = _choose(args.profilers, {"py-spy": None, "perf": None}, "profiler(s)", parser)
+        py_spy = perf = None
+        if "py-spy" in tools:
+            py_spy = args.py_spy or shutil.which("py-spy")
+            if py_spy is None or not os.access(py_spy, os.X_OK):
+                parser.error("py-spy not found: put it on PATH or pass --py-spy PATH")
+        if "perf" in tools:
+            perf = shutil.which("perf")
+            if perf is None:
+                parser.error("perf is not installed")
+        args.profile.mkdir(parents=True, exist_ok=True)
+        args.profiler = Profiler(args.profile, py_spy, perf)
     return args
 
 
@@ -975,6 +1184,7 @@ def run_benchmark(
                             runtime=args.runtime,
                             workdir=workdir,
                             repeat=repeat,
+                            profiler=args.profiler,
                         )
                     result.order = order
                     results.append(result)
@@ -1007,6 +1217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "repeat": args.repeat,
         "jobs": [job.key for job in args.selected],
         "servers": [kind.key for kind in args.server_kinds],
+        "profiled": args.profile is not None,
     }
     log(
         f"blockmirror {info['blockmirror']} ({info['git']}, sources {info['source_digest']});"
@@ -1017,6 +1228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f" {args.repeat} repeat(s), journal_size {format_size(args.journal_size_bytes)};"
         f" servers: {', '.join(settings['servers'])}; jobs: {', '.join(settings['jobs'])}"
     )
+    if args.profile is not None:
+        log(f"profiling into {args.profile}: these figures are perturbed by the profilers")
     started = time.monotonic()
     with work_directory(args.dir, args.keep) as workdir:
         summaries, results = run_benchmark(args, workdir)
@@ -1025,6 +1238,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.details:
         print()
         print(fmt(detail_rows(summaries, args.server_kinds)))
+        if NOJOURNAL in args.server_kinds and JOURNAL in args.server_kinds:
+            print()
+            print(fmt(cost_rows(summaries)))
     log(f"finished in {time.monotonic() - started:.0f}s")
 
     if args.json is not None:

@@ -18,7 +18,7 @@ times; the table shows medians.
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/bench_recovery.py                       # 1 GiB, about 3 minutes
+    .venv/bin/python benchmarks/bench_recovery.py                       # 1 GiB, about 2 minutes
     .venv/bin/python benchmarks/bench_recovery.py --journal-size 64MiB --repeat 1   # smoke run
 """
 
@@ -363,9 +363,9 @@ def _secs(value: float | None) -> str:
 def table_rows(measurements: Sequence[Measurement]) -> list[list[str]]:
     rows = [
         [
-            "records",
+            "variant",
             "cache",
-            "count",
+            "records",
             "bytes",
             "seconds",
             "MiB/s",
@@ -391,9 +391,7 @@ def table_rows(measurements: Sequence[Measurement]) -> list[list[str]]:
                 VARIANTS_BY_KEY[variant].label,
                 cache,
                 f"{first.records}",
-                format_size(first.journal_bytes)
-                if first.journal_bytes % KiB == 0
-                else f"{first.journal_bytes / MiB:.1f} MiB",
+                f"{first.journal_bytes / MiB:.1f} MiB",
                 f"{seconds:.2f}",
                 f"{first.journal_bytes / MiB / seconds:.0f}",
                 _secs(phase("scan")),

@@ -18,6 +18,7 @@ from typing import Literal
 
 from blockmirror import config_paths
 from blockmirror.errors import ConfigError, SizeError
+from blockmirror.link.auth import AuthError, load_psk
 from blockmirror.units import GiB, MiB, format_size, parse_size
 
 __all__ = [
@@ -466,9 +467,18 @@ def parse_config(
         tls_key=rt.path("tls_key"),
         tls_ca=rt.path("tls_ca"),
     )
-    for have, lacks in (("tls_cert", "tls_key"), ("tls_key", "tls_cert")):
-        if have in rdata and lacks not in rdata:
-            rt.fail(lacks, f"missing; {have} is set and the two go together")
+    # TLS is all or nothing: a certificate without a CA would accept any client (or trust the
+    # system's public CAs), a CA without a certificate would leave a listener in plain TCP.
+    tls_keys = ("tls_cert", "tls_key", "tls_ca")
+    present = [k for k in tls_keys if k in rdata]
+    if present:
+        for lacks in tls_keys:
+            if lacks not in rdata:
+                rt.fail(
+                    lacks,
+                    f"missing; {', '.join(present)} set, and tls_cert, tls_key and tls_ca "
+                    "go together",
+                )
 
     volumes = _parse_volume_list(data.get("volume"), problems, base_dir)
     _check_volume_set(volumes, replication, rt, problems)
@@ -554,6 +564,12 @@ def _check_unit_files(
         path = getattr(replication, name)
         if isinstance(path, Path):
             why = config_paths.check_input_file(path, must_be_nonempty=name == "psk_file")
+            if why is None and name == "psk_file":
+                # The same rule `run` applies when it loads the key: check-config must agree.
+                try:
+                    load_psk(path)
+                except AuthError as exc:
+                    why = str(exc)
             if why is not None:
                 problems.append((f"replication.{name}", why))
 

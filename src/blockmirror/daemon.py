@@ -28,7 +28,7 @@ from blockmirror.admin.controls import handle as handle_control
 from blockmirror.config import Config, VolumeConfig
 from blockmirror.counters import VolumeCounters
 from blockmirror.dirtymap import DirtyMapError
-from blockmirror.errors import BlockmirrorError
+from blockmirror.errors import BlockmirrorError, VolumeError
 from blockmirror.frontend.nbd_server import Export, NbdServer
 from blockmirror.journal.checkpoint import CheckpointError
 from blockmirror.journal.journal import Journal, JournalError
@@ -141,7 +141,13 @@ class Unit:
                     dirty_dir=self.config.unit.state_dir,
                     volume_name=vc.name,
                 )
-            except (JournalCorruptError, JournalError, CheckpointError, DirtyMapError) as exc:
+            except (
+                JournalCorruptError,
+                JournalError,
+                CheckpointError,
+                DirtyMapError,
+                VolumeError,
+            ) as exc:
                 # This volume is not served; the others are. Status and the log say why.
                 problem = str(exc)
                 log.error("volume %s is not served: %s", vc.name, exc)

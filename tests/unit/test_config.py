@@ -145,7 +145,7 @@ read_only = true
 
 
 def test_full_config_loads_with_every_field(tmp_path: Path) -> None:
-    (tmp_path / "psk").write_text("secret\n")
+    (tmp_path / "psk").write_text("a-long-enough-secret-key\n")
     (tmp_path / "tls").mkdir()
     for name in ("cert.pem", "key.pem", "ca.pem"):
         (tmp_path / "tls" / name).write_text("pem")
@@ -692,7 +692,7 @@ def test_tls_cert_and_key_go_together(tmp_path: Path) -> None:
     data = minimal(tmp_path)
     data["replication"] = {"tls_key": "key.pem"}
     problems = problems_of(data, tmp_path, check_paths=False)
-    assert keys_of(problems) == ["replication.tls_cert"]
+    assert sorted(keys_of(problems)) == ["replication.tls_ca", "replication.tls_cert"]
 
 
 # --------------------------------------------------------------------------- volume sets
@@ -1012,6 +1012,7 @@ def test_state_dir_parent_not_writable(
     [
         ("psk_file", None, "does not exist"),
         ("psk_file", b"", "is empty"),
+        ("psk_file", b"short\n", "need at least 16"),
         ("tls_ca", "dir", "not a regular file"),
     ],
 )
@@ -1025,9 +1026,17 @@ def test_replication_files(
         target.mkdir()
     data = minimal(tmp_path)
     data["replication"] = {key: "input"}
-    problems = problems_of(data, tmp_path)
-    assert keys_of(problems) == [f"replication.{key}"]
-    assert fragment in problems[0][1]
+    problems = dict(problems_of(data, tmp_path))
+    assert fragment in problems[f"replication.{key}"]
+
+
+def test_tls_keys_go_together(tmp_path: Path) -> None:
+    for name in ("cert", "key"):
+        (tmp_path / name).write_text("-----BEGIN-----\n")
+    data = minimal(tmp_path)
+    data["replication"] = {"tls_cert": "cert", "tls_key": "key"}
+    problems = dict(problems_of(data, tmp_path))
+    assert "go together" in problems["replication.tls_ca"]
 
 
 def test_unreadable_psk(tmp_path: Path, deny_access: Callable[[Path, int], None]) -> None:

@@ -146,6 +146,7 @@ class Journal:
         self._recovered_consumers: dict[str, ConsumerState] = {}
         self._unclean_os_restart = False
         self._batch: list[tuple[int, list[Buffer]]] = []
+        self._batch_end = -1
         self._batch_seq = 0
 
     # --- opening and recovery ---------------------------------------------------------------
@@ -395,10 +396,10 @@ class Journal:
             pad = RecordHeader(
                 Kind.PADDING, seq, 0, 0, 0, self.durable_seq, placement.pad_payload_len
             )
-            self._add_iov(placement.pad_lpos, record_iov(pad))
+            self._add_iov(placement.pad_lpos, record_iov(pad), HEADER_SIZE)
         now = time.time_ns()
         header = RecordHeader(kind, seq, now, offset, length, self.durable_seq, payload_len)
-        self._add_iov(placement.record_lpos, record_iov(header, payload))
+        self._add_iov(placement.record_lpos, record_iov(header, payload), size)
         rec = LiveRecord(seq, placement.record_lpos, size, kind, offset, length, now)
         self.records.append(rec)
         self.next_seq = seq + 1
@@ -406,15 +407,14 @@ class Journal:
         self._batch_seq = seq
         return rec
 
-    def _add_iov(self, lpos: int, iov: list[Buffer]) -> None:
+    def _add_iov(self, lpos: int, iov: list[Buffer], nbytes: int) -> None:
+        """Queue ``nbytes`` of buffers for ``lpos``, extending the current run when contiguous."""
         pos = self.ring.physical(lpos)
-        if self._batch:
-            start, bufs = self._batch[-1]
-            end = start + sum(memoryview(b).nbytes for b in bufs)
-            if end == pos:
-                bufs.extend(iov)
-                return
-        self._batch.append((pos, iov))
+        if self._batch and self._batch_end == pos:
+            self._batch[-1][1].extend(iov)
+        else:
+            self._batch.append((pos, iov))
+        self._batch_end = pos + nbytes
 
     @property
     def batch_pending(self) -> bool:

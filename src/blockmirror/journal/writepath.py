@@ -304,7 +304,7 @@ class JournalWritePath:
                 return
             try:
                 self._apply(item)
-            except OSError as exc:
+            except (OSError, BlockmirrorError) as exc:
                 self._fail(exc)
                 return
             self._applied_one()

@@ -118,8 +118,10 @@ class ReplicationServer:
         return str(host), int(port)
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
+        # TLS is started per connection (not by the listener) so that a refused handshake is
+        # logged and counted like any other refusal instead of vanishing inside asyncio.
         self._server = await asyncio.start_server(
-            self._serve, host, port, ssl=self._ssl, reuse_address=True, limit=READ_SIZE
+            self._serve, host, port, reuse_address=True, limit=READ_SIZE
         )
         return self.address
 
@@ -139,6 +141,15 @@ class ReplicationServer:
         self._sessions.add(task)
         peer = writer.get_extra_info("peername")
         where = f"{peer[0]}:{peer[1]}" if peer else "?"
+        if self._ssl is not None:
+            try:
+                await asyncio.wait_for(writer.start_tls(self._ssl), HANDSHAKE_TIMEOUT)
+            except (ssl.SSLError, ConnectionError, TimeoutError, OSError) as exc:
+                self.refusals += 1
+                log.warning("link from %s refused: TLS handshake failed: %s", where, exc)
+                self._sessions.discard(task)
+                writer.close()
+                return
         session = _Session(self, reader, writer, where)
         try:
             await session.run()
@@ -175,6 +186,7 @@ class _Session:
         self.where = where
         self.codec = LinkCodec()
         self.replica: ReplicaRuntime | None = None
+        self._target: ReplicaRuntime | None = None
         self._owns_replica = False
         self._ack_scheduled = False
         self._last_sent = time.monotonic()
@@ -204,8 +216,10 @@ class _Session:
 
     def refuse(self, code: str, message: str) -> LinkRefused:
         self.refuse_quietly(code, message)
-        if self.replica is not None:
-            self.replica.last_refusal = f"{code}: {message}"
+        # Shown on the replica the source asked for, bound or not (an auth failure, say).
+        target = self.replica or self._target
+        if target is not None:
+            target.last_refusal = f"{code}: {message} (from {self.where})"
         return LinkRefused(code, message)
 
     def refuse_quietly(self, code: str, message: str) -> None:
@@ -225,6 +239,7 @@ class _Session:
             raise self.refuse("bad-frame", f"expected HELLO, got {type(hello).__name__}")
         if hello.protocol != PROTOCOL_VERSION:
             raise self.refuse("version", f"protocol {hello.protocol} is not {PROTOCOL_VERSION}")
+        self._target = self.server._replicas(hello.volume)
         await self._authenticate(hello)
         replica = self.server._replicas(hello.volume)
         if replica is None:
@@ -249,6 +264,9 @@ class _Session:
         replica.source_unit = hello.unit
         replica.connected_since = time.time()
         replica.last_refusal = None
+        # Resync progress belongs to one session: the source numbers its frames afresh.
+        replica.sync_lsn = 0
+        replica.sync_done = None
         wp = replica.write_path
         self.send(
             Welcome(
@@ -285,10 +303,12 @@ class _Session:
         assert replica is not None
         wp = replica.write_path
         heartbeat = asyncio.create_task(self._heartbeats())
+        syncing = False  # resync frames are only accepted between SYNC_START and SYNC_DONE
         try:
             while True:
                 message = await self.receive(IDLE_TIMEOUT)
                 if isinstance(message, Records):
+                    self._check_records(message)
                     batch = [
                         (r.header.kind, r.header.seq, r.header.offset, r.header.length, r.payload)
                         for r in message.records
@@ -301,12 +321,19 @@ class _Session:
                     done.add_done_callback(self._durable)
                 elif isinstance(message, SyncStart):
                     await self._sync_start(hello, message)
+                    syncing = True
                 elif isinstance(message, SyncData | SyncZero):
+                    if not syncing:
+                        raise self.refuse("bad-frame", "resync data without SYNC_START")
                     data = message.data if isinstance(message, SyncData) else None
                     length = len(message.data) if isinstance(message, SyncData) else message.length
+                    self._check_range(message.offset, length, f"resync lsn {message.lsn}")
                     done = wp.apply_resync(message.offset, length, data)
                     done.add_done_callback(functools.partial(self._sync_applied, message.lsn))
                 elif isinstance(message, SyncDone):
+                    if not syncing:
+                        raise self.refuse("bad-frame", "SYNC_DONE without SYNC_START")
+                    syncing = False
                     replica.sync_done = (message.lsn, message.as_of_seq)
                     self._check_consistent()
                 elif isinstance(message, Heartbeat):
@@ -317,6 +344,27 @@ class _Session:
                     raise self.refuse("bad-frame", f"unexpected {type(message).__name__}")
         finally:
             heartbeat.cancel()
+
+    def _check_range(self, offset: int, length: int, what: str) -> None:
+        replica = self.replica
+        assert replica is not None
+        if offset + length > replica.size:
+            raise self.refuse(
+                "bad-frame",
+                f"{what}: {offset}+{length} is past the end of the {replica.size}-byte replica",
+            )
+
+    def _check_records(self, message: Records) -> None:
+        """Refuse, before anything is journaled, records that cannot be applied in order."""
+        replica = self.replica
+        assert replica is not None
+        expected = replica.write_path.journal.next_seq
+        for record in message.records:
+            h = record.header
+            if h.seq != expected:
+                raise self.refuse("bad-frame", f"record seq {h.seq} arrived, {expected} expected")
+            self._check_range(h.offset, h.length, f"record seq {h.seq}")
+            expected += 1
 
     async def _sync_start(self, hello: Hello, message: SyncStart) -> None:
         replica = self.replica
