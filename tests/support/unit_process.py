@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 BLOCKMIRROR = [sys.executable, "-m", "blockmirror.cli"]
+TEST_JOURNAL_SIZE = "16MiB"
 
 
 def require_commands(*names: str) -> None:
@@ -91,7 +92,10 @@ def write_config(
     for vol in volumes:
         lines.append("")
         lines.append("[[volume]]")
-        for key, value in vol.items():
+        # The product's default journal is 1 GiB, preallocated: a hundred test units would fill
+        # a disk. Tests that need a bigger one say so.
+        entry = {"journal_size": TEST_JOURNAL_SIZE, **vol}
+        for key, value in entry.items():
             lines.append(f"{key} = {json.dumps(value)}")
     path = directory / f"{name}.toml"
     path.write_text("\n".join(lines) + "\n")

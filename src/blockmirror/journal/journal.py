@@ -77,6 +77,9 @@ class Consumer:
     mode: Mode
     paused: bool
     dirty: DirtyMap
+    # Grows whenever bits may be set behind a copy in flight (a switch to tracking, writes
+    # recorded only in the map): a region copied before a change must not be cleared after it.
+    generation: int = 0
 
     def state(self) -> ConsumerState:
         return ConsumerState(self.acked_seq, self.mode, self.paused)
@@ -460,6 +463,7 @@ class Journal:
         those records occupy is reused (docs/journal.md, "Consumers, overflow and the dirty map").
         """
         last = self.next_seq - 1 if upto is None else upto
+        consumer.generation += 1
         for rec in self.records:
             if consumer.acked_seq < rec.seq <= last and rec.kind != Kind.FLUSH:
                 consumer.dirty.mark(rec.offset, rec.length)
@@ -478,6 +482,7 @@ class Journal:
         """Record a write in every consumer's dirty map; True if any bit is new."""
         new = False
         for consumer in self.consumers.values():
+            consumer.generation += 1
             new = consumer.dirty.mark(offset, length) or new
         return new
 
@@ -556,6 +561,7 @@ class Journal:
         for consumer in self.consumers.values():
             # Every cursor belongs to the old numbering. The records it pointed at are gone, so
             # each consumer goes (back) to tracking: its sender restarts a resync from the map.
+            consumer.generation += 1
             consumer.mode = "tracking"
             consumer.acked_seq = next_seq - 1
 

@@ -639,6 +639,7 @@ class JournalWritePath:
                 f"start at or before {consumer.acked_seq + 1}"
             )
         if consumer.mode == "journal":
+            consumer.generation += 1  # bits set behind any copy in flight
             for rec in self.journal.records:
                 if first_seq <= rec.seq <= last_seq and rec.seq > consumer.acked_seq:
                     if rec.kind != Kind.FLUSH:

@@ -350,7 +350,8 @@ class _Stream:
         self.sent_bytes_at: deque[tuple[int, int]] = deque()  # (seq, cumulative bytes)
         self.cumulative = 0
         self.acked_bytes = 0
-        self.sync_inflight: deque[tuple[int, int, int]] = deque()  # (lsn, offset, length)
+        # (lsn, offset, length, consumer generation when the region was read)
+        self.sync_inflight: deque[tuple[int, int, int, int]] = deque()
         self.sync_done_lsn: int | None = None
         self.progress = asyncio.Event()
         self.failed: BaseException | None = None
@@ -496,7 +497,7 @@ class _Stream:
                     nbytes = self.link.send(SyncZero(lsn, offset, n, as_of))
                 else:
                     nbytes = self.link.send(SyncData(lsn, offset, as_of, memoryview(data)))
-                self.sync_inflight.append((lsn, offset, n))
+                self.sync_inflight.append((lsn, offset, n, consumer.generation))
                 self.cumulative += nbytes
                 self.sent_bytes_at.append((-lsn, self.cumulative))
                 sender.stats.count(nbytes)
@@ -553,9 +554,11 @@ class _Stream:
             sender.stats.acked_seq = ack.durable_seq
         consumer = sender.consumer
         while self.sync_inflight and self.sync_inflight[0][0] <= ack.sync_lsn:
-            _, offset, length = self.sync_inflight.popleft()
-            # The secondary holds this copy durably; later writes to it are in the stream.
-            if consumer.mode == "journal":
+            _, offset, length, generation = self.sync_inflight.popleft()
+            # The secondary holds this copy durably, and every write since it was read is in
+            # the stream, unless bits were set behind it (the generation moved): then the
+            # region must be copied again, so its bit stays.
+            if consumer.mode == "journal" and consumer.generation == generation:
                 consumer.dirty.clear(offset, length)
         while self.sent_bytes_at:
             key, cumulative = self.sent_bytes_at[0]
