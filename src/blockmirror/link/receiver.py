@@ -118,10 +118,11 @@ class ReplicationServer:
         return str(host), int(port)
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
-        # TLS is started per connection (not by the listener) so that a refused handshake is
-        # logged and counted like any other refusal instead of vanishing inside asyncio.
+        # The listener does the TLS handshake. (Starting TLS inside the connection callback
+        # would let the stream reader swallow the client's first handshake bytes, and both
+        # sides would wait for each other until they time out.)
         self._server = await asyncio.start_server(
-            self._serve, host, port, reuse_address=True, limit=READ_SIZE
+            self._serve, host, port, ssl=self._ssl, reuse_address=True, limit=READ_SIZE
         )
         return self.address
 
@@ -141,15 +142,6 @@ class ReplicationServer:
         self._sessions.add(task)
         peer = writer.get_extra_info("peername")
         where = f"{peer[0]}:{peer[1]}" if peer else "?"
-        if self._ssl is not None:
-            try:
-                await asyncio.wait_for(writer.start_tls(self._ssl), HANDSHAKE_TIMEOUT)
-            except (ssl.SSLError, ConnectionError, TimeoutError, OSError) as exc:
-                self.refusals += 1
-                log.warning("link from %s refused: TLS handshake failed: %s", where, exc)
-                self._sessions.discard(task)
-                writer.close()
-                return
         session = _Session(self, reader, writer, where)
         try:
             await session.run()
