@@ -60,11 +60,14 @@ class VolumeRuntime:
     export: Export
     server: NbdServer | None = None
     state: str = "opening"
-    counters: VolumeCounters = field(default_factory=VolumeCounters)
     journal: JournalWritePath | None = None
     problem: str | None = None
     replica: ReplicaRuntime | None = None
     senders: list[PeerSender] = field(default_factory=list)
+
+    @property
+    def counters(self) -> VolumeCounters:
+        return self.export.counters
 
     @property
     def export_address(self) -> str | None:
@@ -187,7 +190,7 @@ class Unit:
             description=vc.description or f"blockmirror {vc.role} volume {vc.name}",
             read_only=read_only,
         )
-        rt = VolumeRuntime(vc, volume, export, counters=export.counters, journal=journal_wp)
+        rt = VolumeRuntime(vc, volume, export, journal=journal_wp)
         rt.problem = problem
         rt.state = "failed" if problem else "opening"
         return rt

@@ -31,6 +31,7 @@ from types import TracebackType
 from typing import Self
 
 from blockmirror.errors import BlockmirrorError, OutOfRangeError
+from blockmirror.fileio import pwritev_all
 
 __all__ = [
     "DEFAULT_REGION_SIZE",
@@ -73,11 +74,6 @@ _ONES_CHUNK = b"\xff" * _SCAN_CHUNK
 _NONZERO = re.compile(rb"[^\x00]")
 _NOT_ONES = re.compile(rb"[^\xff]")
 _POPCOUNT_CHUNK = 1 << 20
-
-try:
-    _IOV_MAX = max(16, os.sysconf("SC_IOV_MAX"))
-except (ValueError, OSError):
-    _IOV_MAX = 1024
 
 
 def _byte_runs(value: int) -> tuple[tuple[int, int], ...]:
@@ -163,23 +159,6 @@ def _encode_header(volume_size: int, region_size: int) -> bytes:
         _region_count(volume_size, region_size),
     )
     return body + _CRC.pack(_crc32c(body))
-
-
-def _write_fully(fd: int, pos: int, buffers: list[memoryview]) -> None:
-    """pwritev all of ``buffers`` at ``pos``, resuming after short writes."""
-    while buffers:
-        batch = buffers[:_IOV_MAX]
-        n = os.pwritev(fd, batch, pos)
-        if n <= 0:
-            raise OSError(errno.EIO, "dirty map write made no progress")
-        pos += n
-        done = 0
-        while done < len(batch) and n >= batch[done].nbytes:
-            n -= batch[done].nbytes
-            done += 1
-        buffers = buffers[done:]
-        if n:
-            buffers[0] = buffers[0][n:]
 
 
 def _read_fully(fd: int, pos: int, view: memoryview) -> None:
@@ -275,9 +254,9 @@ class DirtyMap:
                 if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                     raise
             header = _encode_header(volume_size, region_size)
-            _write_fully(fd, 0, [memoryview(header)])
+            pwritev_all(fd, [header], 0)
             if all_dirty:
-                _write_fully(fd, PAGE_SIZE, [memoryview(bits)])
+                pwritev_all(fd, [bits], PAGE_SIZE)
             os.fdatasync(fd)
             os.replace(tmp, path)
             _fsync_dir(path.parent)
@@ -562,7 +541,7 @@ class DirtyMap:
             while stop < len(pages) and pages[stop] == pages[stop - 1] + 1:
                 stop += 1
             views = [memoryview(b) for b in snapshot[start:stop]]
-            _write_fully(fd, PAGE_SIZE + (pages[start] << _PAGE_SHIFT), views)
+            pwritev_all(fd, views, PAGE_SIZE + (pages[start] << _PAGE_SHIFT))
             start = stop
 
     # -- queries --------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from types import TracebackType
 from typing import Literal, Self
 
 from blockmirror.errors import OutOfRangeError, ReadOnlyError, VolumeError
+from blockmirror.fileio import pwritev_all
 
 __all__ = ["EXTENT_DATA", "EXTENT_HOLE_ZERO", "MAX_EXTENTS", "Volume", "backing_size"]
 
@@ -49,10 +50,6 @@ _OFF_MAX = 2**63 - 1
 # errnos by which filesystems and drivers say "this operation is not implemented here".
 _UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.ENOTTY})
 
-try:
-    _IOV_MAX = max(16, os.sysconf("SC_IOV_MAX"))
-except (ValueError, OSError):
-    _IOV_MAX = 1024
 _ZERO_BLOCK = bytes(64 * 1024)
 _ZEROS_PER_CALL = 128  # 8 MiB per pwritev when zeros must be written as data
 
@@ -362,7 +359,7 @@ class Volume:
     def pwritev(self, offset: int, buffers: Sequence[bytes | bytearray | memoryview]) -> None:
         views = [v for v in (memoryview(b).cast("B") for b in buffers) if v.nbytes]
         fd, pos = self._locate_for_write(offset, sum(v.nbytes for v in views))
-        _write_fully(fd, pos, views)
+        pwritev_all(fd, views, pos)
 
     def flush(self) -> None:
         if self._fd < 0:
@@ -500,23 +497,6 @@ def _read_fully(fd: int, pos: int, view: memoryview) -> None:
         pos += n
 
 
-def _write_fully(fd: int, pos: int, views: list[memoryview]) -> None:
-    i = 0
-    while i < len(views):
-        n = os.pwritev(fd, views[i : i + _IOV_MAX], pos)
-        if n <= 0:
-            raise OSError(errno.EIO, "vectored write made no progress")
-        pos += n
-        # Skip what was written: whole buffers, then the head of a partly written one.
-        while n:
-            if n >= views[i].nbytes:
-                n -= views[i].nbytes
-                i += 1
-            else:
-                views[i] = views[i][n:]
-                n = 0
-
-
 def _write_zeros(fd: int, pos: int, length: int) -> None:
     chunk = len(_ZERO_BLOCK)
     whole = memoryview(_ZERO_BLOCK)
@@ -526,6 +506,6 @@ def _write_zeros(fd: int, pos: int, length: int) -> None:
         views = [whole] * full
         if rest:
             views.append(whole[:rest])
-        _write_fully(fd, pos, views)
+        pwritev_all(fd, views, pos)
         pos += step
         length -= step

@@ -8,7 +8,7 @@ only moves the bytes this class returns.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from blockmirror.errors import ProtocolError
 from blockmirror.frontend.nbd_protocol import (
@@ -86,8 +86,6 @@ class Negotiation:
     structured: bool = False
     meta_export: str | None = None
     meta_context_id: int | None = None
-    options_seen: int = 0
-    _replies: list[bytes] = field(default_factory=list)
 
     @property
     def no_zeroes(self) -> bool:
@@ -101,7 +99,6 @@ class Negotiation:
         return self.lookup(name)
 
     def handle(self, event: OptionRequest | OversizedOption) -> Outcome:
-        self.options_seen += 1
         if isinstance(event, OversizedOption):
             if event.option == Opt.EXPORT_NAME:
                 # EXPORT_NAME has no error reply (an option reply would be read as size and

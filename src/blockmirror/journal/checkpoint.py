@@ -28,6 +28,7 @@ from typing import Any, Final, Literal, TypeAlias
 from crc32c import crc32c
 
 from blockmirror.errors import BlockmirrorError
+from blockmirror.fileio import pread_all
 
 __all__ = [
     "BODY_MAX",
@@ -347,7 +348,7 @@ def read_checkpoint(fd: int) -> tuple[int, int, Checkpoint] | None:
 
     Blocking I/O: an asyncio caller runs it in a thread (``asyncio.to_thread``).
     """
-    raw = _pread_full(fd, 2 * SLOT_SIZE, 0)
+    raw = pread_all(fd, 2 * SLOT_SIZE, 0)
     return choose(raw[:SLOT_SIZE], raw[SLOT_SIZE:])
 
 
@@ -376,16 +377,3 @@ def write_checkpoint(fd: int, cp: Checkpoint, generation: int) -> None:
         view = view[written:]
         offset += written
     os.fdatasync(fd)
-
-
-def _pread_full(fd: int, size: int, offset: int) -> bytes:
-    # A regular file returns short reads only at its end; the loop also covers odd devices.
-    parts: list[bytes] = []
-    while size:
-        chunk = os.pread(fd, size, offset)
-        if not chunk:
-            break
-        parts.append(chunk)
-        size -= len(chunk)
-        offset += len(chunk)
-    return b"".join(parts)

@@ -19,6 +19,7 @@ from typing import Literal
 
 from blockmirror.dirtymap import DirtyMap, DirtyMapError
 from blockmirror.errors import BlockmirrorError
+from blockmirror.fileio import pwritev_all
 from blockmirror.journal.checkpoint import (
     Checkpoint,
     ConsumerState,
@@ -41,7 +42,6 @@ log = logging.getLogger(__name__)
 
 Buffer = bytes | bytearray | memoryview
 Mode = Literal["journal", "tracking"]
-IOV_MAX = 1024
 DIRTY_REGION = 64 * 1024
 
 
@@ -92,29 +92,6 @@ class RecoveryReport:
     torn_tail: str | None
     unclean_os_restart: bool
     seconds: float
-
-
-def _pwritev_all(fd: int, buffers: list[Buffer], pos: int) -> None:
-    """Write every buffer at ``pos`` in as few ``pwritev`` calls as the kernel allows."""
-    views = [memoryview(b).cast("B") for b in buffers]
-    while views:
-        batch = views[:IOV_MAX]
-        total = sum(v.nbytes for v in batch)
-        written = os.pwritev(fd, batch, pos)
-        pos += written
-        if written == total:
-            views = views[IOV_MAX:]
-            continue
-        # A short write: drop what went out and go on from the remainder.
-        rest = written
-        while rest:
-            first = views[0]
-            if first.nbytes <= rest:
-                rest -= first.nbytes
-                views.pop(0)
-            else:
-                views[0] = first[rest:]
-                rest = 0
 
 
 class Journal:
@@ -427,7 +404,7 @@ class Journal:
         """Write every staged record to the ring: one pwritev per contiguous run."""
         batch, self._batch = self._batch, []
         for pos, bufs in batch:
-            _pwritev_all(self.fd, bufs, pos)
+            pwritev_all(self.fd, bufs, pos)
         if batch:
             self.written_seq = self._batch_seq
 

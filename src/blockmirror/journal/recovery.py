@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from blockmirror.errors import BlockmirrorError
+from blockmirror.fileio import pread_all
 from blockmirror.journal.format import (
     HEADER_SIZE,
     MAGIC,
@@ -78,21 +79,11 @@ class JournalCorruptError(BlockmirrorError):
         )
 
 
-def _pread(fd: int, size: int, pos: int) -> bytes:
-    data = os.pread(fd, size, pos)
-    while len(data) < size:
-        more = os.pread(fd, size - len(data), pos + len(data))
-        if not more:
-            break
-        data += more
-    return data
-
-
 def _read_record(fd: int, ring: Ring, lpos: int, expected_seq: int) -> tuple[FoundRecord, bool]:
     """The record at ``lpos``; the flag says it is padding. Raises RecordError if invalid."""
     pos = ring.physical(lpos)
     room = ring.space_to_end(lpos)
-    head = _pread(fd, HEADER_SIZE, pos)
+    head = pread_all(fd, HEADER_SIZE, pos)
     h = decode_header(head)
     if h.seq != expected_seq:
         raise RecordError(f"sequence number {h.seq}, expected {expected_seq}")
@@ -103,7 +94,7 @@ def _read_record(fd: int, ring: Ring, lpos: int, expected_seq: int) -> tuple[Fou
         return FoundRecord(h.seq, lpos, room, h.kind, 0, 0, h.timestamp_ns), True
     if h.size > room:
         raise RecordError(f"record of {h.size} bytes runs past the ring end ({room} left)")
-    payload = _pread(fd, h.payload_len, pos + HEADER_SIZE) if h.payload_len else b""
+    payload = pread_all(fd, h.payload_len, pos + HEADER_SIZE) if h.payload_len else b""
     verify_record(head, payload)
     return FoundRecord(h.seq, lpos, h.size, h.kind, h.offset, h.length, h.timestamp_ns), False
 
@@ -146,7 +137,7 @@ def _header_seq(fd: int, ring: Ring, lpos: int) -> int | None:
 
 def _try_header(fd: int, ring: Ring, lpos: int) -> RecordHeader | None:
     try:
-        return decode_header(_pread(fd, HEADER_SIZE, ring.physical(lpos)))
+        return decode_header(pread_all(fd, HEADER_SIZE, ring.physical(lpos)))
     except RecordError:
         return None
 
@@ -156,7 +147,7 @@ def _candidates(fd: int, ring: Ring, start: int, end: int) -> Iterator[tuple[int
     lpos = start
     while lpos < end:
         length = min(_SCAN_CHUNK, end - lpos, ring.space_to_end(lpos))
-        chunk = _pread(fd, length, ring.physical(lpos))
+        chunk = pread_all(fd, length, ring.physical(lpos))
         at = chunk.find(_MAGIC_BYTES)
         while at != -1:
             cand = lpos + at
