@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 Buffer = bytes | bytearray | memoryview
 CHECKPOINT_INTERVAL = 1.0
+# How long a stop waits for writes still waiting for room or for the volume.
+CLOSE_WAIT = 3.0
 # Start freeing space early, well before an append finds the ring full.
 EAGER_CHECKPOINT_FILL = 0.5
 
@@ -130,21 +132,28 @@ class JournalWritePath:
         self._task = self._loop.create_task(self._checkpointer())
 
     async def close(self) -> None:
-        """Apply and sync everything, write a clean checkpoint, close the journal."""
+        """Apply and sync everything, write a clean checkpoint, close the journal.
+
+        A stop must not hang on a write that waits for room nobody will make (a peer that never
+        acknowledges under ``overflow = "block"``): such waits are bounded, and a journal left
+        with unapplied work is closed unclean, so recovery replays it.
+        """
         if self._room_task is not None:
-            with contextlib.suppress(Exception):
-                await self._room_task
+            with contextlib.suppress(Exception, TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._room_task), CLOSE_WAIT)
+            self._room_task.cancel()
         if self.failed is None:
             gate = self.commit()
             if gate is not None:
-                with contextlib.suppress(Exception):
-                    await gate
+                with contextlib.suppress(Exception, TimeoutError):
+                    await asyncio.wait_for(gate, CLOSE_WAIT)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        clean = self.failed is None and not self._queue and not self._waiting
         async with self._checkpoint_lock:
-            await asyncio.to_thread(self.journal.close, clean=self.failed is None)
+            await asyncio.to_thread(self.journal.close, clean=clean)
 
     # --- the WritePath interface ----------------------------------------------------------------
 
