@@ -6,11 +6,14 @@ import argparse
 import asyncio
 import json
 import logging
+import os
+import ssl
 import sys
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,6 +27,8 @@ from blockmirror.units import format_size
 EXIT_CONFIG = 2
 EXIT_FAILURE = 1
 DEFAULT_ADMIN = "127.0.0.1:7700"
+# The admin token itself, for scripts that keep it elsewhere than in a file.
+TOKEN_ENV = "BLOCKMIRROR_ADMIN_TOKEN"
 
 T = TypeVar("T")
 
@@ -49,7 +54,10 @@ def _setup_logging(verbose: bool) -> None:
 
 def _load(path: str) -> Config | None:
     try:
-        return load_config(Path(path))
+        config = load_config(Path(path))
+        for key, message in config.warnings:
+            print(f"{path}: warning: {key}: {message}", file=sys.stderr)
+        return config
     except ConfigError as exc:
         print(f"{path}: configuration is invalid:", file=sys.stderr)
         for key, message in exc.problems:
@@ -86,47 +94,173 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
 
 
-def _admin_from_config(path: str) -> str | None:
-    config = _load(path)
-    if config is None:
-        return None
-    from blockmirror.daemon import read_runtime_file
+@dataclass(frozen=True)
+class AdminToken:
+    """The admin token the CLI sends: the token and where it came from, or why there is none."""
 
-    runtime = read_runtime_file(config.unit.state_dir)
-    if runtime and runtime.get("admin"):
-        return str(runtime["admin"])
-    if config.unit.admin is None:
-        print(f"{path}: unit.admin is not set; the unit has no admin API", file=sys.stderr)
-        return None
-    return str(config.unit.admin)
+    token: str | None = None
+    source: str | None = None
+    problem: str | None = None
 
 
-def fetch_status(admin: str, timeout: float = 5.0) -> dict[str, Any]:
-    address = parse_address(admin, "--admin")
-    host = f"[{address.host}]" if ":" in address.host else address.host
-    url = f"http://{host}:{address.port}/api/status"
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        data = json.loads(response.read())
-    if not isinstance(data, dict):
-        raise BlockmirrorError(f"{url} did not return a JSON object")
-    return data
+class AdminClient:
+    """How the CLI talks to one unit's admin API: its address, the admin token, and TLS."""
+
+    def __init__(
+        self,
+        address: str,
+        token: AdminToken | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        self.address = address
+        credential = token or AdminToken()
+        self.token = credential.token
+        self.token_source = credential.source
+        # Why no token could be read: shown if the unit then asks for one.
+        self.token_problem = credential.problem
+        self.tls = tls
+
+    def url(self, path: str) -> str:
+        parsed = parse_address(self.address, "--admin")
+        # A unit listening on every interface is reached on loopback.
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(parsed.host, parsed.host)
+        host = f"[{host}]" if ":" in host else host
+        return f"{'https' if self.tls else 'http'}://{host}:{parsed.port}{path}"
+
+    def open(self, method: str, path: str, timeout: float) -> dict[str, Any]:
+        """The JSON object the API answers; HTTPError, URLError or OSError otherwise."""
+        url = self.url(path)
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        request = urllib.request.Request(
+            url, data=b"" if method == "POST" else None, method=method, headers=headers
+        )
+        # No proxies: the token is for the unit, not for whatever http_proxy names.
+        opener = urllib.request.build_opener(
+            urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=self.tls)
+        )
+        with opener.open(request, timeout=timeout) as response:
+            data = json.loads(response.read())
+        if not isinstance(data, dict):
+            raise BlockmirrorError(f"{url} did not return a JSON object")
+        return data
+
+    def refusal(self, exc: urllib.error.HTTPError) -> str:
+        """What to tell the operator when the API answered with an error status."""
+        try:
+            message = str(json.loads(exc.read())["error"])
+        except (ValueError, KeyError, TypeError, OSError):
+            message = exc.reason if isinstance(exc.reason, str) else str(exc)
+        if exc.code != 401:
+            return f"the unit refused ({exc.code}): {message}"
+        if self.token is None:
+            how = (
+                self.token_problem
+                or "no admin token was given: use --config CONFIG.toml (reads the unit's token "
+                "file), --token-file PATH, or set BLOCKMIRROR_ADMIN_TOKEN"
+            )
+            return f"the unit's admin API needs the admin token (401: {message}); {how}"
+        return (
+            f"the unit refused the admin token from {self.token_source} (401: {message}); "
+            "if the token was rotated, use the unit's current admin_token_file"
+        )
 
 
-def _resolve_admin(args: argparse.Namespace) -> str | None:
-    """The admin address from --admin, or from --config (its unit.json first), or the default."""
+def _token_from(args: argparse.Namespace, config: Config | None) -> AdminToken:
+    """The admin token from --token-file, the environment, or the configuration's token
+    file, in that order."""
+    from blockmirror.admin.auth import AdminTokenError, load_token
+
+    token_file = getattr(args, "token_file", None)
+    if token_file:
+        try:
+            token = load_token(Path(token_file), check_mode=False)
+        except AdminTokenError as exc:
+            raise ConfigError([("--token-file", str(exc))]) from None
+        return AdminToken(token, f"--token-file {token_file}")
+    env = os.environ.get(TOKEN_ENV, "").strip()
+    if env:
+        return AdminToken(env, f"${TOKEN_ENV}")
+    if config is not None:
+        from blockmirror.admin.setup import unit_token_path
+
+        path = unit_token_path(config.unit)
+        try:
+            return AdminToken(load_token(path, check_mode=False), str(path))
+        except AdminTokenError as exc:
+            # Not fatal here: a unit with admin_public_status answers status without it.
+            problem = (
+                f"{exc} (run as a user who can read it, or pass --token-file; "
+                "the unit writes STATE_DIR/admin.token at its first start)"
+            )
+            return AdminToken(problem=problem)
+    return AdminToken()
+
+
+def _tls_from(
+    args: argparse.Namespace, config: Config | None, https: bool
+) -> ssl.SSLContext | None:
+    from blockmirror.admin.auth import client_tls_context
+
+    ca = getattr(args, "admin_ca", None)
+    if ca:
+        return client_tls_context([Path(ca)])
+    if config is not None and config.unit.admin_tls_cert is not None:
+        # The configured CA, or else the unit's own certificate (self-signed) is what to trust.
+        return client_tls_context([config.unit.admin_tls_ca or config.unit.admin_tls_cert])
+    return client_tls_context() if https else None
+
+
+def _admin_client(args: argparse.Namespace) -> AdminClient | None:
+    """The admin API to talk to: from --config (its unit.json first), --admin, or the default."""
+    config: Config | None = None
+    https = False
     if getattr(args, "config", None):
-        return _admin_from_config(args.config)
-    return str(args.admin or DEFAULT_ADMIN)
+        config = _load(args.config)
+        if config is None:
+            return None
+        from blockmirror.daemon import read_runtime_file
+
+        runtime = read_runtime_file(config.unit.state_dir)
+        if runtime and runtime.get("admin"):
+            address = str(runtime["admin"])
+        elif config.unit.admin is None:
+            print(
+                f"{args.config}: unit.admin is not set; the unit has no admin API", file=sys.stderr
+            )
+            return None
+        else:
+            address = str(config.unit.admin)
+    else:
+        address = str(args.admin or DEFAULT_ADMIN)
+        scheme, sep, rest = address.partition("://")
+        if sep:
+            if scheme not in ("http", "https"):
+                message = f"blockmirror: --admin {address}: use HOST:PORT or https://HOST:PORT"
+                print(message, file=sys.stderr)
+                return None
+            address, https = rest.rstrip("/"), scheme == "https"
+    try:
+        return AdminClient(address, _token_from(args, config), _tls_from(args, config, https))
+    except (ConfigError, OSError, ssl.SSLError) as exc:
+        print(f"blockmirror: {exc}", file=sys.stderr)
+        return None
+
+
+def fetch_status(client: AdminClient, timeout: float = 5.0) -> dict[str, Any]:
+    return client.open("GET", "/api/status", timeout)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    admin = _resolve_admin(args)
-    if admin is None:
+    client = _admin_client(args)
+    if client is None:
         return EXIT_CONFIG
     try:
-        status = fetch_status(admin)
+        status = fetch_status(client)
+    except urllib.error.HTTPError as exc:
+        print(f"blockmirror: {client.refusal(exc)}", file=sys.stderr)
+        return EXIT_FAILURE
     except (OSError, urllib.error.URLError, ValueError, BlockmirrorError) as exc:
-        print(f"cannot reach the unit's admin API at {admin}: {exc}", file=sys.stderr)
+        print(f"cannot reach the unit's admin API at {client.address}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     if args.json:
         print(json.dumps(status, indent=2))
@@ -143,31 +277,21 @@ class ControlFailed(BlockmirrorError):
 
 
 def call_control(
-    admin: str, path: str, params: dict[str, int] | None = None, timeout: float = 60.0
+    client: AdminClient, path: str, params: dict[str, int] | None = None, timeout: float = 60.0
 ) -> dict[str, Any]:
     """POST one control (``path`` already percent-encoded); its JSON answer, or ControlFailed."""
-    address = parse_address(admin, "--admin")
-    host = f"[{address.host}]" if ":" in address.host else address.host
-    url = f"http://{host}:{address.port}{path}"
     if params:
-        url += "?" + urllib.parse.urlencode(params)
-    request = urllib.request.Request(url, data=b"", method="POST")
+        path += "?" + urllib.parse.urlencode(params)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            data = json.loads(response.read())
+        return client.open("POST", path, timeout)
     except urllib.error.HTTPError as exc:
-        try:
-            message = str(json.loads(exc.read())["error"])
-        except (ValueError, KeyError, TypeError, OSError):
-            message = exc.reason if isinstance(exc.reason, str) else str(exc)
-        raise ControlFailed(f"the unit refused ({exc.code}): {message}") from None
+        raise ControlFailed(client.refusal(exc)) from None
     except (OSError, urllib.error.URLError) as exc:
-        raise ControlFailed(f"cannot reach the unit's admin API at {admin}: {exc}") from None
+        raise ControlFailed(
+            f"cannot reach the unit's admin API at {client.address}: {exc}"
+        ) from None
     except ValueError as exc:
-        raise ControlFailed(f"{url} did not answer JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ControlFailed(f"{url} did not return a JSON object")
-    return data
+        raise ControlFailed(f"{client.url(path)} did not answer JSON: {exc}") from None
 
 
 def _quote(segment: str) -> str:
@@ -177,11 +301,11 @@ def _quote(segment: str) -> str:
 def _run_control(
     args: argparse.Namespace, path: str, params: dict[str, int] | None = None
 ) -> dict[str, Any] | None:
-    admin = _resolve_admin(args)
-    if admin is None:
+    client = _admin_client(args)
+    if client is None:
         return None
     try:
-        return call_control(admin, path, params)
+        return call_control(client, path, params)
     except (ControlFailed, ConfigError) as exc:
         print(f"blockmirror: {exc}", file=sys.stderr)
         return None
@@ -297,8 +421,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _admin_arguments(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group()
-    where.add_argument("--admin", default=None, help=f"HOST:PORT (default {DEFAULT_ADMIN})")
-    where.add_argument("--config", default=None, help="find the admin address in this config")
+    where.add_argument(
+        "--admin",
+        default=None,
+        help=f"HOST:PORT or https://HOST:PORT (default {DEFAULT_ADMIN})",
+    )
+    where.add_argument(
+        "--config", default=None, help="find the admin address and token in this config"
+    )
+    parser.add_argument(
+        "--token-file",
+        default=None,
+        metavar="PATH",
+        help=f"the admin token (default: ${TOKEN_ENV}, or the token file of --config)",
+    )
+    parser.add_argument(
+        "--admin-ca",
+        default=None,
+        metavar="PATH",
+        help="verify the admin API's TLS certificate with this CA (implies https)",
+    )
 
 
 def _seq_arg(text: str) -> int:
@@ -332,8 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     status = sub.add_parser("status", help="show every volume of a running unit")
-    status.add_argument("--admin", default=None, help=f"HOST:PORT (default {DEFAULT_ADMIN})")
-    status.add_argument("--config", default=None, help="find the admin address in this config")
+    _admin_arguments(status)
     status.add_argument("--json", action="store_true", help="print the raw JSON")
     status.set_defaults(func=cmd_status)
 

@@ -6,6 +6,7 @@ config file one error per run is the experience ``check-config`` exists to avoid
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import ipaddress
 import math
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from blockmirror import config_paths
+from blockmirror.admin.auth import check_token_file
 from blockmirror.errors import ConfigError, SizeError
 from blockmirror.link.auth import AuthError, load_psk
 from blockmirror.units import GiB, MiB, format_size, parse_size
@@ -67,6 +69,16 @@ class UnitConfig:
     name: str
     state_dir: Path
     admin: Address | None = None
+    # The admin API's credential; None: STATE_DIR/admin.token, generated at the first start.
+    admin_token_file: Path | None = None
+    admin_public_status: bool = False
+    admin_hosts: tuple[str, ...] = ()
+    admin_tls_cert: Path | None = None
+    admin_tls_key: Path | None = None
+    admin_tls_ca: Path | None = None
+    # Unit-wide NBD bounds: READ data read and not yet sent, and connections (all exports).
+    nbd_reply_budget: int = 256 * MiB
+    nbd_max_connections: int = 256
 
 
 @dataclass(frozen=True)
@@ -109,6 +121,8 @@ class Config:
     replication: ReplicationConfig = field(default_factory=ReplicationConfig)
     volumes: tuple[VolumeConfig, ...] = ()
     source: Path | None = None
+    # ``(key, message)`` about things that are valid but look bad (check-config prints them).
+    warnings: tuple[Problem, ...] = ()
 
     def volume(self, name: str) -> VolumeConfig:
         """The volume called ``name``; raises KeyError if there is none."""
@@ -278,7 +292,10 @@ class _Table:
 
 
 _TOP_KEYS = ("unit", "replication", "volume")
-_UNIT_KEYS = ("name", "state_dir", "admin")
+_UNIT_KEYS = (
+    "name", "state_dir", "admin", "admin_token_file", "admin_public_status", "admin_hosts",
+    "admin_tls_cert", "admin_tls_key", "admin_tls_ca", "nbd_reply_budget", "nbd_max_connections",
+)  # fmt: skip
 _REPLICATION_KEYS = ("listen", "psk_file", "tls_cert", "tls_key", "tls_ca")
 _VOLUME_KEYS = (
     "name", "role", "path", "offset", "size", "export", "read_only", "journal", "journal_size",
@@ -457,6 +474,8 @@ def parse_config(
     _check_name(ut, unit_name, "unit")
     state_dir = ut.path("state_dir", required=True)
     admin = ut.address("admin", allow_zero=True)
+    admin_access = _parse_admin_access(ut)
+    nbd_reply_budget, nbd_max_connections = _parse_nbd_limits(ut)
 
     rdata = _subtable(data, "replication", problems)
     rt = _Table(rdata, "replication", _REPLICATION_KEYS, problems, base_dir)
@@ -493,6 +512,7 @@ def parse_config(
 
     if check_paths:
         _check_unit_files(state_dir, replication, problems)
+        _check_admin_files(admin_access, problems)
     regions = [
         config_paths.Region(
             v.label,
@@ -508,12 +528,43 @@ def parse_config(
 
     if problems or unit_name is None or state_dir is None:
         raise ConfigError(problems)
+    warnings = _space_warnings(state_dir, volumes) if check_paths else []
     return Config(
-        unit=UnitConfig(unit_name, state_dir, admin),
+        unit=dataclasses.replace(
+            admin_access,
+            name=unit_name,
+            state_dir=state_dir,
+            admin=admin,
+            nbd_reply_budget=nbd_reply_budget,
+            nbd_max_connections=nbd_max_connections,
+        ),
         replication=replication,
         volumes=tuple(v.config for v in volumes),
         source=source,
+        warnings=tuple(warnings),
     )
+
+
+def _space_warnings(state_dir: Path, volumes: Sequence[_Volume]) -> list[Problem]:
+    """Journals (in ``state_dir``) and sparse volume files that will not fit their filesystem."""
+    needs = []
+    for v in volumes:
+        vc = v.config
+        if vc.read_only:
+            continue
+        if vc.journal:
+            needs.append(
+                config_paths.SpaceNeed(
+                    f"{v.label}.journal_size",
+                    state_dir / f"{vc.name}.journal",
+                    vc.journal_size,
+                    "journal",
+                )
+            )
+        needs.append(
+            config_paths.SpaceNeed(f"{v.label}.path", vc.path, vc.offset + vc.size, "volume")
+        )
+    return config_paths.check_free_space(needs)
 
 
 def _parse_volume_list(value: object, problems: list[Problem], base_dir: Path) -> list[_Volume]:
@@ -553,6 +604,68 @@ def _check_volume_set(
             "listen",
             f"missing; {secondaries[0].label} is a secondary and receives writes on this address",
         )
+
+
+MAX_NBD_CONNECTIONS = 65536
+
+
+def _parse_nbd_limits(ut: _Table) -> tuple[int, int]:
+    """``(nbd_reply_budget, nbd_max_connections)`` of ``[unit]``, defaults where not given."""
+    defaults = UnitConfig("", Path())
+    budget = ut.size("nbd_reply_budget")
+    if budget is not None and budget < MiB:
+        ut.fail("nbd_reply_budget", f"{format_size(budget)} is below the minimum of 1 MiB")
+    conns = ut.typed("nbd_max_connections", (int,), "an integer", False)
+    if isinstance(conns, int) and not 1 <= conns <= MAX_NBD_CONNECTIONS:
+        ut.fail("nbd_max_connections", f"{conns} is not between 1 and {MAX_NBD_CONNECTIONS}")
+    return (
+        budget if budget is not None and budget >= MiB else defaults.nbd_reply_budget,
+        conns
+        if isinstance(conns, int) and 1 <= conns <= MAX_NBD_CONNECTIONS
+        else defaults.nbd_max_connections,
+    )
+
+
+def _parse_admin_access(ut: _Table) -> UnitConfig:
+    """The admin API's access keys of ``[unit]`` (in a UnitConfig with placeholder name)."""
+    hosts: list[str] = []
+    value = ut.typed("admin_hosts", (list,), "an array of host names", False)
+    for i, item in enumerate(value if isinstance(value, list) else []):
+        if not isinstance(item, str) or not _valid_host(item.strip().rstrip(".")):
+            ut.fail(f"admin_hosts[{i}]", f"{item!r} is not a valid host name")
+        else:
+            hosts.append(item.strip().rstrip(".").lower())
+    cert, key = ut.path("admin_tls_cert"), ut.path("admin_tls_key")
+    ca = ut.path("admin_tls_ca")
+    if (cert is None) != (key is None) and not ut.bad & {"admin_tls_cert", "admin_tls_key"}:
+        lacks = "admin_tls_key" if key is None else "admin_tls_cert"
+        ut.fail(lacks, "missing; admin_tls_cert and admin_tls_key go together")
+    if ca is not None and cert is None and "admin_tls_cert" not in ut.bad:
+        ut.fail("admin_tls_ca", "set, but the admin API has no TLS (admin_tls_cert, admin_tls_key)")
+    public = ut.flag("admin_public_status")
+    return UnitConfig(
+        "",
+        Path(),
+        admin_token_file=ut.path("admin_token_file"),
+        admin_public_status=bool(public),
+        admin_hosts=tuple(hosts),
+        admin_tls_cert=cert,
+        admin_tls_key=key,
+        admin_tls_ca=ca,
+    )
+
+
+def _check_admin_files(unit: UnitConfig, problems: list[Problem]) -> None:
+    if unit.admin_token_file is not None:
+        why = check_token_file(unit.admin_token_file)
+        if why is not None:
+            problems.append(("unit.admin_token_file", why))
+    for name in ("admin_tls_cert", "admin_tls_key", "admin_tls_ca"):
+        path = getattr(unit, name)
+        if isinstance(path, Path):
+            why = config_paths.check_input_file(path)
+            if why is not None:
+                problems.append((f"unit.{name}", why))
 
 
 def _check_unit_files(

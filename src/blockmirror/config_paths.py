@@ -20,7 +20,9 @@ from blockmirror.units import format_size
 __all__ = [
     "BLKGETSIZE64",
     "Region",
+    "SpaceNeed",
     "block_device_size",
+    "check_free_space",
     "check_input_file",
     "check_regions",
     "check_state_dir",
@@ -224,3 +226,69 @@ def find_overlaps(regions: Sequence[Region], *, touch_disk: bool) -> list[tuple[
 
 def _span(start: int, end: int) -> str:
     return f"[{'0' if start == 0 else format_size(start)}, {format_size(end)})"
+
+
+@dataclass(frozen=True)
+class SpaceNeed:
+    """A file that will take ``size`` bytes of its filesystem: a journal (preallocated at
+    start) or a sparse volume (allocated as the host writes). Reported under ``key``."""
+
+    key: str
+    path: Path
+    size: int
+    kind: str  # "journal" or "volume"
+
+
+def _allocated(path: Path) -> int | None:
+    """Bytes allocated to the regular file at ``path`` (0 if missing); None if not a file."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return 0
+    except OSError:
+        return None
+    return st.st_blocks * 512 if stat.S_ISREG(st.st_mode) else None
+
+
+def check_free_space(needs: Sequence[SpaceNeed]) -> list[tuple[str, str]]:
+    """Warnings for files that will not fit in the free space of their filesystem.
+
+    Journals are counted first (they are preallocated at start, so one that does not fit
+    stops its volume from being served), then sparse volumes on top of them. Files sharing a
+    filesystem share its free space. Nothing is changed on disk.
+    """
+    claimed: dict[int, int] = {}  # st_dev -> bytes still to be allocated there
+    warnings: list[tuple[str, str]] = []
+    for need in sorted(needs, key=lambda n: n.kind != "journal"):
+        allocated = _allocated(need.path)
+        if allocated is None:
+            continue  # a block device or something else check_volume_path reports on
+        missing = max(0, need.size - allocated)
+        if missing == 0:
+            continue
+        anchor = need.path if need.path.exists() else _nearest_existing(need.path)
+        try:
+            dev = anchor.stat().st_dev
+            vfs = os.statvfs(anchor)
+        except OSError:
+            continue
+        free = vfs.f_bavail * vfs.f_frsize
+        before = claimed.get(dev, 0)
+        claimed[dev] = before + missing
+        if before + missing <= free:
+            continue
+        shared = f" (after {format_size(before)} for other files there)" if before else ""
+        if need.kind == "journal":
+            message = (
+                f"the journal {need.path} needs {format_size(missing)} more, but its filesystem"
+                f" has {format_size(free)} free{shared}; preallocating it will fail with ENOSPC"
+                " and the volume will not be served: free space or lower journal_size"
+            )
+        else:
+            message = (
+                f"{need.path} is sparse: {format_size(missing)} of it is not allocated yet, and"
+                f" its filesystem has {format_size(free)} free{shared}; host writes may fail"
+                " with ENOSPC once it fills"
+            )
+        warnings.append((need.key, message))
+    return warnings

@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import os
+import resource
 import signal
 import time
 from collections.abc import Callable
@@ -25,11 +26,12 @@ from blockmirror import __version__
 from blockmirror.ackmode import RemoteAck
 from blockmirror.admin.api import AdminServer
 from blockmirror.admin.controls import handle as handle_control
+from blockmirror.admin.setup import admin_access, unit_token_path
 from blockmirror.config import Config, VolumeConfig
 from blockmirror.counters import VolumeCounters
 from blockmirror.dirtymap import DirtyMapError
 from blockmirror.errors import BlockmirrorError, VolumeError
-from blockmirror.frontend.nbd_server import Export, NbdServer
+from blockmirror.frontend.nbd_server import Export, NbdLimits, NbdServer
 from blockmirror.journal.checkpoint import CheckpointError
 from blockmirror.journal.journal import Journal, JournalError
 from blockmirror.journal.recovery import JournalCorruptError
@@ -85,11 +87,17 @@ class Unit:
         self.replication: ReplicationServer | None = None
         self.started_at = time.monotonic()
         self._lock_fd: int | None = None
+        # One budget and one connection limit for every export of the unit.
+        self.nbd_limits = NbdLimits(
+            reply_budget=config.unit.nbd_reply_budget,
+            max_connections=config.unit.nbd_max_connections,
+        )
 
     # --- life cycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        raise_fd_limit()
         state_dir = self.config.unit.state_dir
         state_dir.mkdir(parents=True, exist_ok=True)
         self._lock(state_dir)
@@ -100,7 +108,7 @@ class Unit:
                 if rt.problem is not None:
                     continue
                 if rt.config.export is not None:
-                    rt.server = NbdServer({rt.config.name: rt.export})
+                    rt.server = NbdServer({rt.config.name: rt.export}, self.nbd_limits)
                     await rt.server.start(rt.config.export.host, rt.config.export.port)
                     log.info(
                         "volume %s exported on nbd://%s/%s",
@@ -114,11 +122,23 @@ class Unit:
                     rt.state = "failed"
             await self._start_replication()
             if self.config.unit.admin is not None:
-                self.admin = AdminServer(self.status, functools.partial(handle_control, self))
+                access, admin_tls = await asyncio.to_thread(admin_access, self.config.unit)
+                self.admin = AdminServer(
+                    self.status,
+                    functools.partial(handle_control, self),
+                    access=access,
+                    tls=admin_tls,
+                )
                 host, port = await self.admin.start(
                     self.config.unit.admin.host, self.config.unit.admin.port
                 )
-                log.info("admin API on http://%s:%d/", host, port)
+                log.info(
+                    "admin API on %s://%s:%d/ (admin token in %s)",
+                    self.admin.scheme,
+                    host,
+                    port,
+                    unit_token_path(self.config.unit),
+                )
         except BaseException:
             await self.stop()
             raise
@@ -154,6 +174,11 @@ class Unit:
                 # This volume is not served; the others are. Status and the log say why.
                 problem = str(exc)
                 log.error("volume %s is not served: %s", vc.name, exc)
+            except OSError as exc:
+                # ENOSPC preallocating it, say: name the file, the errno alone says not where.
+                where = exc.filename or self.config.unit.state_dir / f"{vc.name}.journal"
+                problem = f"cannot open the journal: {where}: {exc.strerror or exc}"
+                log.error("volume %s is not served: %s", vc.name, problem)
             else:
                 if journal.recovery is not None:
                     r = journal.recovery
@@ -255,14 +280,19 @@ class Unit:
 
     async def stop(self) -> None:
         """Graceful: no new connections, requests in flight answered, volumes durable."""
+        # First, at once: no new connection and no new request is read from a host. Requests
+        # already read are answered while the links still run (an ack = "remote" write needs
+        # its peers); only then do the links stop.
+        servers = [rt.server for rt in self.volumes if rt.server is not None]
+        for server in servers:
+            server.stop_reading()
+        await asyncio.gather(*(s.shutdown() for s in servers), return_exceptions=True)
         for rt in self.volumes:
             for sender in rt.senders:
                 await sender.stop()
         if self.replication is not None:
             await self.replication.close()
             self.replication = None
-        servers = [rt.server for rt in self.volumes if rt.server is not None]
-        await asyncio.gather(*(s.shutdown() for s in servers), return_exceptions=True)
         if self.admin is not None:
             await self.admin.close()
             self.admin = None
@@ -302,6 +332,9 @@ class Unit:
             "pid": os.getpid(),
             "unit": self.config.unit.name,
             "admin": "{}:{}".format(*self.admin.address) if self.admin else None,
+            # Where the admin token is (never the token: this file is world-readable).
+            "admin_token_file": str(unit_token_path(self.config.unit)) if self.admin else None,
+            "admin_scheme": self.admin.scheme if self.admin else None,
             "exports": {rt.config.name: rt.export_address for rt in self.volumes},
             "replication": (
                 "{}:{}".format(*self.replication.address) if self.replication else None
@@ -320,6 +353,7 @@ class Unit:
             "version": __version__,
             "pid": os.getpid(),
             "uptime_seconds": round(time.monotonic() - self.started_at, 3),
+            "nbd": self.nbd_limits.status(),
             "volumes": [self._volume_status(rt) for rt in self.volumes],
         }
 
@@ -339,6 +373,20 @@ class Unit:
             "peers": [sender.status() for sender in rt.senders],
             "replica": rt.replica.status() if rt.replica is not None else None,
         }
+
+
+def raise_fd_limit() -> None:
+    """Raise the descriptor soft limit to the hard limit: links, NBD clients and the admin API
+    share it, and the soft default (often 1024) is easily reached by a flood of connections."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or soft < hard:
+            target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+            if target > soft:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+                log.info("descriptor limit raised from %d to %d", soft, target)
+    except (OSError, ValueError) as exc:
+        log.warning("could not raise the descriptor limit: %s", exc)
 
 
 async def run_unit(config: Config) -> int:

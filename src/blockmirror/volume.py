@@ -21,6 +21,7 @@ import fcntl
 import os
 import stat
 import struct
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -133,6 +134,57 @@ def _probe_fallocate(directory: Path) -> dict[int, bool]:
     return found
 
 
+# Block devices are opened with O_EXCL, which Linux turns into an exclusive claim: while a unit
+# holds a device nobody can mount it or claim it (a second unit, mkfs, ...), and a device that is
+# mounted or claimed already is refused. Volumes of one unit may share a device (regions of one
+# disk): the first open claims it, the others share that open file (a dup, or a plain open when
+# it needs write access the claim lacks), and the claim ends with the last of them.
+_claims: dict[int, list[int]] = {}  # st_rdev -> [claiming fd, its access mode, users]
+_claims_lock = threading.Lock()
+
+
+def _open_block_device(path: Path, flags: int, rdev: int) -> int:
+    with _claims_lock:
+        claim = _claims.get(rdev)
+        if claim is None:
+            try:
+                fd = os.open(path, flags | os.O_EXCL)
+            except OSError as exc:
+                if exc.errno == errno.EBUSY:
+                    raise VolumeError(
+                        f"{path}: the block device is in use (mounted, or held by another "
+                        "program or unit); blockmirror must be its only user"
+                    ) from exc
+                raise VolumeError(f"{path}: cannot open exclusively: {exc.strerror}") from exc
+            claim = _claims[rdev] = [fd, flags & os.O_ACCMODE, 0]
+        try:
+            if claim[1] == os.O_RDWR or flags & os.O_ACCMODE == os.O_RDONLY:
+                fd = os.dup(claim[0])
+            else:
+                fd = os.open(path, flags)
+        except OSError as exc:
+            _drop_claim(rdev)
+            raise VolumeError(f"{path}: cannot open: {exc.strerror}") from exc
+        claim[2] += 1
+        return fd
+
+
+def _drop_claim(rdev: int) -> None:
+    """One user fewer of a claimed device; the claim ends with the last (caller holds the lock)."""
+    claim = _claims.get(rdev)
+    if claim is None:
+        return
+    claim[2] -= 1
+    if claim[2] <= 0:
+        del _claims[rdev]
+        os.close(claim[0])
+
+
+def _release_block_device(rdev: int) -> None:
+    with _claims_lock:
+        _drop_claim(rdev)
+
+
 def backing_size(path: Path) -> int | None:
     """Bytes in the file or block device at ``path``, or None when nothing is there."""
     try:
@@ -163,6 +215,9 @@ class Volume:
     offset: int
     read_only: bool
     kind: Literal["file", "block"]
+    # The device claimed for this volume (see _open_block_device); released on close.
+    _claimed: int | None = None
+    sync_error: OSError | None
 
     def __init__(
         self,
@@ -186,6 +241,8 @@ class Volume:
         self._fast_zero_device = fast_zero_device
         # fallocate modes / ioctls by what we learned about them; absent means "not tried yet".
         self._supported: dict[int, bool] = {}
+        # The first failed sync, kept: every later flush fails with it (see flush).
+        self.sync_error: OSError | None = None
 
     @classmethod
     def open(
@@ -213,6 +270,7 @@ class Volume:
             raise VolumeError(f"{path}: cannot stat: {exc.strerror}") from exc
 
         created = False
+        claimed: int | None = None  # the device claimed, for a block device
         if st is None:
             if not create:
                 raise VolumeError(f"{path}: does not exist and create is off")
@@ -232,17 +290,25 @@ class Volume:
             # Checked before open: opening a FIFO would block and a char device could be a tty.
             if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
                 raise VolumeError(f"{path}: neither a regular file nor a block device")
-            try:
-                fd = os.open(path, flags)
-            except OSError as exc:
-                how = "read-only" if read_only else "read-write"
-                raise VolumeError(f"{path}: cannot open {how}: {exc.strerror}") from exc
+            if stat.S_ISBLK(st.st_mode):
+                fd = _open_block_device(path, flags, st.st_rdev)
+                claimed = st.st_rdev
+            else:
+                try:
+                    fd = os.open(path, flags)
+                except OSError as exc:
+                    how = "read-only" if read_only else "read-write"
+                    raise VolumeError(f"{path}: cannot open {how}: {exc.strerror}") from exc
         try:
             if created:
                 os.ftruncate(fd, offset + size)  # sparse: no blocks until written
-            return cls._from_fd(path, fd, size=size, offset=offset, read_only=read_only)
+            vol = cls._from_fd(path, fd, size=size, offset=offset, read_only=read_only)
+            vol._claimed = claimed
+            return vol
         except BaseException as exc:
             os.close(fd)
+            if claimed is not None:
+                _release_block_device(claimed)
             if created:
                 path.unlink(missing_ok=True)
             if isinstance(exc, OSError):
@@ -305,6 +371,9 @@ class Volume:
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
             os.close(fd)
+            if self._claimed is not None:
+                claimed, self._claimed = self._claimed, None
+                _release_block_device(claimed)
 
     # -- range checks ---------------------------------------------------------------------
 
@@ -364,7 +433,20 @@ class Volume:
     def flush(self) -> None:
         if self._fd < 0:
             raise VolumeError(f"{self.path}: volume is closed")
-        os.fdatasync(self._fd)
+        if self.sync_error is not None:
+            # After a failed sync the kernel may have dropped the pages it could not write,
+            # and reports that only once: no later sync of this file proves anything.
+            raise OSError(
+                self.sync_error.errno or errno.EIO,
+                f"an earlier sync of this volume failed ({self.sync_error.strerror}); "
+                "nothing is durable until the unit restarts and replays its journal",
+                str(self.path),
+            )
+        try:
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            self.sync_error = exc
+            raise
 
     # -- deallocation and zeroing ---------------------------------------------------------
 

@@ -8,19 +8,17 @@ fixture finalizer, in reverse order of creation, whether the test passed or not.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
 import time
-import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support.unit_process import UnitProcess, require_commands
+from tests.support.unit_process import UnitProcess, fetch_status, require_commands
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -58,10 +56,7 @@ def run(
 
 
 def api_status(unit: UnitProcess) -> dict[str, Any]:
-    with urllib.request.urlopen(f"http://{unit.admin}/api/status", timeout=5) as response:
-        data = json.loads(response.read())
-    assert isinstance(data, dict)
-    return data
+    return fetch_status(unit)
 
 
 def volume_counters(unit: UnitProcess, name: str = "vol") -> dict[str, int]:

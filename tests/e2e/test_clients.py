@@ -401,9 +401,10 @@ def test_cli_status_table_and_json(tmp_path: Path) -> None:
     with running_unit(tmp_path, name="site-a", size="8MiB") as unit:
         code, out = qemu_io(unit.export_url("vol"), ["write -P 1 0 64k", "write -P 2 64k 64k"])
         assert code == 0, out
-        code, table, err = blockmirror("status", "--admin", unit.admin)
+        token = ["--token-file", str(unit.admin_token_file)]
+        code, table, err = blockmirror("status", "--admin", unit.admin, *token)
         assert code == 0, err
-        code, raw, err = blockmirror("status", "--admin", unit.admin, "--json")
+        code, raw, err = blockmirror("status", "--admin", unit.admin, "--json", *token)
         assert code == 0, err
         expected = api_status(unit)
 

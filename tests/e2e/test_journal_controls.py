@@ -11,11 +11,8 @@ unit, which is what a finished resync will leave behind.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import subprocess
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +27,7 @@ from tests.e2e.conftest import KiB, MiB, api_status, run
 from tests.support.unit_process import (
     BLOCKMIRROR,
     UnitProcess,
+    admin_request,
     require_commands,
     start_unit,
     write_config,
@@ -91,15 +89,7 @@ def start_caught_up_unit(directory: Path, **extra: Any) -> UnitProcess:
 
 
 def post(unit: UnitProcess, path: str) -> tuple[int, dict[str, Any]]:
-    request = urllib.request.Request(f"http://{unit.admin}{path}", data=b"", method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            code, body = response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        code, body = exc.code, exc.read()
-    doc = json.loads(body)
-    assert isinstance(doc, dict)
-    return code, doc
+    return admin_request(unit, "POST", path)
 
 
 def journal_status(unit: UnitProcess, volume: str = "vol") -> dict[str, Any]:
@@ -297,9 +287,8 @@ def test_bad_requests_leave_the_unit_running(tmp_path: Path) -> None:
         for path, expected, needle in cases:
             code, body = post(unit, path)
             assert code == expected and needle in body["error"], (path, code, body)
-        with pytest.raises(urllib.error.HTTPError) as err:
-            urllib.request.urlopen(f"http://{unit.admin}/api/volumes/vol/journal/pause", timeout=5)
-        assert err.value.code == 405
+        code, body = admin_request(unit, "GET", "/api/volumes/vol/journal/pause")
+        assert code == 405, body
         assert unit.proc.poll() is None
         status = api_status(unit)
         assert status["pid"] == unit.pid
@@ -316,7 +305,7 @@ def test_bad_requests_leave_the_unit_running(tmp_path: Path) -> None:
 
 def test_cli_controls(caught_up: UnitProcess) -> None:
     unit = caught_up
-    admin = ["--admin", unit.admin]
+    admin = ["--admin", unit.admin, "--token-file", str(unit.admin_token_file)]
     by_config = ["--config", str(unit.config_path)]
 
     out = cli("journal", "pause", "vol", *admin)

@@ -111,7 +111,7 @@ def test_recover_a_journal_corrupt_in_the_middle(tmp_path: Path, damage: str) ->
         assert unit.runtime["exports"]["vol"] is None
         code, body = post(unit, "/api/volumes/vol/journal/pause")
         assert code == 409 and "corrupt" in body["error"]
-        out = cli("status", "--admin", unit.admin)
+        out = cli("status", "--admin", unit.admin, "--token-file", str(unit.admin_token_file))
         assert "problems:" in out.stdout and "corrupt" in out.stdout
         # Never while a unit holds the state directory.
         out = cli("journal", "recover", str(config), "vol", "--yes")

@@ -24,6 +24,7 @@ import pytest
 from blockmirror.errors import BlockmirrorError
 from blockmirror.frontend.nbd_client import NbdClient
 from tests.e2e.conftest import MiB
+from tests.support.pair import Site, frozen, peer_address, topology
 from tests.support.stamps import BLOCK, BLOCKS, Ledger, read_stamp, stamp
 from tests.support.unit_process import UnitProcess, running_unit, start_unit
 
@@ -207,3 +208,98 @@ def test_stopped_unit_no_longer_listens_and_restarts(tmp_path: Path, sig: int) -
 async def _read_block(host: str, port: int) -> bytes:
     async with await NbdClient.connect(host, port, "vol") as client:
         return await client.read(0, BLOCK)
+
+
+# --- issue 7 point 22: a stop stops reading requests at once, also with a peer under load ----
+
+# A request sent this long after the signal finds the unit no longer reading. Generous: the
+# signal is handled within one turn of the event loop; a unit that kept reading took 10 s.
+STOP_READING_WITHIN = 1.0
+
+
+async def timed_writer(
+    client: NbdClient,
+    ledger: Ledger,
+    seed: int,
+    sent_after_signal: list[int],
+    signal_at: list[float],
+) -> None:
+    """Like write_until_cut, but notes every write acknowledged that was sent after the signal."""
+    rng = random.Random(seed)
+    while True:
+        block, seq = ledger.next_write(rng)
+        sent = time.monotonic()
+        try:
+            await client.write(block * BLOCK, stamp(ledger.run_id, seq, block))
+        except (BlockmirrorError, ConnectionError):
+            return
+        finally:
+            ledger.inflight.discard(block)
+        ledger.acked[block] = seq
+        ledger.writes_acked += 1
+        if signal_at and sent > signal_at[0] + STOP_READING_WITHIN:
+            sent_after_signal.append(seq)
+
+
+async def replicated_workload_then_sigterm(
+    primary: UnitProcess, secondary: Site, frozen_peer: bool
+) -> tuple[Ledger, float, int]:
+    host, port = primary.export_address("vol")
+    ledger = Ledger(run_id=random.getrandbits(63))
+    clients = [await NbdClient.connect(host, port, "vol") for _ in range(4)]
+    late: list[int] = []
+    signal_at: list[float] = []
+    tasks = [
+        asyncio.create_task(timed_writer(client, ledger, i * DEPTH + j, late, signal_at))
+        for i, client in enumerate(clients)
+        for j in range(DEPTH)
+    ]
+    tasks.append(asyncio.create_task(flush_until_cut(clients, ledger)))
+    try:
+        deadline = time.monotonic() + 30
+        while ledger.flushes_acked < 5 or ledger.writes_acked < 5 * BLOCKS:
+            assert time.monotonic() < deadline, f"workload too slow: {ledger.writes_acked} acked"
+            assert primary.proc.poll() is None, "unit died under the workload"
+            await asyncio.sleep(0.01)
+        with frozen(secondary) if frozen_peer else contextlib.nullcontext():
+            if frozen_peer:
+                await asyncio.sleep(0.5)  # the link's buffers fill; the writes go on
+            signal_at.append(time.monotonic())
+            primary.proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.to_thread(primary.proc.wait, 30)
+            except subprocess.TimeoutExpired:
+                raise AssertionError("unit still running 30 s after SIGTERM") from None
+            took = time.monotonic() - signal_at[0]
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=10)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for client in clients:
+            with contextlib.suppress(BlockmirrorError, OSError):
+                await client.close()
+    return ledger, took, len(late)
+
+
+@pytest.mark.parametrize("frozen_peer", [False, True], ids=["live-peer", "frozen-peer"])
+def test_sigterm_with_a_peer_under_write_load_stops_reading_at_once(
+    tmp_path: Path, frozen_peer: bool
+) -> None:
+    """Point 22: with a peer, a stop went on taking writes for ~10 s while the links wound
+    down (for ever, with a peer that had stopped reading)."""
+    with topology(tmp_path) as topo:
+        secondary = topo.add_secondary("b")
+        primary_site = topo.add_primary("a", peers=[peer_address(secondary)])
+        secondary.start()
+        primary = primary_site.start()
+        ledger, took, late = asyncio.run(
+            replicated_workload_then_sigterm(primary, secondary, frozen_peer)
+        )
+        assert primary.proc.returncode == 0, primary.log()
+        assert late == 0, f"{late} writes sent after the stop began were acknowledged"
+        assert took < EXIT_DEADLINE, f"stop took {took:.1f} s"
+        assert "stopped cleanly" in primary.log()
+    image = primary_site.images["vol"].read_bytes()
+    ledger.check(image, ledger.durable, "flushed")
+    ledger.check(image, ledger.acked, "acknowledged")

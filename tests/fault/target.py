@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import random
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from blockmirror.frontend.nbd_client import NbdClient
 from tests.fault.rawnbd import RawNbd
-from tests.support.unit_process import UnitProcess
+from tests.support.unit_process import UnitProcess, fetch_status
 
 # Lines that only appear in a unit's log when something escaped its error handling: asyncio's
 # default exception handler, an unretrieved future, a task garbage-collected while pending.
@@ -89,9 +87,7 @@ class Target:
         self.baseline = self.digest()
 
     def status(self) -> dict[str, Any]:
-        with urllib.request.urlopen(f"http://{self.unit.admin}/api/status", timeout=5) as r:
-            data: dict[str, Any] = json.loads(r.read())
-        return data
+        return fetch_status(self.unit)
 
     def counters(self) -> dict[str, int]:
         (vol,) = [v for v in self.status()["volumes"] if v["name"] == "vol"]

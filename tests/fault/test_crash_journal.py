@@ -34,14 +34,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import os
 import random
 import re
 import signal
 import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,7 +54,13 @@ from blockmirror.journal.format import HEADER_SIZE, Kind, RecordHeader, decode_h
 from blockmirror.journal.recovery import BadRecord, scan
 from blockmirror.journal.ring import DATA_START, Ring
 from tests.support.stamps import BLOCK, Buffer, Ledger, read_stamp, stamp, stamps
-from tests.support.unit_process import UnitProcess, require_commands, start_unit, write_config
+from tests.support.unit_process import (
+    UnitProcess,
+    fetch_status,
+    require_commands,
+    start_unit,
+    write_config,
+)
 
 pytestmark = pytest.mark.fault
 
@@ -172,10 +176,7 @@ def rig(tmp_path: Path) -> Iterator[CrashRig]:
 
 
 def api_status(unit: UnitProcess) -> dict[str, Any]:
-    with urllib.request.urlopen(f"http://{unit.admin}/api/status", timeout=5) as response:
-        data = json.loads(response.read())
-    assert isinstance(data, dict)
-    return data
+    return fetch_status(unit)
 
 
 def volume_status(unit: UnitProcess) -> dict[str, Any]:

@@ -11,12 +11,10 @@ serving real sources. Every scenario ends with a byte-for-byte comparison of the
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
 import subprocess
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -57,7 +55,7 @@ from tests.support.pair import (
     wait_caught_up_via,
     wait_status,
 )
-from tests.support.unit_process import require_commands
+from tests.support.unit_process import admin_request, require_commands
 
 pytestmark = pytest.mark.fault
 
@@ -628,10 +626,8 @@ def test_well_formed_frames_outside_the_protocol_are_refused_without_harm(
 
 def admin_post(site: Site, path: str) -> dict[str, Any]:
     assert site.unit is not None
-    request = urllib.request.Request(f"http://{site.unit.admin}{path}", data=b"", method="POST")
-    with urllib.request.urlopen(request, timeout=5) as response:
-        body = json.loads(response.read())
-    assert isinstance(body, dict)
+    code, body = admin_request(site.unit, "POST", path, timeout=5)
+    assert code == 200, (code, body)
     return body
 
 

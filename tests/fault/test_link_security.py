@@ -297,7 +297,7 @@ def test_mutual_tls(tmp_path: Path, pki: dict[str, Cert], case: str) -> None:
         else:
             # The secondary demands a certificate from its CA. With TLS 1.3 the client learns
             # of the rejection only on its first read, as an alert or a closed connection.
-            # (The secondary does not log the failed handshake yet: see the xfail below.)
+            # (The secondary logs the failed handshake: see the test below.)
             assert_refused(
                 a,
                 b,
@@ -306,7 +306,7 @@ def test_mutual_tls(tmp_path: Path, pki: dict[str, Cert], case: str) -> None:
             )
 
 
-# --- known gaps: what the secondary tells its operator -------------------------------------------
+# --- what the secondary tells its operator --------------------------------------------------------
 
 
 def test_auth_refusal_is_shown_in_the_secondarys_status(tmp_path: Path) -> None:
@@ -326,11 +326,6 @@ def test_auth_refusal_is_shown_in_the_secondarys_status(tmp_path: Path) -> None:
         assert refusal is not None and "auth" in refusal, refusal
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gap: the listener's TLS handshake happens inside asyncio, which does not report a "
-    "rejected client certificate; the secondary logs nothing (known, see the closing note)",
-)
 def test_rejected_client_certificate_is_logged_by_the_secondary(
     tmp_path: Path, pki: dict[str, Cert]
 ) -> None:

@@ -46,7 +46,7 @@ class Site:
 
     def status(self) -> dict[str, Any]:
         assert self.unit is not None
-        return fetch_status(self.unit.admin)
+        return fetch_status(self.unit)
 
     def volume_status(self, volume: str = "vol") -> dict[str, Any]:
         for vol in self.status()["volumes"]:

@@ -49,6 +49,20 @@ class UnitProcess:
     def admin(self) -> str:
         return str(self.runtime["admin"])
 
+    @property
+    def admin_token_file(self) -> Path:
+        """Where the unit keeps its admin token (unit.json names the file, never the token)."""
+        named = self.runtime.get("admin_token_file")
+        return Path(named) if named else self.state_dir / "admin.token"
+
+    @property
+    def admin_token(self) -> str:
+        return self.admin_token_file.read_text().strip()
+
+    def admin_headers(self) -> dict[str, str]:
+        """The header every admin API request needs: ``Authorization: Bearer TOKEN``."""
+        return {"Authorization": f"Bearer {self.admin_token}"}
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
@@ -120,7 +134,10 @@ def start_unit(config_path: Path, state_dir: Path, *, timeout: float = 20.0) -> 
         try:
             runtime = json.loads(runtime_file.read_text())
             if runtime.get("pid") == proc.pid:
-                return UnitProcess(proc, config_path, state_dir, log_path, runtime)
+                unit = UnitProcess(proc, config_path, state_dir, log_path, runtime)
+                if runtime.get("admin"):
+                    _TOKEN_FILES[unit.admin] = unit.admin_token_file
+                return unit
         except (FileNotFoundError, json.JSONDecodeError):
             pass
         time.sleep(0.05)
@@ -159,10 +176,54 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def fetch_status(admin: str) -> dict[str, Any]:
+# Admin address -> token file of the unit last started there, for helpers that are handed only
+# the address.
+_TOKEN_FILES: dict[str, Path] = {}
+
+
+def admin_token_for(admin: str) -> str | None:
+    """The admin token of the unit this test process started on ``admin``, if any."""
+    path = _TOKEN_FILES.get(admin)
+    return path.read_text().strip() if path is not None else None
+
+
+def admin_request(
+    unit: UnitProcess | str,
+    method: str,
+    path: str,
+    *,
+    token: str | None = None,
+    headers: dict[str, str] | None = None,
+    data: bytes | None = None,
+    timeout: float = 30,
+) -> tuple[int, dict[str, Any]]:
+    """One admin API request with the unit's token (unless ``headers`` brings its own
+    Authorization); the status and the JSON body, also for an error status."""
+    import urllib.error
     import urllib.request
 
-    with urllib.request.urlopen(f"http://{admin}/api/status", timeout=5) as response:
-        data = json.loads(response.read())
-    assert isinstance(data, dict)
+    admin = unit.admin if isinstance(unit, UnitProcess) else unit
+    if token is None:
+        token = unit.admin_token if isinstance(unit, UnitProcess) else admin_token_for(admin)
+    sent = {"Authorization": f"Bearer {token}"} if token else {}
+    sent.update(headers or {})
+    if data is None and method == "POST":
+        data = b""
+    request = urllib.request.Request(f"http://{admin}{path}", data=data, method=method)
+    for name, value in sent.items():
+        request.add_header(name, value)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            code, body = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        code, body = exc.code, exc.read()
+    doc = json.loads(body) if body else {}
+    assert isinstance(doc, dict), body
+    return code, doc
+
+
+def fetch_status(admin: UnitProcess | str, token: str | None = None) -> dict[str, Any]:
+    """``GET /api/status`` with the unit's admin token."""
+    code, data = admin_request(admin, "GET", "/api/status", token=token, timeout=5)
+    assert code == 200, (code, data)
     return data

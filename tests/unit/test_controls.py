@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from blockmirror.admin.api import MAX_REQUEST_BODY, AdminServer
+from blockmirror.admin.auth import AdminAccess
 from blockmirror.admin.controls import ControlError, ControlRequest, handle, parse
 from blockmirror.admin.table import format_status_table
 
@@ -329,7 +330,23 @@ def test_a_failing_control_is_a_500_not_a_crash() -> None:
 # --- through the HTTP server ---------------------------------------------------------------------
 
 
+TOKEN = "unit-test-admin-token-0123456789"
+
+
+def access() -> AdminAccess:
+    return AdminAccess(TOKEN)
+
+
+def with_credentials(raw: bytes) -> bytes:
+    """``raw`` with a Host (unless it has one) and the admin token, after the request line."""
+    line, sep, rest = raw.partition(b"\r\n")
+    extra = b"" if b"\r\nHost:" in raw else b"Host: 127.0.0.1\r\n"
+    extra += f"Authorization: Bearer {TOKEN}\r\n".encode()
+    return line + sep + extra + rest if sep else raw
+
+
 async def request(port: int, raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    raw = with_credentials(raw)
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(raw)
     await writer.drain()
@@ -350,12 +367,12 @@ def test_http_server_routes_controls_and_reads_bodies() -> None:
     status = {"unit": "u", "version": "0", "volumes": []}
 
     async def main() -> None:
-        server = AdminServer(lambda: status, functools.partial(handle, unit))
+        server = AdminServer(lambda: status, functools.partial(handle, unit), access=access())
         _, port = await server.start("127.0.0.1", 0)
         try:
             code, headers, body = await request(
                 port,
-                b"POST /api/volumes/db/journal/pause HTTP/1.1\r\nHost: x\r\n"
+                b"POST /api/volumes/db/journal/pause HTTP/1.1\r\nHost: localhost\r\n"
                 b'Content-Type: application/json\r\nContent-Length: 11\r\n\r\n{"x": true}',
             )
             assert code == 200 and headers["content-type"] == "application/json"
@@ -414,7 +431,7 @@ def test_http_server_routes_controls_and_reads_bodies() -> None:
 
 def test_http_server_without_controls() -> None:
     async def main() -> None:
-        server = AdminServer(lambda: {"volumes": []})
+        server = AdminServer(lambda: {"volumes": []}, access=access())
         _, port = await server.start("127.0.0.1", 0)
         try:
             code, _, body = await request(
@@ -432,7 +449,7 @@ def test_a_crashing_control_handler_is_a_500() -> None:
         raise RuntimeError("boom")
 
     async def main() -> None:
-        server = AdminServer(lambda: {"volumes": []}, broken)
+        server = AdminServer(lambda: {"volumes": []}, broken, access=access())
         _, port = await server.start("127.0.0.1", 0)
         try:
             code, _, body = await request(

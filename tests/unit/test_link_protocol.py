@@ -23,6 +23,7 @@ from blockmirror.link.protocol import (
     AUTH_NONE,
     AUTH_PSK,
     FRAME_HEADER_SIZE,
+    HANDSHAKE_FRAMES,
     MAGIC,
     MAX_JSON,
     MAX_PAYLOAD,
@@ -847,3 +848,72 @@ def test_sync_data_is_bounded_by_the_frame() -> None:
 def test_errors_belong_to_the_hierarchy() -> None:
     assert issubclass(VersionError, ProtocolError)
     assert issubclass(ProtocolError, BlockmirrorError)
+
+
+# --- before authentication: handshake frames only, 64 KiB at most (issue 7, point 14) -------------
+
+
+def test_a_restricted_codec_refuses_a_huge_frame_from_its_header() -> None:
+    codec = LinkCodec()
+    codec.restrict(HANDSHAKE_FRAMES, MAX_JSON)
+    header = struct.pack("<IBBHII", MAGIC, FrameType.RECORDS, 0, 0, 64 * 1024 * 1024, 0)
+    codec.feed(header)
+    with pytest.raises(ProtocolError, match="not allowed here"):
+        codec.next_event()
+
+
+def test_a_restricted_codec_refuses_an_over_long_handshake_frame() -> None:
+    codec = LinkCodec()
+    codec.restrict(HANDSHAKE_FRAMES, 1024)
+    codec.feed(struct.pack("<IBBHII", MAGIC, FrameType.HELLO, 0, 0, 4096, 0))
+    with pytest.raises(ProtocolError, match=r"allowed 0\.\.1024"):
+        codec.next_event()
+
+
+def test_lifting_the_restriction_applies_from_the_next_frame() -> None:
+    hello = Hello(1, "site-a", "db", "j-1", 4096, "ab" * 32, AUTH_NONE)
+    records = Records((Record(RecordHeader(Kind.FLUSH, 1, 0, 0, 0, 0, 0), memoryview(b"")),))
+    codec = LinkCodec()
+    codec.restrict(HANDSHAKE_FRAMES, MAX_JSON)
+    codec.feed(join(encode(hello)) + join(encode(records)))
+    assert codec.next_event() == hello
+    codec.restrict(None)
+    event = codec.next_event()
+    assert isinstance(event, Records) and event.first_seq == 1
+
+
+# --- the record size limit in the handshake (issue 7, point 7) ------------------------------------
+
+
+def test_max_record_is_optional_in_hello_and_welcome() -> None:
+    hello = Hello(1, "site-a", "db", "j-1", 4096, "ab" * 32, AUTH_NONE, 4 * 1024 * 1024)
+    welcome = Welcome(1, "site-b", 5, 4, True, "j-1", 524224)
+    for message in (hello, welcome):
+        out = join(encode(message))
+        assert json.loads(out[16:])["max_record"] == message.max_record
+        assert decode(out) == [message]
+    # Without it (an older peer), nothing is sent and None comes back.
+    plain = Welcome(1, "site-b", 5, 4, True, "j-1")
+    out = join(encode(plain))
+    assert "max_record" not in json.loads(out[16:])
+    assert decode(out) == [plain]
+
+
+def test_max_record_must_be_an_integer() -> None:
+    body = json.dumps(
+        {
+            "protocol": 1,
+            "unit": "b",
+            "received_seq": 0,
+            "applied_seq": 0,
+            "consistent": False,
+            "volume_id": None,
+            "max_record": "big",
+        }
+    ).encode()
+    with pytest.raises(ProtocolError, match="'max_record' must be an integer"):
+        decode(frame(FrameType.WELCOME, body))
+
+
+def test_journal_too_small_is_a_refusal_code() -> None:
+    assert str(RefuseCode.JOURNAL_TOO_SMALL) == "journal-too-small"

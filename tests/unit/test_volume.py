@@ -522,3 +522,39 @@ def test_block_device_region_zeroes_and_trim(loop_device: tuple[Path, Path]) -> 
     assert raw[:off] == original[:off]
     assert raw[off + size :] == original[off + size :]
     assert raw[off : off + 100] == b"R" * 100
+
+
+def test_block_device_is_claimed_exclusively(loop_device: tuple[Path, Path]) -> None:
+    """Issue 7 point 9: while a volume holds a device nobody else may claim (mount) it."""
+    dev, _ = loop_device
+
+    def foreign_claim() -> int:
+        return os.open(dev, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+
+    with Volume.open(dev, size=MiB) as low:
+        with pytest.raises(OSError) as busy:
+            os.close(foreign_claim())
+        assert busy.value.errno == errno.EBUSY
+        # Regions of one device in one process share the claim, read-only ones too.
+        with (
+            Volume.open(dev, size=MiB, offset=MiB) as high,
+            Volume.open(dev, size=MiB, offset=2 * MiB, read_only=True) as ro,
+        ):
+            high.pwrite(0, b"high")
+            assert low.pread(0, 4) == rand(LOOP_SIZE, seed=3)[:4]
+            assert ro.pread(0, 4) == rand(LOOP_SIZE, seed=3)[2 * MiB : 2 * MiB + 4]
+        with pytest.raises(OSError):
+            os.close(foreign_claim())  # still held by ``low``
+    os.close(foreign_claim())  # released with the last volume
+
+    held = foreign_claim()
+    try:
+        with pytest.raises(VolumeError, match="in use"):
+            Volume.open(dev, size=MiB)
+        with pytest.raises(VolumeError, match="in use"):
+            Volume.open(dev, size=MiB, read_only=True)
+    finally:
+        os.close(held)
+    with Volume.open(dev, size=MiB):  # a failed open left no claim behind
+        pass
+    os.close(foreign_claim())

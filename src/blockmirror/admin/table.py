@@ -191,6 +191,19 @@ def _table(headers: tuple[str, ...], rows: list[list[str]]) -> list[str]:
     return [line(headers), *(line(row) for row in rows)]
 
 
+def _nbd_line(nbd: Any) -> str | None:
+    """The unit-wide NBD limits and their use, in one line."""
+    if not isinstance(nbd, dict):
+        return None
+    line = (
+        f"nbd: {_int(nbd.get('connections'))}/{_int(nbd.get('max_connections'))} connections, "
+        f"{human_size(_int(nbd.get('reply_bytes_in_flight')))}"
+        f"/{human_size(_int(nbd.get('reply_budget')))} reply bytes in flight"
+    )
+    refused = _int(nbd.get("refused_connections"))
+    return f"{line}, {refused} refused" if refused else line
+
+
 def format_status_table(status: dict[str, Any]) -> str:
     """The volume table; under it journals, consumers, peers, replicas and any problem."""
     headers, rows = status_rows(status)
@@ -198,6 +211,9 @@ def format_status_table(status: dict[str, Any]) -> str:
     lines = [title, *_table(headers, rows)]
     if not rows:
         lines.append("(no volumes)")
+    nbd_line = _nbd_line(status.get("nbd"))
+    if nbd_line:
+        lines += ["", nbd_line]
     jheaders, jrows = journal_rows(status)
     if jrows:
         lines += ["", *_table(jheaders, jrows)]

@@ -86,6 +86,9 @@ class Negotiation:
     structured: bool = False
     meta_export: str | None = None
     meta_context_id: int | None = None
+    # Set when the connection is refused (the unit's connection limit): every option is
+    # answered with this reason, and choosing an export ends the connection.
+    refusal: str | None = None
 
     @property
     def no_zeroes(self) -> bool:
@@ -99,6 +102,8 @@ class Negotiation:
         return self.lookup(name)
 
     def handle(self, event: OptionRequest | OversizedOption) -> Outcome:
+        if self.refusal is not None:
+            return self._refuse(event.option, self.refusal)
         if isinstance(event, OversizedOption):
             if event.option == Opt.EXPORT_NAME:
                 # EXPORT_NAME has no error reply (an option reply would be read as size and
@@ -134,6 +139,15 @@ class Negotiation:
             # The option was framed correctly, so the stream is intact: answer and carry on.
             return Outcome(self._error(option, Rep.ERR_INVALID, str(exc)))
         return Outcome(self._error(option, Rep.ERR_UNSUP, f"option {option} is not supported"))
+
+    def _refuse(self, option: int, reason: str) -> Outcome:
+        if option == Opt.EXPORT_NAME:
+            return Outcome(close=True)  # no error reply exists for it
+        if option == Opt.ABORT:
+            return Outcome(encode_option_reply(option, Rep.ACK), close=True)
+        return Outcome(
+            self._error(option, Rep.ERR_POLICY, reason), close=option in (Opt.GO, Opt.INFO)
+        )
 
     # --- individual options ---------------------------------------------------------------------
 

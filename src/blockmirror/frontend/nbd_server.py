@@ -5,6 +5,14 @@ One :class:`NbdServer` listens on one address and serves one or more exports. Ea
 the negotiation, and requests are dispatched to the volume (reads) or the write path (everything
 that changes data). Many requests may be in flight; replies go out as they complete, corked so
 that the replies produced in one loop iteration leave in one send.
+
+Memory is bounded unit-wide by :class:`NbdLimits`, shared by every server of a unit: a cap on
+connections, and a budget for reply bytes in flight. A READ's data is not read when the request
+arrives but when its reply is sent, one piece (at most :attr:`NbdLimits.piece`) at a time, and
+only while the client takes what was sent before; each piece is taken from the budget and given
+back as the socket drains it. A client that pipelines huge READs and never reads the replies thus
+holds one piece, not the whole replies. A connection that cannot get budget stops sending and
+stops reading requests until some comes back: back-pressure, never an error.
 """
 
 from __future__ import annotations
@@ -13,12 +21,13 @@ import asyncio
 import contextlib
 import errno
 import logging
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 from blockmirror.counters import VolumeCounters
-from blockmirror.errors import OutOfRangeError, ProtocolError, ReadOnlyError
+from blockmirror.errors import OutOfRangeError, ProtocolError, ReadOnlyError, VolumeError
 from blockmirror.frontend import nbd_protocol as p
 from blockmirror.frontend.nbd_negotiation import ExportInfo, Negotiation, Outcome
 from blockmirror.volume import Volume
@@ -36,6 +45,111 @@ JOIN_LIMIT = 256 * 1024
 HANDSHAKE_TIMEOUT = 30
 # Block status: never answer with more extents than this in one reply.
 MAX_EXTENTS = 1024
+# Unit-wide defaults of [unit] nbd_reply_budget and nbd_max_connections.
+DEFAULT_REPLY_BUDGET = 256 * 1024 * 1024
+DEFAULT_MAX_CONNECTIONS = 256
+# Bounds of the piece in which READ data is read and sent (see NbdLimits.piece).
+MIN_PIECE = 64 * 1024
+MAX_PIECE = 1024 * 1024
+# Seconds a connection refused for the connection limit may stay to read why.
+REFUSED_TIMEOUT = 5
+
+
+class NbdLimits:
+    """The unit-wide bounds on NBD connections and on reply bytes in flight.
+
+    ``reply_bytes_in_flight`` counts READ data read from the volume and not yet taken by the
+    kernel: queued in a connection or in its transport's buffer. A connection may take a piece
+    when the total stays within the budget, or when it holds nothing itself, so a connection
+    whose client reads is never starved by others that do not. The piece is the budget's share
+    per connection (capped to [64 KiB, 1 MiB]), so with ``max_connections`` connections each
+    holding one piece the budget holds too.
+    """
+
+    def __init__(
+        self,
+        reply_budget: int = DEFAULT_REPLY_BUDGET,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    ) -> None:
+        if reply_budget <= 0 or max_connections <= 0:
+            raise ValueError("the reply budget and the connection limit must be positive")
+        self.reply_budget = reply_budget
+        self.max_connections = max_connections
+        self.piece = max(MIN_PIECE, min(MAX_PIECE, reply_budget // max_connections))
+        self.connections = 0
+        self.reply_bytes_in_flight = 0
+        self.refused_connections = 0
+        self.budget_waits = 0
+        self._waiters: deque[NbdConnection] = deque()
+
+    def admit(self) -> bool:
+        """Count a new connection, or say it is one too many."""
+        if self.connections >= self.max_connections:
+            self.refused_connections += 1
+            return False
+        self.connections += 1
+        return True
+
+    def leave(self) -> None:
+        self.connections -= 1
+
+    def take(self, conn: NbdConnection, n: int) -> bool:
+        """Reserve ``n`` reply bytes for ``conn``; False (and ``conn`` is woken later) if not."""
+        if self.reply_bytes_in_flight + n <= self.reply_budget or conn.reserved == 0:
+            self.reply_bytes_in_flight += n
+            conn.reserved += n
+            return True
+        self.budget_waits += 1
+        if conn not in self._waiters:
+            self._waiters.append(conn)
+        return False
+
+    def give_back(self, conn: NbdConnection, n: int) -> None:
+        if n <= 0:
+            return
+        conn.reserved -= n
+        self.reply_bytes_in_flight -= n
+        # Wake everyone waiting: each tries again and queues up again if there is still no room.
+        waiters, self._waiters = self._waiters, deque()
+        for waiter in waiters:
+            waiter.budget_available()
+
+    def forget(self, conn: NbdConnection) -> None:
+        with contextlib.suppress(ValueError):
+            self._waiters.remove(conn)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "connections": self.connections,
+            "max_connections": self.max_connections,
+            "refused_connections": self.refused_connections,
+            "reply_bytes_in_flight": self.reply_bytes_in_flight,
+            "reply_budget": self.reply_budget,
+            "budget_waits": self.budget_waits,
+        }
+
+
+@dataclass(slots=True, eq=False)
+class _ReadReply:
+    """A READ's reply still to be sent: its data is read piece by piece as it leaves."""
+
+    export: Export
+    cookie: int
+    offset: int
+    length: int
+    structured: bool
+    sent: int = 0  # bytes of data sent so far; the header goes with the first piece
+
+    @property
+    def remaining(self) -> int:
+        return self.length - self.sent
+
+
+_Item = bytes | bytearray | memoryview | _ReadReply
+
+
+def _item_size(item: _Item) -> int:
+    return item.remaining if isinstance(item, _ReadReply) else len(item)
 
 
 @dataclass(slots=True)
@@ -82,8 +196,9 @@ def nbd_error(exc: BaseException) -> int:
 class NbdServer:
     """Listens on one address and serves the given exports by name."""
 
-    def __init__(self, exports: Mapping[str, Export]) -> None:
+    def __init__(self, exports: Mapping[str, Export], limits: NbdLimits | None = None) -> None:
         self.exports = dict(exports)
+        self.limits = limits if limits is not None else NbdLimits()
         self.connections: set[NbdConnection] = set()
         self._server: asyncio.Server | None = None
         self.accepting = False
@@ -110,13 +225,17 @@ class NbdServer:
     def list_exports(self) -> Sequence[ExportInfo]:
         return [e.info() for e in self.exports.values()]
 
-    async def shutdown(self, grace: float = 4.0) -> None:
-        """Stop accepting, let requests already received finish, then close every connection."""
+    def stop_reading(self) -> None:
+        """Stop accepting connections and reading requests, at once; replies still go out."""
         self.accepting = False
         if self._server is not None:
             self._server.close()
         for conn in list(self.connections):
             conn.begin_drain()
+
+    async def shutdown(self, grace: float = 4.0) -> None:
+        """Stop accepting, let requests already received finish, then close every connection."""
+        self.stop_reading()
         waits = [conn.drained for conn in list(self.connections)]
         if waits:
             _, _pending = await asyncio.wait(waits, timeout=grace)
@@ -129,6 +248,7 @@ class NbdServer:
 class NbdConnection(asyncio.Protocol):
     def __init__(self, server: NbdServer) -> None:
         self.server = server
+        self.limits = server.limits
         self.codec = p.NbdServerCodec()
         self.negotiation = Negotiation(server.lookup, server.list_exports)
         self.export: Export | None = None
@@ -139,8 +259,12 @@ class NbdConnection(asyncio.Protocol):
         self.closed = False
         self.drained: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._loop = asyncio.get_running_loop()
-        self._out: list[bytes | bytearray | memoryview] = []
+        # Replies in the order they leave; a READ's data is read only when its turn comes.
+        self._out: deque[_Item] = deque()
         self._out_size = 0
+        self.reserved = 0  # reply bytes this connection holds of the unit's budget
+        self._waiting_budget = False
+        self._counted = False
         self._flush_scheduled = False
         self._in_batch = False
         self._reading = True
@@ -159,8 +283,21 @@ class NbdConnection(asyncio.Protocol):
             self.transport.abort()
             return
         self.server.connections.add(self)
+        timeout = HANDSHAKE_TIMEOUT
+        if self.limits.admit():
+            self._counted = True
+        else:
+            # One too many: the greeting, then every option is refused with the reason.
+            limit = self.limits.max_connections
+            self.negotiation.refusal = f"too many NBD connections (limit {limit}); try again later"
+            log.warning(
+                "refusing NBD connection from %s: %d connections is the limit",
+                self._peer(),
+                limit,
+            )
+            timeout = REFUSED_TIMEOUT
         # A client that never finishes negotiating must not hold a connection forever.
-        self._handshake_timer = self._loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_expired)
+        self._handshake_timer = self._loop.call_later(timeout, self._handshake_expired)
         self.transport.write(p.encode_greeting())
 
     def data_received(self, data: bytes) -> None:
@@ -181,7 +318,7 @@ class NbdConnection(asyncio.Protocol):
             while not self.closed and not self.draining:
                 if self._out_size >= JOIN_LIMIT:
                     self._release()
-                if self._write_paused:
+                if self._write_paused or self._waiting_budget:
                     break
                 event = self.codec.next_event()
                 if event is None:
@@ -219,8 +356,11 @@ class NbdConnection(asyncio.Protocol):
         if gate is None:
             self._flush_out()
             return
-        held, self._out = self._out, []
+        held, self._out = self._out, deque()
         self._out_size = 0
+        if held and isinstance(held[0], _ReadReply) and held[0].sent:
+            # Half on the wire already: nothing may go out before its rest.
+            self._send(held.popleft())
         self.inflight += 1
 
         def released(f: asyncio.Future[None]) -> None:
@@ -246,9 +386,8 @@ class NbdConnection(asyncio.Protocol):
     def _handshake_expired(self) -> None:
         if self.export is None and not self.closed:
             log.info(
-                "closing NBD connection from %s: no export chosen in %ds",
+                "closing NBD connection from %s: no export chosen in time",
                 self._peer(),
-                HANDSHAKE_TIMEOUT,
             )
             self.abort()
 
@@ -257,6 +396,13 @@ class NbdConnection(asyncio.Protocol):
             self._handshake_timer.cancel()
         self.closed = True
         self.codec.close()
+        self._out.clear()
+        self._out_size = 0
+        self.limits.forget(self)
+        self.limits.give_back(self, self.reserved)
+        if self._counted:
+            self._counted = False
+            self.limits.leave()
         if self in self.server.connections:
             self.server.connections.discard(self)
             if self.export is not None:
@@ -270,8 +416,23 @@ class NbdConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        if not self.closed and not self.draining:
-            self._process()  # requests left buffered while paused; it updates reading too
+        self._settle()
+        self._continue()
+
+    def budget_available(self) -> None:
+        """Called by the limits when reply bytes came back; try again on the next turn."""
+        if self._waiting_budget:
+            self._waiting_budget = False
+            self._loop.call_soon(self._continue)
+
+    def _continue(self) -> None:
+        if self.closed:
+            return
+        if self.draining:
+            self._flush_out()
+            self._maybe_finish_drain()
+        else:
+            self._process()  # replies and requests left while paused; it updates reading too
 
     # --- shutdown -------------------------------------------------------------------------------
 
@@ -294,7 +455,8 @@ class NbdConnection(asyncio.Protocol):
     def _maybe_finish_drain(self) -> None:
         if self.draining and self.inflight == 0 and not self.closed:
             self._flush_out()
-            self._close()
+            if not self._out:  # else READ data is still to go: resume_writing comes back here
+                self._close()
 
     def _close(self) -> None:
         if self.transport is not None and not self.closed:
@@ -392,21 +554,8 @@ class NbdConnection(asyncio.Protocol):
                 req.cookie, p.EOVERFLOW if structured else p.EINVAL, "read is too big"
             )
             return
-        try:
-            # os.pread hands back a fresh bytes object without zero-filling it first, and
-            # the reply goes out with the header in one writev: the data is never copied here.
-            data = export.volume.pread(req.offset, req.length)
-        except (OSError, OutOfRangeError) as exc:
-            self._reply_error(req.cookie, nbd_error(exc), f"read failed: {exc}")
-            return
-        if structured:
-            header = p.encode_read_chunk_header(req.cookie, req.offset, req.length)
-        else:
-            header = p.encode_simple_reply(req.cookie)
-        export.counters.reads += 1
-        export.counters.bytes_read += req.length
-        self._send(header)
-        self._send(data)
+        # Read when the reply's turn to leave comes, piece by piece (see _pump).
+        self._send(_ReadReply(export, req.cookie, req.offset, req.length, structured))
 
     def _write(self, export: Export, req: p.Request) -> None:
         try:
@@ -513,11 +662,11 @@ class NbdConnection(asyncio.Protocol):
         else:
             self._send(p.encode_simple_reply(cookie, error))
 
-    def _send(self, data: bytes | bytearray | memoryview) -> None:
+    def _send(self, data: _Item) -> None:
         if self.closed:
             return
         self._out.append(data)
-        self._out_size += len(data)
+        self._out_size += _item_size(data)
         if self._in_batch:
             return
         if not self._flush_scheduled:
@@ -525,13 +674,106 @@ class NbdConnection(asyncio.Protocol):
             self._loop.call_soon(self._flush_out)
 
     def _flush_out(self) -> None:
+        """Send the queued replies in order, as far as the socket and the budget allow.
+
+        Replies go out joined, in one writev per JOIN_LIMIT or so: small READs are read into
+        the batch whole; a READ bigger than a piece is streamed on its own (see _pump).
+        """
         self._flush_scheduled = False
-        if not self._out:
-            return
-        out, self._out = self._out, []
-        size, self._out_size = self._out_size, 0
         if self.closed or self.transport is None:
+            self._out.clear()
+            self._out_size = 0
             return
+        batch: list[bytes | bytearray | memoryview] = []
+        size = 0
+        while self._out:
+            item = self._out[0]
+            if not isinstance(item, _ReadReply):
+                self._out.popleft()
+                self._out_size -= len(item)
+                batch.append(item)
+                size += len(item)
+                continue
+            if size >= JOIN_LIMIT or (batch and item.remaining > self.limits.piece):
+                self._transmit(batch, size)
+                batch, size = [], 0
+                self._settle()
+            if self._write_paused:
+                break
+            if item.sent == 0 and item.length <= self.limits.piece:
+                if not self.limits.take(self, item.length):
+                    self._waiting_budget = True
+                    break
+                self._out.popleft()
+                self._out_size -= item.length
+                try:
+                    data = item.export.volume.pread(item.offset, item.length)
+                except (OSError, OutOfRangeError, VolumeError) as exc:
+                    self.limits.give_back(self, item.length)
+                    self._reply_error(item.cookie, nbd_error(exc), f"read failed: {exc}")
+                    continue
+                header = self._read_header(item)
+                batch += (header, data)
+                size += len(header) + item.length
+                item.export.counters.reads += 1
+                item.export.counters.bytes_read += item.length
+                continue
+            before = item.remaining
+            done = self._pump(item)
+            self._out_size -= before - item.remaining
+            if self.closed or self.transport.is_closing():
+                return
+            if not done:
+                break
+            self._out.popleft()
+            self._out_size -= item.remaining  # left unsent when the read failed
+        if batch:
+            self._transmit(batch, size)
+            self._settle()
+
+    def _read_header(self, item: _ReadReply) -> bytes:
+        if item.structured:
+            return p.encode_read_chunk_header(item.cookie, item.offset, item.length)
+        return p.encode_simple_reply(item.cookie)
+
+    def _pump(self, item: _ReadReply) -> bool:
+        """Read and send pieces of one READ reply; False when it must wait (socket or budget)."""
+        assert self.transport is not None
+        volume = item.export.volume
+        while item.remaining:
+            if self._write_paused:
+                return False
+            n = min(self.limits.piece, item.remaining)
+            if not self.limits.take(self, n):
+                self._waiting_budget = True
+                return False
+            try:
+                # os.pread hands back a fresh bytes object without zero-filling it first, and
+                # it goes out with the header in one writev: the data is never copied here.
+                data = volume.pread(item.offset + item.sent, n)
+            except (OSError, OutOfRangeError, VolumeError) as exc:
+                self.limits.give_back(self, n)
+                if item.sent == 0:
+                    self._reply_error(item.cookie, nbd_error(exc), f"read failed: {exc}")
+                    return True
+                # Part of the data is on the wire: the reply can only be cut short by closing.
+                item.export.counters.errors += 1
+                log.error("read failed mid-reply; closing %s: %s", self._peer(), exc)
+                self.abort()
+                return False
+            if item.sent == 0:
+                header = self._read_header(item)
+                self._transmit([header, data], len(header) + n)
+            else:
+                self._transmit([data], n)
+            item.sent += n
+            self._settle()
+        item.export.counters.reads += 1
+        item.export.counters.bytes_read += item.length
+        return True
+
+    def _transmit(self, out: list[bytes | bytearray | memoryview], size: int) -> None:
+        assert self.transport is not None
         if len(out) == 1:
             self.transport.write(out[0])
         elif self._vectored or size <= JOIN_LIMIT:
@@ -542,13 +784,23 @@ class NbdConnection(asyncio.Protocol):
             for chunk in out:
                 self.transport.write(chunk)
 
+    def _settle(self) -> None:
+        """Give back the reply bytes the kernel has taken from the transport's buffer."""
+        if self.reserved == 0 or self.transport is None:
+            return
+        buffered = 0 if self.closed else self.transport.get_write_buffer_size()
+        if buffered < self.reserved:
+            self.limits.give_back(self, self.reserved - buffered)
+
     def _update_reading(self) -> None:
         if self.transport is None or self.closed or self.draining:
             return
         busy = (
             self._write_paused
+            or self._waiting_budget
             or self.inflight >= MAX_INFLIGHT_REQUESTS
             or self.inflight_bytes + self.codec.buffered >= MAX_INFLIGHT_BYTES
+            or self._out_size >= MAX_INFLIGHT_BYTES
         )
         if busy and self._reading:
             self.transport.pause_reading()

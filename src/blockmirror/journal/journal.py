@@ -125,6 +125,10 @@ class Journal:
         self.replica: ReplicaState | None = None
         self._recovered_consumers: dict[str, ConsumerState] = {}
         self._unclean_os_restart = False
+        # Set by the first failed write or sync of the ring: after an I/O error on a file no
+        # later sync of it proves anything (the kernel may have dropped the dirty pages and
+        # reports the error once), so every later sync fails with it too.
+        self.io_error: OSError | None = None
         self._batch: list[tuple[int, list[Buffer]]] = []
         self._batch_end = -1
         self._batch_seq = 0
@@ -260,13 +264,23 @@ class Journal:
     def _replay(self) -> int:
         """Bring the volume up to date with every record after ``applied_seq``; then sync it."""
         count = 0
-        for rec in self.records:
-            if rec.seq <= self.applied_seq:
-                continue
-            self.apply_from_ring(rec)
-            count += 1
-        if count:
-            self.volume.flush()
+        at = self.applied_seq
+        try:
+            for rec in self.records:
+                if rec.seq <= self.applied_seq:
+                    continue
+                at = rec.seq
+                self.apply_from_ring(rec)
+                count += 1
+            if count:
+                self.volume.flush()
+        except OSError as exc:
+            # The records stay in the ring: the next start replays them again.
+            raise JournalError(
+                f"replaying journal {self.path} into volume {self.volume.path} failed at record "
+                f"{at}: {exc.strerror or exc}; the journal keeps every "
+                "record, fix the volume's storage (free space, a failing disk) and start again"
+            ) from exc
         self.applied_seq = self.next_seq - 1
         return count
 
@@ -302,8 +316,16 @@ class Journal:
                     )
                     state = ConsumerState(self.next_seq - 1, "tracking", False)
             else:
+                # A map the checkpoint knows of but the disk lacks (removed, or state_dir
+                # restored partly) cannot say what differs: everything does, as when damaged.
+                if state is not None:
+                    log.error("%s is missing; recreating it with every region dirty", dpath)
+                    state = ConsumerState(self.next_seq - 1, "tracking", False)
                 dirty = DirtyMap.create(
-                    dpath, volume_size=self.volume.size, region_size=DIRTY_REGION
+                    dpath,
+                    volume_size=self.volume.size,
+                    region_size=DIRTY_REGION,
+                    all_dirty=state is not None,
                 )
             if state is None:
                 # A consumer new to this journal has never seen the volume: all of it differs.
@@ -402,16 +424,28 @@ class Journal:
 
     def write_batch(self) -> None:
         """Write every staged record to the ring: one pwritev per contiguous run."""
+        if self.io_error is not None:
+            raise self.io_error
         batch, self._batch = self._batch, []
-        for pos, bufs in batch:
-            pwritev_all(self.fd, bufs, pos)
+        try:
+            for pos, bufs in batch:
+                pwritev_all(self.fd, bufs, pos)
+        except OSError as exc:
+            self.io_error = exc
+            raise
         if batch:
             self.written_seq = self._batch_seq
 
     def sync(self) -> int:
         """fdatasync the ring (blocking: call in a thread); returns the seq now durable."""
+        if self.io_error is not None:
+            raise self.io_error
         target = self.written_seq
-        os.fdatasync(self.fd)
+        try:
+            os.fdatasync(self.fd)
+        except OSError as exc:
+            self.io_error = exc
+            raise
         return target
 
     # --- consumers ------------------------------------------------------------------------------
@@ -494,7 +528,9 @@ class Journal:
         this checkpoint is durable. The checkpoint's own ``applied_seq`` is the volume's
         *durable* point, so recovery replays every record after it that the ring still holds.
         """
-        keep_from = self.keep_from(applied_seq)
+        # A record is freed only once the volume's copy of it is durable: until then it is the
+        # only durable copy a FLUSH may have promised (docs/journal.md, "Freeing space").
+        keep_from = min(self.keep_from(applied_seq), self.volume_durable_seq + 1)
         while self.records and self.records[0].seq < keep_from:
             self.records.popleft()
         return Checkpoint(
@@ -542,24 +578,40 @@ class Journal:
             consumer.mode = "tracking"
             consumer.acked_seq = next_seq - 1
 
-    def _write_checkpoint_now(self, *, clean: bool) -> None:
-        """Synchronous checkpoint, for opening and closing (nothing else is running)."""
+    def _write_checkpoint_now(self, *, clean: bool, applied_seq: int | None = None) -> None:
+        """Synchronous checkpoint, for opening and closing (nothing else is running).
+
+        ``applied_seq``: the volume holds every record up to it (default: every record
+        written). If the volume cannot be synced (an earlier I/O error), the checkpoint is still
+        written, unclean and without moving the volume's durable point, so recovery replays
+        every record the volume may lack.
+        """
         self.write_batch()
-        os.fdatasync(self.fd)
-        self.durable_seq = self.written_seq
+        self.durable_seq = self.sync()
+        applied = self.written_seq if applied_seq is None else applied_seq
         if not self.volume.read_only:
-            self.volume.flush()
-        self.volume_durable_seq = self.written_seq
+            try:
+                self.volume.flush()
+            except OSError as exc:
+                log.error(
+                    "journal %s: volume sync failed, records kept for replay: %s", self.path, exc
+                )
+                clean = False
+            else:
+                self.volume_durable_seq = max(self.volume_durable_seq, applied)
+        else:
+            self.volume_durable_seq = max(self.volume_durable_seq, applied)
         self.sync_dirty_maps()
-        cp = self.checkpoint_state(applied_seq=self.written_seq, clean=clean)
+        cp = self.checkpoint_state(applied_seq=applied, clean=clean)
         self.write_checkpoint(cp)
         self.checkpoint_written(cp)
 
-    def close(self, *, clean: bool = True) -> None:
+    def close(self, *, clean: bool = True, applied_seq: int | None = None) -> None:
+        """Write a final checkpoint and close. ``applied_seq``: what the volume holds."""
         if self.fd < 0:
             return
         try:
-            self._write_checkpoint_now(clean=clean)
+            self._write_checkpoint_now(clean=clean, applied_seq=applied_seq)
         finally:
             for consumer in self.consumers.values():
                 with contextlib.suppress(Exception):

@@ -32,6 +32,8 @@ Buffer = bytes | bytearray | memoryview
 CHECKPOINT_INTERVAL = 1.0
 # How long a stop waits for writes still waiting for room or for the volume.
 CLOSE_WAIT = 3.0
+# How often a volume write that failed (ENOSPC, EIO) is tried again.
+STALL_RETRY = 1.0
 # Start freeing space early, well before an append finds the ring full.
 EAGER_CHECKPOINT_FILL = 0.5
 
@@ -100,6 +102,7 @@ class JournalWritePath:
         self._blocked = False
         self._applied_index = 0  # items applied since start (for gates)
         self._queued_index = 0
+        self._committed_index = 0  # _queued_index at the last commit
         self._gates: deque[tuple[int, asyncio.Future[None]]] = deque()
         self._waiting: deque[_Waiting] = deque()
         self._making_room = False
@@ -107,11 +110,20 @@ class JournalWritePath:
         self._commit_scheduled = False
         self._flush_waiters: list[asyncio.Future[None]] = []
         self._unjournaled_writes = False
-        # Checkpoints that freed records the volume holds only in the page cache, since the
-        # volume was last synced; a FLUSH must then sync the volume too.
-        self._freed_unsynced = 0
         self.applied_seq = journal.next_seq - 1
+        # Fatal: the journal or a volume sync failed. Writes are refused until a restart
+        # replays the journal; reads go on.
         self.failed: BaseException | None = None
+        # Transient: applying a journaled record to the volume failed (ENOSPC on a thin or
+        # sparse volume, say). The record stays queued and in the journal and is retried; new
+        # host writes are refused with the error meanwhile, so nothing waits for room that may
+        # never come, and nothing journaled is ever skipped.
+        self.stalled: OSError | None = None
+        self.stalls = 0
+        self._unstalled = asyncio.Event()
+        self._unstalled.set()
+        self._retry_task: asyncio.Task[None] | None = None
+        self._retrying = False
         self.alerts = _Alerts()
         self._journal_syncer = Syncer(self._sync_journal, loop)
         self._volume_syncer = Syncer(volume.flush, loop)
@@ -142,7 +154,7 @@ class JournalWritePath:
             with contextlib.suppress(Exception, TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._room_task), CLOSE_WAIT)
             self._room_task.cancel()
-        if self.failed is None:
+        if self.failed is None and self.stalled is None:
             gate = self.commit()
             if gate is not None:
                 with contextlib.suppress(Exception, TimeoutError):
@@ -151,9 +163,21 @@ class JournalWritePath:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        clean = self.failed is None and not self._queue and not self._waiting
+        if self._retry_task is not None:
+            self._retry_task.cancel()
+        clean = (
+            self.failed is None and self.stalled is None and not self._queue and not self._waiting
+        )
         async with self._checkpoint_lock:
-            await asyncio.to_thread(self.journal.close, clean=clean)
+            # The volume holds what was applied: records after it are replayed at the next start.
+            try:
+                await asyncio.to_thread(
+                    self.journal.close, clean=clean, applied_seq=self.applied_seq
+                )
+            except OSError as exc:
+                # The journal's own storage failed: its last durable checkpoint stands, and
+                # recovery at the next start works from what reached the disk.
+                log.error("journal %s: final checkpoint failed: %s", self.journal.path, exc)
 
     # --- the WritePath interface ----------------------------------------------------------------
 
@@ -193,11 +217,20 @@ class JournalWritePath:
         self._drain()
         if self._flush_waiters:
             waiters, self._flush_waiters = self._flush_waiters, []
-            self._durable_then(
-                waiters, volume_too=self._unjournaled_writes or self._freed_unsynced > 0
-            )
+            # Journaled records are durable once the journal is: a record is freed only after
+            # the volume's copy is durable. Writes made outside the journal need the volume.
+            self._durable_then(waiters, volume_too=self._unjournaled_writes)
+        batch_items = self._queued_index > self._committed_index
+        self._committed_index = self._queued_index
         if self._applied_index >= self._queued_index:
             return None
+        if self.stalled is not None:
+            if not batch_items:
+                return None
+            # Part of this batch could not reach the volume: its replies carry the error.
+            failed: asyncio.Future[None] = self._loop.create_future()
+            failed.set_exception(self.stalled)
+            return failed
         gate: asyncio.Future[None] = self._loop.create_future()
         self._gates.append((self._queued_index, gate))
         return gate
@@ -215,6 +248,8 @@ class JournalWritePath:
     ) -> asyncio.Future[None] | None:
         if self.failed is not None:
             raise self.failed
+        if self.stalled is not None:
+            raise self.stalled
         if self._waiting or not self._room_for(kind, length):
             done: asyncio.Future[None] = self._loop.create_future()
             self._waiting.append(_Waiting(kind, offset, length, data, may_trim, fua, done))
@@ -297,12 +332,19 @@ class JournalWritePath:
     def _commit_soon(self) -> None:
         if self._commit_scheduled:
             with contextlib.suppress(Exception):
-                self.commit()
+                self._commit_ignoring_result()
+
+    def _commit_ignoring_result(self) -> None:
+        """Commit for an internal caller that waits on something else; a failed gate is only
+        of interest to the host's replies (there are none here), so it is consumed."""
+        gate = self.commit()
+        if gate is not None:
+            gate.add_done_callback(_consume)
 
     # --- applying in order ----------------------------------------------------------------------
 
     def _drain(self) -> None:
-        while self._queue and not self._blocked:
+        while self._queue and not self._blocked and self.stalled is None:
             if self.journal.dirty_pending():
                 # A dirty bit is durable before the write it covers reaches the volume.
                 self._block_on(self.journal.sync_dirty_maps)
@@ -313,7 +355,10 @@ class JournalWritePath:
                 return
             try:
                 self._apply(item)
-            except (OSError, BlockmirrorError) as exc:
+            except OSError as exc:
+                self._stall(exc)
+                return
+            except BlockmirrorError as exc:
                 self._fail(exc)
                 return
             self._applied_one()
@@ -369,6 +414,9 @@ class JournalWritePath:
         def finished(f: asyncio.Future[None]) -> None:
             self._blocked = False
             exc = f.exception()
+            if isinstance(exc, OSError):
+                self._stall(exc)
+                return
             if exc is not None:
                 self._fail(exc)
                 return
@@ -393,6 +441,8 @@ class JournalWritePath:
 
         def finished(f: asyncio.Future[list[None]]) -> None:
             exc = f.exception()
+            if exc is not None and self.journal.io_error is not None:
+                self._fail(exc)
             for waiter in waiters:
                 if waiter.done():
                     continue
@@ -408,15 +458,63 @@ class JournalWritePath:
         self.journal.durable_seq = max(self.journal.durable_seq, durable)
 
     def _fail(self, exc: BaseException) -> None:
-        log.error("volume write path failed: %s", exc)
+        if self.failed is None:
+            log.error("volume write path failed: %s", exc)
+            self._alert(
+                "volume_failed", f"writes refused until a restart replays the journal: {exc}"
+            )
         self.failed = exc
+        self._answer_all(exc)
+
+    def _answer_all(self, exc: BaseException) -> None:
+        """Every request waiting on the write path gets ``exc`` now: none waits for ever."""
         for item in self._queue:
-            if item.done is not None and not item.done.done():
-                item.done.set_exception(exc)
+            if item.done is not None:
+                if not item.done.done():
+                    item.done.set_exception(exc)
+                item.done = None
         for _, gate in self._gates:
             if not gate.done():
                 gate.set_exception(exc)
         self._gates.clear()
+        waiting, self._waiting = self._waiting, deque()
+        for w in waiting:
+            if not w.done.done():
+                w.done.set_exception(exc)
+
+    def _stall(self, exc: OSError) -> None:
+        """A journaled record could not be applied: answer with the error, retry until it can."""
+        first = self.stalled is None and not self._retrying
+        self.stalled = exc
+        self._unstalled.clear()
+        if first:
+            self.stalls += 1
+            log.error("volume write failed, retrying: %s", exc)
+            self._alert(
+                "volume_write_failed",
+                f"{self.volume.path}: {exc.strerror or exc}; host writes refused, journaled "
+                "records kept and retried",
+            )
+        self._answer_all(exc)
+        if self._retry_task is None or self._retry_task.done():
+            self._retry_task = self._loop.create_task(self._retry_stalled())
+
+    async def _retry_stalled(self) -> None:
+        while self.stalled is not None and self.failed is None:
+            await asyncio.sleep(STALL_RETRY)
+            if self.failed is not None:
+                return
+            self.stalled = None
+            self._retrying = True
+            try:
+                self._drain()  # stalls again if the volume still fails
+            finally:
+                self._retrying = False
+            if self.stalled is None:
+                log.warning("%s: volume writes succeed again; resuming", self.volume.path)
+                self._alert("volume_write_resumed", f"{self.volume.path}: writes resumed")
+                self._unstalled.set()
+                self._checkpoint_wanted.set()
 
     # --- room, checkpoints, alerts --------------------------------------------------------------
 
@@ -462,10 +560,10 @@ class JournalWritePath:
                         first.fua,
                         first.done,
                     )
-                    self.commit()
+                    self._commit_ignoring_result()
                     continue
                 # Let everything staged so far reach the volume, then free what we can.
-                self.commit()
+                self._commit_ignoring_result()
                 holders = [
                     c
                     for c in self.journal.consumers.values()
@@ -492,19 +590,21 @@ class JournalWritePath:
     async def checkpoint(self, *, clean: bool = False) -> None:
         """Free what the volume and every journal-mode consumer no longer need.
 
-        The volume is synced first only when the records being freed include one a FLUSH or
-        FUA promised (sequence number <= durable_seq), since it must stay durable somewhere.
-        Records never promised may be freed while the volume still holds them only in the page
-        cache; the next FLUSH then syncs the volume as well (see ``_freed_unsynced``).
+        A record is freed only once the volume's copy of it is durable, so the volume is synced
+        first whenever the checkpoint would free a record applied since the last volume sync.
+        (Freeing records that only the page cache held, and syncing the volume at the next
+        FLUSH instead, lost flushed writes: a checkpoint racing with a FLUSH's journal sync
+        freed a record the FLUSH had already decided needed no volume sync.)
         """
         async with self._checkpoint_lock:
             journal = self.journal
             target = self.applied_seq
             last_freed = journal.keep_from(target) - 1
-            if clean or journal.head_seq <= min(last_freed, journal.durable_seq):
+            if self.failed is None and (
+                clean
+                or (journal.head_seq <= last_freed and last_freed > journal.volume_durable_seq)
+            ):
                 await self._sync_volume(target)
-            elif last_freed > journal.volume_durable_seq and journal.head_seq <= last_freed:
-                self._freed_unsynced += 1
             await asyncio.to_thread(journal.sync_dirty_maps)
             cp = journal.checkpoint_state(applied_seq=target, clean=clean)
             await asyncio.to_thread(journal.write_checkpoint, cp)
@@ -513,12 +613,19 @@ class JournalWritePath:
             self._dirty_since_checkpoint = False
 
     async def _sync_volume(self, target: int) -> None:
-        """Sync the volume; afterwards it durably holds every record up to ``target``."""
-        freed = self._freed_unsynced
-        await self._volume_syncer.sync()
+        """Sync the volume; afterwards it durably holds every record up to ``target``.
+
+        A failed sync is fatal for the write path: the kernel may have dropped the pages it
+        could not write and will not report that again, so no later sync of the volume proves
+        anything. The journal keeps every record since the last good sync for the replay at
+        the next start.
+        """
+        try:
+            await self._volume_syncer.sync()
+        except OSError as exc:
+            self._fail(exc)
+            raise
         self.journal.volume_durable_seq = max(self.journal.volume_durable_seq, target)
-        if self._freed_unsynced == freed:
-            self._freed_unsynced = 0
 
     async def _checkpointer(self) -> None:
         while True:
@@ -555,7 +662,7 @@ class JournalWritePath:
             self.journal.stage(kind, offset, length, data, seq=seq)
             self._push(_Item(kind, offset, length, data, kind != Kind.WRITE, True, False, None))
         self._dirty_since_checkpoint = True
-        self.commit()
+        self._commit_ignoring_result()
         self._check_fill()
         done: asyncio.Future[None] = self._loop.create_future()
         self._durable_then([done], volume_too=False)
@@ -564,7 +671,14 @@ class JournalWritePath:
     async def _free_space_for_records(self) -> None:
         gate = self.commit()
         if gate is not None:
-            await gate
+            try:
+                await gate
+            except OSError:
+                if self.failed is not None:
+                    raise
+                # The replica cannot take writes for now: hold the link until it can.
+                await self._unstalled.wait()
+                return
         holders = [
             c
             for c in self.journal.consumers.values()
@@ -600,7 +714,7 @@ class JournalWritePath:
         else:
             item = _Item(Kind.WRITE, offset, length, (data,), False, False, True, done)
         self._push(item)
-        self.commit()
+        self._commit_ignoring_result()
         return done
 
     async def rebase(self, next_seq: int) -> None:
@@ -628,7 +742,7 @@ class JournalWritePath:
             self.remote_ack.acknowledge(name, seq)
 
     async def pause_enqueue(self, paused: bool) -> None:
-        self.commit()
+        self._commit_ignoring_result()
         self.journal.enqueue_paused = paused
         await self.checkpoint()
 
@@ -669,6 +783,11 @@ class JournalWritePath:
         out["applied_seq"] = self.applied_seq
         out["volume_durable_seq"] = self.journal.volume_durable_seq
         return out
+
+
+def _consume(f: asyncio.Future[None]) -> None:
+    if not f.cancelled():
+        f.exception()
 
 
 def _split(data: Sequence[Buffer], limit: int) -> list[list[memoryview]]:

@@ -45,6 +45,7 @@ __all__ = [
     "AUTH_NONE",
     "AUTH_PSK",
     "FRAME_HEADER_SIZE",
+    "HANDSHAKE_FRAMES",
     "MAGIC",
     "MAX_JSON",
     "MAX_PAYLOAD",
@@ -116,6 +117,8 @@ class RefuseCode(enum.StrEnum):
     BUSY = "busy"
     BAD_FRAME = "bad-frame"
     INTERNAL = "internal"
+    # The secondary's journal cannot hold the largest record the source may send.
+    JOURNAL_TOO_SMALL = "journal-too-small"
 
 
 class VersionError(ProtocolError):
@@ -168,6 +171,17 @@ _LENGTHS: Final[dict[int, tuple[int, int]]] = {
 }
 _NAMES: Final = {int(t): t.name for t in FrameType}
 
+HANDSHAKE_FRAMES: Final = frozenset(
+    {
+        int(FrameType.HELLO),
+        int(FrameType.AUTH_SERVER),
+        int(FrameType.AUTH_CLIENT),
+        int(FrameType.WELCOME),
+        int(FrameType.REFUSE),
+    }
+)
+"""What may arrive before a link is authenticated (see :meth:`LinkCodec.restrict`)."""
+
 
 def _prefix_crc(frame_type: int, length: int) -> int:
     return crc32c(_PREFIX.pack(MAGIC, frame_type, 0, 0, length))
@@ -200,6 +214,9 @@ class Hello:
     size: int
     nonce: str
     auth: str
+    # The largest record payload the source may send (its own journal's limit); optional on
+    # the wire: a source that does not say is checked record by record.
+    max_record: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +240,8 @@ class Welcome:
     applied_seq: int
     consistent: bool
     volume_id: str | None
+    # The largest record payload the secondary's journal can hold; optional on the wire.
+    max_record: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -409,6 +428,12 @@ def _get_bool(obj: _JsonObject, key: str) -> bool:
     return value
 
 
+def _get_optional_int(obj: _JsonObject, key: str) -> int | None:
+    if obj.get(key) is None:
+        return None
+    return _get_int(obj, key)
+
+
 def _hello_from(obj: _JsonObject) -> Hello:
     # The version is read first, so that a peer of another version whose HELLO this codec cannot
     # read is told "version" rather than "bad frame".
@@ -425,6 +450,7 @@ def _hello_from(obj: _JsonObject) -> Hello:
             _get_int(obj, "size"),
             _get_token(obj, "nonce"),
             auth,
+            _get_optional_int(obj, "max_record"),
         )
     except ProtocolError as exc:
         if protocol != PROTOCOL_VERSION:
@@ -445,6 +471,7 @@ def _welcome_from(obj: _JsonObject) -> Welcome:
             _get_int(obj, "applied_seq"),
             _get_bool(obj, "consistent"),
             volume_id,
+            _get_optional_int(obj, "max_record"),
         )
     except ProtocolError as exc:
         if protocol != PROTOCOL_VERSION:
@@ -476,7 +503,7 @@ _JSON_DECODERS: Final[dict[int, Callable[[_JsonObject], Message]]] = {
 def _json_fields(message: Message) -> tuple[FrameType, _JsonObject]:
     match message:
         case Hello():
-            return FrameType.HELLO, {
+            hello: _JsonObject = {
                 "protocol": message.protocol,
                 "unit": message.unit,
                 "volume": message.volume,
@@ -485,12 +512,15 @@ def _json_fields(message: Message) -> tuple[FrameType, _JsonObject]:
                 "nonce": message.nonce,
                 "auth": message.auth,
             }
+            if message.max_record is not None:
+                hello["max_record"] = message.max_record
+            return FrameType.HELLO, hello
         case AuthServer():
             return FrameType.AUTH_SERVER, {"nonce": message.nonce, "proof": message.proof}
         case AuthClient():
             return FrameType.AUTH_CLIENT, {"proof": message.proof}
         case Welcome():
-            return FrameType.WELCOME, {
+            welcome: _JsonObject = {
                 "protocol": message.protocol,
                 "unit": message.unit,
                 "received_seq": message.received_seq,
@@ -498,6 +528,9 @@ def _json_fields(message: Message) -> tuple[FrameType, _JsonObject]:
                 "consistent": message.consistent,
                 "volume_id": message.volume_id,
             }
+            if message.max_record is not None:
+                welcome["max_record"] = message.max_record
+            return FrameType.WELCOME, welcome
         case Refuse():
             return FrameType.REFUSE, {"code": message.code, "message": message.message}
     raise TypeError(f"{type(message).__name__} is not a JSON link message")
@@ -653,9 +686,11 @@ class LinkCodec:
     immutable, so the usual case is safe).
     """
 
-    __slots__ = ("_chunks", "_error", "_pending")
+    __slots__ = ("_allowed", "_chunks", "_error", "_max_payload", "_pending")
 
     def __init__(self) -> None:
+        self._allowed: frozenset[int] | None = None
+        self._max_payload = MAX_PAYLOAD
         self._chunks = _Chunks()
         # (frame type, payload length, CRC of the header prefix, CRC from the header) once a
         # frame header has been read and its payload is awaited.
@@ -672,6 +707,17 @@ class LinkCodec:
         """Bytes still missing before the frame in progress (or the next header) is whole."""
         want = FRAME_HEADER_SIZE if self._pending is None else self._pending[1]
         return max(0, want - self._chunks.size)
+
+    def restrict(self, types: frozenset[int] | None, max_payload: int = MAX_PAYLOAD) -> None:
+        """Accept only frames of ``types`` (None: every type) with payloads of at most
+        ``max_payload`` bytes, from the next frame header on.
+
+        Checked on the header alone, like every other header check: before a link is
+        authenticated the receiver accepts only handshake frames of at most 64 KiB, so a peer
+        that announces a 64 MiB frame is refused before any of it is buffered.
+        """
+        self._allowed = types
+        self._max_payload = max_payload
 
     def feed(self, data: Buffer) -> None:
         """Add received bytes. Ignored once the codec has failed."""
@@ -699,7 +745,9 @@ class LinkCodec:
         if self._pending is None:
             if chunks.size < FRAME_HEADER_SIZE:
                 return None
-            self._pending = _check_header(chunks.take(FRAME_HEADER_SIZE))
+            self._pending = _check_header(
+                chunks.take(FRAME_HEADER_SIZE), self._allowed, self._max_payload
+            )
         frame_type, length, crc, stored = self._pending
         if chunks.size < length:
             return None
@@ -719,7 +767,9 @@ class LinkCodec:
             raise ProtocolError(f"{_NAMES[frame_type]} frame: {exc}") from None
 
 
-def _check_header(header: memoryview) -> tuple[int, int, int, int]:
+def _check_header(
+    header: memoryview, allowed: frozenset[int] | None = None, max_payload: int = MAX_PAYLOAD
+) -> tuple[int, int, int, int]:
     """Validate a frame header; returns (type, length, CRC of bytes 0..12, stored CRC)."""
     magic, frame_type, flags, reserved, length, stored = _HEADER.unpack(header)
     if magic != MAGIC:
@@ -733,7 +783,10 @@ def _check_header(header: memoryview) -> tuple[int, int, int, int]:
             f"{name} frame: reserved header fields are not zero "
             f"(flags 0x{flags:02x}, reserved 0x{reserved:04x})"
         )
+    if allowed is not None and frame_type not in allowed:
+        raise ProtocolError(f"{name} frame is not allowed here (before authentication)")
     lo, hi = bounds
+    hi = min(hi, max(lo, max_payload))
     if not lo <= length <= hi:
         if lo == hi:
             raise ProtocolError(f"{name} frame announces {length} payload bytes, expected {lo}")

@@ -11,8 +11,10 @@ import asyncio
 import contextlib
 import functools
 import logging
+import socket
 import ssl
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -21,6 +23,9 @@ from blockmirror.journal.checkpoint import ReplicaState
 from blockmirror.journal.writepath import JournalWritePath
 from blockmirror.link import auth
 from blockmirror.link.protocol import (
+    FRAME_HEADER_SIZE,
+    HANDSHAKE_FRAMES,
+    MAX_JSON,
     PROTOCOL_VERSION,
     Ack,
     AuthClient,
@@ -41,10 +46,53 @@ from blockmirror.link.protocol import (
 
 log = logging.getLogger(__name__)
 
-HANDSHAKE_TIMEOUT = 10.0
-IDLE_TIMEOUT = 10.0
+HANDSHAKE_TIMEOUT = 10.0  # for the whole handshake, from accept to WELCOME (not per read)
+IDLE_TIMEOUT = 10.0  # no whole, valid frame for this long: the peer is gone
 HEARTBEAT_INTERVAL = 2.0
 READ_SIZE = 256 * 1024
+CLOSE_TIMEOUT = 2.0  # how long a close may wait for unsent bytes before the socket is reset
+# Connections that have not completed the handshake yet. Beyond either cap the oldest of them
+# (of that address, or of all) is closed at once: a flood cannot exhaust descriptors or memory,
+# and a real source, whose handshake takes a few round trips, still gets in.
+MAX_UNAUTHENTICATED = 64
+MAX_UNAUTHENTICATED_PER_ADDRESS = 8
+
+
+def tune_socket(sock: socket.socket | None, timeout: float = IDLE_TIMEOUT) -> None:
+    """Keepalive and TCP_USER_TIMEOUT on a link socket: a peer that vanishes (a cable pulled,
+    a host that died) is noticed by the kernel too, not only by the heartbeat deadline."""
+    if sock is None:
+        return
+    options = [
+        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPIDLE", None), max(1, int(timeout / 2))),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPINTVL", None), 1),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPCNT", None), max(1, int(timeout / 2))),
+        # Data unacknowledged by the peer's TCP for this long: the connection is dropped.
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_USER_TIMEOUT", None), int(timeout * 2000)),
+        (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),
+    ]
+    for level, option, value in options:
+        if option is None:
+            continue
+        with contextlib.suppress(OSError):
+            sock.setsockopt(level, option, value)
+
+
+async def close_writer(writer: asyncio.StreamWriter, timeout: float = CLOSE_TIMEOUT) -> None:
+    """Close a link connection within ``timeout``: a peer that stops reading leaves bytes
+    unsent, and ``wait_closed`` would wait for them forever; then the socket is reset."""
+    writer.close()
+    try:
+        async with asyncio.timeout(timeout):
+            await writer.wait_closed()
+    except TimeoutError:
+        writer.transport.abort()
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(timeout):
+                await writer.wait_closed()
+    except Exception:
+        pass
 
 
 class LinkRefused(BlockmirrorError):
@@ -101,49 +149,172 @@ class ReplicationServer:
         *,
         psk: bytes | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        max_unauthenticated: int = MAX_UNAUTHENTICATED,
+        max_unauthenticated_per_address: int = MAX_UNAUTHENTICATED_PER_ADDRESS,
     ) -> None:
         self.unit_name = unit_name
         self._replicas = replicas
         self._psk = psk
         self._ssl = ssl_context
-        self._server: asyncio.Server | None = None
+        self._listeners: list[socket.socket] = []
+        self._accepters: list[asyncio.Task[None]] = []
         self._sessions: set[asyncio.Task[None]] = set()
+        # Connections still in their handshake, oldest first: task -> source address.
+        self._unauthenticated: OrderedDict[asyncio.Task[None], str] = OrderedDict()
+        self._per_address: dict[str, int] = {}
+        # Those of them that delivered a whole frame: a real source sends its HELLO at once.
+        self._progressed: set[asyncio.Task[None]] = set()
+        self.max_unauthenticated = max_unauthenticated
+        self.max_unauthenticated_per_address = max_unauthenticated_per_address
         self.refusals = 0
+        self.evictions = 0
 
     @property
     def address(self) -> tuple[str, int]:
-        if self._server is None or not self._server.sockets:
+        if not self._listeners:
             raise RuntimeError("replication server is not listening")
-        host, port = self._server.sockets[0].getsockname()[:2]
+        host, port = self._listeners[0].getsockname()[:2]
         return str(host), int(port)
 
+    def status(self) -> dict[str, object]:
+        return {
+            "unauthenticated": len(self._unauthenticated),
+            "sessions": len(self._sessions),
+            "refusals": self.refusals,
+            "evictions": self.evictions,
+        }
+
     async def start(self, host: str, port: int) -> tuple[str, int]:
-        # The listener does the TLS handshake. (Starting TLS inside the connection callback
-        # would let the stream reader swallow the client's first handshake bytes, and both
-        # sides would wait for each other until they time out.)
-        self._server = await asyncio.start_server(
-            self._serve, host, port, ssl=self._ssl, reuse_address=True, limit=READ_SIZE
+        # Our own accept loop rather than asyncio.start_server: a connection is counted (and
+        # the oldest unauthenticated one closed beyond a cap) before anything else happens to
+        # it, the TLS handshake included, which the transport does before the stream sees data.
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
+        seen: set[tuple[int, str]] = set()
+        try:
+            for family, kind, proto, _name, sockaddr in infos:
+                if (family, str(sockaddr[0])) in seen:
+                    continue
+                seen.add((family, str(sockaddr[0])))
+                sock = socket.socket(family, kind, proto)
+                self._listeners.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                # With port 0, every address of the name gets the port the first one got.
+                sock.bind((sockaddr[0], port, *sockaddr[2:]))
+                sock.listen(128)
+                sock.setblocking(False)
+                port = int(sock.getsockname()[1])
+        except BaseException:
+            for sock in self._listeners:
+                sock.close()
+            self._listeners.clear()
+            raise
+        for sock in self._listeners:
+            self._accepters.append(loop.create_task(self._accept(sock)))
         return self.address
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        for task in self._accepters:
+            task.cancel()
+        await asyncio.gather(*self._accepters, return_exceptions=True)
+        self._accepters.clear()
+        for sock in self._listeners:
+            sock.close()
+        self._listeners.clear()
         for task in list(self._sessions):
             task.cancel()
         if self._sessions:
             await asyncio.gather(*self._sessions, return_exceptions=True)
-        if self._server is not None:
-            await self._server.wait_closed()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._sessions.add(task)
-        peer = writer.get_extra_info("peername")
-        where = f"{peer[0]}:{peer[1]}" if peer else "?"
-        session = _Session(self, reader, writer, where)
+    async def _accept(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, addr = await loop.sock_accept(listener)
+            except asyncio.CancelledError:
+                raise
+            except OSError as exc:
+                # EMFILE and friends: say so, breathe, go on (a flood must not end the listener).
+                log.warning("accepting a link failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            address = str(addr[0]) if isinstance(addr, tuple) else str(addr)
+            where = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else address
+            self._make_room(address)
+            task = loop.create_task(self._serve(conn, address, where))
+            self._sessions.add(task)
+            self._unauthenticated[task] = address
+            self._per_address[address] = self._per_address.get(address, 0) + 1
+            task.add_done_callback(self._session_ended)
+
+    def _make_room(self, address: str) -> None:
+        """Close an unauthenticated connection of ``address`` (or of all) when one more would
+        exceed a cap: the oldest that has not sent a whole frame yet, else the oldest.
+
+        A real source sends its HELLO as soon as it is connected, so connections that hold a
+        slot with a trickle (or nothing) go first, and a flood that reconnects whatever is
+        closed still cannot push a real source's handshake out.
+        """
+        if self._per_address.get(address, 0) >= self.max_unauthenticated_per_address:
+            candidates = [t for t, a in self._unauthenticated.items() if a == address]
+        elif len(self._unauthenticated) >= self.max_unauthenticated:
+            candidates = list(self._unauthenticated)
+        else:
+            return
+        victim = next((t for t in candidates if t not in self._progressed), candidates[0])
+        self.evictions += 1
+        if self.evictions in (1, 10, 100) or self.evictions % 1000 == 0:
+            log.warning(
+                "too many unauthenticated links (from %s): closing an older one (%d so far)",
+                address,
+                self.evictions,
+            )
+        self._authenticated(victim)
+        victim.cancel()
+
+    def _progress(self, task: asyncio.Task[None]) -> None:
+        if task in self._unauthenticated:
+            self._progressed.add(task)
+
+    def _authenticated(self, task: asyncio.Task[None]) -> None:
+        self._progressed.discard(task)
+        address = self._unauthenticated.pop(task, None)
+        if address is not None:
+            left = self._per_address[address] - 1
+            if left:
+                self._per_address[address] = left
+            else:
+                del self._per_address[address]
+
+    def _session_ended(self, task: asyncio.Task[None]) -> None:
+        self._sessions.discard(task)
+        self._authenticated(task)
+
+    async def _serve(self, conn: socket.socket, address: str, where: str) -> None:
+        loop = asyncio.get_running_loop()
+        writer: asyncio.StreamWriter | None = None
+        session: _Session | None = None
         try:
+            tune_socket(conn)
+            reader = asyncio.StreamReader(limit=READ_SIZE)
+            try:
+                async with asyncio.timeout(HANDSHAKE_TIMEOUT):
+                    transport, protocol = await loop.connect_accepted_socket(
+                        lambda: asyncio.StreamReaderProtocol(reader),
+                        conn,
+                        ssl=self._ssl,
+                        ssl_handshake_timeout=HANDSHAKE_TIMEOUT if self._ssl else None,
+                    )
+            except (OSError, ssl.SSLError, TimeoutError) as exc:
+                log.info("link from %s closed before its handshake: %s", where, exc)
+                conn.close()
+                return
+            writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+            session = _Session(self, reader, writer, where, loop.time() + HANDSHAKE_TIMEOUT)
             await session.run()
         except LinkRefused as exc:
             self.refusals += 1
@@ -151,17 +322,19 @@ class ReplicationServer:
         except (ProtocolError, auth.AuthError) as exc:
             self.refusals += 1
             log.warning("link from %s dropped: %s", where, exc)
-            session.refuse_quietly("bad-frame", str(exc))
+            if session is not None:
+                session.refuse_quietly("bad-frame", str(exc))
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError) as exc:
             log.info("link from %s closed: %s", where, exc or type(exc).__name__)
         except asyncio.CancelledError:
             pass
         finally:
-            self._sessions.discard(task)
-            session.release()
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            if session is not None:
+                session.release()
+            if writer is not None:
+                await close_writer(writer)
+            else:
+                conn.close()  # cancelled (evicted) before a transport owned it; else a no-op
 
 
 class _Session:
@@ -171,12 +344,17 @@ class _Session:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         where: str,
+        handshake_deadline: float,
     ) -> None:
         self.server = server
         self.reader = reader
         self.writer = writer
         self.where = where
+        self.handshake_deadline = handshake_deadline
         self.codec = LinkCodec()
+        # Until the peer is authenticated: handshake frames of at most 64 KiB, refused from
+        # their header (a 64 MiB RECORDS frame announced first is never buffered).
+        self.codec.restrict(HANDSHAKE_FRAMES, MAX_JSON)
         self.replica: ReplicaRuntime | None = None
         self._target: ReplicaRuntime | None = None
         self._owns_replica = False
@@ -193,18 +371,40 @@ class _Session:
         self.writer.writelines(encode(message))
         self._last_sent = time.monotonic()
 
-    async def receive(self, timeout: float) -> Message:
+    async def receive(self, deadline: float) -> Message:
+        """The next whole frame, by ``deadline`` (loop time): one deadline for however many
+        reads it takes, so a peer trickling bytes cannot stretch it."""
+        loop = asyncio.get_running_loop()
+        authenticated = self.replica is not None
         while True:
             event = self.codec.next_event()
             if event is not None:
                 self._last_heard = time.monotonic()
+                if not authenticated and (task := asyncio.current_task()) is not None:
+                    self.server._progress(task)
                 return event
-            data = await asyncio.wait_for(self.reader.read(READ_SIZE), timeout)
+            left = deadline - loop.time()
+            if left <= 0:
+                raise TimeoutError(
+                    "no frame from the source in time"
+                    if authenticated
+                    else f"handshake not completed within {HANDSHAKE_TIMEOUT:g} s"
+                )
+            # Before authentication, read only what the frame in progress still needs.
+            size = READ_SIZE if authenticated else max(FRAME_HEADER_SIZE, self.codec.needed)
+            try:
+                async with asyncio.timeout(left):
+                    data = await self.reader.read(size)
+            except TimeoutError:
+                continue  # the deadline check above says what timed out
             if not data:
                 raise ConnectionError("source closed the link")
             if self.replica is not None:
                 self.replica.bytes_received += len(data)
             self.codec.feed(data)
+
+    def _idle_deadline(self) -> float:
+        return asyncio.get_running_loop().time() + IDLE_TIMEOUT
 
     def refuse(self, code: str, message: str) -> LinkRefused:
         self.refuse_quietly(code, message)
@@ -226,7 +426,7 @@ class _Session:
     # --- handshake ------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        hello = await self.receive(HANDSHAKE_TIMEOUT)
+        hello = await self.receive(self.handshake_deadline)
         if not isinstance(hello, Hello):
             raise self.refuse("bad-frame", f"expected HELLO, got {type(hello).__name__}")
         if hello.protocol != PROTOCOL_VERSION:
@@ -250,7 +450,18 @@ class _Session:
             raise self.refuse(
                 "busy", f"replica {hello.volume} already has a source ({replica.source})"
             )
+        max_record = replica.write_path.journal.max_payload()
+        if hello.max_record is not None and hello.max_record > max_record:
+            raise self.refuse(
+                "journal-too-small",
+                f"replica {hello.volume}: records of up to {hello.max_record} bytes may come, "
+                f"this unit's journal holds records of at most {max_record} bytes; give it a "
+                "larger journal_size",
+            )
         self.replica = replica
+        task = asyncio.current_task()
+        if task is not None:
+            self.server._authenticated(task)  # no longer counted against the caps
         self._owns_replica = True
         replica.source = self.where
         replica.source_unit = hello.unit
@@ -268,8 +479,10 @@ class _Session:
                 wp.applied_seq,
                 bool(state and state.consistent),
                 state.volume_id if state else None,
+                max_record,
             )
         )
+        self.codec.restrict(None)
         log.info("link from %s (%s) carries volume %s", self.where, hello.unit, hello.volume)
         await self._stream(hello)
 
@@ -281,7 +494,7 @@ class _Session:
             raise self.refuse("auth", "this unit requires a pre-shared key")
         nonce = auth.new_nonce()
         self.send(AuthServer(nonce, auth.server_proof(key, hello.nonce, nonce, hello.volume)))
-        answer = await self.receive(HANDSHAKE_TIMEOUT)
+        answer = await self.receive(self.handshake_deadline)
         if not isinstance(answer, AuthClient):
             raise self.refuse("auth", "expected AUTH_CLIENT")
         expected = auth.client_proof(key, nonce, hello.nonce, hello.volume)
@@ -298,7 +511,7 @@ class _Session:
         syncing = False  # resync frames are only accepted between SYNC_START and SYNC_DONE
         try:
             while True:
-                message = await self.receive(IDLE_TIMEOUT)
+                message = await self.receive(self._idle_deadline())
                 if isinstance(message, Records):
                     self._check_records(message)
                     batch = [
@@ -350,11 +563,19 @@ class _Session:
         """Refuse, before anything is journaled, records that cannot be applied in order."""
         replica = self.replica
         assert replica is not None
-        expected = replica.write_path.journal.next_seq
+        journal = replica.write_path.journal
+        expected = journal.next_seq
+        max_record = journal.max_payload()
         for record in message.records:
             h = record.header
             if h.seq != expected:
                 raise self.refuse("bad-frame", f"record seq {h.seq} arrived, {expected} expected")
+            if h.payload_len > max_record:
+                raise self.refuse(
+                    "journal-too-small",
+                    f"record seq {h.seq} carries {h.payload_len} bytes, this unit's journal "
+                    f"holds records of at most {max_record} bytes; give it a larger journal_size",
+                )
             self._check_range(h.offset, h.length, f"record seq {h.seq}")
             expected += 1
 

@@ -41,16 +41,20 @@ from blockmirror.link.protocol import (
     encode,
     encode_raw_records,
 )
-from blockmirror.link.receiver import LinkRefused
+from blockmirror.link.receiver import LinkRefused, close_writer, tune_socket
+from blockmirror.volume import EXTENT_HOLE_ZERO
 
 log = logging.getLogger(__name__)
 
 WINDOW_BYTES = 64 * 1024 * 1024
 FRAME_BYTES = 4 * 1024 * 1024
 SYNC_CHUNK = 1024 * 1024
-CONNECT_TIMEOUT = 10.0
-IDLE_TIMEOUT = 10.0
+SYNC_ZERO_MAX = 64 * 1024 * 1024  # the most one SYNC_ZERO marker for a hole covers
+SYNC_YIELD = 0.005  # a resync gives the event loop back at least this often (seconds)
+CONNECT_TIMEOUT = 10.0  # to connect, and then for the whole handshake
+IDLE_TIMEOUT = 10.0  # no whole, valid frame from the secondary for this long: the link is dead
 HEARTBEAT_INTERVAL = 2.0
+PROGRESS_TIMEOUT = 60.0  # bytes in flight and no ACK progress for this long: the link is dead
 BACKOFF_MIN = 0.1
 BACKOFF_MAX = 10.0
 READ_SIZE = 256 * 1024
@@ -66,6 +70,8 @@ class SenderStats:
     sync_bytes_sent: int = 0
     connects: int = 0
     last_error: str | None = None
+    # Why the link is not replicating right now (None while it is): the last session's end.
+    reason: str | None = None
     connected_since: float | None = None
     consistent: bool = False
     throughput: float = 0.0  # bytes per second, smoothed
@@ -142,7 +148,7 @@ class PeerSender:
         oldest = next((r for r in journal.records if r.seq > consumer.acked_seq), None)
         lag_seconds = (time.time_ns() - oldest.timestamp_ns) / 1e9 if oldest else 0.0
         state = "paused" if consumer.paused else self.stats.state
-        if consumer.mode == "tracking" and state not in ("syncing", "connecting"):
+        if consumer.mode == "tracking" and state not in ("syncing", "connecting", "paused"):
             state = "tracking"
         return {
             "address": f"{self.host}:{self.port}",
@@ -161,6 +167,7 @@ class PeerSender:
             "consistent": self.stats.consistent,
             "connects": self.stats.connects,
             "last_error": self.stats.last_error,
+            "reason": self.stats.reason if self.stats.state == "connecting" else None,
         }
 
     # --- connection life cycle ------------------------------------------------------------------
@@ -177,6 +184,7 @@ class PeerSender:
                     raise
                 # Not ours to end: a cancellation leaked from inside the session.
                 self.stats.last_error = "session cancelled unexpectedly"
+                self.stats.reason = self.stats.last_error
                 log.exception(
                     "link to %s:%d for %s: session cancelled",
                     self.host,
@@ -191,6 +199,7 @@ class PeerSender:
                 asyncio.IncompleteReadError,
             ) as exc:
                 self.stats.last_error = str(exc) or type(exc).__name__
+                self.stats.reason = self.stats.last_error
                 log.info(
                     "link to %s:%d for %s: %s",
                     self.host,
@@ -201,8 +210,10 @@ class PeerSender:
             except Exception as exc:
                 # A bug must not end replication for good: say so loudly, then reconnect.
                 self.stats.last_error = f"internal error: {exc!r}"
+                self.stats.reason = self.stats.last_error
                 log.exception("link to %s:%d for %s failed", self.host, self.port, self.volume_name)
             self.stats.connected_since = None
+            self.stats.state = "connecting"
             if time.monotonic() - started > 5 * BACKOFF_MAX:
                 delay = BACKOFF_MIN  # it worked for a while: start over quickly
             await asyncio.sleep(delay)
@@ -213,17 +224,24 @@ class PeerSender:
             asyncio.open_connection(self.host, self.port, ssl=self.ssl_context, limit=READ_SIZE),
             CONNECT_TIMEOUT,
         )
+        tune_socket(writer.get_extra_info("socket"), IDLE_TIMEOUT)
         link = _Link(reader, writer)
         try:
-            welcome = await self._handshake(link)
+            try:
+                async with asyncio.timeout(CONNECT_TIMEOUT):
+                    welcome = await self._handshake(link)
+            except TimeoutError:
+                raise TimeoutError(
+                    f"no handshake with the secondary within {CONNECT_TIMEOUT:g} s"
+                ) from None
             self.stats.connects += 1
             self.stats.connected_since = time.time()
             self.stats.last_error = None
+            self.stats.reason = None
             await self._replicate(link, welcome)
         finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            # Never wait forever for a peer that stopped reading to take our unsent bytes.
+            await close_writer(writer)
 
     async def _handshake(self, link: _Link) -> Welcome:
         identity = self._volume_id()
@@ -241,6 +259,7 @@ class PeerSender:
                 self.wp.volume.size,
                 nonce,
                 "psk" if self.psk else "none",
+                self.wp.journal.max_payload(),
             )
         )
         reply = await link.receive(CONNECT_TIMEOUT)
@@ -260,6 +279,15 @@ class PeerSender:
             raise LinkRefused(reply.code, reply.message)
         if not isinstance(reply, Welcome):
             raise ProtocolError(f"expected WELCOME, got {type(reply).__name__}")
+        ours = self.wp.journal.max_payload()
+        if reply.max_record is not None and reply.max_record < ours:
+            # An older secondary that did not check the HELLO's max_record itself.
+            message = (
+                f"the secondary's journal holds records of at most {reply.max_record} bytes, "
+                f"this volume's records may carry {ours}; give it a larger journal_size"
+            )
+            link.send(Refuse("journal-too-small", message))
+            raise LinkRefused("journal-too-small", message)
         return reply
 
     # --- replication ----------------------------------------------------------------------------
@@ -269,26 +297,89 @@ class PeerSender:
         consumer = self.consumer
         received = welcome.received_seq
         full = False
+        # The secondary's WELCOME is the truth about what it holds, not what it acknowledged
+        # before: a replica restored from a backup (or a secondary that lost its journal's
+        # tail) holds less than its old ACKs said.
+        lost = received < consumer.acked_seq
         if welcome.volume_id != self.volume_id:
             full = True  # a new replica, or one of another volume we were allowed to overwrite
+        elif received > journal.next_seq - 1:
+            full = True  # it claims records we never wrote
         elif consumer.mode == "journal":
-            if received > journal.next_seq - 1 or received + 1 < journal.head_seq:
-                full = True  # it claims records we never wrote, or a gap we no longer hold
+            if received + 1 < journal.head_seq:
+                full = True  # a gap we no longer hold
+            elif lost:
+                log.warning(
+                    "%s -> %s:%d: the secondary holds records up to %d only, although it "
+                    "acknowledged %d (restored from a backup?); resending from %d",
+                    self.volume_name,
+                    self.host,
+                    self.port,
+                    received,
+                    consumer.acked_seq,
+                    received + 1,
+                )
+                # Lowered, not only skipped back: the journal must keep these records now.
+                consumer.acked_seq = received
+                self.stats.acked_seq = received
             elif received > consumer.acked_seq:
                 self.wp.acknowledge(self.consumer_name, received)
+        elif lost:
+            # Tracking: the dirty map covers what came after the cursor; what the secondary
+            # lost before it must be copied too, from the records, or all of it.
+            if received + 1 < journal.head_seq:
+                full = True
+            else:
+                consumer.generation += 1
+                for rec in journal.records:
+                    if received < rec.seq <= consumer.acked_seq and rec.length:
+                        consumer.dirty.mark(rec.offset, rec.length)
+                log.warning(
+                    "%s -> %s:%d: the secondary lost records %d..%d; their regions are resynced",
+                    self.volume_name,
+                    self.host,
+                    self.port,
+                    received + 1,
+                    consumer.acked_seq,
+                )
         if full:
+            log.info(
+                "%s -> %s:%d: full resync: the secondary holds %s up to %d (it acknowledged "
+                "%d); this journal holds %d..%d",
+                self.volume_name,
+                self.host,
+                self.port,
+                "this volume" if welcome.volume_id == self.volume_id else "another volume",
+                received,
+                consumer.acked_seq,
+                journal.head_seq,
+                journal.next_seq - 1,
+            )
             consumer.dirty.mark_all()
             consumer.mode = "tracking"
-        self.stats.consistent = welcome.consistent and not full
+        self.stats.consistent = welcome.consistent and not full and not lost
+        self.stats.peer_applied_seq = welcome.applied_seq
+        if full or lost:
+            await self.wp.checkpoint()  # the lowered cursor or the dirty bits, durably
         stream = _Stream(self, link, start=consumer.acked_seq + 1)
-        reader = asyncio.create_task(stream.read_acks())
-        beats = asyncio.create_task(stream.heartbeats())
+        # Sending, reading ACKs and heartbeats run side by side; the first to fail ends the
+        # session whatever the others are waiting on (a drain towards a peer that stopped
+        # reading, say): the idle deadline always applies.
+        tasks = [
+            asyncio.ensure_future(stream.run(full=full)),
+            asyncio.ensure_future(stream.read_acks()),
+            asyncio.ensure_future(stream.heartbeats()),
+        ]
         try:
-            await stream.run(full=full)
+            done, _pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in tasks:
+                if task in done and not task.cancelled() and (error := task.exception()):
+                    raise error
+            raise ConnectionError("the session ended")  # pragma: no cover - they run forever
         finally:
-            reader.cancel()
-            beats.cancel()
-            for task in (reader, beats):
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
                 with contextlib.suppress(BaseException):
                     await task
 
@@ -326,12 +417,23 @@ class _Link:
             raise ConnectionResetError("the link is closed")
 
     async def receive(self, timeout: float) -> Message:
+        """The next whole frame within ``timeout`` seconds, however many reads it takes:
+        bytes alone do not keep a link alive (docs/link-protocol.md, "Keep-alive")."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         while True:
             event = self.codec.next_event()
             if event is not None:
                 self.last_heard = time.monotonic()
                 return event
-            data = await asyncio.wait_for(self.reader.read(READ_SIZE), timeout)
+            left = deadline - loop.time()
+            if left <= 0:
+                raise TimeoutError(f"no frame from the secondary for {timeout:g} s")
+            try:
+                async with asyncio.timeout(left):
+                    data = await self.reader.read(READ_SIZE)
+            except TimeoutError:
+                continue
             if not data:
                 raise ConnectionError("the secondary closed the link")
             self.codec.feed(data)
@@ -400,6 +502,8 @@ class _Stream:
     def _send_records(self) -> bool:
         """Send what the volume holds and the window allows; False when nothing could go."""
         sent_any = False
+        if self.sender.consumer.paused:
+            return False
         limit = self.wp.applied_seq
         while self.next_seq <= limit and self.cumulative - self.acked_bytes < WINDOW_BYTES:
             if self.sender.consumer.mode != "journal":
@@ -455,6 +559,9 @@ class _Stream:
         consumer = sender.consumer
         sender.stats.state = "syncing"
         sender.stats.consistent = False
+        while consumer.paused:  # a paused consumer is sent nothing: not even SYNC_START
+            await self._wait(1.0)
+            await self._check_failed()
         # From here on every new write reaches the peer through the journal, so the dirty map
         # only has to cover what happened before this point. A consumer still in journal mode
         # (an interrupted resync) keeps its cursor: its records after it are not in the map.
@@ -479,24 +586,41 @@ class _Stream:
         self.link.send(SyncStart(sender.next_lsn(), full, total, base))
         volume = self.wp.volume
         zeros = bytes(SYNC_CHUNK)
+        loop = asyncio.get_running_loop()
+        yielded = loop.time()
         for run_offset, run_length in list(consumer.dirty.dirty_regions()):
             offset, end = run_offset, run_offset + run_length
             while offset < end:
                 n = min(SYNC_CHUNK, end - offset)
                 await self._check_failed()
-                while self.cumulative - self.acked_bytes >= WINDOW_BYTES:
+                while self.cumulative - self.acked_bytes >= WINDOW_BYTES or consumer.paused:
+                    # A paused consumer is sent nothing, resync included.
                     await self._wait(1.0)
                     await self._check_failed()
+                    yielded = loop.time()
+                if loop.time() - yielded > SYNC_YIELD:
+                    # Zero markers are tiny: the window alone would never make this loop wait,
+                    # and the host's requests and the admin API must not starve behind it.
+                    await asyncio.sleep(0)
+                    await self._check_failed()
+                    yielded = loop.time()
                 if consumer.mode != "journal":
                     return  # overflowed again mid-copy; run() starts over from the dirty map
                 self._send_records()  # records the copy would include go first
                 as_of = self.wp.applied_seq
-                data = volume.pread(offset, n)
                 lsn = sender.next_lsn()
-                if data == zeros[:n]:
+                hole = self._hole_at(offset, end)
+                if hole >= n:
+                    # A hole of a sparse volume: one marker for all of it (up to a bound), read
+                    # from the allocation map at this moment, like a pread would be.
+                    n = hole
                     nbytes = self.link.send(SyncZero(lsn, offset, n, as_of))
                 else:
-                    nbytes = self.link.send(SyncData(lsn, offset, as_of, memoryview(data)))
+                    data = volume.pread(offset, n)
+                    if data == zeros[:n]:
+                        nbytes = self.link.send(SyncZero(lsn, offset, n, as_of))
+                    else:
+                        nbytes = self.link.send(SyncData(lsn, offset, as_of, memoryview(data)))
                 self.sync_inflight.append((lsn, offset, n, consumer.generation))
                 self.cumulative += nbytes
                 self.sent_bytes_at.append((-lsn, self.cumulative))
@@ -511,6 +635,9 @@ class _Stream:
             self._send_records()
             await self._wait(0.5)
             await self._check_failed()
+        while consumer.paused:
+            await self._wait(1.0)
+            await self._check_failed()
         done_lsn = sender.next_lsn()
         self.sync_done_lsn = done_lsn
         self.link.send(SyncDone(done_lsn, self.wp.applied_seq))
@@ -519,6 +646,17 @@ class _Stream:
             await self._wait(1.0)
             await self._check_failed()
         log.info("%s -> %s:%d: resync complete", sender.volume_name, sender.host, sender.port)
+
+    def _hole_at(self, offset: int, end: int) -> int:
+        """How many bytes from ``offset`` (before ``end``, at most SYNC_ZERO_MAX) the volume's
+        allocation map says read as zeros; 0 when it says data or cannot tell."""
+        try:
+            extents = self.wp.volume.block_status(offset, min(end - offset, SYNC_ZERO_MAX))
+        except OSError:
+            return 0
+        if not extents or extents[0][1] != EXTENT_HOLE_ZERO:
+            return 0
+        return extents[0][0]
 
     def _own_replica_consistent(self) -> bool:
         replica = self.journal.replica
@@ -573,8 +711,19 @@ class _Stream:
         self.progress.set()
 
     async def heartbeats(self) -> None:
+        acked_bytes, progress_at = self.acked_bytes, time.monotonic()
         while True:
             await asyncio.sleep(HEARTBEAT_INTERVAL / 2)
-            if time.monotonic() - self.link.last_sent >= HEARTBEAT_INTERVAL:
+            now = time.monotonic()
+            if now - self.link.last_sent >= HEARTBEAT_INTERVAL:
                 with contextlib.suppress(Exception):
                     self.link.send(Heartbeat(time.time_ns(), 0))
+            # A secondary that answers heartbeats but takes nothing in (stopped reading) is as
+            # dead as a silent one: bytes in flight and no ACK progress for long end the link.
+            if self.acked_bytes != acked_bytes or self.cumulative == self.acked_bytes:
+                acked_bytes, progress_at = self.acked_bytes, now
+            elif now - progress_at > PROGRESS_TIMEOUT:
+                raise TimeoutError(
+                    f"the secondary acknowledged nothing for {PROGRESS_TIMEOUT:g} s with "
+                    f"{self.cumulative - self.acked_bytes} bytes in flight"
+                )
