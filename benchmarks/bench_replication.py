@@ -82,13 +82,19 @@ def peak_rss_kib(pid: int) -> int:
     return 0
 
 
-def host_throughput(root: Path, size: int, runtime: int, repeat: int) -> dict[str, Any]:
+def host_throughput(
+    root: Path, size: int, runtime: int, repeat: int, replication: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Medians of each job with a peer and without, alternating which runs first."""
     results: dict[str, dict[str, list[float]]] = {job: {"peer": [], "no peer": []} for job in JOBS}
     (root / "tput").mkdir()
     with topology(root / "tput") as topo:
-        b = topo.add_secondary("b", volumes={"vol": size}, journal_size="1GiB")
-        a = topo.add_primary("a", peers=[peer_address(b)], size=size, journal_size="1GiB")
+        b = topo.add_secondary(
+            "b", volumes={"vol": size}, journal_size="1GiB", replication=replication
+        )
+        a = topo.add_primary(
+            "a", peers=[peer_address(b)], size=size, journal_size="1GiB", replication=replication
+        )
         alone = topo.add_primary("alone", peers=[], size=size, journal_size="1GiB")
         b.start()
         pa = a.start()
@@ -113,11 +119,17 @@ def host_throughput(root: Path, size: int, runtime: int, repeat: int) -> dict[st
     return out
 
 
-def catch_up(root: Path, backlog: int, size: int) -> dict[str, Any]:
+def catch_up(
+    root: Path, backlog: int, size: int, replication: dict[str, Any] | None = None
+) -> dict[str, Any]:
     with topology(root) as topo:
-        b = topo.add_secondary("b", volumes={"vol": size}, journal_size="1GiB")
+        b = topo.add_secondary(
+            "b", volumes={"vol": size}, journal_size="1GiB", replication=replication
+        )
         journal = f"{backlog // MiB + 256}MiB"
-        a = topo.add_primary("a", peers=[peer_address(b)], size=size, journal_size=journal)
+        a = topo.add_primary(
+            "a", peers=[peer_address(b)], size=size, journal_size=journal, replication=replication
+        )
         b.start()
         pa = a.start()
         wait_caught_up(a, b, timeout=300)
@@ -180,10 +192,44 @@ def disk_write_rate(root: Path, total: int) -> float:
     return total / MiB / seconds
 
 
-def _run_catch_up(root: Path, name: str, backlog: int, size: int) -> dict[str, Any]:
+def seal_throughput(seconds: float = 1.0) -> dict[str, dict[str, float]]:
+    """MiB/s of one core sealing and opening link frames (session_crypto, ChaCha20-Poly1305),
+    in process with the daemon's malloc tuning: the CPU a sealed session adds per byte, without
+    the noise of the units, fio and the disk."""
+    from blockmirror.allocator import tune_malloc
+    from blockmirror.link.protocol import FRAME_HEADER_SIZE, Hello
+    from blockmirror.link.session_crypto import CHACHA20_POLY1305, Opener, Sealer, derive_keys
+
+    tune_malloc()
+    hello = Hello(1, "a", "vol", "j", 1 << 30, "0a" * 32, "psk", None, CHACHA20_POLY1305)
+    key = derive_keys(b"benchmark pre-shared key", "0a" * 32, "0b" * 32, hello).source
+    out: dict[str, dict[str, float]] = {}
+    for size in (4 * MiB, MiB, 64 * 1024, 4096):
+        frame = [bytes(FRAME_HEADER_SIZE), os.urandom(size)]
+        sealer = Sealer(key)
+        count, began = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - began) < seconds:
+            sealer.seal(frame)  # what a sender does per frame (the join included)
+            count += 1
+        sealed = count * size / MiB / elapsed
+        sealer = Sealer(key)
+        records = [b"".join(sealer.seal(frame)) for _ in range(8)]
+        count, began = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - began) < seconds:
+            opener = Opener(key)  # a session of 8 records, opened again and again
+            for record in records:
+                opener.feed(record)
+            count += len(records)
+        out[f"{size // 1024} KiB"] = {"seal": sealed, "open": count * size / MiB / elapsed}
+    return out
+
+
+def _run_catch_up(
+    root: Path, name: str, backlog: int, size: int, replication: dict[str, Any] | None = None
+) -> dict[str, Any]:
     where = root / name
     where.mkdir()
-    result = catch_up(where, backlog, size)
+    result = catch_up(where, backlog, size, replication)
     log(f"  catch-up {backlog // MiB} MiB: {result}")
     return result
 
@@ -197,21 +243,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="256 MiB, 2 s runs, one repeat")
     parser.add_argument("--json", help="write the raw results here")
+    parser.add_argument(
+        "--psk",
+        action="store_true",
+        help="give both units a pre-shared key (no TLS): links are sealed (ChaCha20-Poly1305)",
+    )
+    parser.add_argument(
+        "--seal-only",
+        action="store_true",
+        help="only measure sealing and opening link frames in process (one core), then exit",
+    )
     args = parser.parse_args(argv)
+    if args.seal_only:
+        print("| frame payload | seal (one core) | open (one core) |")
+        print("|---|---:|---:|")
+        for size, r in seal_throughput().items():
+            print(f"| {size} | {r['seal']:.0f} MiB/s | {r['open']:.0f} MiB/s |")
+        return 0
     if args.quick:
         args.size, args.backlog, args.runtime, args.repeat = 256, 128, 2, 1
     size, backlog = args.size * MiB, args.backlog * MiB
     root = Path(args.dir or tempfile.mkdtemp(prefix="bm-repl-bench-", dir="/var/tmp"))
     root.mkdir(parents=True, exist_ok=True)
+    replication: dict[str, Any] | None = None
+    if args.psk:
+        key = root / "psk"
+        key.write_text("benchmark pre-shared key 0123456789\n")
+        key.chmod(0o600)
+        replication = {"psk_file": str(key)}
     try:
         log("host throughput, with and without a peer:")
-        tput = host_throughput(root, size, args.runtime, args.repeat)
+        tput = host_throughput(root, size, args.runtime, args.repeat, replication)
         log("disk baseline:")
         disk = disk_write_rate(root, backlog)
         log(f"  sequential write + fdatasync: {disk:.0f} MiB/s")
         log("catch-up and memory:")
-        full = _run_catch_up(root, "full", backlog, max(size, backlog))
-        quarter = _run_catch_up(root, "quarter", backlog // 4, max(size, backlog))
+        full = _run_catch_up(root, "full", backlog, max(size, backlog), replication)
+        quarter = _run_catch_up(root, "quarter", backlog // 4, max(size, backlog), replication)
     finally:
         if not args.dir:
             shutil.rmtree(root, ignore_errors=True)

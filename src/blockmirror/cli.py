@@ -400,6 +400,72 @@ def cmd_journal_recover(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_journal_resize(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    from blockmirror.errors import SizeError
+    from blockmirror.journal.offline import OfflineError
+    from blockmirror.journal.resize import resize_journal
+    from blockmirror.units import parse_size
+
+    try:
+        size = parse_size(args.size, key="SIZE")
+    except SizeError as exc:
+        print(f"blockmirror: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        report = resize_journal(config, args.volume, size)
+    except OfflineError as exc:
+        print(f"blockmirror: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except (BlockmirrorError, OSError) as exc:
+        print(f"blockmirror: journal resize failed: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    for line in report.lines:
+        print(line)
+    return 0
+
+
+def cmd_volume_adopt(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    from blockmirror.journal.adopt import adopt_volume
+    from blockmirror.journal.offline import OfflineError
+
+    if not args.yes:
+        print(
+            f"adopting volume {args.volume} drops its journal's records unreplayed, takes the "
+            "volume as it is and sends every peer a full resync"
+        )
+        if not sys.stdin.isatty():
+            print(
+                "blockmirror: not adopting: confirm with --yes (stdin is not a terminal to ask "
+                "on); nothing was changed",
+                file=sys.stderr,
+            )
+            return EXIT_CONFIG
+        try:
+            answer = input("Adopt this volume as it is? Type 'yes' to go on: ")
+        except EOFError:
+            answer = ""
+        if answer.strip().lower() != "yes":
+            print("blockmirror: not adopting; nothing was changed", file=sys.stderr)
+            return EXIT_CONFIG
+    try:
+        lines = adopt_volume(config, args.volume)
+    except OfflineError as exc:
+        print(f"blockmirror: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except (BlockmirrorError, OSError) as exc:
+        print(f"blockmirror: adopting the volume failed: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    for line in lines:
+        print(line)
+    return 0
+
+
 def cmd_version(args: argparse.Namespace) -> int:
     print(f"blockmirror {__version__}")
     print(COPYRIGHT)
@@ -478,7 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print the raw JSON")
     status.set_defaults(func=cmd_status)
 
-    journal = sub.add_parser("journal", help="pause, resume or recover a volume's journal")
+    journal = sub.add_parser("journal", help="pause, resume, recover or resize a volume's journal")
     jsub = journal.add_subparsers(dest="journal_command", required=True)
     for action, text in (
         ("pause", "stop journaling writes (they are tracked in every consumer's dirty map)"),
@@ -495,6 +561,24 @@ def build_parser() -> argparse.ArgumentParser:
     recover.add_argument("volume")
     recover.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     recover.set_defaults(func=cmd_journal_recover)
+    resize = jsub.add_parser(
+        "resize", help="offline: rewrite the journal at a new size, keeping peers streaming"
+    )
+    resize.add_argument("config", help="the unit's TOML configuration (the unit must be stopped)")
+    resize.add_argument("volume")
+    resize.add_argument("size", help="the new journal_size, e.g. 2GiB")
+    resize.set_defaults(func=cmd_journal_resize)
+
+    volume = sub.add_parser("volume", help="offline volume operations")
+    vsub = volume.add_subparsers(dest="volume_command", required=True)
+    adopt = vsub.add_parser(
+        "adopt",
+        help="offline: serve a volume its journal does not recognise (restored), full resync",
+    )
+    adopt.add_argument("config", help="the unit's TOML configuration (the unit must be stopped)")
+    adopt.add_argument("volume")
+    adopt.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    adopt.set_defaults(func=cmd_volume_adopt)
 
     consumer = sub.add_parser("consumer", help="pause, resume or discard for one journal consumer")
     csub = consumer.add_subparsers(dest="consumer_command", required=True)

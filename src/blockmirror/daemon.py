@@ -266,7 +266,8 @@ class Unit:
 
         def identity() -> str | None:
             if rt.config.role == "primary":
-                return journal.journal_id
+                # The volume's identity, not the journal's: a journal resize keeps it.
+                return journal.volume_id
             # A relay passes on the origin's identity, once it has one.
             return journal.replica.volume_id if journal.replica is not None else None
 

@@ -19,6 +19,8 @@ from blockmirror.syncer import Syncer
 from blockmirror.volume import Volume
 
 Buffer = bytes | bytearray | memoryview
+# The largest write the write paths take: NBD's usual maximum payload.
+MAX_WRITE = 32 * 1024 * 1024
 
 
 class WritePath(Protocol):
@@ -42,6 +44,9 @@ class WritePath(Protocol):
 
     def can_fast_zero(self) -> bool:
         """Whether write_zeroes is cheap (no data written), for NBD's FAST_ZERO flag."""
+
+    def max_write(self) -> int:
+        """The largest write accepted; a larger one is refused with EINVAL, never queued."""
 
     def commit(self) -> asyncio.Future[None] | None:
         """Finish the work of every request accepted since the last commit.
@@ -93,6 +98,9 @@ class DirectWritePath:
 
     def can_fast_zero(self) -> bool:
         return self.volume.can_fast_zero()
+
+    def max_write(self) -> int:
+        return MAX_WRITE
 
     def commit(self) -> asyncio.Future[None] | None:
         return None  # every request completed when it was accepted

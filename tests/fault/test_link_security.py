@@ -342,3 +342,22 @@ def test_rejected_client_certificate_is_logged_by_the_secondary(
         assert b.unit is not None
         log = b.unit.log().lower()
         assert any(word in log for word in ("certificate", "tls", "ssl", "handshake")), log
+
+
+def test_tls_with_a_pre_shared_key_replicates(tmp_path: Path, pki: dict[str, Cert]) -> None:
+    """TLS and a key together: TLS protects the stream (frames are not sealed again, and no
+    ``crypto-required`` refusal), the key still authenticates both ends."""
+    key = write_key(tmp_path / "psk", "correct horse battery staple 42")
+    with topology(tmp_path) as topo:
+        b = topo.add_secondary(
+            "site-b", replication={**tls(pki["b"], pki["b"].ca), "psk_file": key}
+        )
+        a = topo.add_primary(
+            "site-a",
+            peers=[peer_address(b)],
+            replication={**tls(pki["a"], pki["a"].ca), "psk_file": key},
+        )
+        b.start()
+        a.start()
+        assert_replicates(a, b)
+        assert b.volume_status()["replica"]["last_refusal"] is None

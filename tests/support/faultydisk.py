@@ -129,6 +129,19 @@ class FaultyDisk:
                 f.synced_size = os.fstat(f.fd).st_size
         return lost
 
+    def evict_lost(self) -> int:
+        """The kernel drops pages whose writeback failed (no power cut); returns how many."""
+        n = 0
+        with self._lock:
+            for f in self._files.values():
+                for page, content in f.lost.items():
+                    size = os.fstat(f.fd).st_size
+                    span = max(0, min(PAGE, size - page * PAGE))
+                    self._real["pwrite"](f.fd, content[:span].ljust(span, b"\0"), page * PAGE)
+                    n += 1
+                f.lost.clear()
+        return n
+
     def unsynced_pages(self, match: str = "") -> int:
         with self._lock:
             return sum(

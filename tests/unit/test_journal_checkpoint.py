@@ -24,6 +24,7 @@ from blockmirror.journal.checkpoint import (
     Checkpoint,
     CheckpointError,
     ConsumerState,
+    VolumeIdentity,
     choose,
     decode_slot,
     encode_slot,
@@ -57,6 +58,24 @@ checkpoints = st.builds(
     enqueue_paused=st.booleans(),
     needs_full_resync=st.booleans(),
     consumers=st.dictionaries(st.text(min_size=1, max_size=20), consumer_states, max_size=5),
+)
+
+
+HEX = st.text("0123456789abcdef", min_size=1, max_size=32)
+volume_identities = st.builds(
+    VolumeIdentity,
+    kind=st.sampled_from(["file", "block"]),
+    dev=U64,
+    ino=U64,
+    fp_seq=U64,
+    blocks=st.lists(st.tuples(U64, HEX), max_size=8).map(tuple),
+)
+# Checkpoints with the optional identity fields (journals written since they exist).
+identified_checkpoints = st.builds(
+    replace,
+    checkpoints,
+    volume_id=st.none() | HEX,
+    volume=st.none() | volume_identities,
 )
 
 
@@ -366,6 +385,66 @@ def test_complete_slot_with_bad_fields_raises(
 ) -> None:
     with pytest.raises(CheckpointError, match=fragment):
         decode_slot(edited(edit))
+
+
+# --- the volume's identity (optional fields, issue 7 points 10 and 11) ----------------------------
+
+
+@given(identified_checkpoints, U64)
+def test_round_trip_with_identity(cp: Checkpoint, generation: int) -> None:
+    raw = encode_slot(cp, generation)
+    assert decode_slot(raw) == (generation, cp)
+    assert encode_slot(Checkpoint.from_json(cp.to_json()), generation) == raw
+
+
+@given(checkpoints)
+def test_a_checkpoint_without_identity_encodes_as_before(cp: Checkpoint) -> None:
+    """Backward compatible: unset identity fields are left out of the body altogether, so a
+    journal written before they existed reads back with them unset."""
+    doc = json.loads(cp.to_json())
+    assert "volume_id" not in doc and "volume" not in doc
+    assert Checkpoint.from_json(cp.to_json()).volume is None
+
+
+def test_identity_layout() -> None:
+    ident = VolumeIdentity("file", 2049, 131, 40, ((8192, "00ff"), (0, "abcd")))
+    doc = body_of(sample(volume_id="beef", volume=ident))
+    assert doc["volume_id"] == "beef"
+    assert doc["volume"] == {
+        "kind": "file",
+        "dev": 2049,
+        "ino": 131,
+        "fp_seq": 40,
+        "blocks": [[8192, "00ff"], [0, "abcd"]],
+    }
+
+
+def identity_edited(edit: Callable[[dict[str, Any]], None]) -> bytes:
+    ident = VolumeIdentity("file", 1, 2, 3, ((0, "ab"),))
+    doc = body_of(sample(volume_id="cafe", volume=ident))
+    edit(doc)
+    return complete_slot(json.dumps(doc).encode())
+
+
+@pytest.mark.parametrize(
+    ("edit", "fragment"),
+    [
+        (lambda d: d.update(volume_id=""), "volume_id"),
+        (lambda d: d.update(volume_id="XYZ"), "volume_id"),
+        (lambda d: d.update(volume=[]), "volume is not a JSON object"),
+        (lambda d: d["volume"].update(extra=1), r"unknown fields \['extra'\]"),
+        (lambda d: d["volume"].pop("fp_seq"), r"missing fields \['fp_seq'\]"),
+        (lambda d: d["volume"].update(kind="tape"), "volume kind"),
+        (lambda d: d["volume"].update(ino=-1), "volume.ino must be a u64"),
+        (lambda d: d["volume"].update(blocks=[[0]]), "volume.blocks"),
+        (lambda d: d["volume"].update(blocks=[["0", "ab"]]), "offset must be a u64"),
+        (lambda d: d["volume"].update(blocks=[[0, "zz"]]), "hash must be hex"),
+        (lambda d: d["volume"].update(blocks=[[0, "ab"]] * 33), "at most 32"),
+    ],
+)
+def test_bad_identity_fields_raise(edit: Callable[[dict[str, Any]], None], fragment: str) -> None:
+    with pytest.raises(CheckpointError, match=fragment):
+        decode_slot(identity_edited(edit))
 
 
 # --- choosing between the two slots ------------------------------------------------------------

@@ -51,6 +51,8 @@ class ExportInfo:
     description: str = ""
     read_only: bool = False
     can_fast_zero: bool = True
+    # The largest request the export takes (a journal smaller than 32 MiB takes less).
+    max_block: int = MAX_PAYLOAD
 
 
 def transmission_flags(info: ExportInfo, *, structured: bool) -> int:
@@ -192,8 +194,11 @@ class Negotiation:
                     encode_option_reply(option, Rep.INFO, encode_info_description(info.description))
                 )
             elif wanted == Info.BLOCK_SIZE:
-                block = encode_info_block_size(MIN_BLOCK, PREFERRED_BLOCK, MAX_PAYLOAD)
-                parts.append(encode_option_reply(option, Rep.INFO, block))
+                parts.append(self._block_size_info(option, info))
+        if info.max_block < MAX_PAYLOAD and Info.BLOCK_SIZE not in request.requests:
+            # A limit below the protocol's usual 32 MiB is sent unasked: a client that
+            # ignores it is answered EINVAL for larger requests, never left waiting.
+            parts.append(self._block_size_info(option, info))
         parts.append(encode_option_reply(option, Rep.ACK))
         if option == Opt.INFO:
             return Outcome(b"".join(parts))
@@ -201,6 +206,12 @@ class Negotiation:
             # Contexts were chosen for another export; they do not carry over.
             self.meta_context_id = None
         return Outcome(b"".join(parts), export=info)
+
+    @staticmethod
+    def _block_size_info(option: int, info: ExportInfo) -> bytes:
+        preferred = min(PREFERRED_BLOCK, info.max_block)
+        block = encode_info_block_size(MIN_BLOCK, preferred, info.max_block)
+        return encode_option_reply(option, Rep.INFO, block)
 
     def _meta_context(self, option: int, data: bytes) -> Outcome:
         if not self.structured:

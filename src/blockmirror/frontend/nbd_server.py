@@ -170,6 +170,7 @@ class Export:
             description=self.description,
             read_only=self.read_only,
             can_fast_zero=self.write_path.can_fast_zero(),
+            max_block=min(p.MAX_PAYLOAD, self.write_path.max_write()),
         )
 
 

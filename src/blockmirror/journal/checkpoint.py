@@ -39,6 +39,7 @@ __all__ = [
     "CheckpointError",
     "ConsumerMode",
     "ConsumerState",
+    "VolumeIdentity",
     "choose",
     "decode_slot",
     "encode_slot",
@@ -139,6 +140,69 @@ class ReplicaState:
         return state
 
 
+# At most this many fingerprint blocks fit a slot next to a few consumers (each entry is about 40
+# bytes of JSON); the journal records fewer (identity.FINGERPRINT_BLOCKS).
+FINGERPRINT_MAX: Final = 32
+VolumeKind: TypeAlias = Literal["file", "block"]
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeIdentity:
+    """What the journal knows of the volume it belongs to (docs/journal.md, "Identity").
+
+    ``kind``, ``dev`` and ``ino`` say which file it was (for a block device, ``dev`` is the
+    device number and ``ino`` 0). ``blocks`` is the fingerprint: ``(offset, hash)`` of blocks the
+    volume held when every record up to ``fp_seq`` was durably in it (BLAKE2b, 8 bytes, hex).
+    """
+
+    kind: VolumeKind
+    dev: int
+    ino: int
+    fp_seq: int = 0
+    blocks: tuple[tuple[int, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("file", "block"):
+            raise CheckpointError(f"volume kind must be 'file' or 'block': {self.kind!r}")
+        for name in ("dev", "ino", "fp_seq"):
+            _check_u64(f"volume.{name}", getattr(self, name))
+        if not isinstance(self.blocks, tuple) or len(self.blocks) > FINGERPRINT_MAX:
+            raise CheckpointError(
+                f"volume.blocks must be a tuple of at most {FINGERPRINT_MAX} entries"
+            )
+        for entry in self.blocks:
+            if not isinstance(entry, tuple) or len(entry) != 2:
+                raise CheckpointError(f"volume.blocks entry must be (offset, hash): {entry!r}")
+            _check_u64("volume.blocks offset", entry[0])
+            if not isinstance(entry[1], str) or not _is_hex(entry[1]) or len(entry[1]) > 128:
+                raise CheckpointError(f"volume.blocks hash must be hex: {entry[1]!r}")
+
+    def to_doc(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "dev": self.dev,
+            "ino": self.ino,
+            "fp_seq": self.fp_seq,
+            "blocks": [[offset, digest] for offset, digest in self.blocks],
+        }
+
+    @classmethod
+    def from_doc(cls, doc: object) -> VolumeIdentity:
+        if not isinstance(doc, dict):
+            raise CheckpointError("checkpoint volume is not a JSON object")
+        _exact_keys("volume", doc, _VOLUME_KEYS)
+        raw = doc["blocks"]
+        if not isinstance(raw, list) or not all(isinstance(e, list) and len(e) == 2 for e in raw):
+            raise CheckpointError("checkpoint volume.blocks is not a list of [offset, hash]")
+        return cls(
+            kind=doc["kind"],
+            dev=doc["dev"],
+            ino=doc["ino"],
+            fp_seq=doc["fp_seq"],
+            blocks=tuple((e[0], e[1]) for e in raw),
+        )
+
+
 def _no_consumers() -> Mapping[str, ConsumerState]:
     return MappingProxyType({})
 
@@ -165,6 +229,11 @@ class Checkpoint:
     needs_full_resync: bool = False
     consumers: Mapping[str, ConsumerState] = field(default_factory=_no_consumers)
     replica: ReplicaState | None = None
+    # The volume's identity, which peers bind their replicas to; it outlives a journal (a
+    # resize keeps it). None in journals written before it existed: the journal_id stands in.
+    volume_id: str | None = None
+    # Which file the volume was and a fingerprint of its content (None: nothing recorded yet).
+    volume: VolumeIdentity | None = None
 
     def __post_init__(self) -> None:
         if self.format != FORMAT or type(self.format) is not int:
@@ -178,6 +247,12 @@ class Checkpoint:
                 f"capacity ({self.capacity}) and head_lpos ({self.head_lpos}) must be multiples "
                 "of 8, capacity not zero"
             )
+        if self.volume_id is not None and (
+            not isinstance(self.volume_id, str) or not _is_hex(self.volume_id)
+        ):
+            raise CheckpointError(f"volume_id must be a non-empty hex string: {self.volume_id!r}")
+        if self.volume is not None and not isinstance(self.volume, VolumeIdentity):
+            raise CheckpointError(f"volume must be a VolumeIdentity: {self.volume!r}")
         if not isinstance(self.boot_id, str):
             raise CheckpointError(f"boot_id must be a string: {self.boot_id!r}")
         for name in ("clean", "enqueue_paused", "needs_full_resync"):
@@ -215,6 +290,11 @@ class Checkpoint:
         }
         if self.replica is not None:
             doc["replica"] = self.replica.to_doc()
+        # Optional, and left out when unset: a checkpoint without them encodes as before.
+        if self.volume_id is not None:
+            doc["volume_id"] = self.volume_id
+        if self.volume is not None:
+            doc["volume"] = self.volume.to_doc()
         # ASCII escapes keep any name encodable (lone surrogates included); ASCII is UTF-8.
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode("ascii")
 
@@ -235,6 +315,9 @@ class Checkpoint:
         # "replica" is optional: only secondaries have one, and journals written before it existed
         # have none.
         replica = ReplicaState.from_doc(doc.pop("replica")) if "replica" in doc else None
+        # Optional too (journals written before the volume's identity was recorded).
+        volume_id = doc.pop("volume_id") if "volume_id" in doc else None
+        volume = VolumeIdentity.from_doc(doc.pop("volume")) if "volume" in doc else None
         _exact_keys("checkpoint", doc, _BODY_KEYS)
         raw_consumers = doc["consumers"]
         if not isinstance(raw_consumers, dict):
@@ -246,10 +329,14 @@ class Checkpoint:
             _exact_keys(f"consumer {name!r}", raw, _CONSUMER_KEYS)
             consumers[name] = ConsumerState(raw["acked_seq"], raw["mode"], raw["paused"])
         scalars: dict[str, Any] = {k: doc[k] for k in _BODY_KEYS if k != "consumers"}
-        return cls(**scalars, consumers=consumers, replica=replica)
+        return cls(
+            **scalars, consumers=consumers, replica=replica, volume_id=volume_id, volume=volume
+        )
 
 
-_BODY_KEYS: Final = frozenset(f.name for f in fields(Checkpoint)) - {"replica"}
+_OPTIONAL_KEYS: Final = frozenset({"replica", "volume_id", "volume"})
+_BODY_KEYS: Final = frozenset(f.name for f in fields(Checkpoint)) - _OPTIONAL_KEYS
+_VOLUME_KEYS: Final = frozenset(f.name for f in fields(VolumeIdentity))
 _REPLICA_KEYS: Final = frozenset(f.name for f in fields(ReplicaState))
 _CONSUMER_KEYS: Final = frozenset({"acked_seq", "mode", "paused"})
 _HEX: Final = frozenset("0123456789abcdef")

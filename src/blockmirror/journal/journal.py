@@ -8,6 +8,7 @@ The rules that make this crash-safe are in docs/journal.md; the comments here po
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -20,10 +21,13 @@ from typing import Literal
 from blockmirror.dirtymap import DirtyMap, DirtyMapError
 from blockmirror.errors import BlockmirrorError
 from blockmirror.fileio import pwritev_all
+from blockmirror.journal import identity
 from blockmirror.journal.checkpoint import (
+    BODY_MAX,
     Checkpoint,
     ConsumerState,
     ReplicaState,
+    VolumeIdentity,
     new_journal_id,
     read_checkpoint,
     write_checkpoint,
@@ -37,6 +41,7 @@ from blockmirror.journal.recovery import (
 )
 from blockmirror.journal.ring import DATA_START, Ring
 from blockmirror.volume import Volume
+from blockmirror.writepath import MAX_WRITE
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +52,10 @@ DIRTY_REGION = 64 * 1024
 
 class JournalError(BlockmirrorError):
     """The journal cannot be opened or used as configured."""
+
+
+class VolumeIdentityError(JournalError):
+    """The volume found is not the one the journal belongs to (docs/journal.md, "Identity")."""
 
 
 def boot_id() -> str:
@@ -101,6 +110,12 @@ class Journal:
         self.ring = ring
         self.volume = volume
         self.journal_id = journal_id
+        # The volume's identity (what peers bind to; a resize keeps it), which file it is and a
+        # fingerprint of its content, refreshed at every checkpoint (see identity.py).
+        self.volume_id = journal_id
+        self.volume_identity: VolumeIdentity | None = None
+        self.recent_writes: deque[int] = deque(maxlen=identity.FINGERPRINT_BLOCKS)
+        self.identity_warning: str | None = None
         self.records: deque[LiveRecord] = deque()
         self.tail_lpos = 0
         self.next_seq = 1
@@ -145,11 +160,15 @@ class Journal:
         consumers: Sequence[str],
         dirty_dir: Path,
         volume_name: str,
+        adopt: bool = False,
     ) -> Journal:
         """Open (creating if missing) and recover; replays what the volume may lack.
 
         Raises :class:`JournalCorruptError` when the log is damaged in the middle, and
-        :class:`JournalError` when it does not belong to this volume or size.
+        :class:`JournalError` when it does not belong to this volume or size
+        (:class:`VolumeIdentityError`: the volume found is not the one it was written for).
+        ``adopt``: take the volume as it is instead (``blockmirror volume adopt``): nothing is
+        replayed into it, its identity is recorded anew and every consumer gets a full resync.
         """
         capacity = journal_size - DATA_START
         ring = Ring(capacity)
@@ -159,7 +178,7 @@ class Journal:
             if not exists or os.fstat(fd).st_size == 0:
                 journal = cls._create(path, fd, ring, volume)
             else:
-                journal = cls._recover(path, fd, ring, volume)
+                journal = cls._recover(path, fd, ring, volume, adopt=adopt)
             try:
                 journal._attach_consumers(consumers, dirty_dir, volume_name)
                 journal._write_checkpoint_now(clean=False)
@@ -176,6 +195,7 @@ class Journal:
     def _create(cls, path: Path, fd: int, ring: Ring, volume: Volume) -> Journal:
         os.posix_fallocate(fd, 0, DATA_START + ring.capacity)
         journal = cls(path, fd, ring, volume, new_journal_id())
+        journal.volume_id = new_journal_id()
         journal._write_checkpoint_now(clean=True)
         dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -185,7 +205,9 @@ class Journal:
         return journal
 
     @classmethod
-    def _recover(cls, path: Path, fd: int, ring: Ring, volume: Volume) -> Journal:
+    def _recover(
+        cls, path: Path, fd: int, ring: Ring, volume: Volume, *, adopt: bool = False
+    ) -> Journal:
         started = time.monotonic()
         if os.fstat(fd).st_size < DATA_START + ring.capacity:
             raise JournalError(f"journal {path} is smaller than journal_size; was it changed?")
@@ -199,8 +221,8 @@ class Journal:
         if cp.capacity != ring.capacity:
             raise JournalError(
                 f"journal {path} holds {cp.capacity} bytes of ring but journal_size asks for "
-                f"{ring.capacity}; restore the old journal_size (changing it needs an empty "
-                "journal: stop cleanly, remove the file, start again)"
+                f"{ring.capacity}; restore the old journal_size, or stop the unit and run "
+                "`blockmirror journal resize CONFIG VOLUME SIZE`"
             )
         if cp.volume_size != volume.size:
             raise JournalError(
@@ -211,6 +233,8 @@ class Journal:
             assert result.stop is not None and result.corruption_witness is not None
             raise JournalCorruptError(str(path), result.stop, result.corruption_witness)
         journal = cls(path, fd, ring, volume, cp.journal_id)
+        journal.volume_id = cp.volume_id if cp.volume_id is not None else cp.journal_id
+        journal.volume_identity = cp.volume
         journal.generation = generation
         journal.checkpoint_head_lpos = cp.head_lpos
         journal.checkpoint_head_seq = cp.head_seq
@@ -238,6 +262,7 @@ class Journal:
         torn = result.stop.reason if result.stop is not None and result.stop.torn else None
         if torn is not None:
             log.warning("journal %s: cut a torn tail at seq %d: %s", path, result.next_seq, torn)
+        erased = 0
         if not cp.clean:
             erased = erase_stale_headers(fd, ring, result.tail_lpos, cp.head_lpos, journal.next_seq)
             if erased or torn is not None:
@@ -250,6 +275,11 @@ class Journal:
                 # only after all of it was written.
                 journal.needs_full_resync = True
                 log.warning("journal %s: %d stale record headers past the end erased", path, erased)
+        if adopt:
+            journal._adopt_volume()
+        else:
+            # Before anything is replayed: the journal's records must not go into another file.
+            journal._check_identity(cp, result, lenient=journal._unclean_os_restart or erased > 0)
         replayed = journal._replay()
         journal.volume_durable_seq = journal.applied_seq
         journal.recovery = RecoveryReport(
@@ -260,6 +290,64 @@ class Journal:
             time.monotonic() - started,
         )
         return journal
+
+    def _check_identity(self, cp: Checkpoint, result: ScanResult, *, lenient: bool) -> None:
+        """Refuse a volume that is not the one this journal was written for (identity.py)."""
+        ring_records = [(r.seq, r.kind, r.offset, r.length) for r in result.records]
+        try:
+            check = identity.verify(self.volume, cp, ring_records, lenient=lenient)
+        except OSError as exc:
+            raise JournalError(
+                f"cannot read volume {self.volume.path} to check it is the journal's: "
+                f"{exc.strerror or exc}"
+            ) from exc
+        if check.problem is not None:
+            raise VolumeIdentityError(f"journal {self.path}: {check.problem}")
+        if check.warning is not None:
+            log.warning("journal %s: %s", self.path, check.warning)
+            self.identity_warning = check.warning
+            if lenient:
+                self.needs_full_resync = True
+
+    def _adopt_volume(self) -> None:
+        """Take the volume as it is: drop every record (none is replayed into it), send every
+        consumer a full resync and forget which source a replica came from (the source then
+        copies all of it again). The identity is recorded anew by the next checkpoint."""
+        log.warning(
+            "journal %s: adopting volume %s as it is: %d records dropped, full resync for every "
+            "consumer",
+            self.path,
+            self.volume.path,
+            len(self.records),
+        )
+        self.records.clear()
+        self.applied_seq = self.next_seq - 1
+        self.needs_full_resync = True
+        self.replica = None
+
+    def stamp_identity(self, cp: Checkpoint) -> Checkpoint:
+        """``cp`` with the volume's identity and a fresh fingerprint (blocking: reads the volume).
+
+        The fingerprint is of the volume once it durably holds every record up to
+        ``cp.applied_seq``. None is taken while the volume is written outside the journal
+        (enqueueing paused, or a replica in the middle of a resync): nothing would tell, at the
+        next start, which of its blocks changed legitimately.
+        """
+        outside = cp.enqueue_paused or (cp.replica is not None and not cp.replica.consistent)
+        ident = identity.sample(
+            self.volume,
+            fp_seq=cp.applied_seq,
+            recent=self.recent_writes.copy(),
+            previous=self.volume_identity,
+            fingerprint=not outside,
+        )
+        stamped = dataclasses.replace(cp, volume_id=self.volume_id, volume=ident)
+        while ident is not None and ident.blocks and len(stamped.to_json()) > BODY_MAX:
+            # Many consumers with long names: fewer blocks rather than no checkpoint at all.
+            ident = dataclasses.replace(ident, blocks=ident.blocks[: len(ident.blocks) // 2])
+            stamped = dataclasses.replace(cp, volume_id=self.volume_id, volume=ident)
+        self.volume_identity = ident
+        return stamped
 
     def _replay(self) -> int:
         """Bring the volume up to date with every record after ``applied_seq``; then sync it."""
@@ -366,6 +454,19 @@ class Journal:
         """The largest payload one record may carry (bigger writes are split)."""
         return min(self.ring.max_record - HEADER_SIZE, 4 * 1024 * 1024) & ~7
 
+    def max_write(self) -> int:
+        """The largest write an empty ring takes for sure, wherever its tail is.
+
+        A write is split into records of at most :meth:`max_payload`; with one padding of at
+        most such a record at the wrap, ``length + headers + record`` must fit the capacity.
+        A power of two, so clients that split large requests split evenly.
+        """
+        room = self.ring.capacity - record_size(self.max_payload())
+        pieces = -(-room // self.max_payload()) + 1
+        room -= pieces * HEADER_SIZE
+        size = 1 << max(room, 4096).bit_length() - 1
+        return max(4096, min(MAX_WRITE, size))
+
     def fits(self, payload_len: int) -> bool:
         size = record_size(payload_len)
         return self.ring.place(self.tail_lpos, size).new_tail - self.checkpoint_head_lpos <= (
@@ -404,6 +505,8 @@ class Journal:
         self._add_iov(placement.record_lpos, record_iov(header, payload), size)
         rec = LiveRecord(seq, placement.record_lpos, size, kind, offset, length, now)
         self.records.append(rec)
+        if kind == Kind.WRITE:
+            self.recent_writes.appendleft(offset)  # for the volume's fingerprint
         self.next_seq = seq + 1
         self.tail_lpos = placement.new_tail
         self._batch_seq = seq
@@ -497,6 +600,13 @@ class Journal:
             new = consumer.dirty.mark(offset, length) or new
         return new
 
+    def mark_all_dirty(self) -> None:
+        """Every region dirty for every consumer (in memory; :meth:`sync_dirty_maps` next)."""
+        for consumer in self.consumers.values():
+            consumer.generation += 1
+            consumer.dirty.mark_all()
+            consumer.mode = "tracking"
+
     def tracking_consumers(self) -> list[Consumer]:
         return [c for c in self.consumers.values() if c.mode == "tracking"]
 
@@ -553,6 +663,7 @@ class Journal:
 
     def write_checkpoint(self, cp: Checkpoint) -> None:
         """Blocking (run in a thread): write the next slot and sync it."""
+        cp = self.stamp_identity(cp)
         write_checkpoint(self.fd, cp, self.generation + 1)
         self.generation += 1
 
@@ -611,7 +722,15 @@ class Journal:
         if self.fd < 0:
             return
         try:
-            self._write_checkpoint_now(clean=clean, applied_seq=applied_seq)
+            try:
+                self._write_checkpoint_now(clean=clean, applied_seq=applied_seq)
+            except OSError:
+                if self.io_error is not None:
+                    # No checkpoint can say what the ring lost: the dirty maps say it instead.
+                    self.mark_all_dirty()
+                    with contextlib.suppress(OSError, DirtyMapError):
+                        self.sync_dirty_maps()
+                raise
         finally:
             for consumer in self.consumers.values():
                 with contextlib.suppress(Exception):
@@ -626,6 +745,8 @@ class Journal:
         used = self.tail_lpos - self.head_lpos
         return {
             "path": str(self.path),
+            "volume_id": self.volume_id,
+            "identity_warning": self.identity_warning,
             "capacity": self.ring.capacity,
             "used": used,
             "used_reserved": self.used,

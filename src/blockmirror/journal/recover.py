@@ -31,6 +31,7 @@ telling which records are older than what the volume holds.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import os
 from collections.abc import Iterator
@@ -529,6 +530,14 @@ class JournalRecovery:
             enqueue_paused=old.enqueue_paused if old is not None else False,
             needs_full_resync=True,
             consumers=consumers,
+            # The volume stays the same volume (peers keep accepting it) and the same file;
+            # the replay changed its blocks, so the old fingerprint proves nothing now.
+            volume_id=old.volume_id if old is not None else None,
+            volume=(
+                dataclasses.replace(old.volume, blocks=())
+                if old is not None and old.volume is not None
+                else None
+            ),
         )
         generation = plan.generation + 1
         write_checkpoint(self._fd, cp, generation)  # synced

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import logging
 from collections import deque
@@ -124,6 +125,7 @@ class JournalWritePath:
         self._unstalled.set()
         self._retry_task: asyncio.Task[None] | None = None
         self._retrying = False
+        self.stall_retry = STALL_RETRY
         self.alerts = _Alerts()
         self._journal_syncer = Syncer(self._sync_journal, loop)
         self._volume_syncer = Syncer(volume.flush, loop)
@@ -204,6 +206,9 @@ class JournalWritePath:
     def can_fast_zero(self) -> bool:
         return self.volume.can_fast_zero()
 
+    def max_write(self) -> int:
+        return self.journal.max_write()
+
     def commit(self) -> asyncio.Future[None] | None:
         """Write the batch, apply what can be applied; a future gates the batch's replies."""
         self._commit_scheduled = False
@@ -250,6 +255,13 @@ class JournalWritePath:
             raise self.failed
         if self.stalled is not None:
             raise self.stalled
+        if kind == Kind.WRITE and length > self.journal.max_write():
+            # It would wait for room that can never come: the journal is too small for it.
+            raise OSError(
+                errno.EINVAL,
+                f"a write of {length} bytes exceeds the {self.journal.max_write()} bytes this "
+                f"volume's journal ({self.journal.capacity} bytes of ring) can take at once",
+            )
         if self._waiting or not self._room_for(kind, length):
             done: asyncio.Future[None] = self._loop.create_future()
             self._waiting.append(_Waiting(kind, offset, length, data, may_trim, fua, done))
@@ -458,6 +470,13 @@ class JournalWritePath:
         self.journal.durable_seq = max(self.journal.durable_seq, durable)
 
     def _fail(self, exc: BaseException) -> None:
+        if self.failed is None and self.journal.io_error is not None:
+            # The ring may have lost records the volume (and so a peer) already has, and no
+            # checkpoint can be trusted to say so: every peer's dirty map says it instead.
+            self.journal.mark_all_dirty()
+            self._loop.run_in_executor(None, self.journal.sync_dirty_maps).add_done_callback(
+                _consume
+            )
         if self.failed is None:
             log.error("volume write path failed: %s", exc)
             self._alert(
@@ -501,7 +520,7 @@ class JournalWritePath:
 
     async def _retry_stalled(self) -> None:
         while self.stalled is not None and self.failed is None:
-            await asyncio.sleep(STALL_RETRY)
+            await asyncio.sleep(self.stall_retry)
             if self.failed is not None:
                 return
             self.stalled = None
@@ -580,7 +599,12 @@ class JournalWritePath:
                     self._acked.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._acked.wait(), 0.5)
+                head = self.journal.checkpoint_head_lpos
                 await self.checkpoint()
+                if self.journal.checkpoint_head_lpos == head and not holders:
+                    # Nothing could be freed yet (records still on their way to the volume):
+                    # wait a moment rather than spin on checkpoints.
+                    await asyncio.sleep(0.01)
         except BaseException as exc:
             self._fail(exc)
             raise

@@ -119,6 +119,11 @@ class RefuseCode(enum.StrEnum):
     INTERNAL = "internal"
     # The secondary's journal cannot hold the largest record the source may send.
     JOURNAL_TOO_SMALL = "journal-too-small"
+    # A pre-shared key without TLS needs sealed frames (session_crypto), and the peer does not
+    # offer (or accept) them: an older peer, or a man in the middle who stripped the offer.
+    CRYPTO_REQUIRED = "crypto-required"
+    # A sealed frame failed to open: altered, forged, replayed, reordered or dropped.
+    INTEGRITY = "integrity"
 
 
 class VersionError(ProtocolError):
@@ -217,12 +222,17 @@ class Hello:
     # The largest record payload the source may send (its own journal's limit); optional on
     # the wire: a source that does not say is checked record by record.
     max_record: int | None = None
+    # The AEAD the source seals the session with after the handshake ("chacha20-poly1305"),
+    # None (absent on the wire) for none; see docs/link-protocol.md, "Sealed sessions".
+    crypto: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class AuthServer:
     nonce: str
     proof: str
+    # The secondary's answer to HELLO's ``crypto``: the same name when it seals too.
+    crypto: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -434,6 +444,12 @@ def _get_optional_int(obj: _JsonObject, key: str) -> int | None:
     return _get_int(obj, key)
 
 
+def _get_optional_str(obj: _JsonObject, key: str) -> str | None:
+    if obj.get(key) is None:
+        return None
+    return _get_str(obj, key)
+
+
 def _hello_from(obj: _JsonObject) -> Hello:
     # The version is read first, so that a peer of another version whose HELLO this codec cannot
     # read is told "version" rather than "bad frame".
@@ -451,6 +467,7 @@ def _hello_from(obj: _JsonObject) -> Hello:
             _get_token(obj, "nonce"),
             auth,
             _get_optional_int(obj, "max_record"),
+            _get_optional_str(obj, "crypto"),
         )
     except ProtocolError as exc:
         if protocol != PROTOCOL_VERSION:
@@ -480,7 +497,9 @@ def _welcome_from(obj: _JsonObject) -> Welcome:
 
 
 def _auth_server_from(obj: _JsonObject) -> AuthServer:
-    return AuthServer(_get_token(obj, "nonce"), _get_token(obj, "proof"))
+    return AuthServer(
+        _get_token(obj, "nonce"), _get_token(obj, "proof"), _get_optional_str(obj, "crypto")
+    )
 
 
 def _auth_client_from(obj: _JsonObject) -> AuthClient:
@@ -514,9 +533,14 @@ def _json_fields(message: Message) -> tuple[FrameType, _JsonObject]:
             }
             if message.max_record is not None:
                 hello["max_record"] = message.max_record
+            if message.crypto is not None:
+                hello["crypto"] = message.crypto
             return FrameType.HELLO, hello
         case AuthServer():
-            return FrameType.AUTH_SERVER, {"nonce": message.nonce, "proof": message.proof}
+            server: _JsonObject = {"nonce": message.nonce, "proof": message.proof}
+            if message.crypto is not None:
+                server["crypto"] = message.crypto
+            return FrameType.AUTH_SERVER, server
         case AuthClient():
             return FrameType.AUTH_CLIENT, {"proof": message.proof}
         case Welcome():

@@ -43,6 +43,13 @@ from blockmirror.link.protocol import (
     Welcome,
     encode,
 )
+from blockmirror.link.session_crypto import (
+    CHACHA20_POLY1305,
+    IntegrityError,
+    Opener,
+    Sealer,
+    derive_keys,
+)
 
 log = logging.getLogger(__name__)
 
@@ -361,6 +368,9 @@ class _Session:
         self._ack_scheduled = False
         self._last_sent = time.monotonic()
         self._last_heard = time.monotonic()
+        # Set once the AUTH_CLIENT proof holds, when the session is sealed (session_crypto).
+        self._sealer: Sealer | None = None
+        self._opener: Opener | None = None
 
     # --- frames in and out ----------------------------------------------------------------------
 
@@ -368,7 +378,10 @@ class _Session:
         if self.writer.is_closing():
             # uvloop raises RuntimeError on a write to a closed transport.
             raise ConnectionResetError("the link is closed")
-        self.writer.writelines(encode(message))
+        buffers = encode(message)
+        if self._sealer is not None:
+            buffers = self._sealer.seal(buffers)
+        self.writer.writelines(buffers)
         self._last_sent = time.monotonic()
 
     async def receive(self, deadline: float) -> Message:
@@ -401,7 +414,15 @@ class _Session:
                 raise ConnectionError("source closed the link")
             if self.replica is not None:
                 self.replica.bytes_received += len(data)
-            self.codec.feed(data)
+            if self._opener is None:
+                self.codec.feed(data)
+                continue
+            try:
+                plain = self._opener.feed(data)
+            except IntegrityError as exc:
+                raise self.refuse("integrity", str(exc)) from None
+            for chunk in plain:
+                self.codec.feed(chunk)
 
     def _idle_deadline(self) -> float:
         return asyncio.get_running_loop().time() + IDLE_TIMEOUT
@@ -492,14 +513,30 @@ class _Session:
             return  # a source that expects a proof refuses us itself
         if hello.auth != "psk":
             raise self.refuse("auth", "this unit requires a pre-shared key")
+        # Sealed frames (session_crypto) whenever the source offers them; required with a key
+        # and no TLS, since the key alone protects only the handshake.
+        sealed = hello.crypto == CHACHA20_POLY1305
+        if not sealed and self.server._ssl is None:
+            offered = "nothing" if hello.crypto is None else repr(hello.crypto)
+            raise self.refuse(
+                "crypto-required",
+                f"a pre-shared key without TLS needs sealed frames ({CHACHA20_POLY1305}); the "
+                f"source offers {offered} (an older unit, or the offer was stripped on the way)",
+            )
         nonce = auth.new_nonce()
-        self.send(AuthServer(nonce, auth.server_proof(key, hello.nonce, nonce, hello.volume)))
+        proof = auth.server_proof(key, hello.nonce, nonce, hello.volume)
+        self.send(AuthServer(nonce, proof, CHACHA20_POLY1305 if sealed else None))
         answer = await self.receive(self.handshake_deadline)
         if not isinstance(answer, AuthClient):
             raise self.refuse("auth", "expected AUTH_CLIENT")
         expected = auth.client_proof(key, nonce, hello.nonce, hello.volume)
         if not auth.verify(expected, answer.proof):
             raise self.refuse("auth", "wrong pre-shared key")
+        if sealed:
+            if self.codec.buffered:
+                raise self.refuse("bad-frame", "frames after AUTH_CLIENT before the WELCOME")
+            keys = derive_keys(key, hello.nonce, nonce, hello)
+            self._sealer, self._opener = Sealer(keys.secondary), Opener(keys.source)
 
     # --- streaming ------------------------------------------------------------------------------
 

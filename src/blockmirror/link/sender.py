@@ -42,6 +42,13 @@ from blockmirror.link.protocol import (
     encode_raw_records,
 )
 from blockmirror.link.receiver import LinkRefused, close_writer, tune_socket
+from blockmirror.link.session_crypto import (
+    CHACHA20_POLY1305,
+    IntegrityError,
+    Opener,
+    Sealer,
+    derive_keys,
+)
 from blockmirror.volume import EXTENT_HOLE_ZERO
 
 log = logging.getLogger(__name__)
@@ -250,18 +257,21 @@ class PeerSender:
             raise BlockmirrorError("this replica has no source data yet; nothing to relay")
         self.volume_id = identity
         nonce = auth.new_nonce()
-        link.send(
-            Hello(
-                PROTOCOL_VERSION,
-                self.unit_name,
-                self.volume_name,
-                self.volume_id,
-                self.wp.volume.size,
-                nonce,
-                "psk" if self.psk else "none",
-                self.wp.journal.max_payload(),
-            )
+        # A key without TLS: every frame after the handshake is sealed (session_crypto).
+        # With TLS, TLS already protects the stream and frames go as they are.
+        offer = CHACHA20_POLY1305 if self.psk is not None and self.ssl_context is None else None
+        hello = Hello(
+            PROTOCOL_VERSION,
+            self.unit_name,
+            self.volume_name,
+            self.volume_id,
+            self.wp.volume.size,
+            nonce,
+            "psk" if self.psk else "none",
+            self.wp.journal.max_payload(),
+            offer,
         )
+        link.send(hello)
         reply = await link.receive(CONNECT_TIMEOUT)
         if isinstance(reply, AuthServer):
             if self.psk is None:
@@ -270,7 +280,19 @@ class PeerSender:
             if not auth.verify(expected, reply.proof):
                 link.send(Refuse("auth", "the secondary does not know the pre-shared key"))
                 raise LinkRefused("auth", "the secondary failed to prove the pre-shared key")
+            if reply.crypto != offer:
+                if offer is None:
+                    raise ProtocolError(f"the secondary seals with {reply.crypto!r}, not offered")
+                message = (
+                    f"a pre-shared key without TLS needs sealed frames ({offer}); the secondary "
+                    "does not seal (an older unit, or the offer was stripped on the way)"
+                )
+                link.send(Refuse("crypto-required", message))
+                raise LinkRefused("crypto-required", message)
             link.send(AuthClient(auth.client_proof(self.psk, reply.nonce, nonce, self.volume_name)))
+            if offer is not None:
+                keys = derive_keys(self.psk, nonce, reply.nonce, hello)
+                link.seal(Sealer(keys.source), Opener(keys.secondary))
             reply = await link.receive(CONNECT_TIMEOUT)
         elif self.psk is not None and isinstance(reply, Welcome):
             link.send(Refuse("auth", "a pre-shared key is configured here; prove it"))
@@ -397,16 +419,24 @@ class _Link:
         self.codec = LinkCodec()
         self.last_sent = time.monotonic()
         self.last_heard = time.monotonic()
+        # Set once the handshake has made session keys (a pre-shared key without TLS).
+        self.sealer: Sealer | None = None
+        self.opener: Opener | None = None
+
+    def seal(self, sealer: Sealer, opener: Opener) -> None:
+        """Seal every frame from now on, both ways (the secondary sends nothing between our
+        AUTH_CLIENT and its sealed WELCOME, so nothing unsealed is buffered here)."""
+        if self.codec.buffered:
+            raise ProtocolError("the secondary sent frames before the session was sealed")
+        self.sealer, self.opener = sealer, opener
 
     def send(self, message: Message) -> int:
-        buffers = encode(message)
-        self._check_open()
-        self.writer.writelines(buffers)
-        self.last_sent = time.monotonic()
-        return sum(memoryview(b).nbytes for b in buffers)
+        return self.send_buffers(encode(message))
 
     def send_buffers(self, buffers: Sequence[bytes | bytearray | memoryview]) -> int:
         self._check_open()
+        if self.sealer is not None:
+            buffers = self.sealer.seal(buffers)
         self.writer.writelines(buffers)
         self.last_sent = time.monotonic()
         return sum(memoryview(b).nbytes for b in buffers)
@@ -436,7 +466,17 @@ class _Link:
                 continue
             if not data:
                 raise ConnectionError("the secondary closed the link")
-            self.codec.feed(data)
+            if self.opener is None:
+                self.codec.feed(data)
+                continue
+            try:
+                plain = self.opener.feed(data)
+            except IntegrityError as exc:
+                with contextlib.suppress(Exception):
+                    self.send(Refuse("integrity", str(exc)))
+                raise LinkRefused("integrity", str(exc)) from None
+            for chunk in plain:
+                self.codec.feed(chunk)
 
 
 class _Stream:

@@ -1,0 +1,132 @@
+"""``blockmirror volume adopt CONFIG VOLUME``: serve a volume its journal does not recognise.
+
+At start, a journal checks that the volume found is the one it was written for (docs/journal.md,
+"Identity"); a volume restored from an older copy, a wrong ``path`` or another volume's file is
+not served. When the volume found *is* the one to serve (a restore the operator intends), this
+command, run while the unit is stopped:
+
+1. drops every record the journal holds, unreplayed: they belong to the volume's previous
+   content, and replaying newer writes over an older copy would make a volume that never was;
+2. marks every consumer's dirty map fully dirty and puts it in tracking mode: a full resync, so
+   every peer ends up with the adopted content (its replica is inconsistent until then);
+3. on a secondary, forgets which source the replica came from: the source sends it all again;
+4. records the volume's identity anew (its file, and a fingerprint of its blocks), keeping the
+   volume's ``volume_id``, so peers keep accepting it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from blockmirror.config import Config
+from blockmirror.errors import BlockmirrorError
+from blockmirror.journal import identity
+from blockmirror.journal.checkpoint import CheckpointError, read_checkpoint
+from blockmirror.journal.journal import Journal, JournalError
+from blockmirror.journal.offline import OfflineError, StateDirLock, journal_volume
+from blockmirror.journal.recovery import JournalCorruptError, scan
+from blockmirror.journal.ring import DATA_START, Ring
+from blockmirror.volume import Volume
+
+__all__ = ["adopt_volume"]
+
+log = logging.getLogger(__name__)
+
+
+def adopt_volume(config: Config, volume_name: str) -> list[str]:
+    """Adopt the volume as it is; returns what was done, one line each.
+
+    Raises :class:`OfflineError` (nothing changed) when the unit runs, the volume or its journal
+    is missing, or the journal cannot be read.
+    """
+    vc = journal_volume(config, volume_name)
+    state_dir = config.unit.state_dir
+    path = state_dir / f"{vc.name}.journal"
+    done: list[str] = []
+    with StateDirLock(state_dir, "adopt"):
+        if not path.exists():
+            raise OfflineError(
+                f"volume {vc.name} has no journal at {path}: nothing to adopt (the unit records "
+                "the volume's identity when it creates the journal)"
+            )
+        try:
+            volume = Volume.open(vc.path, size=vc.size, offset=vc.offset, create=False)
+        except BlockmirrorError as exc:
+            raise OfflineError(f"cannot open volume {vc.name}: {exc}") from exc
+        try:
+            capacity = _capacity(path)
+            before = _check(path, volume, capacity)
+            if before is not None:
+                done.append(f"volume {vc.name}: {before}")
+            try:
+                journal = Journal.open(
+                    path,
+                    volume=volume,
+                    journal_size=DATA_START + capacity,
+                    consumers=[str(peer) for peer in vc.peers],
+                    dirty_dir=state_dir,
+                    volume_name=vc.name,
+                    adopt=True,
+                )
+            except JournalCorruptError as exc:
+                raise OfflineError(
+                    f"{exc}; run `blockmirror journal recover` first, then adopt"
+                ) from exc
+            except (JournalError, CheckpointError) as exc:
+                raise OfflineError(str(exc)) from exc
+            consumers = sorted(journal.consumers)
+            journal.close(clean=True)
+        finally:
+            volume.close()
+    done.append(
+        f"volume {vc.name}: {vc.path} adopted as it is (volume id {journal.volume_id} kept); "
+        "the journal's records were dropped, not replayed"
+    )
+    if consumers:
+        done.append(f"every region marked dirty for {', '.join(consumers)} (full resync)")
+    else:
+        done.append("the volume has no consumers (no peers): no resync is needed")
+    if vc.role == "secondary":
+        done.append("the replica's source is forgotten: its source sends all of it again")
+    done.append(f"`blockmirror run` serves volume {vc.name} again")
+    return done
+
+
+def _capacity(path: Path) -> int:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        found = read_checkpoint(fd)
+    except CheckpointError as exc:
+        raise OfflineError(f"journal {path}: {exc}; run `blockmirror journal recover`") from exc
+    finally:
+        os.close(fd)
+    if found is None:
+        raise OfflineError(
+            f"journal {path} has no valid checkpoint; run `blockmirror journal recover` first"
+        )
+    return found[2].capacity
+
+
+def _check(path: Path, volume: Volume, capacity: int) -> str | None:
+    """What the identity check says of the volume now (for the report), or None."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        found = read_checkpoint(fd)
+        if found is None:
+            return None
+        cp = found[2]
+        if cp.volume_size != volume.size:
+            return None  # Journal.open says so
+        result = scan(fd, Ring(capacity), cp.head_lpos, cp.head_seq, cp.next_seq)
+        records = [(r.seq, r.kind, r.offset, r.length) for r in result.records]
+        check = identity.verify(volume, cp, records, lenient=False)
+    except (OSError, CheckpointError, ValueError) as exc:
+        log.debug("identity check before adopting: %s", exc)
+        return None
+    finally:
+        os.close(fd)
+    if check.problem is not None:
+        return f"was refused: {check.problem.split(' - ')[0]}"
+    return "matched its journal already; adopting it anyway"

@@ -1,0 +1,97 @@
+"""What the offline journal commands (adopt, resize) share: the unit must be stopped.
+
+A command holds the state directory's lock (the one a running unit holds) for as long as it
+works, and refuses while a unit runs: while the lock is held, or while the unit named in
+``unit.json`` is still alive (a unit that is starting up or stopping).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from blockmirror.config import Config, VolumeConfig
+from blockmirror.daemon import LOCK_FILE, read_runtime_file
+from blockmirror.errors import BlockmirrorError
+
+__all__ = ["OfflineError", "StateDirLock", "journal_volume"]
+
+
+class OfflineError(BlockmirrorError):
+    """An offline command cannot run as asked; nothing was changed."""
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True
+    # A pid reused by an unrelated process since the unit died does not hold the state.
+    return b"blockmirror" in cmdline
+
+
+class StateDirLock:
+    """The state directory's lock, held from construction until :meth:`close`."""
+
+    def __init__(self, state_dir: Path, what: str) -> None:
+        self.state_dir = state_dir
+        if not state_dir.is_dir():
+            raise OfflineError(f"state directory {state_dir} does not exist: nothing to {what}")
+        fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OfflineError(
+                f"state directory {state_dir} is in use by a running blockmirror unit: stop it "
+                f"first (this command runs offline)"
+            ) from None
+        self._fd = fd
+        info = read_runtime_file(state_dir)
+        pid = info.get("pid") if info is not None else None
+        if isinstance(pid, int) and _alive(pid):
+            self.close()
+            raise OfflineError(
+                f"the unit of {state_dir} (pid {pid}, in unit.json) is still running: stop it "
+                "first (this command runs offline)"
+            )
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)  # releases the flock
+            self._fd = -1
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def journal_volume(config: Config, name: str) -> VolumeConfig:
+    """The configured volume ``name``, which must have a journal."""
+    for vc in config.volumes:
+        if vc.name == name:
+            if vc.read_only or not vc.journal:
+                raise OfflineError(
+                    f"volume {name} has no journal (read_only = true or journal = false)"
+                )
+            return vc
+    known = ", ".join(vc.name for vc in config.volumes) or "none"
+    raise OfflineError(f"no volume named {name!r} in the configuration (volumes: {known})")
