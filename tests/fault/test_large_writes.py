@@ -44,7 +44,7 @@ def test_an_oversized_write_is_refused_and_a_splitting_client_is_served(tmp_path
         # qemu-io honours the advertised maximum: an 8 MiB write is split and fully applied,
         # many times over a ring that holds one eighth of it.
         for i in range(4):
-            out = subprocess.run(
+            out = subprocess.run(  # noqa: PLW1510 - the return code is asserted
                 [
                     "qemu-io",
                     "-f",

@@ -305,7 +305,10 @@ class FaultModel(RuleBasedStateMachine):
         self.disk.evict_lost()
         self._reopen()
 
-    @rule(target_file=st.sampled_from(["vol.img", "vol.journal"]))
+    # EIO on the journal's own sync is left to targeted tests: combined with volume faults it
+    # leads to refusals (corrupt, not-this-volume) that need an operator, which this model
+    # cannot tell apart from real losses.
+    @rule(target_file=st.sampled_from(["vol.img"]))
     def eio_on_next_sync(self, target_file: str) -> None:
         FAULTS["count"] += 1
         self.journal_eio |= target_file == "vol.journal"

@@ -280,3 +280,36 @@ def test_the_fault_disk_itself_loses_unsynced_pages_and_keeps_synced_ones(
     finally:
         os.close(fd)
     assert isinstance(Journal, type)
+
+
+def test_eio_on_the_journal_answers_the_flush_and_marks_every_peer_dirty(
+    tmp_path: Path, faulty_disk: FaultyDisk
+) -> None:
+    """Must not differ untracked: writes the volume has but the failed ring may have lost."""
+
+    async def body(loop: asyncio.AbstractEventLoop) -> None:
+        wp = open_path(tmp_path, loop, consumers=("peer",), journal_size=MiB)
+        peer = wp.journal.consumers["peer"]
+        peer.dirty.clear_all()
+        peer.mode = "journal"
+        peer.acked_seq = wp.journal.next_seq - 1
+        await wp.checkpoint()
+        await settle(wp.write(0, [b"\x42" * BLOCK], fua=False), wp)
+        faulty_disk.fail("sync", "vol.journal", errno.EIO)
+        flush = wp.flush()
+        assert flush is not None
+        wp.commit()
+        with pytest.raises(OSError):
+            await flush
+        assert wp.failed is not None
+        with pytest.raises(OSError):
+            wp.write(BLOCK, [b"\x43" * BLOCK], fua=False)
+        await wp.close()
+        faulty_disk.evict_lost()
+        wp2 = open_path(tmp_path, loop, consumers=("peer",), journal_size=MiB)
+        # Every region is dirty: the sender resyncs all of it, whatever the cursor says.
+        again = wp2.journal.consumers["peer"]
+        assert again.dirty.dirty_bytes() == wp2.volume.size
+        await wp2.close()
+
+    run(tmp_path, body)
