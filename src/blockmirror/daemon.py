@@ -359,17 +359,24 @@ class Unit:
         }
 
     def _volume_status(self, rt: VolumeRuntime) -> dict[str, Any]:
+        state, problem = rt.state, rt.problem
+        if rt.journal is not None and state in ("serving", "replica"):
+            # The write path's own condition overrides a state set at start: status never
+            # says "serving" while writes fail.
+            condition = rt.journal.condition()
+            if condition is not None:
+                state, problem = condition
         return {
             "name": rt.config.name,
             "role": rt.config.role,
-            "state": rt.state,
+            "state": state,
             "size": rt.volume.size,
             "path": str(rt.config.path),
             "offset": rt.config.offset,
             "read_only": rt.export.read_only,
             "export": rt.export_address,
             "counters": rt.counters.as_dict(),
-            "problem": rt.problem,
+            "problem": problem,
             "journal": rt.journal.status() if rt.journal is not None else None,
             "peers": [sender.status() for sender in rt.senders],
             "replica": rt.replica.status() if rt.replica is not None else None,

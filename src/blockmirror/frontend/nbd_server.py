@@ -262,6 +262,8 @@ class NbdConnection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         # Replies in the order they leave; a READ's data is read only when its turn comes.
         self._out: deque[_Item] = deque()
+        # id(reply) -> cookie of change replies queued since the last commit (_release).
+        self._ok_changes: dict[int, int] = {}
         self._out_size = 0
         self.reserved = 0  # reply bytes this connection holds of the unit's budget
         self._waiting_budget = False
@@ -341,18 +343,19 @@ class NbdConnection(asyncio.Protocol):
 
         Replies to requests accepted since the last commit may claim work the write path only
         does in commit() (journal append, then volume write): they leave after it, or after the
-        future it returns. A failed commit drops them and the connection: nothing unapplied
-        is ever acknowledged.
+        future it returns. When the commit or its future fails (a full or failing volume), the
+        change replies among them become error replies: nothing unapplied is acknowledged,
+        and the connection goes on.
         """
         gate = None
+        ok, self._ok_changes = self._ok_changes, {}
         if self.export is not None:
             try:
                 gate = self.export.write_path.commit()
             except Exception as exc:
-                log.error("write path failed; dropping connection %s: %s", self._peer(), exc)
-                self._out.clear()
-                self._out_size = 0
-                self.abort()
+                log.warning("write path refused a batch from %s: %s", self._peer(), exc)
+                self._fail_changes(self._out, ok, exc)
+                self._flush_out()
                 return
         if gate is None:
             self._flush_out()
@@ -366,9 +369,12 @@ class NbdConnection(asyncio.Protocol):
 
         def released(f: asyncio.Future[None]) -> None:
             self.inflight -= 1
-            if f.cancelled() or f.exception() is not None:
+            if f.cancelled():
                 self.abort()
                 return
+            exc = f.exception()
+            if exc is not None:
+                self._fail_changes(held, ok, exc)
             for chunk in held:
                 self._send(chunk)
             self._maybe_finish_drain()
@@ -533,14 +539,18 @@ class NbdConnection(asyncio.Protocol):
         elif command == p.Cmd.WRITE:
             self._write(export, req)
         elif command == p.Cmd.WRITE_ZEROES:
-            self._write_zeroes(export, req)
+            try:
+                self._write_zeroes(export, req)
+            except (OSError, OutOfRangeError, ReadOnlyError) as exc:
+                self._reply_error(req.cookie, nbd_error(exc), f"write zeroes failed: {exc}")
         elif command == p.Cmd.TRIM:
-            self._start(
-                export,
-                req,
-                export.write_path.trim(req.offset, req.length, fua=bool(req.flags & p.CmdFlag.FUA)),
-                "trims",
-            )
+            fua = bool(req.flags & p.CmdFlag.FUA)
+            try:
+                pending = export.write_path.trim(req.offset, req.length, fua=fua)
+            except (OSError, OutOfRangeError, ReadOnlyError) as exc:
+                self._reply_error(req.cookie, nbd_error(exc), f"trim failed: {exc}")
+            else:
+                self._start(export, req, pending, "trims")
         elif command == p.Cmd.CACHE:
             self._cache(export, req)
         elif command == p.Cmd.BLOCK_STATUS:
@@ -569,7 +579,7 @@ class NbdConnection(asyncio.Protocol):
         export.counters.writes += 1
         export.counters.bytes_written += req.length
         if pending is None:
-            self._send(p.encode_simple_reply(req.cookie))
+            self._reply_ok_write(req.cookie)
         else:
             self._track(pending, req.cookie, req.length)
 
@@ -631,7 +641,7 @@ class NbdConnection(asyncio.Protocol):
     ) -> None:
         setattr(export.counters, counter, getattr(export.counters, counter) + 1)
         if pending is None:
-            self._send(p.encode_simple_reply(req.cookie))
+            self._reply_ok_write(req.cookie)
         else:
             self._track(pending, req.cookie, 0)
 
@@ -655,13 +665,33 @@ class NbdConnection(asyncio.Protocol):
         pending.add_done_callback(done)
 
     def _reply_error(self, cookie: int, error: int, message: str) -> None:
+        self._send(self._error_reply(cookie, error, message))
+
+    def _error_reply(self, cookie: int, error: int, message: str) -> bytes:
         if self.export is not None:
             self.export.counters.errors += 1
         log.debug("NBD error %d to %s: %s", error, self._peer(), message)
         if self.negotiation.structured:
-            self._send(p.encode_error_chunk(cookie, error, message))
-        else:
-            self._send(p.encode_simple_reply(cookie, error))
+            return p.encode_error_chunk(cookie, error, message)
+        return p.encode_simple_reply(cookie, error)
+
+    def _reply_ok_write(self, cookie: int) -> None:
+        """A change's success reply, valid only once the write path commits it (_release)."""
+        chunk = p.encode_simple_reply(cookie)
+        self._ok_changes[id(chunk)] = cookie
+        self._send(chunk)
+
+    def _fail_changes(self, items: deque[_Item], ok: dict[int, int], exc: BaseException) -> None:
+        """Turn the success replies of changes the write path could not commit into errors.
+
+        The volume said no (ENOSPC on a thin volume, EIO): the host hears exactly that for
+        each change of the batch, and reads and later requests go on being served.
+        """
+        error = nbd_error(exc)
+        for i, item in enumerate(items):
+            cookie = ok.get(id(item))
+            if cookie is not None and not isinstance(item, _ReadReply):
+                items[i] = self._error_reply(cookie, error, f"write failed: {exc}")
 
     def _send(self, data: _Item) -> None:
         if self.closed:

@@ -111,6 +111,8 @@ class JournalWritePath:
         self._commit_scheduled = False
         self._flush_waiters: list[asyncio.Future[None]] = []
         self._unjournaled_writes = False
+        # Writes made outside the journal so far; a resync compares it across a pass.
+        self.unjournaled_count = 0
         self.applied_seq = journal.next_seq - 1
         # Fatal: the journal or a volume sync failed. Writes are refused until a restart
         # replays the journal; reads go on.
@@ -301,6 +303,7 @@ class JournalWritePath:
             # Not journaled: every consumer must learn of it through its dirty map instead.
             journal.mark_dirty_everywhere(offset, length)
             self._unjournaled_writes = True
+            self.unjournaled_count += 1
             self._push(_Item(kind, offset, length, data, may_trim, False, fua, done))
             return
         for consumer in journal.tracking_consumers():
@@ -798,10 +801,26 @@ class JournalWritePath:
         await self.checkpoint()
         return count
 
+    def condition(self) -> tuple[str, str] | None:
+        """``(state, reason)`` when writes are not being taken, for the volume's status."""
+        if self.failed is not None:
+            return "failed", (
+                f"writes refused after an I/O error ({self.failed}); restart the unit to "
+                "replay the journal into the volume"
+            )
+        if self.stalled is not None:
+            return "stalled", (
+                f"writes to {self.volume.path} fail ({self.stalled.strerror or self.stalled}); "
+                "host writes are refused and journaled records retried until they succeed"
+            )
+        return None
+
     def status(self) -> dict[str, object]:
         out = self.journal.status(self.high_water)
         out["checkpoints"] = self.checkpoints
         out["failed"] = str(self.failed) if self.failed is not None else None
+        out["stalled"] = str(self.stalled) if self.stalled is not None else None
+        out["stalls"] = self.stalls
         out["alerts"] = list(self.alerts.events)
         out["ack"] = self.remote_ack.status() if self.remote_ack is not None else {"mode": "local"}
         out["applied_seq"] = self.applied_seq

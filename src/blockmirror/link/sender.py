@@ -628,45 +628,54 @@ class _Stream:
         zeros = bytes(SYNC_CHUNK)
         loop = asyncio.get_running_loop()
         yielded = loop.time()
-        for run_offset, run_length in list(consumer.dirty.dirty_regions()):
-            offset, end = run_offset, run_offset + run_length
-            while offset < end:
-                n = min(SYNC_CHUNK, end - offset)
-                await self._check_failed()
-                while self.cumulative - self.acked_bytes >= WINDOW_BYTES or consumer.paused:
-                    # A paused consumer is sent nothing, resync included.
-                    await self._wait(1.0)
+        while True:
+            # Writes made outside the journal (enqueueing paused) reach the volume at moments
+            # the copy cannot order against its reads: a pass during which one happened, or
+            # one that ends while they still may, proves no prefix. Copy again what they dirtied.
+            unjournaled = self.wp.unjournaled_count
+            for run_offset, run_length in list(consumer.dirty.dirty_regions()):
+                offset, end = run_offset, run_offset + run_length
+                while offset < end:
+                    n = min(SYNC_CHUNK, end - offset)
                     await self._check_failed()
-                    yielded = loop.time()
-                if loop.time() - yielded > SYNC_YIELD:
-                    # Zero markers are tiny: the window alone would never make this loop wait,
-                    # and the host's requests and the admin API must not starve behind it.
-                    await asyncio.sleep(0)
-                    await self._check_failed()
-                    yielded = loop.time()
-                if consumer.mode != "journal":
-                    return  # overflowed again mid-copy; run() starts over from the dirty map
-                self._send_records()  # records the copy would include go first
-                as_of = self.wp.applied_seq
-                lsn = sender.next_lsn()
-                hole = self._hole_at(offset, end)
-                if hole >= n:
-                    # A hole of a sparse volume: one marker for all of it (up to a bound), read
-                    # from the allocation map at this moment, like a pread would be.
-                    n = hole
-                    nbytes = self.link.send(SyncZero(lsn, offset, n, as_of))
-                else:
-                    data = volume.pread(offset, n)
-                    if data == zeros[:n]:
+                    while self.cumulative - self.acked_bytes >= WINDOW_BYTES or consumer.paused:
+                        # A paused consumer is sent nothing, resync included.
+                        await self._wait(1.0)
+                        await self._check_failed()
+                        yielded = loop.time()
+                    if loop.time() - yielded > SYNC_YIELD:
+                        # Zero markers are tiny: the window alone would never make this loop wait,
+                        # and the host's requests and the admin API must not starve behind it.
+                        await asyncio.sleep(0)
+                        await self._check_failed()
+                        yielded = loop.time()
+                    if consumer.mode != "journal":
+                        return  # overflowed again mid-copy; run() starts over from the dirty map
+                    self._send_records()  # records the copy would include go first
+                    as_of = self.wp.applied_seq
+                    lsn = sender.next_lsn()
+                    hole = self._hole_at(offset, end)
+                    if hole >= n:
+                        # A hole of a sparse volume: one marker for all of it (up to a bound), read
+                        # from the allocation map at this moment, like a pread would be.
+                        n = hole
                         nbytes = self.link.send(SyncZero(lsn, offset, n, as_of))
                     else:
-                        nbytes = self.link.send(SyncData(lsn, offset, as_of, memoryview(data)))
-                self.sync_inflight.append((lsn, offset, n, consumer.generation))
-                self.cumulative += nbytes
-                self.sent_bytes_at.append((-lsn, self.cumulative))
-                sender.stats.count(nbytes)
-                sender.stats.sync_bytes_sent += n
-                offset += n
+                        data = volume.pread(offset, n)
+                        if data == zeros[:n]:
+                            nbytes = self.link.send(SyncZero(lsn, offset, n, as_of))
+                        else:
+                            nbytes = self.link.send(SyncData(lsn, offset, as_of, memoryview(data)))
+                    self.sync_inflight.append((lsn, offset, n, consumer.generation))
+                    self.cumulative += nbytes
+                    self.sent_bytes_at.append((-lsn, self.cumulative))
+                    sender.stats.count(nbytes)
+                    sender.stats.sync_bytes_sent += n
+                    offset += n
+            if self.wp.unjournaled_count == unjournaled and not self.wp.journal.enqueue_paused:
+                break
+            await self._wait(0.5)
+            await self._check_failed()
         # A relay vouches for a copy only once its own replica is consistent: until then the
         # regions it sent may still be followed by more from upstream.
         while not self._own_replica_consistent():
