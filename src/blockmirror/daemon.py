@@ -355,6 +355,7 @@ class Unit:
             "pid": os.getpid(),
             "uptime_seconds": round(time.monotonic() - self.started_at, 3),
             "nbd": self.nbd_limits.status(),
+            "replication": self.replication.status() if self.replication is not None else None,
             "volumes": [self._volume_status(rt) for rt in self.volumes],
         }
 

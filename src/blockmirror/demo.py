@@ -121,6 +121,7 @@ async def _drive(
     _say(f"primary   volume 'demo' ({format_size(size)}) exported at nbd://{host}:{port}/demo")
     _say("          admin http://{}:{}/".format(*primary.admin.address))
     _say("secondary admin http://{}:{}/".format(*secondary.admin.address))
+    _say(f"          (sign in with the token in {directory / 'primary-state' / 'admin.token'})")
     _say("waiting for the initial sync of the new replica …")
     if not await _caught_up(primary, secondary, timeout=CATCH_UP_TIMEOUT):
         _say("the initial sync did not finish")

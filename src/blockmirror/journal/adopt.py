@@ -25,7 +25,12 @@ from blockmirror.errors import BlockmirrorError
 from blockmirror.journal import identity
 from blockmirror.journal.checkpoint import CheckpointError, read_checkpoint
 from blockmirror.journal.journal import Journal, JournalError
-from blockmirror.journal.offline import OfflineError, StateDirLock, journal_volume
+from blockmirror.journal.offline import (
+    OfflineError,
+    StateDirLock,
+    journal_capacity,
+    journal_volume,
+)
 from blockmirror.journal.recovery import JournalCorruptError, scan
 from blockmirror.journal.ring import DATA_START, Ring
 from blockmirror.volume import Volume
@@ -56,7 +61,7 @@ def adopt_volume(config: Config, volume_name: str) -> list[str]:
         except BlockmirrorError as exc:
             raise OfflineError(f"cannot open volume {vc.name}: {exc}") from exc
         try:
-            capacity = _capacity(path)
+            capacity = journal_capacity(path)
             before = _check(path, volume, capacity)
             if before is not None:
                 done.append(f"volume {vc.name}: {before}")
@@ -92,21 +97,6 @@ def adopt_volume(config: Config, volume_name: str) -> list[str]:
         done.append("the replica's source is forgotten: its source sends all of it again")
     done.append(f"`blockmirror run` serves volume {vc.name} again")
     return done
-
-
-def _capacity(path: Path) -> int:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        found = read_checkpoint(fd)
-    except CheckpointError as exc:
-        raise OfflineError(f"journal {path}: {exc}; run `blockmirror journal recover`") from exc
-    finally:
-        os.close(fd)
-    if found is None:
-        raise OfflineError(
-            f"journal {path} has no valid checkpoint; run `blockmirror journal recover` first"
-        )
-    return found[2].capacity
 
 
 def _check(path: Path, volume: Volume, capacity: int) -> str | None:

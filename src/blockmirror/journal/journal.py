@@ -182,6 +182,14 @@ class Journal:
             try:
                 journal._attach_consumers(consumers, dirty_dir, volume_name)
                 journal._write_checkpoint_now(clean=False)
+                if volume.sync_error is not None:
+                    # Not served on a disk that already fails its syncs; the checkpoint just
+                    # written keeps every record for the next start to replay.
+                    raise JournalError(
+                        f"volume {volume.path} failed a sync at start "
+                        f"({volume.sync_error.strerror or volume.sync_error}); the journal "
+                        "keeps every record; fix the storage and start again"
+                    )
             except BaseException:
                 for consumer in journal.consumers.values():
                     consumer.dirty.close(sync=False)
@@ -193,7 +201,16 @@ class Journal:
 
     @classmethod
     def _create(cls, path: Path, fd: int, ring: Ring, volume: Volume) -> Journal:
-        os.posix_fallocate(fd, 0, DATA_START + ring.capacity)
+        try:
+            os.posix_fallocate(fd, 0, DATA_START + ring.capacity)
+        except OSError as exc:
+            # Leave no empty file behind: the next start creates the journal afresh.
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise JournalError(
+                f"cannot preallocate journal {path} ({DATA_START + ring.capacity} bytes): "
+                f"{exc.strerror or exc}; free space in {path.parent} or lower journal_size"
+            ) from exc
         journal = cls(path, fd, ring, volume, new_journal_id())
         journal.volume_id = new_journal_id()
         journal._write_checkpoint_now(clean=True)

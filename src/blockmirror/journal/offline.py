@@ -16,6 +16,7 @@ from typing import Self
 from blockmirror.config import Config, VolumeConfig
 from blockmirror.daemon import LOCK_FILE, read_runtime_file
 from blockmirror.errors import BlockmirrorError
+from blockmirror.journal.checkpoint import CheckpointError, read_checkpoint
 
 __all__ = ["OfflineError", "StateDirLock", "journal_volume"]
 
@@ -95,3 +96,19 @@ def journal_volume(config: Config, name: str) -> VolumeConfig:
             return vc
     known = ", ".join(vc.name for vc in config.volumes) or "none"
     raise OfflineError(f"no volume named {name!r} in the configuration (volumes: {known})")
+
+
+def journal_capacity(path: Path) -> int:
+    """The ring capacity a journal file's checkpoint records (for the offline commands)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        found = read_checkpoint(fd)
+    except CheckpointError as exc:
+        raise OfflineError(f"journal {path}: {exc}; run `blockmirror journal recover`") from exc
+    finally:
+        os.close(fd)
+    if found is None:
+        raise OfflineError(
+            f"journal {path} has no valid checkpoint; run `blockmirror journal recover` first"
+        )
+    return found[2].capacity

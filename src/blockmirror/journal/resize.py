@@ -29,10 +29,15 @@ from dataclasses import dataclass
 
 from blockmirror.config import MIN_JOURNAL_SIZE, Config
 from blockmirror.errors import BlockmirrorError
-from blockmirror.journal.checkpoint import CheckpointError, new_journal_id, read_checkpoint
+from blockmirror.journal.checkpoint import CheckpointError, new_journal_id
 from blockmirror.journal.format import HEADER_SIZE, Kind
 from blockmirror.journal.journal import Journal, JournalError, LiveRecord
-from blockmirror.journal.offline import OfflineError, StateDirLock, journal_volume
+from blockmirror.journal.offline import (
+    OfflineError,
+    StateDirLock,
+    journal_capacity,
+    journal_volume,
+)
 from blockmirror.journal.recovery import JournalCorruptError
 from blockmirror.journal.ring import DATA_START, Ring
 from blockmirror.units import format_size
@@ -74,7 +79,7 @@ def resize_journal(config: Config, volume_name: str, new_size: int) -> ResizeRep
             raise OfflineError(
                 f"volume {vc.name} has no journal at {path} yet: set journal_size and start"
             )
-        old_capacity = _capacity(path)
+        old_capacity = journal_capacity(path)
         old_size = DATA_START + old_capacity
         if old_capacity == new_ring.capacity:
             raise OfflineError(f"journal {path} is already {format_size(new_size)}")
@@ -118,21 +123,6 @@ def resize_journal(config: Config, volume_name: str, new_size: int) -> ResizeRep
     return ResizeReport(
         report.old_size, report.new_size, report.copied, report.dropped, report.tracked, lines
     )
-
-
-def _capacity(path: os.PathLike[str]) -> int:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        found = read_checkpoint(fd)
-    except CheckpointError as exc:
-        raise OfflineError(f"journal {path}: {exc}; run `blockmirror journal recover`") from exc
-    finally:
-        os.close(fd)
-    if found is None:
-        raise OfflineError(
-            f"journal {path} has no valid checkpoint; run `blockmirror journal recover` first"
-        )
-    return found[2].capacity
 
 
 def _to_copy(records: list[LiveRecord], ring: Ring, max_payload: int) -> int:
