@@ -72,7 +72,10 @@ def prefilled_unit(tmp_path: Path) -> Iterator[UnitProcess]:
 
 
 def test_nbdinfo_reports_size_flags_and_block_sizes(tmp_path: Path) -> None:
-    with running_unit(tmp_path, size="48MiB", description="e2e test disk") as unit:
+    # A 64 MiB journal takes NBD's usual 32 MiB requests (smaller ones advertise less).
+    with running_unit(
+        tmp_path, size="48MiB", description="e2e test disk", journal_size="64MiB"
+    ) as unit:
         info = nbdinfo_json(unit.export_url("vol"))
     assert info["export-name"] == "vol"
     assert info["export-size"] == 48 * MiB

@@ -286,6 +286,9 @@ def test_replay_skips_damage_without_rolling_back_later_writes(tmp_path: Path) -
         # Enough records for the ring to wrap; the volume gets every record up to a checkpoint.
         for n in range(600):
             if not journal.fits(BLOCK) or n in (150, 460):
+                # As the write path would after syncing the volume: records are freed only
+                # once the volume holds them durably.
+                journal.volume_durable_seq = journal.durable_seq
                 cp = journal.checkpoint_state(applied_seq=journal.durable_seq, clean=False)
                 journal.write_checkpoint(cp)
                 journal.checkpoint_written(cp)
