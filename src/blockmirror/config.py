@@ -111,6 +111,12 @@ class VolumeConfig:
     ack_timeout: float = 30.0
     peers: tuple[Address, ...] = ()
     description: str = ""
+    # This volume's own pre-shared key (overrides [replication] psk_file for its links): on a
+    # unit holding many tenants' replicas, each source can write only the replica of its key.
+    psk_file: Path | None = None
+    # Certificate names (CN or DNS subjectAltName) a source's TLS certificate must carry to
+    # write this replica; empty: any certificate the CA signed.
+    tls_peers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -300,6 +306,7 @@ _REPLICATION_KEYS = ("listen", "psk_file", "tls_cert", "tls_key", "tls_ca")
 _VOLUME_KEYS = (
     "name", "role", "path", "offset", "size", "export", "read_only", "journal", "journal_size",
     "journal_high_water", "overflow", "ack", "ack_timeout", "peers", "description",
+    "psk_file", "tls_peers",
 )  # fmt: skip
 _ROLES: dict[str, Role] = {"primary": "primary", "secondary": "secondary"}
 _OVERFLOWS: dict[str, Overflow] = {"track": "track", "block": "block"}
@@ -359,6 +366,8 @@ def _parse_volume(
     ack_timeout = t.number("ack_timeout")
     description = t.text("description")
     peers = _parse_peers(t)
+    psk_file = t.path("psk_file")
+    tls_peers = _parse_names(t, "tls_peers")
 
     if offset is not None and offset % SECTOR:
         t.fail("offset", f"{offset} is not a multiple of {SECTOR} bytes")
@@ -399,8 +408,26 @@ def _parse_volume(
         ack_timeout=defaults.ack_timeout if ack_timeout is None else ack_timeout,
         peers=peers,
         description=description or "",
+        psk_file=psk_file,
+        tls_peers=tls_peers,
     )
     return _Volume(label, config, t.bad)
+
+
+def _parse_names(t: _Table, key: str) -> tuple[str, ...]:
+    value = t.typed(key, (list,), "an array of certificate names", False)
+    if not isinstance(value, list):
+        return ()
+    names: list[str] = []
+    for i, item in enumerate(value):
+        if not isinstance(item, str) or not item or len(item) > 255:
+            t.fail(
+                f"{key}[{i}]", f"expected a certificate name (1 to 255 characters), got {item!r}"
+            )
+            t.bad.add(key)
+            continue
+        names.append(item)
+    return tuple(names)
 
 
 def _parse_peers(t: _Table) -> tuple[Address, ...]:
@@ -512,6 +539,11 @@ def parse_config(
 
     if check_paths:
         _check_unit_files(state_dir, replication, problems)
+        for v in volumes:
+            if v.config.psk_file is not None and "psk_file" not in v.bad:
+                why = _psk_problem(v.config.psk_file)
+                if why is not None:
+                    problems.append((f"{v.label}.psk_file", why))
         _check_admin_files(admin_access, problems)
     regions = [
         config_paths.Region(
@@ -676,15 +708,23 @@ def _check_unit_files(
     for name in ("psk_file", "tls_cert", "tls_key", "tls_ca"):
         path = getattr(replication, name)
         if isinstance(path, Path):
-            why = config_paths.check_input_file(path, must_be_nonempty=name == "psk_file")
-            if why is None and name == "psk_file":
-                # The same rule `run` applies when it loads the key: check-config must agree.
-                try:
-                    load_psk(path)
-                except AuthError as exc:
-                    why = str(exc)
+            if name == "psk_file":
+                why = _psk_problem(path)
+            else:
+                why = config_paths.check_input_file(path, must_be_nonempty=False)
             if why is not None:
                 problems.append((f"replication.{name}", why))
+
+
+def _psk_problem(path: Path) -> str | None:
+    why = config_paths.check_input_file(path, must_be_nonempty=True)
+    if why is None:
+        # The same rule `run` applies when it loads the key: check-config must agree.
+        try:
+            load_psk(path)
+        except AuthError as exc:
+            why = str(exc)
+    return why
 
 
 def load_config(path: Path, *, check_paths: bool = True) -> Config:

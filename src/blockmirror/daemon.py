@@ -36,7 +36,7 @@ from blockmirror.journal.checkpoint import CheckpointError
 from blockmirror.journal.journal import Journal, JournalError
 from blockmirror.journal.recovery import JournalCorruptError
 from blockmirror.journal.writepath import JournalWritePath
-from blockmirror.link.auth import load_psk
+from blockmirror.link.auth import AuthError, load_psk
 from blockmirror.link.receiver import ReplicaRuntime, ReplicationServer
 from blockmirror.link.sender import PeerSender
 from blockmirror.link.tls import client_ssl_context, server_ssl_context
@@ -243,8 +243,20 @@ class Unit:
         for rt in self.volumes:
             if rt.journal is None or rt.problem is not None:
                 continue
+            try:
+                own_key = load_psk(rt.config.psk_file) if rt.config.psk_file else None
+            except AuthError as exc:
+                rt.state, rt.problem = "failed", str(exc)
+                log.error("volume %s: %s", rt.config.name, exc)
+                continue
             if rt.config.role == "secondary":
-                rt.replica = ReplicaRuntime(rt.config.name, rt.volume.size, rt.journal)
+                rt.replica = ReplicaRuntime(
+                    rt.config.name,
+                    rt.volume.size,
+                    rt.journal,
+                    psk=own_key,
+                    tls_peers=rt.config.tls_peers,
+                )
             for peer in rt.config.peers:
                 sender = PeerSender(
                     unit_name=self.config.unit.name,
@@ -254,7 +266,7 @@ class Unit:
                     host=peer.host,
                     port=peer.port,
                     volume_id=self._volume_id(rt),
-                    psk=psk,
+                    psk=own_key if own_key is not None else psk,
                     ssl_context=client_ssl,
                 )
                 rt.senders.append(sender)

@@ -361,3 +361,31 @@ def test_tls_with_a_pre_shared_key_replicates(tmp_path: Path, pki: dict[str, Cer
         a.start()
         assert_replicates(a, b)
         assert b.volume_status()["replica"]["last_refusal"] is None
+
+
+@pytest.mark.parametrize("allowed", ["site-a", "site-z"])
+def test_a_replica_takes_only_the_certificate_names_it_lists(
+    tmp_path: Path, pki: dict[str, Cert], allowed: str
+) -> None:
+    """Point 13 with TLS: a certificate the CA signed is not enough for another's replica."""
+    with topology(tmp_path) as topo:
+        b = topo.add_secondary(
+            "site-b",
+            replication=tls(pki["b"], pki["b"].ca),
+            volume_extra={"vol": {"tls_peers": [allowed]}},
+        )
+        a = topo.add_primary(
+            "site-a", peers=[peer_address(b)], replication=tls(pki["a"], pki["a"].ca)
+        )
+        b.start()
+        a.start()
+        if allowed == "site-a":
+            assert_replicates(a, b)
+            return
+        peer = assert_refused(
+            a,
+            b,
+            expect_error=("auth: a certificate naming",),
+            expect_log=("may not write replica vol",),
+        )
+        assert "site-a" in peer["last_error"]

@@ -69,6 +69,7 @@ class Topology:
         replication: dict[str, Any] | None = None,
         journal_size: str = "64MiB",
         image_size: int | None = None,
+        volume_extra: dict[str, dict[str, Any]] | None = None,
     ) -> Site:
         directory = self.root / name
         directory.mkdir()
@@ -86,6 +87,7 @@ class Topology:
             }
             if peers:
                 entry["peers"] = peers
+            entry.update((volume_extra or {}).get(vol, {}))
             entries.append(entry)
         rep = {"listen": f"127.0.0.1:{port}"}
         rep.update(replication or {})

@@ -15,8 +15,9 @@ import socket
 import ssl
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from blockmirror.errors import BlockmirrorError, ProtocolError
 from blockmirror.journal.checkpoint import ReplicaState
@@ -110,6 +111,19 @@ class LinkRefused(BlockmirrorError):
         super().__init__(f"{code}: {message}")
 
 
+def certificate_names(cert: Mapping[str, Any]) -> set[str]:
+    """The subject common names and DNS subjectAltNames of a peer certificate (getpeercert)."""
+    names: set[str] = set()
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                names.add(str(value))
+    for kind, value in cert.get("subjectAltName", ()):
+        if kind == "DNS":
+            names.add(str(value))
+    return names
+
+
 @dataclass(slots=True)
 class ReplicaRuntime:
     """What the receiver needs of one secondary volume, and what status shows about it."""
@@ -126,6 +140,10 @@ class ReplicaRuntime:
     sync_done: tuple[int, int] | None = None  # (lsn, as_of_seq) of a SYNC_DONE not yet reached
     sync_lsn: int = 0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # This replica's own key (None: the listener's) and the certificate names allowed to
+    # write it (empty: any): what binds a replica to the source that may write it.
+    psk: bytes | None = None
+    tls_peers: tuple[str, ...] = ()
 
     @property
     def replica(self) -> ReplicaState | None:
@@ -508,7 +526,12 @@ class _Session:
         await self._stream(hello)
 
     async def _authenticate(self, hello: Hello) -> None:
-        key = self.server._psk
+        target = self._target
+        if target is not None and target.tls_peers:
+            self._check_certificate_names(target)
+        # A replica with a key of its own accepts only that key: one tenant's key does not
+        # open another tenant's replica on a shared secondary.
+        key = target.psk if target is not None and target.psk is not None else self.server._psk
         if key is None:
             return  # a source that expects a proof refuses us itself
         if hello.auth != "psk":
@@ -537,6 +560,20 @@ class _Session:
                 raise self.refuse("bad-frame", "frames after AUTH_CLIENT before the WELCOME")
             keys = derive_keys(key, hello.nonce, nonce, hello)
             self._sealer, self._opener = Sealer(keys.secondary), Opener(keys.source)
+
+    def _check_certificate_names(self, target: ReplicaRuntime) -> None:
+        cert = self.writer.get_extra_info("peercert")
+        if not cert:
+            raise self.refuse(
+                "auth", f"replica {target.name} takes only TLS sources with a named certificate"
+            )
+        names = certificate_names(cert)
+        if not names & set(target.tls_peers):
+            shown = ", ".join(sorted(names)) or "none"
+            raise self.refuse(
+                "auth",
+                f"a certificate naming {shown} may not write replica {target.name}",
+            )
 
     # --- streaming ------------------------------------------------------------------------------
 
