@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import io
 import shutil
 import tempfile
 import uuid
@@ -44,6 +45,7 @@ JOURNAL = 256 * 1024
 REGION = 64 * 1024
 
 FAULTS = {"count": 0}
+STEP_TIMEOUT = 30.0
 
 
 class FaultModel(RuleBasedStateMachine):
@@ -64,6 +66,7 @@ class FaultModel(RuleBasedStateMachine):
         self.now: list[set[int]] = [{0} for _ in range(BLOCKS)]
         self.after_cut: list[set[int]] = [{0} for _ in range(BLOCKS)]
         self.writes: list[tuple[int, int, int]] = []  # (seq, offset, length) for invariant 4
+        self.outside: list[tuple[int, int]] = []  # writes made with enqueueing paused
         self.counter = 0
         self.enospc = False
         # An I/O error on the journal or the volume since the last good FLUSH: writes made
@@ -80,7 +83,17 @@ class FaultModel(RuleBasedStateMachine):
     # --- plumbing -----------------------------------------------------------------------------
 
     def _run(self, coro: object) -> object:
-        return self.loop.run_until_complete(coro)  # type: ignore[arg-type]
+        """Run a step; one that hangs fails with every task's stack (a hang is a bug too)."""
+        try:
+            return self.loop.run_until_complete(
+                asyncio.wait_for(coro, STEP_TIMEOUT)  # type: ignore[arg-type]
+            )
+        except TimeoutError:
+            stacks = io.StringIO()
+            for task in asyncio.all_tasks(self.loop):
+                task.print_stack(file=stacks)
+            hung = f"a step hung for {STEP_TIMEOUT} s:\n{stacks.getvalue()}"
+            raise AssertionError(hung) from None
 
     def _open(self, *, adopt: bool = False) -> JournalWritePath:
         volume = Volume.open(self.dir / "vol.img", size=VOLUME)
@@ -207,15 +220,20 @@ class FaultModel(RuleBasedStateMachine):
                 self.after_cut[b] = {value}
 
     def _settle(self, fut: asyncio.Future[None] | None) -> BaseException | None:
-        async def wait() -> None:
+        """Commit at once, as the export does after each read from a socket, then wait."""
+        try:
             gate = self.wp.commit()
+        except OSError as exc:
+            return exc
+
+        async def wait() -> None:
             if gate is not None:
                 await gate
             if fut is not None:
                 await fut
 
         try:
-            self._run(asyncio.wait_for(wait(), 10))
+            self._run(wait())
         except OSError as exc:
             return exc
         return None
@@ -228,12 +246,16 @@ class FaultModel(RuleBasedStateMachine):
         value = self.counter % 250 + 1
         data = bytes([value]) * (blocks * BLOCK)
         seq = self.wp.journal.next_seq
+        outside = self.wp.journal.enqueue_paused
         try:
             fut = self.wp.write(block * BLOCK, [data], fua=fua)
         except OSError:
             return  # refused before anything was journaled: nothing changed
         error = self._settle(fut)
-        self.writes.append((seq, block * BLOCK, blocks * BLOCK))
+        if outside:
+            self.outside.append((block * BLOCK, blocks * BLOCK))
+        else:
+            self.writes.append((seq, block * BLOCK, blocks * BLOCK))
         for b in range(block, block + blocks):
             if error is None:
                 self.now[b] = {value}
@@ -291,6 +313,7 @@ class FaultModel(RuleBasedStateMachine):
         peer = self.wp.journal.consumers["peer"]
         assert peer.dirty.dirty_bytes() == VOLUME
         self.writes.clear()
+        self.outside.clear()
 
     @precondition(lambda self: self.counter > 0)
     @rule()
@@ -301,6 +324,28 @@ class FaultModel(RuleBasedStateMachine):
         self._journal_failure_loses_unflushed()
         self._drop()
         self._reopen()
+
+    @rule(paused=st.booleans())
+    def pause_enqueue(self, paused: bool) -> None:
+        """Point 5's setting: writes bypass the journal and go to the dirty maps only."""
+        try:
+            self._run(self.wp.pause_enqueue(paused))
+        except OSError:
+            assert self.wp.failed is not None
+
+    @rule()
+    def dirty_map_lost(self) -> None:
+        """Point 4: a consumer's dirty map is gone at the next start (state_dir partly lost)."""
+        FAULTS["count"] += 1
+        self._run(self.wp.close())
+        self._journal_failure_loses_unflushed()
+        self.disk.evict_lost()
+        (self.dir / "vol.peer.dirty").unlink()
+        self._reopen()
+        peer = self.wp.journal.consumers["peer"]
+        assert peer.dirty.dirty_bytes() == VOLUME
+        self.writes.clear()
+        self.outside.clear()
 
     @rule()
     def graceful_restart(self) -> None:
@@ -369,6 +414,9 @@ class FaultModel(RuleBasedStateMachine):
             in_journal = peer.mode == "journal" and seq in live
             regions = set(range(offset // REGION, (offset + length - 1) // REGION + 1))
             assert in_journal or regions <= dirty, (seq, offset, length, peer.mode)
+        for offset, length in self.outside:
+            regions = set(range(offset // REGION, (offset + length - 1) // REGION + 1))
+            assert regions <= dirty, ("outside the journal", offset, length)
 
     def teardown(self) -> None:
         try:
