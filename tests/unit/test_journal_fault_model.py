@@ -164,6 +164,10 @@ class FaultModel(RuleBasedStateMachine):
                 if "No space left" in str(exc):
                     raise
                 assert "Input/output error" in str(exc), exc
+                # A volume sync failed at start: what it held unflushed may be gone.
+                self.at_risk = True
+                for b in range(BLOCKS):
+                    self.now[b] |= self.after_cut[b]
         return self._open()
 
     def _operator_recovers(self) -> JournalWritePath:

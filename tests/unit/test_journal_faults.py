@@ -313,3 +313,59 @@ def test_eio_on_the_journal_answers_the_flush_and_marks_every_peer_dirty(
         await wp2.close()
 
     run(tmp_path, body)
+
+
+def test_a_flush_after_the_write_path_failed_is_answered_at_once(
+    tmp_path: Path, faulty_disk: FaultyDisk
+) -> None:
+    """Invariant 10: a FLUSH after a fatal volume error gets the error, never waits."""
+
+    async def body(loop: asyncio.AbstractEventLoop) -> None:
+        wp = open_path(tmp_path, loop)
+        stop_checkpointer(wp)
+        await settle(wp.write(0, [b"\x01" * BLOCK], fua=False), wp)
+        faulty_disk.fail("sync", "vol.img", errno.EIO)
+        with pytest.raises(OSError):
+            await wp.checkpoint()
+        flush = wp.flush()
+        assert flush is not None
+        with pytest.raises(OSError):
+            await asyncio.wait_for(flush, 2)
+        await wp.close()
+
+    run(tmp_path, body)
+
+
+def test_a_stalled_replica_that_then_fails_releases_its_source(
+    tmp_path: Path, faulty_disk: FaultyDisk
+) -> None:
+    """A secondary waiting for space that meets a fatal error answers the link, and does not
+    spin on checkpoints meanwhile."""
+
+    async def body(loop: asyncio.AbstractEventLoop) -> None:
+        wp = open_path(tmp_path, loop, journal_size=MiB)
+        wp.stall_retry = 0.05
+        faulty_disk.fail("write", "vol.img", errno.ENOSPC, times=None)
+        seq = 1
+        payload = b"\x07" * (64 * 1024)
+
+        async def fill() -> None:
+            nonlocal seq
+            while True:
+                batch = [(Kind.WRITE, seq, 0, len(payload), payload)]
+                seq += 1
+                await wp.append_replicated(batch)
+
+        filler = asyncio.ensure_future(fill())
+        await asyncio.sleep(0.5)
+        assert not filler.done() and wp.stalled is not None
+        before = wp.checkpoints
+        await asyncio.sleep(0.5)
+        assert wp.checkpoints - before < 5, wp.checkpoints - before  # waiting, not spinning
+        # A fatal error now (a failed sync, say, as a flush or a stop would meet).
+        wp._fail(OSError(errno.EIO, "injected: sync failed"))
+        with pytest.raises(OSError):
+            await asyncio.wait_for(filler, 2)
+        await wp.close()
+
+    run(tmp_path, body)

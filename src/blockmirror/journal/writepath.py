@@ -59,6 +59,8 @@ class _Item:
     journaled: bool = True
     fua: bool = False
     done: asyncio.Future[None] | None = None
+    # A host write made with enqueueing paused: peers learn of it only from their dirty maps.
+    outside: bool = False
 
 
 @dataclass(slots=True)
@@ -111,8 +113,10 @@ class JournalWritePath:
         self._commit_scheduled = False
         self._flush_waiters: list[asyncio.Future[None]] = []
         self._unjournaled_writes = False
-        # Writes made outside the journal so far; a resync compares it across a pass.
+        # Writes made outside the journal that reached the volume so far (a resync compares it
+        # across a pass), and those still queued for it.
         self.unjournaled_count = 0
+        self.unjournaled_pending = 0
         self.applied_seq = journal.next_seq - 1
         # Fatal: the journal or a volume sync failed. Writes are refused until a restart
         # replays the journal; reads go on.
@@ -201,6 +205,10 @@ class JournalWritePath:
 
     def flush(self) -> asyncio.Future[None] | None:
         fut: asyncio.Future[None] = self._loop.create_future()
+        if self.failed is not None:
+            # Nothing since the failure can be made durable: say so now, never wait.
+            fut.set_exception(self.failed)
+            return fut
         self._flush_waiters.append(fut)
         self._schedule_commit()
         return fut
@@ -303,8 +311,8 @@ class JournalWritePath:
             # Not journaled: every consumer must learn of it through its dirty map instead.
             journal.mark_dirty_everywhere(offset, length)
             self._unjournaled_writes = True
-            self.unjournaled_count += 1
-            self._push(_Item(kind, offset, length, data, may_trim, False, fua, done))
+            self.unjournaled_pending += 1
+            self._push(_Item(kind, offset, length, data, may_trim, False, fua, done, outside=True))
             return
         for consumer in journal.tracking_consumers():
             consumer.dirty.mark(offset, length)
@@ -393,6 +401,14 @@ class JournalWritePath:
     def _applied_one(self) -> None:
         item = self._queue.popleft()
         self._applied_index += 1
+        if item.outside:
+            # Counted, and every consumer's generation moved, when the write *reaches* the
+            # volume: a resync copy read between its dirty bit and now did not include it, and
+            # its acknowledgement must not clear the bit (nor may that pass declare a prefix).
+            self.unjournaled_pending -= 1
+            self.unjournaled_count += 1
+            for consumer in self.journal.consumers.values():
+                consumer.generation += 1
         if item.journaled:
             self.applied_seq += 1
             self.applied_event.set()
@@ -490,6 +506,12 @@ class JournalWritePath:
 
     def _answer_all(self, exc: BaseException) -> None:
         """Every request waiting on the write path gets ``exc`` now: none waits for ever."""
+        if self.failed is not None:
+            waiters, self._flush_waiters = self._flush_waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_exception(exc)
+            self._unstalled.set()  # a secondary waiting for a stall to pass must see the failure
         for item in self._queue:
             if item.done is not None:
                 if not item.done.done():
@@ -696,6 +718,12 @@ class JournalWritePath:
         return done
 
     async def _free_space_for_records(self) -> None:
+        if self.stalled is not None:
+            # Nothing frees while the replica cannot be written: hold the link until it can.
+            await self._unstalled.wait()
+            if self.failed is not None:
+                raise self.failed
+            return
         gate = self.commit()
         if gate is not None:
             try:
@@ -705,6 +733,8 @@ class JournalWritePath:
                     raise
                 # The replica cannot take writes for now: hold the link until it can.
                 await self._unstalled.wait()
+                if self.failed is not None:
+                    raise self.failed from None
                 return
         holders = [
             c

@@ -672,7 +672,12 @@ class _Stream:
                     sender.stats.count(nbytes)
                     sender.stats.sync_bytes_sent += n
                     offset += n
-            if self.wp.unjournaled_count == unjournaled and not self.wp.journal.enqueue_paused:
+            wp = self.wp
+            if (
+                wp.unjournaled_count == unjournaled
+                and not wp.unjournaled_pending
+                and not wp.journal.enqueue_paused
+            ):
                 break
             await self._wait(0.5)
             await self._check_failed()
