@@ -53,6 +53,8 @@ MIN_PIECE = 64 * 1024
 MAX_PIECE = 1024 * 1024
 # Seconds a connection refused for the connection limit may stay to read why.
 REFUSED_TIMEOUT = 5
+# While connections wait for reply budget, how often their drained bytes are counted back.
+BUDGET_POLL = 0.05
 
 
 class NbdLimits:
@@ -81,6 +83,7 @@ class NbdLimits:
         self.refused_connections = 0
         self.budget_waits = 0
         self._waiters: deque[NbdConnection] = deque()
+        self._poll: asyncio.TimerHandle | None = None
 
     def admit(self) -> bool:
         """Count a new connection, or say it is one too many."""
@@ -102,7 +105,23 @@ class NbdLimits:
         self.budget_waits += 1
         if conn not in self._waiters:
             self._waiters.append(conn)
+        if self._poll is None:
+            # Bytes the kernel took from a transport below its high-water mark come back only
+            # when that connection next settles: without a poll, connections that each hold
+            # such a residue could all wait for each other for ever.
+            with contextlib.suppress(RuntimeError):  # no loop: a unit test of the rules
+                loop = asyncio.get_running_loop()
+                self._poll = loop.call_later(BUDGET_POLL, self._settle_waiters)
         return False
+
+    def _settle_waiters(self) -> None:
+        self._poll = None
+        for conn in list(self._waiters):
+            conn.settle_budget()
+        # Everyone still waiting tries again (and queues up again if there is still no room).
+        waiters, self._waiters = self._waiters, deque()
+        for waiter in waiters:
+            waiter.budget_available()
 
     def give_back(self, conn: NbdConnection, n: int) -> None:
         if n <= 0:
@@ -426,6 +445,9 @@ class NbdConnection(asyncio.Protocol):
         self._settle()
         self._continue()
 
+    def settle_budget(self) -> None:
+        self._settle()
+
     def budget_available(self) -> None:
         """Called by the limits when reply bytes came back; try again on the next turn."""
         if self._waiting_budget:
@@ -461,6 +483,12 @@ class NbdConnection(asyncio.Protocol):
 
     def _maybe_finish_drain(self) -> None:
         if self.draining and self.inflight == 0 and not self.closed:
+            if self._ok_changes:
+                # Change replies still waiting for their commit (a DISC right behind writes):
+                # commit first, so a refused batch is answered with its errors.
+                self._release()
+                if self.inflight:
+                    return  # the gate's callback comes back here
             self._flush_out()
             if not self._out:  # else READ data is still to go: resume_writing comes back here
                 self._close()

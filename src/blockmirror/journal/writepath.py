@@ -163,9 +163,10 @@ class JournalWritePath:
                 await asyncio.wait_for(asyncio.shield(self._room_task), CLOSE_WAIT)
             self._room_task.cancel()
         if self.failed is None and self.stalled is None:
-            gate = self.commit()
-            if gate is not None:
-                with contextlib.suppress(Exception, TimeoutError):
+            with contextlib.suppress(Exception, TimeoutError):
+                # A failing journal write here only makes the close unclean, never skips it.
+                gate = self.commit()
+                if gate is not None:
                     await asyncio.wait_for(gate, CLOSE_WAIT)
         if self._task is not None:
             self._task.cancel()
