@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -311,3 +312,44 @@ def test_config_keys_for_the_limits(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as typed:
         parse_config(unit(nbd_max_connections="many"), base_dir=tmp_path, check_paths=False)
     assert "expected an integer" in dict(typed.value.problems)["unit.nbd_max_connections"]
+
+
+def test_readers_under_a_small_budget_all_finish_and_the_budget_returns_to_zero(
+    tmp_path: Path,
+) -> None:
+    """Many connections that all wait for reply budget at once must not wait for each other
+    for ever: bytes the kernel took below a transport's high-water mark are counted back."""
+    reads, length = 24, 256 * 1024
+    with unit_with(tmp_path, nbd_reply_budget="1MiB", nbd_max_connections=16) as unit:
+        address = unit.export_address("vol")
+        errors: list[BaseException] = []
+
+        def reader(n: int) -> None:
+            try:
+                with RawNbd(address, timeout=HANG) as client:
+                    # Little kernel buffering, so replies queue in the unit and use the budget.
+                    client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+                    client.session()
+                    for i in range(reads):
+                        client.send_request(CMD_READ, i * length, length, cookie=n * 100 + i)
+                    time.sleep(0.3)  # everyone has asked before anyone reads
+                    for _ in range(reads):
+                        reply = client.read_simple_reply()
+                        assert reply.error == 0, reply
+                        client.recv_exact(length)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=reader, args=(n,)) for n in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(HANG * 2)
+        assert not any(t.is_alive() for t in threads), "a reader is stuck waiting for budget"
+        assert not errors, errors
+        deadline = time.monotonic() + 5
+        while fetch_status(unit)["nbd"]["reply_bytes_in_flight"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        nbd = fetch_status(unit)["nbd"]
+        assert nbd["reply_bytes_in_flight"] == 0, nbd
+        assert nbd["budget_waits"] > 0, nbd  # the budget really was the limit
