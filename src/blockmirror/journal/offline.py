@@ -48,7 +48,9 @@ class StateDirLock:
     def __init__(self, state_dir: Path, what: str) -> None:
         self.state_dir = state_dir
         if not state_dir.is_dir():
-            raise OfflineError(f"state directory {state_dir} does not exist: nothing to {what}")
+            raise OfflineError(
+                f"state directory {state_dir} does not exist: there is no journal to {what}"
+            )
         fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

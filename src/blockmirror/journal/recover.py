@@ -32,7 +32,6 @@ telling which records are older than what the volume holds.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -42,7 +41,6 @@ from typing import Self
 
 from blockmirror.admin.table import human_size
 from blockmirror.config import Config, VolumeConfig
-from blockmirror.daemon import LOCK_FILE
 from blockmirror.dirtymap import DirtyMap
 from blockmirror.errors import BlockmirrorError
 from blockmirror.journal.checkpoint import (
@@ -66,6 +64,7 @@ from blockmirror.journal.format import (
     verify_record,
 )
 from blockmirror.journal.journal import DIRTY_REGION, boot_id
+from blockmirror.journal.offline import OfflineError, StateDirLock
 from blockmirror.journal.recovery import (
     BadRecord,
     FoundRecord,
@@ -195,7 +194,7 @@ class JournalRecovery:
         self.volume = _primary_volume(config, volume_name)
         self.state_dir = config.unit.state_dir
         self.journal_path = self.state_dir / f"{volume_name}.journal"
-        self._lock_fd = -1
+        self._state_lock: StateDirLock | None = None
         self._fd = -1
         self._done = False
         try:
@@ -218,29 +217,18 @@ class JournalRecovery:
     # --- life cycle -----------------------------------------------------------------------
 
     def _lock(self) -> None:
-        if not self.state_dir.is_dir():
-            raise RecoverError(
-                f"state directory {self.state_dir} does not exist: there is no journal to recover"
-            )
-        path = self.state_dir / LOCK_FILE
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise RecoverError(
-                f"state directory {self.state_dir} is in use by a running blockmirror unit: "
-                "stop it first (the journal is only recovered offline)"
-            ) from None
-        self._lock_fd = fd
+            self._state_lock = StateDirLock(self.state_dir, "recover")
+        except OfflineError as exc:
+            raise RecoverError(str(exc)) from None
 
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)  # releases the flock
-            self._lock_fd = -1
+        if self._state_lock is not None:
+            self._state_lock.close()
+            self._state_lock = None
 
     def __enter__(self) -> Self:
         return self
