@@ -31,7 +31,10 @@ from tests.support.unit_process import UnitProcess, running_unit, start_unit
 pytestmark = pytest.mark.e2e
 
 DEPTH = 32  # writes in flight per connection
-EXIT_DEADLINE = 5.0
+# The documented bound: 4 s for requests in flight, plus the final syncs, which a disk busy
+# with the rest of the suite can stretch by seconds (seen once at 5 s). A stop that hangs still
+# fails it.
+EXIT_DEADLINE = 10.0
 
 
 def test_stamps_round_trip_and_damage_is_detected() -> None:

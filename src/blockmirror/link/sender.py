@@ -221,6 +221,10 @@ class PeerSender:
                 log.exception("link to %s:%d for %s failed", self.host, self.port, self.volume_name)
             self.stats.connected_since = None
             self.stats.state = "connecting"
+            if self._stopping:
+                # A stop's cancellation can be absorbed while a failed session cleans up: the
+                # flag, not the exception, decides that the sender ends.
+                return
             if time.monotonic() - started > 5 * BACKOFF_MAX:
                 delay = BACKOFF_MIN  # it worked for a while: start over quickly
             await asyncio.sleep(delay)
@@ -383,7 +387,9 @@ class PeerSender:
         self.stats.peer_applied_seq = welcome.applied_seq
         if full or lost:
             await self.wp.checkpoint()  # the lowered cursor or the dirty bits, durably
-        stream = _Stream(self, link, start=consumer.acked_seq + 1)
+        stream = _Stream(
+            self, link, start=consumer.acked_seq + 1, peer_consistent=welcome.consistent
+        )
         # Sending, reading ACKs and heartbeats run side by side; the first to fail ends the
         # session whatever the others are waiting on (a drain towards a peer that stopped
         # reading, say): the idle deadline always applies.
@@ -482,9 +488,14 @@ class _Link:
 class _Stream:
     """One connected session: records out, ACKs in, resync alongside."""
 
-    def __init__(self, sender: PeerSender, link: _Link, *, start: int) -> None:
+    def __init__(
+        self, sender: PeerSender, link: _Link, *, start: int, peer_consistent: bool = True
+    ) -> None:
         self.sender = sender
         self.link = link
+        # What the secondary said in its WELCOME: a replica left inconsistent (a resync cut
+        # short after its regions were acknowledged) needs a SYNC_DONE even with a clean map.
+        self.peer_consistent = peer_consistent
         self.wp = sender.wp
         self.journal = sender.wp.journal
         self.next_seq = start
@@ -502,8 +513,9 @@ class _Stream:
 
     async def run(self, *, full: bool) -> None:
         consumer = self.sender.consumer
-        if consumer.mode == "tracking" or not consumer.dirty.is_clean():
+        if consumer.mode == "tracking" or not consumer.dirty.is_clean() or not self.peer_consistent:
             await self._resync(full=full)
+            self.peer_consistent = True
         self.sender.stats.state = "replicating"
         while True:
             await self._check_failed()
@@ -760,7 +772,10 @@ class _Stream:
             self.acked_bytes = cumulative
             self.sent_bytes_at.popleft()
         sender.stats.consistent = (
-            consumer.mode == "journal" and not self.sync_inflight and consumer.dirty.is_clean()
+            self.peer_consistent
+            and consumer.mode == "journal"
+            and not self.sync_inflight
+            and consumer.dirty.is_clean()
         )
         self.progress.set()
 
