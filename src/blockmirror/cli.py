@@ -52,6 +52,25 @@ def _setup_logging(verbose: bool) -> None:
     )
 
 
+def _confirm(question: str, doing: str) -> bool:
+    """Ask on the terminal before an offline command changes anything; False: say why."""
+    if not sys.stdin.isatty():
+        print(
+            f"blockmirror: not {doing}: confirm with --yes (stdin is not a terminal to ask on); "
+            "nothing was changed",
+            file=sys.stderr,
+        )
+        return False
+    try:
+        answer = input(f"{question} Type 'yes' to go on: ")
+    except EOFError:
+        answer = ""
+    if answer.strip().lower() != "yes":
+        print(f"blockmirror: not {doing}; nothing was changed", file=sys.stderr)
+        return False
+    return True
+
+
 def _load(path: str) -> Config | None:
     try:
         config = load_config(Path(path))
@@ -374,21 +393,8 @@ def cmd_journal_recover(args: argparse.Namespace) -> int:
         with JournalRecovery(config, args.volume) as recovery:
             for line in recovery.plan.describe():
                 print(line)
-            if not args.yes:
-                if not sys.stdin.isatty():
-                    print(
-                        "blockmirror: not recovering: confirm with --yes (stdin is not a "
-                        "terminal to ask on); nothing was changed",
-                        file=sys.stderr,
-                    )
-                    return EXIT_CONFIG
-                try:
-                    answer = input("Recover this journal as described? Type 'yes' to go on: ")
-                except EOFError:
-                    answer = ""
-                if answer.strip().lower() != "yes":
-                    print("blockmirror: not recovering; nothing was changed", file=sys.stderr)
-                    return EXIT_CONFIG
+            if not args.yes and not _confirm("Recover this journal as described?", "recovering"):
+                return EXIT_CONFIG
             for line in recovery.run():
                 print(line)
     except RecoverError as exc:
@@ -439,19 +445,7 @@ def cmd_volume_adopt(args: argparse.Namespace) -> int:
             f"adopting volume {args.volume} drops its journal's records unreplayed, takes the "
             "volume as it is and sends every peer a full resync"
         )
-        if not sys.stdin.isatty():
-            print(
-                "blockmirror: not adopting: confirm with --yes (stdin is not a terminal to ask "
-                "on); nothing was changed",
-                file=sys.stderr,
-            )
-            return EXIT_CONFIG
-        try:
-            answer = input("Adopt this volume as it is? Type 'yes' to go on: ")
-        except EOFError:
-            answer = ""
-        if answer.strip().lower() != "yes":
-            print("blockmirror: not adopting; nothing was changed", file=sys.stderr)
+        if not _confirm("Adopt this volume as it is?", "adopting"):
             return EXIT_CONFIG
     try:
         lines = adopt_volume(config, args.volume)

@@ -37,12 +37,12 @@ from blockmirror.journal.recovery import JournalCorruptError
 from blockmirror.journal.writepath import JournalWritePath
 from blockmirror.volume import Volume
 from tests.support.faultydisk import FaultyDisk
+from tests.unit.test_journal_model import dirty_region_indexes, region_indexes
 
 BLOCK = 4096
 BLOCKS = 256
 VOLUME = BLOCKS * BLOCK  # 1 MiB: 16 dirty regions
 JOURNAL = 256 * 1024
-REGION = 64 * 1024
 
 FAULTS = {"count": 0}
 STEP_TIMEOUT = 30.0
@@ -406,21 +406,15 @@ class FaultModel(RuleBasedStateMachine):
     def nothing_differs_untracked(self) -> None:
         journal = self.wp.journal
         peer = journal.consumers["peer"]
-        dirty = {
-            start // REGION
-            for off, n in peer.dirty.dirty_regions()
-            for start in range(off - off % REGION, off + n, REGION)
-        }
+        dirty = dirty_region_indexes(peer.dirty)
         live = {r.seq for r in journal.records}
         for seq, offset, length in self.writes:
             if seq <= peer.acked_seq and peer.mode == "journal":
                 continue
             in_journal = peer.mode == "journal" and seq in live
-            regions = set(range(offset // REGION, (offset + length - 1) // REGION + 1))
-            assert in_journal or regions <= dirty, (seq, offset, length, peer.mode)
+            assert in_journal or region_indexes(offset, length) <= dirty, (seq, offset, length)
         for offset, length in self.outside:
-            regions = set(range(offset // REGION, (offset + length - 1) // REGION + 1))
-            assert regions <= dirty, ("outside the journal", offset, length)
+            assert region_indexes(offset, length) <= dirty, ("outside the journal", offset, length)
 
     def teardown(self) -> None:
         try:

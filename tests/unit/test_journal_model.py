@@ -21,6 +21,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from blockmirror.dirtymap import DirtyMap
 from blockmirror.journal.journal import Journal
 from blockmirror.journal.writepath import JournalWritePath
 from blockmirror.volume import Volume
@@ -29,6 +30,19 @@ BLOCK = 4096
 VOLUME = 64 * BLOCK * 16  # 4 MiB: 64 dirty regions of 64 KiB
 JOURNAL = 128 * 1024  # a ring of 120 KiB: a few dozen 4 KiB records
 REGION = 64 * 1024
+
+
+def dirty_region_indexes(dirty_map: DirtyMap) -> set[int]:
+    """The indexes of the REGION-sized regions a dirty map has marked."""
+    return {
+        start // REGION
+        for off, n in dirty_map.dirty_regions()
+        for start in range(off - off % REGION, off + n, REGION)
+    }
+
+
+def region_indexes(offset: int, length: int) -> set[int]:
+    return set(range(offset // REGION, (offset + length - 1) // REGION + 1))
 
 
 class JournalModel(RuleBasedStateMachine):
@@ -130,11 +144,7 @@ class JournalModel(RuleBasedStateMachine):
     def nothing_differs_untracked(self) -> None:
         journal = self.wp.journal
         peer = journal.consumers["peer"]
-        dirty = {
-            start // REGION
-            for off, n in peer.dirty.dirty_regions()
-            for start in range(off - off % REGION, off + n, REGION)
-        }
+        dirty = dirty_region_indexes(peer.dirty)
         live = {r.seq for r in journal.records}
         for seq, offset, length in self.writes:
             # Acknowledged writes need no tracking; in tracking mode the cursor stays where the
@@ -142,8 +152,7 @@ class JournalModel(RuleBasedStateMachine):
             if seq <= peer.acked_seq:
                 continue
             in_journal = peer.mode == "journal" and seq in live
-            regions = set(range(offset // REGION, (offset + length - 1) // REGION + 1))
-            assert in_journal or regions <= dirty, (seq, offset, length, peer.mode)
+            assert in_journal or region_indexes(offset, length) <= dirty, (seq, offset, length)
 
     def teardown(self) -> None:
         try:
