@@ -5,7 +5,7 @@ classes, the way the export drives them (``JournalWritePath.write`` then ``commi
 checkpointer running, so nothing is freed and every record is still to be replayed. Writing
 stops when the next record no longer fits: the ring is full to within one record. Then the
 process "crashes" (the journal's and the volume's descriptors are closed without the final
-checkpoint, as ``crash()`` in tests/unit/test_journal_writepath.py does), both files are synced
+checkpoint, as ``crash()`` in tests/unit/blockdev/test_journaled.py does), both files are synced
 (their write-back is the kernel's business after a crash, not recovery's), and
 ``Journal.open`` is timed: read the checkpoint, scan and verify every record, replay every
 record into the volume, sync the volume, write a new checkpoint.
@@ -56,12 +56,12 @@ from benchmarks.bench_export import (  # noqa: E402
     mem_available,
     work_directory,
 )
+from blockmirror.blockdev.journaled import JournalWritePath  # noqa: E402
 from blockmirror.errors import SizeError  # noqa: E402
 from blockmirror.journal.format import record_size  # noqa: E402
 from blockmirror.journal.journal import Journal  # noqa: E402
-from blockmirror.journal.writepath import JournalWritePath  # noqa: E402
+from blockmirror.store.volume import Volume  # noqa: E402
 from blockmirror.units import KiB, MiB, format_size, parse_size  # noqa: E402
-from blockmirror.volume import Volume  # noqa: E402
 
 VOLUME_NAME = "bench"
 Cache = Literal["warm", "cold"]
@@ -171,7 +171,7 @@ def open_journal(workdir: Path, volume: Volume, journal_size: int) -> Journal:
 def crash(wp: JournalWritePath) -> None:
     """Drop everything as a kill -9 would: no final checkpoint, no sync.
 
-    The same steps as ``crash()`` in tests/unit/test_journal_writepath.py.
+    The same steps as ``crash()`` in tests/unit/blockdev/test_journaled.py.
     """
     if wp._task is not None:
         wp._task.cancel()
@@ -509,7 +509,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Recovery's own warnings (a torn tail, erased headers) are worth seeing; the high-water
     # alert is what filling the journal is meant to cause.
     logging.basicConfig(level=logging.WARNING, format="  log: %(name)s: %(message)s")
-    logging.getLogger("blockmirror.journal.writepath").setLevel(logging.ERROR)
+    logging.getLogger("blockmirror.blockdev.journaled").setLevel(logging.ERROR)
     info = machine_info()
     settings = {
         "journal_size": args.journal_size_bytes,

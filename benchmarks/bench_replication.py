@@ -196,7 +196,7 @@ def seal_throughput(seconds: float = 1.0) -> dict[str, dict[str, float]]:
     """MiB/s of one core sealing and opening link frames (session_crypto, ChaCha20-Poly1305),
     in process with the daemon's malloc tuning: the CPU a sealed session adds per byte, without
     the noise of the units, fio and the disk."""
-    from blockmirror.allocator import tune_malloc
+    from blockmirror.io.allocator import tune_malloc
     from blockmirror.link.protocol import FRAME_HEADER_SIZE, Hello
     from blockmirror.link.session_crypto import CHACHA20_POLY1305, Opener, Sealer, derive_keys
 

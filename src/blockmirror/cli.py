@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from blockmirror import COPYRIGHT, __version__
-from blockmirror.admin.table import format_status_table, human_size
-from blockmirror.allocator import tune_malloc
+from blockmirror.admin.table import format_status_table
 from blockmirror.config import Config, load_config, parse_address
 from blockmirror.errors import BlockmirrorError, ConfigError
-from blockmirror.units import format_size
+from blockmirror.io.allocator import tune_malloc
+from blockmirror.units import format_size, human_size
 
 EXIT_CONFIG = 2
 EXIT_FAILURE = 1
@@ -237,7 +237,7 @@ def _admin_client(args: argparse.Namespace) -> AdminClient | None:
         config = _load(args.config)
         if config is None:
             return None
-        from blockmirror.daemon import read_runtime_file
+        from blockmirror.statedir import read_runtime_file
 
         runtime = read_runtime_file(config.unit.state_dir)
         if runtime and runtime.get("admin"):
@@ -387,7 +387,7 @@ def cmd_journal_recover(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG
-    from blockmirror.journal.recover import JournalRecovery, RecoverError
+    from blockmirror.offline.repair import JournalRecovery, RecoverError
 
     try:
         with JournalRecovery(config, args.volume) as recovery:
@@ -411,8 +411,8 @@ def cmd_journal_resize(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_CONFIG
     from blockmirror.errors import SizeError
-    from blockmirror.journal.offline import OfflineError
-    from blockmirror.journal.resize import resize_journal
+    from blockmirror.offline.lock import OfflineError
+    from blockmirror.offline.resize import resize_journal
     from blockmirror.units import parse_size
 
     try:
@@ -437,8 +437,8 @@ def cmd_volume_adopt(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG
-    from blockmirror.journal.adopt import adopt_volume
-    from blockmirror.journal.offline import OfflineError
+    from blockmirror.offline.adopt import adopt_volume
+    from blockmirror.offline.lock import OfflineError
 
     if not args.yes:
         print(

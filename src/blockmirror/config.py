@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from blockmirror import config_paths
+from blockmirror import config_paths, statedir
 from blockmirror.admin.auth import check_token_file
 from blockmirror.errors import ConfigError, SizeError
 from blockmirror.link.auth import AuthError, load_psk
@@ -588,7 +588,7 @@ def _space_warnings(state_dir: Path, volumes: Sequence[_Volume]) -> list[Problem
             needs.append(
                 config_paths.SpaceNeed(
                     f"{v.label}.journal_size",
-                    state_dir / f"{vc.name}.journal",
+                    statedir.journal_path(state_dir, vc.name),
                     vc.journal_size,
                     "journal",
                 )

@@ -7,11 +7,9 @@ stops accepting, lets requests in flight finish, makes every volume durable and 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import functools
 import io
-import json
 import logging
 import os
 import resource
@@ -22,33 +20,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from blockmirror import __version__
-from blockmirror.ackmode import RemoteAck
+from blockmirror import __version__, statedir
 from blockmirror.admin.api import AdminServer
 from blockmirror.admin.controls import handle as handle_control
 from blockmirror.admin.setup import admin_access, unit_token_path
-from blockmirror.config import Config, VolumeConfig
+from blockmirror.blockdev.ackmode import RemoteAck
+from blockmirror.blockdev.journaled import JournalWritePath
+from blockmirror.blockdev.writepath import DirectWritePath, WritePath
+from blockmirror.config import Config, ReplicationConfig, VolumeConfig
 from blockmirror.counters import VolumeCounters
-from blockmirror.dirtymap import DirtyMapError
 from blockmirror.errors import BlockmirrorError, VolumeError
 from blockmirror.frontend.nbd_server import Export, NbdLimits, NbdServer
 from blockmirror.journal.checkpoint import CheckpointError
+from blockmirror.journal.dirtymap import DirtyMapError
 from blockmirror.journal.journal import Journal, JournalError
-from blockmirror.journal.recovery import JournalCorruptError
-from blockmirror.journal.writepath import JournalWritePath
+from blockmirror.journal.scan import JournalCorruptError
 from blockmirror.link.auth import AuthError, load_psk
 from blockmirror.link.receiver import ReplicaRuntime, ReplicationServer
 from blockmirror.link.sender import PeerSender
-from blockmirror.link.tls import client_ssl_context, server_ssl_context
-from blockmirror.volume import Volume
-from blockmirror.writepath import DirectWritePath, WritePath
+from blockmirror.link.tls import TlsFiles, client_ssl_context, server_ssl_context
+from blockmirror.store.volume import Volume
 
 log = logging.getLogger(__name__)
 
 # Written to the state directory once every listener is up, so scripts and tests learn the real
 # addresses when the configuration asked for port 0.
-RUNTIME_FILE = "unit.json"
-LOCK_FILE = "unit.lock"
 
 
 class UnitLockedError(BlockmirrorError):
@@ -157,7 +153,7 @@ class Unit:
             try:
                 journal = await asyncio.to_thread(
                     Journal.open,
-                    self.config.unit.state_dir / f"{vc.name}.journal",
+                    statedir.journal_path(self.config.unit.state_dir, vc.name),
                     volume=volume,
                     journal_size=vc.journal_size,
                     consumers=[str(peer) for peer in vc.peers],
@@ -176,7 +172,7 @@ class Unit:
                 log.error("volume %s is not served: %s", vc.name, exc)
             except OSError as exc:
                 # ENOSPC preallocating it, say: name the file, the errno alone says not where.
-                where = exc.filename or self.config.unit.state_dir / f"{vc.name}.journal"
+                where = exc.filename or statedir.journal_path(self.config.unit.state_dir, vc.name)
                 problem = f"cannot open the journal: {where}: {exc.strerror or exc}"
                 log.error("volume %s is not served: %s", vc.name, problem)
             else:
@@ -235,11 +231,11 @@ class Unit:
                 self.config.unit.name,
                 self._replica_runtime,
                 psk=psk,
-                ssl_context=server_ssl_context(rc),
+                ssl_context=server_ssl_context(_tls_files(rc)),
             )
             host, port = await self.replication.start(rc.listen.host, rc.listen.port)
             log.info("accepting links on %s:%d", host, port)
-        client_ssl = client_ssl_context(rc)
+        client_ssl = client_ssl_context(_tls_files(rc))
         for rt in self.volumes:
             if rt.journal is None or rt.problem is not None:
                 continue
@@ -323,14 +319,13 @@ class Unit:
                     log.error("volume %s: final flush failed: %s", rt.config.name, exc)
             rt.volume.close()
         self.volumes.clear()
-        with contextlib.suppress(FileNotFoundError):
-            (self.config.unit.state_dir / RUNTIME_FILE).unlink()
+        statedir.remove_runtime_file(self.config.unit.state_dir)
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
 
     def _lock(self, state_dir: Path) -> None:
-        fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(statedir.lock_path(state_dir), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -353,10 +348,7 @@ class Unit:
                 "{}:{}".format(*self.replication.address) if self.replication else None
             ),
         }
-        path = self.config.unit.state_dir / RUNTIME_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(info, indent=2) + "\n")
-        tmp.replace(path)
+        statedir.write_runtime_file(self.config.unit.state_dir, info)
 
     # --- status ---------------------------------------------------------------------------------
 
@@ -443,9 +435,5 @@ def dump_tasks(unit: Unit) -> None:
     log.warning("task dump on SIGUSR2:\n%s", buffer.getvalue())
 
 
-def read_runtime_file(state_dir: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads((state_dir / RUNTIME_FILE).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
+def _tls_files(rc: ReplicationConfig) -> TlsFiles:
+    return TlsFiles(rc.tls_cert, rc.tls_key, rc.tls_ca)

@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from blockmirror.admin.table import format_status_table, human_size
+from blockmirror.admin.table import format_status_table
 from blockmirror.config import parse_config
 from blockmirror.daemon import Unit
 from blockmirror.frontend.nbd_client import NbdClient
-from blockmirror.units import format_size, parse_size
+from blockmirror.units import format_size, human_size, parse_size
 
 BLOCK = 64 * 1024
 QUEUE_DEPTH = 8

@@ -106,3 +106,13 @@ def format_size(n: int) -> str:
             digits = f"{whole}.{frac:02d}".rstrip("0").rstrip(".") if frac else str(whole)
             return f"{digits} {name}"
     return f"{n} B"
+
+
+def human_size(n: int) -> str:
+    """An approximate, readable size for tables and progress lines ("733.2 MiB")."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")

@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 
-from blockmirror.dirtymap import DirtyMap
 from blockmirror.journal.checkpoint import ConsumerState, read_checkpoint, write_checkpoint
+from blockmirror.journal.dirtymap import DirtyMap
 from blockmirror.journal.journal import DIRTY_REGION
-from blockmirror.journal.recover import dirty_map_path
+from blockmirror.statedir import dirty_map_path
 from tests.e2e.conftest import KiB, MiB, api_status, run
 from tests.support.unit_process import (
     BLOCKMIRROR,

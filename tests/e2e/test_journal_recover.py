@@ -20,14 +20,15 @@ from pathlib import Path
 import pytest
 
 from blockmirror.config import load_config
-from blockmirror.dirtymap import DirtyMap
 from blockmirror.journal.checkpoint import SLOT_SIZE, read_checkpoint, write_checkpoint
+from blockmirror.journal.dirtymap import DirtyMap
 from blockmirror.journal.format import HEADER_SIZE, MAGIC, Kind
 from blockmirror.journal.journal import DIRTY_REGION, Journal
-from blockmirror.journal.recover import JournalRecovery, NotCorruptError, dirty_map_path
-from blockmirror.journal.recovery import JournalCorruptError, scan
 from blockmirror.journal.ring import DATA_START, Ring
-from blockmirror.volume import Volume
+from blockmirror.journal.scan import JournalCorruptError, scan
+from blockmirror.offline.repair import JournalRecovery, NotCorruptError
+from blockmirror.statedir import dirty_map_path
+from blockmirror.store.volume import Volume
 from tests.e2e.conftest import KiB, MiB, api_status, run
 from tests.e2e.test_journal_controls import (
     PEER,

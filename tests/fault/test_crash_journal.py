@@ -51,8 +51,8 @@ from blockmirror.errors import BlockmirrorError
 from blockmirror.frontend.nbd_client import NbdClient, NbdRequestError
 from blockmirror.journal.checkpoint import Checkpoint, read_checkpoint
 from blockmirror.journal.format import HEADER_SIZE, Kind, RecordHeader, decode_header, record_size
-from blockmirror.journal.recovery import BadRecord, scan
 from blockmirror.journal.ring import DATA_START, Ring
+from blockmirror.journal.scan import BadRecord, scan
 from tests.support.stamps import BLOCK, Buffer, Ledger, read_stamp, stamp, stamps
 from tests.support.unit_process import (
     UnitProcess,

@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 import pytest
 
-from blockmirror import volume as volume_module
+from blockmirror.store import volume as volume_module
 
 PAGE = 4096
 Op = Literal["write", "sync", "fallocate"]

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from blockmirror.errors import BlockmirrorError
+from blockmirror.statedir import TOKEN_FILE_NAME
 
-TOKEN_FILE_NAME = "admin.token"
 # A generated token: 32 random bytes, URL-safe base64 (43 characters).
 TOKEN_BYTES = 32
 # An operator's own token must not be guessable by trying: at least this many characters.

@@ -30,8 +30,8 @@ from http import HTTPStatus
 from typing import Any, Literal, Protocol
 from urllib.parse import parse_qsl, unquote
 
+from blockmirror.blockdev.journaled import DiscardRangeError
 from blockmirror.errors import BlockmirrorError
-from blockmirror.journal.writepath import DiscardRangeError
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class JournalView(Protocol):
 
 
 class ControlledWritePath(Protocol):
-    """The operator controls of :class:`blockmirror.journal.writepath.JournalWritePath`."""
+    """The operator controls of :class:`blockmirror.blockdev.journaled.JournalWritePath`."""
 
     @property
     def journal(self) -> JournalView: ...

@@ -4,16 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-
-def human_size(n: int) -> str:
-    """An approximate, readable size for tables and progress lines ("733.2 MiB")."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
-
+from blockmirror.units import human_size
 
 HEADERS = (
     "volume",

@@ -26,12 +26,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+from blockmirror.blockdev.writepath import WritePath
 from blockmirror.counters import VolumeCounters
 from blockmirror.errors import OutOfRangeError, ProtocolError, ReadOnlyError, VolumeError
 from blockmirror.frontend import nbd_protocol as p
 from blockmirror.frontend.nbd_negotiation import ExportInfo, Negotiation, Outcome
-from blockmirror.volume import Volume
-from blockmirror.writepath import WritePath
+from blockmirror.store.volume import Volume
 
 log = logging.getLogger(__name__)
 

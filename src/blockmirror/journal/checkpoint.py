@@ -28,7 +28,7 @@ from typing import Any, Final, Literal, TypeAlias
 from crc32c import crc32c
 
 from blockmirror.errors import BlockmirrorError
-from blockmirror.fileio import pread_all
+from blockmirror.io.fileio import pread_all
 
 __all__ = [
     "BODY_MAX",

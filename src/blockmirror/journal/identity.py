@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from blockmirror.errors import BlockmirrorError
 from blockmirror.journal.checkpoint import Checkpoint, VolumeIdentity, VolumeKind
 from blockmirror.journal.format import Kind
-from blockmirror.volume import Volume
+from blockmirror.store.volume import Volume
 
 log = logging.getLogger(__name__)
 

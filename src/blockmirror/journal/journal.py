@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from blockmirror.dirtymap import DirtyMap, DirtyMapError
+from blockmirror import statedir
+from blockmirror.blockdev.writepath import MAX_WRITE
 from blockmirror.errors import BlockmirrorError
-from blockmirror.fileio import pwritev_all
+from blockmirror.io.fileio import pwritev_all
 from blockmirror.journal import identity
 from blockmirror.journal.checkpoint import (
     BODY_MAX,
@@ -32,16 +33,16 @@ from blockmirror.journal.checkpoint import (
     read_checkpoint,
     write_checkpoint,
 )
+from blockmirror.journal.dirtymap import DirtyMap, DirtyMapError
 from blockmirror.journal.format import HEADER_SIZE, Kind, RecordHeader, record_iov, record_size
-from blockmirror.journal.recovery import (
+from blockmirror.journal.ring import DATA_START, Ring
+from blockmirror.journal.scan import (
     JournalCorruptError,
     ScanResult,
     erase_stale_headers,
     scan,
 )
-from blockmirror.journal.ring import DATA_START, Ring
-from blockmirror.volume import Volume
-from blockmirror.writepath import MAX_WRITE
+from blockmirror.store.volume import Volume
 
 log = logging.getLogger(__name__)
 
@@ -401,8 +402,7 @@ class Journal:
     def _attach_consumers(self, names: Sequence[str], dirty_dir: Path, volume_name: str) -> None:
         known = self._recovered_consumers
         for name in names:
-            safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
-            dpath = dirty_dir / f"{volume_name}.{safe}.dirty"
+            dpath = statedir.dirty_map_path(dirty_dir, volume_name, name)
             state = known.get(name)
             if dpath.exists():
                 try:

@@ -19,9 +19,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from blockmirror.blockdev.journaled import JournalWritePath
 from blockmirror.errors import BlockmirrorError, ProtocolError
 from blockmirror.journal.checkpoint import ReplicaState
-from blockmirror.journal.writepath import JournalWritePath
 from blockmirror.link import auth
 from blockmirror.link.protocol import (
     FRAME_HEADER_SIZE,

@@ -19,9 +19,9 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from blockmirror.blockdev.journaled import JournalWritePath
 from blockmirror.errors import BlockmirrorError, ProtocolError
 from blockmirror.journal.journal import Consumer, LiveRecord
-from blockmirror.journal.writepath import JournalWritePath
 from blockmirror.link import auth
 from blockmirror.link.protocol import (
     PROTOCOL_VERSION,
@@ -49,7 +49,7 @@ from blockmirror.link.session_crypto import (
     Sealer,
     derive_keys,
 )
-from blockmirror.volume import EXTENT_HOLE_ZERO
+from blockmirror.store.volume import EXTENT_HOLE_ZERO
 
 log = logging.getLogger(__name__)
 

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from blockmirror.blockdev.journaled import JournalWritePath
 from blockmirror.config import Config, load_config
 from blockmirror.journal.format import HEADER_SIZE, Kind
 from blockmirror.journal.journal import DIRTY_REGION, Journal
-from blockmirror.journal.offline import OfflineError, StateDirLock
-from blockmirror.journal.resize import resize_journal
-from blockmirror.journal.writepath import JournalWritePath
-from blockmirror.volume import Volume
+from blockmirror.offline.lock import OfflineError, StateDirLock
+from blockmirror.offline.resize import resize_journal
+from blockmirror.store.volume import Volume
 from tests.support.unit_process import write_config
 
 MiB = 1024 * 1024

@@ -20,12 +20,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from blockmirror.ackmode import RemoteAck
+from blockmirror.blockdev.ackmode import RemoteAck
 from blockmirror.errors import BlockmirrorError
+from blockmirror.io.syncer import Syncer
 from blockmirror.journal.format import Kind, record_size
 from blockmirror.journal.journal import Journal
-from blockmirror.syncer import Syncer
-from blockmirror.volume import Volume
+from blockmirror.store.volume import Volume
 
 log = logging.getLogger(__name__)
 

@@ -21,10 +21,10 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from blockmirror.dirtymap import DirtyMap
+from blockmirror.blockdev.journaled import JournalWritePath
+from blockmirror.journal.dirtymap import DirtyMap
 from blockmirror.journal.journal import Journal
-from blockmirror.journal.writepath import JournalWritePath
-from blockmirror.volume import Volume
+from blockmirror.store.volume import Volume
 
 BLOCK = 4096
 VOLUME = 64 * BLOCK * 16  # 4 MiB: 64 dirty regions of 64 KiB

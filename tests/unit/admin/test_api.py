@@ -23,9 +23,10 @@ from blockmirror.admin.auth import (
     load_token,
     split_host,
 )
-from blockmirror.admin.table import format_status_table, human_size
+from blockmirror.admin.table import format_status_table
 from blockmirror.config import parse_config
 from blockmirror.errors import ConfigError
+from blockmirror.units import human_size
 
 STATUS: dict[str, Any] = {
     "unit": "site-a",

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from blockmirror.syncer import Syncer
+from blockmirror.io.syncer import Syncer
 
 
 def test_waiters_share_a_sync_that_started_after_them() -> None:

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from blockmirror.dirtymap import DirtyMap
+from blockmirror.blockdev.journaled import JournalWritePath
 from blockmirror.journal.checkpoint import read_checkpoint
+from blockmirror.journal.dirtymap import DirtyMap
 from blockmirror.journal.journal import Journal
-from blockmirror.journal.recovery import JournalCorruptError, scan
-from blockmirror.journal.writepath import JournalWritePath
-from blockmirror.volume import Volume
+from blockmirror.journal.scan import JournalCorruptError, scan
+from blockmirror.store.volume import Volume
 
 MiB = 1024 * 1024
 VOLUME = 16 * MiB

@@ -27,21 +27,22 @@ import contextlib
 import os
 from dataclasses import dataclass
 
+from blockmirror import statedir
 from blockmirror.config import MIN_JOURNAL_SIZE, Config
 from blockmirror.errors import BlockmirrorError
 from blockmirror.journal.checkpoint import CheckpointError, new_journal_id
 from blockmirror.journal.format import HEADER_SIZE, Kind
 from blockmirror.journal.journal import Journal, JournalError, LiveRecord
-from blockmirror.journal.offline import (
+from blockmirror.journal.ring import DATA_START, Ring
+from blockmirror.journal.scan import JournalCorruptError
+from blockmirror.offline.lock import (
     OfflineError,
     StateDirLock,
     journal_capacity,
     journal_volume,
 )
-from blockmirror.journal.recovery import JournalCorruptError
-from blockmirror.journal.ring import DATA_START, Ring
+from blockmirror.store.volume import Volume
 from blockmirror.units import format_size
-from blockmirror.volume import Volume
 
 __all__ = ["ResizeReport", "resize_journal"]
 
@@ -73,7 +74,7 @@ def resize_journal(config: Config, volume_name: str, new_size: int) -> ResizeRep
     except ValueError as exc:
         raise OfflineError(f"journal size {new_size}: {exc}") from None
     state_dir = config.unit.state_dir
-    path = state_dir / f"{vc.name}.journal"
+    path = statedir.journal_path(state_dir, vc.name)
     with StateDirLock(state_dir, "resize"):
         if not path.exists():
             raise OfflineError(

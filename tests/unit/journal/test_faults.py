@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from blockmirror.blockdev.journaled import JournalWritePath
 from blockmirror.journal.format import Kind
 from blockmirror.journal.journal import Journal
-from blockmirror.journal.writepath import JournalWritePath
 from tests.support.faultydisk import FaultyDisk
-from tests.unit.test_journal_writepath import MiB, crash, open_path, run, settle
+from tests.unit.blockdev.test_journaled import MiB, crash, open_path, run, settle
 
 BLOCK = 4096
 

@@ -20,11 +20,11 @@ from typing import TypeVar
 
 import pytest
 
+from blockmirror.blockdev.journaled import JournalWritePath
 from blockmirror.journal.checkpoint import read_checkpoint, write_checkpoint
 from blockmirror.journal.journal import Journal, VolumeIdentityError
-from blockmirror.journal.writepath import JournalWritePath
-from blockmirror.volume import Volume
-from tests.unit.test_journal_writepath import VOLUME, MiB, crash, settle
+from blockmirror.store.volume import Volume
+from tests.unit.blockdev.test_journaled import VOLUME, MiB, crash, settle
 
 BLOCK = 4096
 T = TypeVar("T")

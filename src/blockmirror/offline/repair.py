@@ -39,9 +39,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from blockmirror.admin.table import human_size
+from blockmirror import statedir
 from blockmirror.config import Config, VolumeConfig
-from blockmirror.dirtymap import DirtyMap
 from blockmirror.errors import BlockmirrorError
 from blockmirror.journal.checkpoint import (
     SLOT_SIZE,
@@ -53,6 +52,7 @@ from blockmirror.journal.checkpoint import (
     slot_offset,
     write_checkpoint,
 )
+from blockmirror.journal.dirtymap import DirtyMap
 from blockmirror.journal.format import (
     HEADER_SIZE,
     MAGIC,
@@ -64,16 +64,17 @@ from blockmirror.journal.format import (
     verify_record,
 )
 from blockmirror.journal.journal import DIRTY_REGION, boot_id
-from blockmirror.journal.offline import OfflineError, StateDirLock
-from blockmirror.journal.recovery import (
+from blockmirror.journal.ring import DATA_START, Ring
+from blockmirror.journal.scan import (
     BadRecord,
     FoundRecord,
     JournalCorruptError,
     ScanResult,
     scan,
 )
-from blockmirror.journal.ring import DATA_START, Ring
-from blockmirror.volume import Volume
+from blockmirror.offline.lock import OfflineError, StateDirLock
+from blockmirror.store.volume import Volume
+from blockmirror.units import human_size
 
 __all__ = [
     "JournalRecovery",
@@ -81,7 +82,6 @@ __all__ = [
     "NotCorruptError",
     "RecoverError",
     "RecoveryPlan",
-    "dirty_map_path",
 ]
 
 _CHUNK = 4 * 1024 * 1024
@@ -94,12 +94,6 @@ class RecoverError(BlockmirrorError):
 
 class NotCorruptError(RecoverError):
     """The journal is not corrupt: ``blockmirror run`` recovers it by itself."""
-
-
-def dirty_map_path(state_dir: Path, volume: str, consumer: str) -> Path:
-    """Where a consumer's dirty map lives: the convention of ``Journal._attach_consumers``."""
-    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in consumer)
-    return state_dir / f"{volume}.{safe}.dirty"
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,7 +187,7 @@ class JournalRecovery:
         self.config = config
         self.volume = _primary_volume(config, volume_name)
         self.state_dir = config.unit.state_dir
-        self.journal_path = self.state_dir / f"{volume_name}.journal"
+        self.journal_path = statedir.journal_path(self.state_dir, volume_name)
         self._state_lock: StateDirLock | None = None
         self._fd = -1
         self._done = False
@@ -455,7 +449,7 @@ class JournalRecovery:
             )
         done += [f"lost: {lost.describe()}" for lost in plan.lost]
         for name in plan.consumers:
-            path = dirty_map_path(self.state_dir, vc.name, name)
+            path = statedir.dirty_map_path(self.state_dir, vc.name, name)
             # Created whole under a temporary name and renamed: a damaged old map is replaced.
             DirtyMap.create(
                 path, volume_size=vc.size, region_size=DIRTY_REGION, all_dirty=True

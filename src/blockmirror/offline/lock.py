@@ -14,9 +14,9 @@ from types import TracebackType
 from typing import Self
 
 from blockmirror.config import Config, VolumeConfig
-from blockmirror.daemon import LOCK_FILE, read_runtime_file
 from blockmirror.errors import BlockmirrorError
 from blockmirror.journal.checkpoint import CheckpointError, read_checkpoint
+from blockmirror.statedir import lock_path, read_runtime_file
 
 __all__ = ["OfflineError", "StateDirLock", "journal_volume"]
 
@@ -51,7 +51,7 @@ class StateDirLock:
             raise OfflineError(
                 f"state directory {state_dir} does not exist: there is no journal to {what}"
             )
-        fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(lock_path(state_dir), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -15,8 +15,8 @@ import asyncio
 from collections.abc import Sequence
 from typing import Protocol
 
-from blockmirror.syncer import Syncer
-from blockmirror.volume import Volume
+from blockmirror.io.syncer import Syncer
+from blockmirror.store.volume import Volume
 
 Buffer = bytes | bytearray | memoryview
 # The largest write the write paths take: NBD's usual maximum payload.

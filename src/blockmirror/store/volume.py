@@ -28,7 +28,7 @@ from types import TracebackType
 from typing import Literal, Self
 
 from blockmirror.errors import OutOfRangeError, ReadOnlyError, VolumeError
-from blockmirror.fileio import pwritev_all
+from blockmirror.io.fileio import pwritev_all
 
 __all__ = ["EXTENT_DATA", "EXTENT_HOLE_ZERO", "MAX_EXTENTS", "Volume", "backing_size"]
 

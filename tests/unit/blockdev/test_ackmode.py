@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from blockmirror.ackmode import RemoteAck
+from blockmirror.blockdev.ackmode import RemoteAck
 
 
 def test_waits_for_every_peer_then_answers() -> None:

@@ -31,13 +31,13 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from blockmirror.blockdev.journaled import JournalWritePath
 from blockmirror.journal import journal as journal_module
 from blockmirror.journal.journal import Journal
-from blockmirror.journal.recovery import JournalCorruptError
-from blockmirror.journal.writepath import JournalWritePath
-from blockmirror.volume import Volume
+from blockmirror.journal.scan import JournalCorruptError
+from blockmirror.store.volume import Volume
 from tests.support.faultydisk import FaultyDisk
-from tests.unit.test_journal_model import dirty_region_indexes, region_indexes
+from tests.unit.journal.test_model import dirty_region_indexes, region_indexes
 
 BLOCK = 4096
 BLOCKS = 256

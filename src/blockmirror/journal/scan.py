@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from blockmirror.errors import BlockmirrorError
-from blockmirror.fileio import pread_all
+from blockmirror.io.fileio import pread_all
 from blockmirror.journal.format import (
     HEADER_SIZE,
     MAGIC,

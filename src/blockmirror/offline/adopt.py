@@ -20,20 +20,21 @@ import logging
 import os
 from pathlib import Path
 
+from blockmirror import statedir
 from blockmirror.config import Config
 from blockmirror.errors import BlockmirrorError
 from blockmirror.journal import identity
 from blockmirror.journal.checkpoint import CheckpointError, read_checkpoint
 from blockmirror.journal.journal import Journal, JournalError
-from blockmirror.journal.offline import (
+from blockmirror.journal.ring import DATA_START, Ring
+from blockmirror.journal.scan import JournalCorruptError, scan
+from blockmirror.offline.lock import (
     OfflineError,
     StateDirLock,
     journal_capacity,
     journal_volume,
 )
-from blockmirror.journal.recovery import JournalCorruptError, scan
-from blockmirror.journal.ring import DATA_START, Ring
-from blockmirror.volume import Volume
+from blockmirror.store.volume import Volume
 
 __all__ = ["adopt_volume"]
 
@@ -48,7 +49,7 @@ def adopt_volume(config: Config, volume_name: str) -> list[str]:
     """
     vc = journal_volume(config, volume_name)
     state_dir = config.unit.state_dir
-    path = state_dir / f"{vc.name}.journal"
+    path = statedir.journal_path(state_dir, vc.name)
     done: list[str] = []
     with StateDirLock(state_dir, "adopt"):
         if not path.exists():

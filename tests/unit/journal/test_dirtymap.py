@@ -24,8 +24,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from blockmirror import dirtymap as dirtymap_mod
-from blockmirror.dirtymap import (
+from blockmirror.errors import BlockmirrorError, OutOfRangeError
+from blockmirror.journal import dirtymap as dirtymap_mod
+from blockmirror.journal.dirtymap import (
     HEADER_SIZE,
     MAGIC,
     PAGE_SIZE,
@@ -34,7 +35,6 @@ from blockmirror.dirtymap import (
     DirtyMapError,
     bitmap_pages,
 )
-from blockmirror.errors import BlockmirrorError, OutOfRangeError
 
 KiB = 1024
 MiB = 1024 * KiB

@@ -16,9 +16,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from blockmirror import volume as volume_mod
 from blockmirror.errors import OutOfRangeError, ReadOnlyError, VolumeError
-from blockmirror.volume import (
+from blockmirror.store import volume as volume_mod
+from blockmirror.store.volume import (
     EXTENT_DATA,
     EXTENT_HOLE_ZERO,
     MAX_EXTENTS,

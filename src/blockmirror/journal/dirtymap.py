@@ -31,7 +31,7 @@ from types import TracebackType
 from typing import Self
 
 from blockmirror.errors import BlockmirrorError, OutOfRangeError
-from blockmirror.fileio import pwritev_all
+from blockmirror.io.fileio import pwritev_all
 
 __all__ = [
     "DEFAULT_REGION_SIZE",

@@ -1,0 +1,72 @@
+"""The layout of a unit's state directory: every file name in it is decided here.
+
+```
+STATE_DIR/
+  unit.lock                 flock held by the running unit (and by the offline commands)
+  unit.json                 where the running unit listens; pid; world-readable, no secrets
+  admin.token               the admin credential, unless [unit] admin_token_file says otherwise
+  VOLUME.journal            the volume's journal (docs/journal.md)
+  VOLUME.CONSUMER.dirty     one dirty map per consumer of that journal
+```
+
+Nothing here opens a journal or a map: the modules that own those formats take these paths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Final
+
+RUNTIME_FILE: Final = "unit.json"
+LOCK_FILE: Final = "unit.lock"
+TOKEN_FILE_NAME: Final = "admin.token"
+JOURNAL_SUFFIX: Final = ".journal"
+DIRTY_SUFFIX: Final = ".dirty"
+
+
+def _safe(name: str) -> str:
+    # Consumer names may hold ':' or '/' (an address); a file name must not.
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+
+
+def journal_path(state_dir: Path, volume: str) -> Path:
+    """Where the journal of ``volume`` lives."""
+    return state_dir / f"{volume}{JOURNAL_SUFFIX}"
+
+
+def dirty_map_path(state_dir: Path, volume: str, consumer: str) -> Path:
+    """Where the dirty map of one consumer of ``volume``'s journal lives."""
+    return state_dir / f"{volume}.{_safe(consumer)}{DIRTY_SUFFIX}"
+
+
+def lock_path(state_dir: Path) -> Path:
+    return state_dir / LOCK_FILE
+
+
+def runtime_path(state_dir: Path) -> Path:
+    return state_dir / RUNTIME_FILE
+
+
+def write_runtime_file(state_dir: Path, info: dict[str, Any]) -> None:
+    """Replace ``unit.json`` atomically (a reader never sees half a file)."""
+    path = runtime_path(state_dir)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def read_runtime_file(state_dir: Path) -> dict[str, Any] | None:
+    """What the running (or last) unit wrote to ``unit.json``, or None."""
+    try:
+        data = json.loads(runtime_path(state_dir).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def remove_runtime_file(state_dir: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        runtime_path(state_dir).unlink()
