@@ -651,14 +651,17 @@ class NbdConnection(asyncio.Protocol):
             self._reply_error(req.cookie, p.EINVAL, "no metadata context was negotiated")
             return
         try:
-            extents = export.volume.block_status(req.offset, req.length)
+            extents = export.volume.extents(req.offset, req.length)
         except (OSError, OutOfRangeError) as exc:
             self._reply_error(req.cookie, nbd_error(exc), f"block status failed: {exc}")
             return
         if req.flags & p.CmdFlag.REQ_ONE:
             extents = extents[:1]
-        extents = [(length, flags & (p.STATE_HOLE | p.STATE_ZERO)) for length, flags in extents]
-        self._send(p.encode_block_status_chunk(req.cookie, context_id, extents[:MAX_EXTENTS]))
+        flags = [
+            (e.length, (p.STATE_HOLE if e.hole else 0) | (p.STATE_ZERO if e.zero else 0))
+            for e in extents[:MAX_EXTENTS]
+        ]
+        self._send(p.encode_block_status_chunk(req.cookie, context_id, flags))
 
     def _start(
         self,

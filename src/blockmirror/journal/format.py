@@ -51,11 +51,12 @@ MAGIC: Final = 0x524A4D42
 VERSION: Final = 1
 MAX_PAYLOAD: Final = 0xFFFF_FFFF  # payload_len is a u32
 
-# Bytes 0..60: everything the CRC covers. Bytes 60..64: the CRC itself. The reserved field at 52
-# is read as one u64 so that "reserved is zero" is one integer comparison.
-_BODY = struct.Struct("<IHHQQQQQIQ")
+# Bytes 0..60: everything the CRC covers. Bytes 60..64: the CRC itself. Bytes 52..56 name the
+# unit where the write was made (its origin id; zero in journals written before origins were
+# kept, which still open), bytes 56..60 are reserved and must be zero.
+_BODY = struct.Struct("<IHHQQQQQIII")
 _CRC = struct.Struct("<I")
-_FULL = struct.Struct("<IHHQQQQQIQI")
+_FULL = struct.Struct("<IHHQQQQQIIII")
 _CRC_OFFSET: Final = 60
 assert _BODY.size == _CRC_OFFSET and _FULL.size == HEADER_SIZE
 
@@ -87,7 +88,8 @@ class RecordHeader:
 
     ``length`` is the extent in the volume; for a write it equals ``payload_len``. A padding record
     carries the sequence number of the record that follows it and covers the rest of the ring
-    with ``payload_len``.
+    with ``payload_len``. ``timestamp_ns`` and ``origin`` are the time and the unit of the
+    host's write at its primary: every hop keeps them (history depends on it).
     """
 
     kind: Kind
@@ -97,6 +99,7 @@ class RecordHeader:
     length: int
     durable_seq: int
     payload_len: int
+    origin: int = 0
 
     @property
     def size(self) -> int:
@@ -154,6 +157,7 @@ def encode_header(h: RecordHeader, payload: Sequence[Buffer] = ()) -> bytes:
             h.length,
             h.durable_seq,
             h.payload_len,
+            h.origin,
             0,
         )
     except struct.error as exc:
@@ -198,6 +202,7 @@ def decode_header(buf: Buffer) -> RecordHeader:
         length,
         durable_seq,
         payload_len,
+        origin,
         reserved,
         _crc,
     ) = _FULL.unpack_from(buf)
@@ -209,11 +214,11 @@ def decode_header(buf: Buffer) -> RecordHeader:
     if k is None:
         raise RecordError(f"unknown record kind {kind}")
     if reserved != 0:
-        raise RecordError(f"reserved bytes are not zero (0x{reserved:016x})")
+        raise RecordError(f"reserved bytes are not zero (0x{reserved:08x})")
     why = _inconsistency(kind, length, payload_len)
     if why is not None:
         raise RecordError(why)
-    return RecordHeader(k, seq, timestamp_ns, offset, length, durable_seq, payload_len)
+    return RecordHeader(k, seq, timestamp_ns, offset, length, durable_seq, payload_len, origin)
 
 
 def verify_record(header_bytes: Buffer, payload: Buffer = b"") -> RecordHeader:

@@ -49,7 +49,6 @@ from blockmirror.link.session_crypto import (
     Sealer,
     derive_keys,
 )
-from blockmirror.store.volume import EXTENT_HOLE_ZERO
 
 log = logging.getLogger(__name__)
 
@@ -717,12 +716,12 @@ class _Stream:
         """How many bytes from ``offset`` (before ``end``, at most SYNC_ZERO_MAX) the volume's
         allocation map says read as zeros; 0 when it says data or cannot tell."""
         try:
-            extents = self.wp.volume.block_status(offset, min(end - offset, SYNC_ZERO_MAX))
+            extents = self.wp.volume.extents(offset, min(end - offset, SYNC_ZERO_MAX))
         except OSError:
             return 0
-        if not extents or extents[0][1] != EXTENT_HOLE_ZERO:
+        if not extents or not extents[0].zero:
             return 0
-        return extents[0][0]
+        return extents[0].length
 
     def _own_replica_consistent(self) -> bool:
         replica = self.journal.replica

@@ -29,14 +29,12 @@ from typing import Literal, Self
 
 from blockmirror.errors import OutOfRangeError, ReadOnlyError, VolumeError
 from blockmirror.io.fileio import pwritev_all
+from blockmirror.store.base import DATA, MAX_EXTENTS, Capabilities, Extent
 
-__all__ = ["EXTENT_DATA", "EXTENT_HOLE_ZERO", "MAX_EXTENTS", "Volume", "backing_size"]
+__all__ = ["HOLE", "MAX_EXTENTS", "Volume", "backing_size"]
 
-# block_status flags, numerically NBD's base:allocation context (HOLE=1 | ZERO=2).
-EXTENT_DATA = 0
-EXTENT_HOLE_ZERO = 3
-# Bounds the syscalls one block_status call may make; a shorter prefix is returned past it.
-MAX_EXTENTS = 1024
+# A hole of a file: unallocated, and reads as zeros.
+HOLE = Extent(0, hole=True, zero=True)
 
 _BLKSSZGET = 0x1268
 _BLKDISCARD = 0x1277
@@ -530,31 +528,26 @@ class Volume:
 
     # -- allocation map -------------------------------------------------------------------
 
-    def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
-        """``(length, flags)`` extents from ``offset`` on, in order and without gaps.
-
-        They cover exactly ``[offset, offset + length)`` unless more than ``MAX_EXTENTS``
-        would be needed; then a shorter prefix (still at least one extent) is returned and the
-        caller asks again for the rest, which NBD's block status reply allows. A hole past the
-        end of a file reads as zeros and is reported as one.
-        """
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        """See :meth:`Store.extents`. A block device reports all data; in a file, ``SEEK_DATA``
+        and ``SEEK_HOLE`` find the holes, and a hole past the end of the file is one."""
         fd, pos = self._locate(offset, length)
         end = pos + length
         if length == 0:
             return []
         if self.kind == "block":
-            return [(length, EXTENT_DATA)]
-        extents: list[tuple[int, int]] = []
+            return [DATA._replace(length=length)]
+        extents: list[Extent] = []
         while pos < end and len(extents) < MAX_EXTENTS:
             try:
                 data = min(os.lseek(fd, pos, os.SEEK_DATA), end)
             except OSError as exc:
                 if exc.errno != errno.ENXIO:  # ENXIO: no data from pos to end of file
-                    extents.append((end - pos, EXTENT_DATA))
+                    extents.append(DATA._replace(length=end - pos))
                     break
                 data = end
             if data > pos:
-                extents.append((data - pos, EXTENT_HOLE_ZERO))
+                extents.append(HOLE._replace(length=data - pos))
                 pos = data
                 continue
             try:
@@ -562,9 +555,17 @@ class Volume:
             except OSError:
                 hole = end  # e.g. truncated concurrently; calling it data is always safe
             if hole > pos:  # hole == pos only if a punch raced us; look again
-                extents.append((hole - pos, EXTENT_DATA))
+                extents.append(DATA._replace(length=hole - pos))
                 pos = hole
         return extents
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            trim=not self.read_only,
+            fast_zero=self.can_fast_zero(),
+            extents=self.kind == "file",
+            read_only=self.read_only,
+        )
 
 
 def _read_fully(fd: int, pos: int, view: memoryview) -> None:

@@ -365,3 +365,22 @@ def test_header_is_frozen_and_slotted() -> None:
     with pytest.raises(AttributeError):
         h.seq = 2  # type: ignore[misc]
     assert not hasattr(h, "__dict__")
+
+
+@given(origin=st.integers(0, 2**32 - 1), seq=st.integers(1, 2**63), ts=st.integers(0, 2**63))
+def test_origin_and_timestamp_round_trip(origin: int, seq: int, ts: int) -> None:
+    h = RecordHeader(Kind.WRITE, seq, ts, 4096, 3, 0, 3, origin)
+    raw = encode_header(h, [b"abc"])
+    assert verify_record(raw, b"abc") == h
+
+
+def test_a_header_written_before_origins_decodes_with_origin_zero() -> None:
+    # Journals written before origins were kept have zeros at 52..60: they must still open.
+    raw = raw_header(kind=Kind.FLUSH, seq=9, timestamp_ns=5)
+    assert decode_header(raw).origin == 0
+
+
+def test_the_reserved_half_after_the_origin_must_be_zero() -> None:
+    with pytest.raises(RecordError, match="reserved bytes are not zero"):
+        decode_header(raw_header(kind=Kind.FLUSH, reserved=1 << 32))
+    assert decode_header(raw_header(kind=Kind.FLUSH, reserved=7)).origin == 7

@@ -18,13 +18,8 @@ from hypothesis import strategies as st
 
 from blockmirror.errors import OutOfRangeError, ReadOnlyError, VolumeError
 from blockmirror.store import volume as volume_mod
-from blockmirror.store.volume import (
-    EXTENT_DATA,
-    EXTENT_HOLE_ZERO,
-    MAX_EXTENTS,
-    Volume,
-    backing_size,
-)
+from blockmirror.store.base import MAX_EXTENTS, Extent
+from blockmirror.store.volume import Volume, backing_size
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -42,10 +37,19 @@ def allocated(path: Path) -> int:
     return os.stat(path).st_blocks * 512
 
 
-def check_covering(extents: list[tuple[int, int]], length: int, *, exact: bool = True) -> None:
+# The two states a file's extents take: data (nothing known), or a hole that reads as zeros.
+DATA = (False, False)
+HOLE = (True, True)
+
+
+def ext(length: int, state: tuple[bool, bool]) -> Extent:
+    return Extent(length, *state)
+
+
+def check_covering(extents: list[Extent], length: int, *, exact: bool = True) -> None:
     assert extents, "at least one extent"
-    assert all(n > 0 and flags in (EXTENT_DATA, EXTENT_HOLE_ZERO) for n, flags in extents)
-    total = sum(n for n, _ in extents)
+    assert all(e.length > 0 and (e.hole, e.zero) in (DATA, HOLE) for e in extents)
+    total = sum(e.length for e in extents)
     assert total == length if exact else 0 < total <= length
 
 
@@ -203,7 +207,7 @@ def test_reads_past_a_truncated_file_are_zeros(tmp_path: Path) -> None:
         buf = bytearray(b"\x01" * 4 * KiB)
         vol.preadinto(12 * KiB, buf)
         assert buf == bytes(4 * KiB)
-        assert vol.block_status(10 * KiB, 6 * KiB) == [(6 * KiB, EXTENT_HOLE_ZERO)]
+        assert vol.extents(10 * KiB, 6 * KiB) == [ext(6 * KiB, HOLE)]
 
 
 def test_region_isolation(tmp_path: Path) -> None:
@@ -266,7 +270,7 @@ def test_out_of_range_raises_and_changes_nothing(
         lambda: vol.trim(offset, length),
         lambda: vol.write_zeroes(offset, length, may_trim=True),
         lambda: vol.write_zeroes(offset, length, may_trim=False),
-        lambda: vol.block_status(offset, length),
+        lambda: vol.extents(offset, length),
     ]
     if 0 <= length <= 2 * REGION_SIZE:  # the data must exist to be refused
         data = b"\x5a" * length
@@ -393,27 +397,27 @@ def layout(tmp_path: Path) -> Path:
 def test_block_status_file(tmp_path: Path) -> None:
     path = layout(tmp_path)
     with Volume.open(path, size=MiB, create=False) as vol:
-        hole, data = EXTENT_HOLE_ZERO, EXTENT_DATA
-        assert vol.block_status(0, MiB) == [
-            (64 * KiB, hole),
-            (64 * KiB, data),
-            (384 * KiB, hole),
-            (64 * KiB, data),
-            (448 * KiB, hole),
+        hole, data = HOLE, DATA
+        assert vol.extents(0, MiB) == [
+            ext(64 * KiB, hole),
+            ext(64 * KiB, data),
+            ext(384 * KiB, hole),
+            ext(64 * KiB, data),
+            ext(448 * KiB, hole),
         ]
-        assert vol.block_status(100 * KiB, 10 * KiB) == [(10 * KiB, data)]
-        assert vol.block_status(600 * KiB, 1) == [(1, hole)]
-        assert vol.block_status(5, 0) == []
+        assert vol.extents(100 * KiB, 10 * KiB) == [ext(10 * KiB, data)]
+        assert vol.extents(600 * KiB, 1) == [ext(1, hole)]
+        assert vol.extents(5, 0) == []
 
 
 def test_block_status_region(tmp_path: Path) -> None:
     path = layout(tmp_path)
     with Volume.open(path, size=512 * KiB, offset=96 * KiB, create=False) as vol:
-        assert vol.block_status(0, 512 * KiB) == [
-            (32 * KiB, EXTENT_DATA),
-            (384 * KiB, EXTENT_HOLE_ZERO),
-            (64 * KiB, EXTENT_DATA),
-            (32 * KiB, EXTENT_HOLE_ZERO),
+        assert vol.extents(0, 512 * KiB) == [
+            ext(32 * KiB, DATA),
+            ext(384 * KiB, HOLE),
+            ext(64 * KiB, DATA),
+            ext(32 * KiB, HOLE),
         ]
 
 
@@ -423,10 +427,10 @@ def test_block_status_is_capped(tmp_path: Path) -> None:
     with Volume.open(path, size=blocks * 8 * KiB) as vol:
         for i in range(blocks):
             vol.pwrite(i * 8 * KiB, b"\x07" * 4 * KiB)
-        extents = vol.block_status(0, vol.size)
+        extents = vol.extents(0, vol.size)
         assert len(extents) == MAX_EXTENTS
         check_covering(extents, vol.size, exact=False)
-        assert extents[:2] == [(4 * KiB, EXTENT_DATA), (4 * KiB, EXTENT_HOLE_ZERO)]
+        assert extents[:2] == [ext(4 * KiB, DATA), ext(4 * KiB, HOLE)]
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -448,13 +452,13 @@ def test_block_status_is_sound(
     with Volume.open(path, size=256 * unit, offset=3 * unit) as vol:
         for block, count in writes:
             vol.pwrite(block * unit, b"\x01" * min(count, 256 - block) * unit)
-        extents = vol.block_status(offset * unit, length)
+        extents = vol.extents(offset * unit, length)
         check_covering(extents, length)
         pos = offset * unit
-        for n, flags in extents:
-            if flags == EXTENT_HOLE_ZERO:
-                assert vol.pread(pos, n) == bytes(n)
-            pos += n
+        for e in extents:
+            if e.zero:
+                assert vol.pread(pos, e.length) == bytes(e.length)
+            pos += e.length
 
 
 # -- block devices ------------------------------------------------------------------------
@@ -493,7 +497,7 @@ def test_block_device_size_and_data(loop_device: tuple[Path, Path]) -> None:
         vol.pwritev(5 * MiB, [b"vec", b"tored"])
         vol.flush()
         assert vol.pread(1001, 12) == b"hello device"
-        assert vol.block_status(0, LOOP_SIZE) == [(LOOP_SIZE, EXTENT_DATA)]
+        assert vol.extents(0, LOOP_SIZE) == [ext(LOOP_SIZE, DATA)]
         assert isinstance(vol.can_fast_zero(), bool)
     raw = backing.read_bytes()
     assert raw[1001:1013] == b"hello device"
