@@ -29,11 +29,11 @@ from blockmirror.blockdev.journaled import JournalWritePath
 from blockmirror.blockdev.writepath import DirectWritePath, WritePath
 from blockmirror.config import Config, ReplicationConfig, VolumeConfig
 from blockmirror.counters import VolumeCounters
-from blockmirror.errors import BlockmirrorError, VolumeError
+from blockmirror.errors import BlockmirrorError, JournalError, VolumeError
 from blockmirror.frontend.nbd_server import Export, NbdLimits, NbdServer
 from blockmirror.journal.checkpoint import CheckpointError
 from blockmirror.journal.dirtymap import DirtyMapError
-from blockmirror.journal.journal import Journal, JournalError
+from blockmirror.journal.journal import Journal
 from blockmirror.journal.scan import JournalCorruptError
 from blockmirror.link.auth import AuthError, load_psk
 from blockmirror.link.receiver import ReplicaRuntime, ReplicationServer

@@ -1,4 +1,24 @@
-"""The exception hierarchy: one root so callers can catch everything of ours at once."""
+"""The exception hierarchy: one root, and one base per layer, so callers catch by layer.
+
+```
+BlockmirrorError
+├── ConfigError, SizeError                    the configuration and its values
+├── VolumeError                               a backing store (store/)
+│   ├── OutOfRangeError                       a range outside the volume; nothing done
+│   └── ReadOnlyError                         a change asked of a read-only volume
+├── JournalError                              the journal and its files (journal/)
+│   ├── RecordError, CheckpointError, DirtyMapError, JournalCorruptError, ...
+├── WritePathError                            the write path refuses a request (blockdev/)
+├── ProtocolError                             bytes that break a wire protocol
+├── LinkError                                 a link cannot be used: refused, bad key (link/)
+├── StateTransitionError                      a change of state the table does not allow
+├── AdminError                                the admin API and its token (admin/)
+└── OfflineError                              an offline command cannot run (offline/)
+```
+
+I/O failures are not wrapped: they stay :class:`OSError` with the kernel's errno, because the
+front ends map ENOSPC, EIO, ... onto their protocols' error codes.
+"""
 
 from __future__ import annotations
 
@@ -31,5 +51,25 @@ class ReadOnlyError(VolumeError):
     """A write, trim or zeroing was asked of a volume opened read-only; nothing was done."""
 
 
+class JournalError(BlockmirrorError):
+    """The journal cannot be opened or used as configured, or its bytes are not valid."""
+
+
+class WritePathError(BlockmirrorError):
+    """The write path refused an operator's request (a bad range, a journal it cannot empty)."""
+
+
 class ProtocolError(BlockmirrorError):
     """A peer sent bytes that break a wire protocol. The connection must be closed."""
+
+
+class LinkError(BlockmirrorError):
+    """A link cannot be used: the peer refused it, or a key cannot be loaded."""
+
+
+class AdminError(BlockmirrorError):
+    """The admin API cannot do what was asked, or its credential cannot be used."""
+
+
+class OfflineError(BlockmirrorError):
+    """An offline command (repair, resize, adopt) cannot run; nothing was changed."""

@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from blockmirror.errors import BlockmirrorError
+from blockmirror.errors import AdminError
 from blockmirror.statedir import TOKEN_FILE_NAME
 
 # A generated token: 32 random bytes, URL-safe base64 (43 characters).
@@ -37,7 +37,7 @@ SESSION_SECONDS = 12 * 3600
 MAX_SESSIONS = 64
 
 
-class AdminTokenError(BlockmirrorError):
+class AdminTokenError(AdminError):
     """The admin token file is missing, unreadable, empty, too weak or too widely readable."""
 
 

@@ -31,7 +31,7 @@ from typing import Any, Literal, Protocol
 from urllib.parse import parse_qsl, unquote
 
 from blockmirror.blockdev.journaled import DiscardRangeError
-from blockmirror.errors import BlockmirrorError
+from blockmirror.errors import AdminError, BlockmirrorError
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class ControlledUnit(Protocol):
 # --- requests --------------------------------------------------------------------------------
 
 
-class ControlError(BlockmirrorError):
+class ControlError(AdminError):
     """A request refused before anything changed; ``status`` is the HTTP status to answer."""
 
     def __init__(self, status: HTTPStatus, message: str) -> None:

@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from blockmirror.blockdev.ackmode import RemoteAck
-from blockmirror.errors import BlockmirrorError
+from blockmirror.errors import BlockmirrorError, JournalError, WritePathError
 from blockmirror.io.syncer import Syncer
 from blockmirror.journal.format import Kind, record_size
 from blockmirror.journal.journal import Journal
+from blockmirror.journal.record import Record
 from blockmirror.store.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -39,11 +40,11 @@ STALL_RETRY = 1.0
 EAGER_CHECKPOINT_FILL = 0.5
 
 
-class DiscardRangeError(BlockmirrorError, ValueError):
+class DiscardRangeError(WritePathError, ValueError):
     """A discard range the consumer's stream cannot honour."""
 
 
-class JournalFullError(BlockmirrorError):
+class JournalFullError(JournalError):
     """A journal could not be emptied for renumbering."""
 
 
@@ -691,25 +692,31 @@ class JournalWritePath:
 
     # --- a secondary's side: records and resync data from a source -------------------------------
 
-    async def append_replicated(
-        self, records: Sequence[tuple[Kind, int, int, int, Buffer]]
-    ) -> asyncio.Future[None]:
-        """Journal records received from a source, keeping their numbers.
+    async def append_replicated(self, records: Sequence[Record]) -> asyncio.Future[None]:
+        """Journal records received from a source, keeping their numbers, times and origins.
 
-        ``records``: ``(kind, seq, offset, length, payload)``. They are written to the ring and
-        applied to the replica in order. Returns (once staged; only a full journal makes this
-        wait) a future that completes when they are durable in the journal, which is when the
-        source may be told so.
+        They are written to the ring and applied to the replica in order. Returns (once
+        staged; only a full journal makes this wait) a future that completes when they are
+        durable in the journal, which is when the source may be told so.
         """
         if self.failed is not None:
             raise self.failed
-        for kind, seq, offset, length, payload in records:
+        for record in records:
+            kind, offset, length = record.kind, record.offset, record.length
             while not self.journal.fits(length if kind == Kind.WRITE else 0):
                 await self._free_space_for_records()
             for consumer in self.journal.tracking_consumers():
                 consumer.dirty.mark(offset, length)
-            data = (payload,) if kind == Kind.WRITE else ()
-            self.journal.stage(kind, offset, length, data, seq=seq)
+            data = record.data if kind == Kind.WRITE else ()
+            self.journal.stage(
+                kind,
+                offset,
+                length,
+                data,
+                seq=record.seq,
+                timestamp_ns=record.timestamp_ns,
+                origin=record.origin,
+            )
             self._push(_Item(kind, offset, length, data, kind != Kind.WRITE, True, False, None))
         self._dirty_since_checkpoint = True
         self._commit_ignoring_result()

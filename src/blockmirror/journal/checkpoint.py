@@ -27,7 +27,7 @@ from typing import Any, Final, Literal, TypeAlias
 
 from crc32c import crc32c
 
-from blockmirror.errors import BlockmirrorError
+from blockmirror.errors import JournalError
 from blockmirror.io.fileio import pread_all
 
 __all__ = [
@@ -65,7 +65,7 @@ ConsumerMode: TypeAlias = Literal["journal", "tracking"]
 _MODES: Final = ("journal", "tracking")
 
 
-class CheckpointError(BlockmirrorError, ValueError):
+class CheckpointError(JournalError, ValueError):
     """A checkpoint cannot be encoded, or a complete slot holds something we must not ignore."""
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from blockmirror.errors import BlockmirrorError, OutOfRangeError
+from blockmirror.errors import JournalError, OutOfRangeError
 from blockmirror.io.fileio import pwritev_all
 
 __all__ = [
@@ -119,7 +119,7 @@ def _crc32c(data: bytes) -> int:
     return crc ^ 0xFFFFFFFF
 
 
-class DirtyMapError(BlockmirrorError):
+class DirtyMapError(JournalError):
     """A dirty map file cannot be created, is not a valid dirty map, or does not fit the volume.
 
     Whoever opened it must not guess what differs: the safe fallback is a full resync.

@@ -22,7 +22,7 @@ from typing import Final, TypeAlias
 
 from crc32c import crc32c
 
-from blockmirror.errors import BlockmirrorError
+from blockmirror.errors import JournalError
 
 __all__ = [
     "HEADER_SIZE",
@@ -64,7 +64,7 @@ assert _BODY.size == _CRC_OFFSET and _FULL.size == HEADER_SIZE
 _ZERO_FILL: Final = bytes(RECORD_ALIGN)
 
 
-class RecordError(BlockmirrorError):
+class RecordError(JournalError):
     """Bytes in the ring are not a valid record. The message says what is wrong with them."""
 
 

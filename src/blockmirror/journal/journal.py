@@ -20,7 +20,7 @@ from typing import Literal
 
 from blockmirror import statedir
 from blockmirror.blockdev.writepath import MAX_WRITE
-from blockmirror.errors import BlockmirrorError
+from blockmirror.errors import JournalError
 from blockmirror.io.fileio import pwritev_all
 from blockmirror.journal import identity
 from blockmirror.journal.checkpoint import (
@@ -35,6 +35,7 @@ from blockmirror.journal.checkpoint import (
 )
 from blockmirror.journal.dirtymap import DirtyMap, DirtyMapError
 from blockmirror.journal.format import HEADER_SIZE, Kind, RecordHeader, record_iov, record_size
+from blockmirror.journal.record import UNKNOWN_ORIGIN
 from blockmirror.journal.ring import DATA_START, Ring
 from blockmirror.journal.scan import (
     JournalCorruptError,
@@ -51,8 +52,8 @@ Mode = Literal["journal", "tracking"]
 DIRTY_REGION = 64 * 1024
 
 
-class JournalError(BlockmirrorError):
-    """The journal cannot be opened or used as configured."""
+class RecordsGone(JournalError):
+    """Records a reader asked for were freed (a consumer's cursor behind the journal's head)."""
 
 
 class VolumeIdentityError(JournalError):
@@ -111,6 +112,8 @@ class Journal:
         self.ring = ring
         self.volume = volume
         self.journal_id = journal_id
+        # Written into every record this unit's host makes (record.origin_id of the unit name).
+        self.origin = UNKNOWN_ORIGIN
         # The volume's identity (what peers bind to; a resize keeps it), which file it is and a
         # fingerprint of its content, refreshed at every checkpoint (see identity.py).
         self.volume_id = journal_id
@@ -500,11 +503,15 @@ class Journal:
         payload: Sequence[Buffer] = (),
         *,
         seq: int | None = None,
+        timestamp_ns: int | None = None,
+        origin: int | None = None,
     ) -> LiveRecord:
         """Encode one record into the current batch. The caller checked :meth:`fits`.
 
         ``seq``: a secondary keeps its source's numbering, so it passes the number the record
-        arrived with; it must be the next one (the link guarantees it).
+        arrived with; it must be the next one (the link guarantees it). ``timestamp_ns`` and
+        ``origin``: a secondary keeps those of the write at its primary too; a host write
+        gets the time now and this journal's :attr:`origin`.
         """
         if seq is not None and seq != self.next_seq:
             raise JournalError(f"record seq {seq} arrived, {self.next_seq} was expected")
@@ -517,8 +524,17 @@ class Journal:
                 Kind.PADDING, seq, 0, 0, 0, self.durable_seq, placement.pad_payload_len
             )
             self._add_iov(placement.pad_lpos, record_iov(pad), HEADER_SIZE)
-        now = time.time_ns()
-        header = RecordHeader(kind, seq, now, offset, length, self.durable_seq, payload_len)
+        now = time.time_ns() if timestamp_ns is None else timestamp_ns
+        header = RecordHeader(
+            kind,
+            seq,
+            now,
+            offset,
+            length,
+            self.durable_seq,
+            payload_len,
+            self.origin if origin is None else origin,
+        )
         self._add_iov(placement.record_lpos, record_iov(header, payload), size)
         rec = LiveRecord(seq, placement.record_lpos, size, kind, offset, length, now)
         self.records.append(rec)
@@ -567,6 +583,39 @@ class Journal:
             self.io_error = exc
             raise
         return target
+
+    # --- reading ----------------------------------------------------------------------------
+
+    def read_run(self, seq: int, last_seq: int, max_bytes: int) -> tuple[list[LiveRecord], bytes]:
+        """Records from ``seq`` to at most ``last_seq``, as the bytes the ring holds.
+
+        The run is consecutive records lying contiguously in the ring (it stops at the wrap)
+        and, past its first record, at most ``max_bytes`` long; the bytes are whole records in
+        journal format, headers included, ready to stream. Empty when ``seq`` is past
+        ``last_seq`` or not yet written. Raises :class:`RecordsGone` when ``seq`` was freed.
+        Blocking only as far as the page cache is (a read of recently written bytes).
+        """
+        records = self.records
+        if not records or seq > last_seq or seq >= self.next_seq:
+            return [], b""
+        if seq < records[0].seq:
+            raise RecordsGone(f"journal {self.path}: records from {seq} were freed")
+        index = seq - records[0].seq
+        run: list[LiveRecord] = []
+        total = 0
+        while index < len(records):
+            rec = records[index]
+            if rec.seq > last_seq:
+                break
+            if run and (rec.lpos != run[-1].lpos + run[-1].size or total + rec.size > max_bytes):
+                break
+            run.append(rec)
+            total += rec.size
+            index += 1
+        if not run:
+            return [], b""
+        length = run[-1].lpos + run[-1].size - run[0].lpos
+        return run, os.pread(self.fd, length, self.ring.physical(run[0].lpos))
 
     # --- consumers ------------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from blockmirror.errors import BlockmirrorError
+from blockmirror.errors import JournalError
 from blockmirror.io.fileio import pread_all
 from blockmirror.journal.format import (
     HEADER_SIZE,
@@ -66,7 +66,7 @@ class ScanResult:
         return self.corruption_witness is not None
 
 
-class JournalCorruptError(BlockmirrorError):
+class JournalCorruptError(JournalError):
     """A record in the middle of the log is damaged; the volume must not be served."""
 
     def __init__(self, path: str, bad: BadRecord, witness: FoundRecord) -> None:

@@ -19,7 +19,7 @@ import re
 import secrets
 from typing import Final
 
-from blockmirror.errors import BlockmirrorError
+from blockmirror.errors import LinkError
 
 __all__ = [
     "MIN_KEY_BYTES",
@@ -47,7 +47,7 @@ assert len(_SERVER_LABEL) == len(_CLIENT_LABEL) == 26
 _TOKEN: Final = re.compile(r"[0-9a-f]{64}")
 
 
-class AuthError(BlockmirrorError):
+class AuthError(LinkError):
     """A pre-shared key cannot be used (missing, unreadable, empty or too short)."""
 
 

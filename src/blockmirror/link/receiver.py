@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from blockmirror.blockdev.journaled import JournalWritePath
-from blockmirror.errors import BlockmirrorError, ProtocolError
+from blockmirror.errors import BlockmirrorError, LinkError, ProtocolError
 from blockmirror.journal.checkpoint import ReplicaState
+from blockmirror.journal.record import Record
 from blockmirror.link import auth
 from blockmirror.link.protocol import (
     FRAME_HEADER_SIZE,
@@ -103,7 +104,7 @@ async def close_writer(writer: asyncio.StreamWriter, timeout: float = CLOSE_TIME
         pass
 
 
-class LinkRefused(BlockmirrorError):
+class LinkRefused(LinkError):
     """We refused the other side (or it refused us); ``code`` is the protocol's refusal code."""
 
     def __init__(self, code: str, message: str) -> None:
@@ -588,10 +589,7 @@ class _Session:
                 message = await self.receive(self._idle_deadline())
                 if isinstance(message, Records):
                     self._check_records(message)
-                    batch = [
-                        (r.header.kind, r.header.seq, r.header.offset, r.header.length, r.payload)
-                        for r in message.records
-                    ]
+                    batch = [Record.from_header(r.header, r.payload) for r in message.records]
                     try:
                         done = await wp.append_replicated(batch)
                     except BlockmirrorError as exc:

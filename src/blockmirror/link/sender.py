@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import ssl
 import time
 from collections import deque
@@ -21,7 +20,7 @@ from dataclasses import dataclass, field
 
 from blockmirror.blockdev.journaled import JournalWritePath
 from blockmirror.errors import BlockmirrorError, ProtocolError
-from blockmirror.journal.journal import Consumer, LiveRecord
+from blockmirror.journal.journal import Consumer, RecordsGone
 from blockmirror.link import auth
 from blockmirror.link.protocol import (
     PROTOCOL_VERSION,
@@ -559,12 +558,22 @@ class _Stream:
         while self.next_seq <= limit and self.cumulative - self.acked_bytes < WINDOW_BYTES:
             if self.sender.consumer.mode != "journal":
                 return sent_any
-            run = self._run_of_records(self.next_seq, limit)
+            try:
+                run, raw = self.journal.read_run(self.next_seq, limit, FRAME_BYTES)
+            except RecordsGone:
+                # Records this consumer needs are gone (should not happen in journal mode):
+                # fall back to copying everything rather than leave the replica short.
+                log.error(
+                    "%s: records from %d were freed under a journal-mode consumer",
+                    self.sender.volume_name,
+                    self.next_seq,
+                )
+                self.sender.consumer.dirty.mark_all()
+                self.sender.consumer.mode = "tracking"
+                return sent_any
             if not run:
                 return sent_any
-            first, last = run[0], run[-1]
-            length = last.lpos + last.size - first.lpos
-            raw = os.pread(self.journal.fd, length, self.journal.ring.physical(first.lpos))
+            last = run[-1]
             nbytes = self.link.send_buffers(encode_raw_records(raw))
             self.cumulative += nbytes
             self.sent_bytes_at.append((last.seq, self.cumulative))
@@ -573,36 +582,6 @@ class _Stream:
             self.next_seq = last.seq + 1
             sent_any = True
         return sent_any
-
-    def _run_of_records(self, seq: int, limit: int) -> list[LiveRecord]:
-        """Consecutive records from ``seq``, contiguous in the ring, at most FRAME_BYTES."""
-        records = self.journal.records
-        if not records:
-            return []
-        if seq < records[0].seq:
-            # Records this consumer needs are gone (should not happen in journal mode): fall
-            # back to copying everything rather than leave the replica short.
-            log.error(
-                "%s: records from %d were freed under a journal-mode consumer",
-                self.sender.volume_name,
-                seq,
-            )
-            self.sender.consumer.dirty.mark_all()
-            self.sender.consumer.mode = "tracking"
-            return []
-        index = seq - records[0].seq
-        run: list[LiveRecord] = []
-        total = 0
-        while index < len(records):
-            rec = records[index]
-            if rec.seq > limit:
-                break
-            if run and (rec.lpos != run[-1].lpos + run[-1].size or total + rec.size > FRAME_BYTES):
-                break
-            run.append(rec)
-            total += rec.size
-            index += 1
-        return run
 
     async def _resync(self, *, full: bool) -> None:
         """Copy every dirty region while records keep streaming (docs/link-protocol.md)."""

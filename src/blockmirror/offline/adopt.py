@@ -22,10 +22,10 @@ from pathlib import Path
 
 from blockmirror import statedir
 from blockmirror.config import Config
-from blockmirror.errors import BlockmirrorError
+from blockmirror.errors import BlockmirrorError, JournalError
 from blockmirror.journal import identity
 from blockmirror.journal.checkpoint import CheckpointError, read_checkpoint
-from blockmirror.journal.journal import Journal, JournalError
+from blockmirror.journal.journal import Journal
 from blockmirror.journal.ring import DATA_START, Ring
 from blockmirror.journal.scan import JournalCorruptError, scan
 from blockmirror.offline.lock import (

@@ -14,15 +14,11 @@ from types import TracebackType
 from typing import Self
 
 from blockmirror.config import Config, VolumeConfig
-from blockmirror.errors import BlockmirrorError
+from blockmirror.errors import OfflineError
 from blockmirror.journal.checkpoint import CheckpointError, read_checkpoint
 from blockmirror.statedir import lock_path, read_runtime_file
 
 __all__ = ["OfflineError", "StateDirLock", "journal_volume"]
-
-
-class OfflineError(BlockmirrorError):
-    """An offline command cannot run as asked; nothing was changed."""
 
 
 def _alive(pid: int) -> bool:

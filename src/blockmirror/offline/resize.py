@@ -29,10 +29,10 @@ from dataclasses import dataclass
 
 from blockmirror import statedir
 from blockmirror.config import MIN_JOURNAL_SIZE, Config
-from blockmirror.errors import BlockmirrorError
+from blockmirror.errors import BlockmirrorError, JournalError
 from blockmirror.journal.checkpoint import CheckpointError, new_journal_id
 from blockmirror.journal.format import HEADER_SIZE, Kind
-from blockmirror.journal.journal import Journal, JournalError, LiveRecord
+from blockmirror.journal.journal import Journal, LiveRecord
 from blockmirror.journal.ring import DATA_START, Ring
 from blockmirror.journal.scan import JournalCorruptError
 from blockmirror.offline.lock import (

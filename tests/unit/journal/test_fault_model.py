@@ -32,6 +32,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from blockmirror.blockdev.journaled import JournalWritePath
+from blockmirror.errors import JournalError
 from blockmirror.journal import journal as journal_module
 from blockmirror.journal.journal import Journal
 from blockmirror.journal.scan import JournalCorruptError
@@ -160,7 +161,7 @@ class FaultModel(RuleBasedStateMachine):
                     self.now[b] |= self.after_cut[b]
                 self.writes.clear()
                 return self._open(adopt=True)
-            except (journal_module.JournalError, OSError) as exc:
+            except (JournalError, OSError) as exc:
                 if "No space left" in str(exc):
                     raise
                 assert "Input/output error" in str(exc), exc
@@ -188,7 +189,7 @@ class FaultModel(RuleBasedStateMachine):
             # A replay into a full volume fails clearly and keeps the records ...
             try:
                 self.wp = self._open_retrying()
-            except journal_module.JournalError as exc:
+            except JournalError as exc:
                 assert "No space left" in str(exc) or "Input/output error" in str(exc), exc
             else:
                 self._settled_volume()  # nothing needed replaying

@@ -17,6 +17,7 @@ import pytest
 from blockmirror.blockdev.journaled import JournalWritePath
 from blockmirror.journal.format import Kind
 from blockmirror.journal.journal import Journal
+from blockmirror.journal.record import Record
 from tests.support.faultydisk import FaultyDisk
 from tests.unit.blockdev.test_journaled import MiB, crash, open_path, run, settle
 
@@ -214,7 +215,14 @@ def test_a_secondary_keeps_replicated_records_through_enospc_on_the_replica(
 ) -> None:
     """Point 3 on a replica. Must not be lost: records whose durability was acknowledged."""
     records = [
-        (Kind.WRITE, seq, (seq - 1) * BLOCK, BLOCK, bytes([seq]) * BLOCK) for seq in (1, 2, 3)
+        Record(
+            kind=Kind.WRITE,
+            seq=seq,
+            offset=(seq - 1) * BLOCK,
+            length=BLOCK,
+            data=(bytes([seq]) * BLOCK,),
+        )
+        for seq in (1, 2, 3)
     ]
 
     async def body(loop: asyncio.AbstractEventLoop) -> None:
@@ -227,8 +235,8 @@ def test_a_secondary_keeps_replicated_records_through_enospc_on_the_replica(
         faulty_disk.heal()
         faulty_disk.power_cut()
         wp2 = open_path(tmp_path, loop)
-        for _, seq, off, n, payload in records:
-            assert wp2.volume.pread(off, n) == payload, seq
+        for r in records:
+            assert wp2.volume.pread(r.offset, r.length) == r.data[0], r.seq
         await wp2.close()
 
     run(tmp_path, body)
@@ -352,7 +360,9 @@ def test_a_stalled_replica_that_then_fails_releases_its_source(
         async def fill() -> None:
             nonlocal seq
             while True:
-                batch = [(Kind.WRITE, seq, 0, len(payload), payload)]
+                batch = [
+                    Record(kind=Kind.WRITE, seq=seq, offset=0, length=len(payload), data=(payload,))
+                ]
                 seq += 1
                 await wp.append_replicated(batch)
 
