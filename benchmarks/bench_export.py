@@ -9,10 +9,15 @@ medians, the ratios to nbdkit and the journal's cost (1 - journal / no journal) 
 targets. Targets are reported, never enforced: a wall-clock figure on a shared machine is a
 measurement, not a test.
 
+With ``--baseline-rev REV`` the same run also serves the file from units of an older commit's
+tree (``git archive REV`` into the temporary directory), "no journal (REV)" and "journal (REV)",
+rotated with the others, and prints the new/old ratio per job, marking any below 0.95.
+
 Run from the repository root::
 
     .venv/bin/python benchmarks/bench_export.py            # full run, about 5 minutes
     .venv/bin/python benchmarks/bench_export.py --quick --size 256MiB   # smoke run
+    .venv/bin/python benchmarks/bench_export.py --baseline-rev 359b420 --repeat 5
 """
 
 from __future__ import annotations
@@ -37,11 +42,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from blockmirror import __version__ as blockmirror_version
-from blockmirror.errors import SizeError
-from blockmirror.units import GiB, MiB, format_size, parse_size
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # run as a script: make ``benchmarks`` importable
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks.baseline_tree import (  # noqa: E402
+    MIN_RATIO,
+    SourceTree,
+    current_tree,
+    extract_tree,
+    ratio_mark,
+    resolve_revision,
+)
+from blockmirror import __version__ as blockmirror_version  # noqa: E402
+from blockmirror.errors import SizeError  # noqa: E402
+from blockmirror.units import GiB, MiB, format_size, parse_size  # noqa: E402
+
 VOLUME_NAME = "bench"
 RAMP_SECONDS = 1
 # Memory-backed file systems would make the file "warm" trivially and differ from a real volume.
@@ -66,13 +82,31 @@ Direction = Literal["read", "write"]
 class ServerKind:
     key: str
     title: str
+    journaled: bool = False
+    baseline: bool = False  # a blockmirror unit run from the --baseline-rev tree
 
 
 NBDKIT = ServerKind("nbdkit", "nbdkit file")
 NOJOURNAL = ServerKind("nojournal", "no journal")
-JOURNAL = ServerKind("journal", "journal")
+JOURNAL = ServerKind("journal", "journal", journaled=True)
 SERVER_KINDS: tuple[ServerKind, ...] = (NBDKIT, NOJOURNAL, JOURNAL)
 SERVERS_BY_KEY = {kind.key: kind for kind in SERVER_KINDS}
+
+
+def baseline_kind(kind: ServerKind, rev: str) -> ServerKind:
+    """The same unit as ``kind``, run from the tree of ``rev``: "journal (359b420)"."""
+    return ServerKind(f"{kind.key}-base", f"{kind.title} ({rev})", kind.journaled, baseline=True)
+
+
+def with_baselines(kinds: Sequence[ServerKind], rev: str | None) -> list[ServerKind]:
+    """``kinds`` with each blockmirror unit's baseline right after it, so the two run back to
+    back in most rounds of the rotation."""
+    out: list[ServerKind] = []
+    for kind in kinds:
+        out.append(kind)
+        if rev is not None and kind is not NBDKIT:
+            out.append(baseline_kind(kind, rev))
+    return out
 
 
 @dataclass(frozen=True)
@@ -301,6 +335,8 @@ class Server:
     uri: str
     log_path: Path
     journal_path: Path | None = None
+    tree: SourceTree | None = None  # where a blockmirror unit's code came from
+    package: Path | None = None  # its blockmirror/__init__.py, as the unit resolves it
 
     @property
     def key(self) -> str:
@@ -386,15 +422,22 @@ def start_nbdkit(workdir: Path, backing: Path) -> Server:
 
 
 def start_blockmirror(
-    kind: ServerKind, workdir: Path, backing: Path, size: int, journal_size: int
+    kind: ServerKind,
+    workdir: Path,
+    backing: Path,
+    size: int,
+    journal_size: int,
+    tree: SourceTree,
 ) -> Server:
     """A unit with one primary volume on the backing file, exported on an ephemeral port.
 
     Each unit has its own directory (config, log, state); the journaled unit's journal is
     ``STATE_DIR/bench.journal``, on the file system of the backing file like the rest of
-    ``workdir``.
+    ``workdir``. The unit runs ``tree``'s code (``PYTHONPATH``, checked by a probe with the
+    same interpreter, environment and working directory, the unit's directory, which holds no
+    package that could shadow it); one config serves every tree, its format being the same.
     """
-    journaled = kind is JOURNAL
+    journaled = kind.journaled
     unit_dir = workdir / f"unit-{kind.key}"
     state_dir = unit_dir / "state"
     unit_dir.mkdir()
@@ -417,10 +460,13 @@ def start_blockmirror(
 
     log_path = unit_dir / "unit.log"
     runtime_file = state_dir / "unit.json"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = tree.env(dict(os.environ, PYTHONUNBUFFERED="1"))
+    package = tree.probe(cwd=unit_dir)
     argv = [sys.executable, "-m", "blockmirror.cli", "run", str(config)]
     with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(
+            argv, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=unit_dir
+        )
     server: Server | None = None
     deadline = time.monotonic() + SERVER_START_TIMEOUT
     try:
@@ -444,7 +490,8 @@ def start_blockmirror(
                         raise RuntimeError(f"the journaled unit has no journal at {journal_path}")
                     if not journaled and (state_dir / f"{VOLUME_NAME}.journal").exists():
                         raise RuntimeError("the unit with journal = false created a journal")
-                    server = Server(kind, proc, uri, log_path, journal_path)
+                    tree.check_process(proc.pid)
+                    server = Server(kind, proc, uri, log_path, journal_path, tree, package)
                     return server
             time.sleep(0.05)
         raise RuntimeError(
@@ -922,6 +969,70 @@ def table_rows(summaries: Sequence[JobSummary], servers: Sequence[ServerKind]) -
     return rows
 
 
+def baseline_pairs(servers: Sequence[ServerKind]) -> list[tuple[ServerKind, ServerKind]]:
+    """(current tree's unit, the same unit from the baseline tree), for those that ran."""
+    by_key = {kind.key: kind for kind in servers}
+    return [
+        (kind, by_key[f"{kind.key}-base"])
+        for kind in servers
+        if not kind.baseline and f"{kind.key}-base" in by_key
+    ]
+
+
+def round_ratios(results: Sequence[RunResult], job: str, new: str, old: str) -> list[float]:
+    """new / old within each round (the two ran minutes apart at most, in the same rotation)."""
+    values: dict[tuple[str, int], float] = {
+        (r.server, r.repeat): r.value for r in results if r.job == job and r.value is not None
+    }
+    return [
+        values[(new, n)] / values[(old, n)]
+        for n in sorted({r.repeat for r in results})
+        if (new, n) in values and (old, n) in values and values[(old, n)] > 0
+    ]
+
+
+def baseline_ratio_rows(
+    summaries: Sequence[JobSummary], results: Sequence[RunResult], servers: Sequence[ServerKind]
+) -> list[list[str]]:
+    """Per job and unit: the medians of both trees, new / old and its verdict against 0.95,
+    and the spread of the per-round ratios (how far noise moves one round's ratio)."""
+    rows = [["job", "unit", "current", "baseline", "new / old", "minimum", "result", "per round"]]
+    for s in summaries:
+        for new, old in baseline_pairs(servers):
+            ratio = s.ratio(new.key, old.key)
+            rounds = round_ratios(results, s.job.key, new.key, old.key)
+            rows.append(
+                [
+                    s.job.label,
+                    new.title,
+                    _fmt(s.median(new.key), s.job.metric),
+                    _fmt(s.median(old.key), s.job.metric),
+                    _fmt_ratio(ratio),
+                    f"≥ {MIN_RATIO:.2f}",
+                    ratio_mark(ratio) if ratio is not None or not s.errors else "error",
+                    ", ".join(f"{r:.2f}" for r in rounds) or "-",
+                ]
+            )
+    return rows
+
+
+def baseline_ratio_report(
+    summaries: Sequence[JobSummary], results: Sequence[RunResult], servers: Sequence[ServerKind]
+) -> list[dict[str, Any]]:
+    return [
+        {
+            "job": s.job.key,
+            "current": new.key,
+            "baseline": old.key,
+            "ratio": s.ratio(new.key, old.key),
+            "per_round": round_ratios(results, s.job.key, new.key, old.key),
+            "below_minimum": (r := s.ratio(new.key, old.key)) is not None and r < MIN_RATIO,
+        }
+        for s in summaries
+        for new, old in baseline_pairs(servers)
+    ]
+
+
 def detail_rows(summaries: Sequence[JobSummary], servers: Sequence[ServerKind]) -> list[list[str]]:
     """Every run in the order it ran, and the medians of server CPU and fio's latencies."""
     rows = [["job", "server", "runs", "server CPU", "CPU / request", "mean latency", "p99 latency"]]
@@ -1045,6 +1156,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="PATH",
         help="the py-spy to use (default: py-spy on PATH)",
     )
+    parser.add_argument(
+        "--baseline-rev",
+        metavar="REV",
+        help="also run each blockmirror unit from REV's tree (git archive into the temporary"
+        " directory), rotated with the others, and print new/old ratios (minimum"
+        f" {MIN_RATIO:.2f})",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.runtime, args.repeat = 2, 1
@@ -1067,7 +1185,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         else list(SERVERS_BY_KEY)
     )
     # Always in the canonical order, whatever order they were listed in.
-    args.server_kinds = [kind for kind in SERVER_KINDS if kind.key in servers]
+    chosen = [kind for kind in SERVER_KINDS if kind.key in servers]
+    args.baseline_commit = None
+    if args.baseline_rev is not None:
+        if chosen == [NBDKIT]:
+            parser.error("--baseline-rev needs a blockmirror server (nojournal, journal)")
+        try:
+            args.baseline_commit = resolve_revision(args.baseline_rev)
+        except ValueError as exc:
+            parser.error(str(exc))
+    args.server_kinds = with_baselines(chosen, args.baseline_rev)
     args.profiler = None
     if args.profile is not None:
         tools = _choose(args.profilers, {"py-spy": None, "perf": None}, "profiler(s)", parser)
@@ -1118,21 +1245,30 @@ def rotation(servers: Sequence[Server], repeat: int) -> list[Server]:
 
 
 def start_servers(
-    stack: contextlib.ExitStack, args: argparse.Namespace, workdir: Path, backing: Path
+    stack: contextlib.ExitStack,
+    args: argparse.Namespace,
+    workdir: Path,
+    backing: Path,
+    baseline: SourceTree | None,
 ) -> list[Server]:
     """Every selected server, canonical order, each stopped (by PID) when ``stack`` closes."""
     servers: list[Server] = []
+    current = current_tree()
     for kind in args.server_kinds:
         if kind is NBDKIT:
             server = start_nbdkit(workdir, backing)
         else:
+            tree = baseline if kind.baseline else current
+            assert tree is not None, "baseline servers come with --baseline-rev"
             server = start_blockmirror(
-                kind, workdir, backing, args.size_bytes, args.journal_size_bytes
+                kind, workdir, backing, args.size_bytes, args.journal_size_bytes, tree
             )
         stack.callback(server.stop)
         servers.append(server)
         extra = f", journal {server.journal_path}" if server.journal_path else ""
         log(f"{server.title}: pid {server.pid}, {server.uri}{extra}")
+        if server.tree is not None:
+            log(f"  runs the {server.tree.label} tree: {server.package}")
     return servers
 
 
@@ -1142,7 +1278,7 @@ def run_benchmark(
     size: int = args.size_bytes
     journal_size: int = args.journal_size_bytes
     backing = workdir / "backing.img"
-    needed = size + (journal_size if JOURNAL in args.server_kinds else 0)
+    needed = size + journal_size * sum(kind.journaled for kind in args.server_kinds)
     available = mem_available()
     if available is not None and available < 2 * needed:
         log(f"warning: only {format_size(available)} of memory available; the files may not stay")
@@ -1150,11 +1286,15 @@ def run_benchmark(
     log(f"backing file {backing}: {format_size(size)} on {filesystem_type(workdir)}")
     seconds = create_backing_file(backing, size)
     log(f"  allocated, written and read back in {seconds:.1f}s")
+    baseline = None
+    if args.baseline_rev is not None:
+        baseline = extract_tree(args.baseline_rev, workdir)
+        log(f"baseline tree {baseline.describe()}")
 
     summaries = [JobSummary(job) for job in args.selected]
     results: list[RunResult] = []
     with contextlib.ExitStack() as stack:
-        servers = start_servers(stack, args, workdir, backing)
+        servers = start_servers(stack, args, workdir, backing, baseline)
         synced = [backing, *(s.journal_path for s in servers if s.journal_path is not None)]
         for server in servers:
             if server.journal_path is not None:
@@ -1199,7 +1339,7 @@ def run_benchmark(
                         "" if result.server_cpu is None else f", server CPU {result.server_cpu:.2f}"
                     )
                     log(
-                        f"[{done}/{total}] {job.label:<18} {server.title:<12}"
+                        f"[{done}/{total}] {job.label:<18} {server.title:<20}"
                         f" {_fmt(result.value, job.metric):>12}{cpu}"
                     )
     return summaries, results
@@ -1218,6 +1358,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "jobs": [job.key for job in args.selected],
         "servers": [kind.key for kind in args.server_kinds],
         "profiled": args.profile is not None,
+        "baseline": (
+            None
+            if args.baseline_rev is None
+            else {"rev": args.baseline_rev, "commit": args.baseline_commit}
+        ),
     }
     log(
         f"blockmirror {info['blockmirror']} ({info['git']}, sources {info['source_digest']});"
@@ -1228,6 +1373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f" {args.repeat} repeat(s), journal_size {format_size(args.journal_size_bytes)};"
         f" servers: {', '.join(settings['servers'])}; jobs: {', '.join(settings['jobs'])}"
     )
+    if args.baseline_rev is not None:
+        log(f"baseline {args.baseline_rev} = {args.baseline_commit}")
     if args.profile is not None:
         log(f"profiling into {args.profile}: these figures are perturbed by the profilers")
     started = time.monotonic()
@@ -1235,6 +1382,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         summaries, results = run_benchmark(args, workdir)
     fmt = format_markdown_table if args.markdown else format_text_table
     print(fmt(table_rows(summaries, args.server_kinds)))
+    if args.baseline_rev is not None:
+        print()
+        print(f"new / old: the current tree over {args.baseline_rev} ({args.baseline_commit[:12]})")
+        if args.markdown:
+            print()  # a Markdown table starts a block of its own
+        print(fmt(baseline_ratio_rows(summaries, results, args.server_kinds)))
     if args.details:
         print()
         print(fmt(detail_rows(summaries, args.server_kinds)))
@@ -1248,6 +1401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "machine": info,
             "settings": settings,
             "summary": [s.as_dict() for s in summaries],
+            "baseline_ratios": baseline_ratio_report(summaries, results, args.server_kinds),
             "runs": [r.summary() | {"fio": r.fio} for r in results],
         }
         args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -45,7 +45,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # run as a script: make ``benchmarks`` importable
     sys.path.insert(0, str(REPO_ROOT))
 
-import blockmirror.journal.journal as journal_module  # noqa: E402
+import blockmirror.journal.opening as opening_module  # noqa: E402
 from benchmarks.bench_export import (  # noqa: E402
     create_backing_file,
     filesystem_type,
@@ -130,12 +130,12 @@ class PhaseTimer:
     @contextlib.contextmanager
     def recovery_phases(self) -> Iterator[None]:
         with contextlib.ExitStack() as stack:
-            # ``journal.py`` imported these by name: patch them where they are looked up.
-            stack.enter_context(self.wrap(journal_module, "scan", "scan"))
-            stack.enter_context(self.wrap(journal_module, "erase_stale_headers", "erase"))
-            stack.enter_context(self.wrap(Journal, "_replay", "replay"))
+            # ``opening.py`` imported these by name: patch them where they are looked up.
+            stack.enter_context(self.wrap(opening_module, "scan", "scan"))
+            stack.enter_context(self.wrap(opening_module, "erase_stale_headers", "erase"))
+            stack.enter_context(self.wrap(opening_module, "replay", "replay"))
             stack.enter_context(self.wrap(Volume, "flush", "volume_sync"))
-            stack.enter_context(self.wrap(Journal, "_write_checkpoint_now", "checkpoint"))
+            stack.enter_context(self.wrap(Journal, "write_checkpoint_now", "checkpoint"))
             yield
 
     def get(self, phase: str) -> float | None:
@@ -177,8 +177,7 @@ def crash(wp: JournalWritePath) -> None:
         wp._task.cancel()
     for consumer in wp.journal.consumers.values():
         consumer.dirty.close(sync=False)
-    os.close(wp.journal.fd)
-    wp.journal.fd = -1
+    wp.journal.abandon()
     wp.volume.close()
 
 

@@ -6,10 +6,16 @@ Three measurements, each against its own baseline in the same run:
    loopback) against the same primary with no peer: fio sequential 1 MiB writes at iodepth 8
    and random 4 KiB writes at iodepth 16. Ratio with-peer / no-peer; target >= 0.8.
 2. Catch-up rate: the secondary is stopped, the host writes a backlog (default 1 GiB) into the
-   journal, the secondary starts again, and the time until it has applied everything is
-   measured. Target >= 300 MiB/s.
+   journal, the secondary starts again, and the time from the primary's new handshake until
+   the secondary has applied everything is measured (the wait before the handshake is the
+   sender's reconnect backoff, reported apart). Target >= 300 MiB/s.
 3. Peak memory (VmHWM) of the primary unit with that backlog, against the same run with a
    quarter of the backlog: bounded memory means the two are about the same.
+
+With ``--baseline-rev REV`` the with-peer throughput and the catch-up rate are also measured
+for a pair of units (primary and secondary) run from an older commit's tree (``git archive
+REV`` into the work directory), interleaved with the current tree's, and the new/old ratios
+are printed, marking any below 0.95.
 
 Run from the repository root: ``.venv/bin/python benchmarks/bench_replication.py``. It never
 fails on a threshold; it prints the figures and the ratios.
@@ -18,6 +24,7 @@ fails on a threshold; it prints the figures and the ratios.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -26,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +41,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.support.pair import (
     MiB,
+    Site,
     peer_address,
     topology,
     wait_caught_up,
 )
+from tests.support.unit_process import UnitProcess
+
+from benchmarks.baseline_tree import (
+    MIN_RATIO,
+    SourceTree,
+    current_tree,
+    extract_tree,
+    ratio_mark,
+    resolve_revision,
+)
+
+# The with-peer runs of the baseline tree's pair, next to "peer" and "no peer".
+BASE_PEER = "peer (baseline)"
 
 JOBS = {
     "seq write 1M qd8": ["--rw=write", "--bs=1M", "--iodepth=8"],
@@ -82,11 +104,42 @@ def peak_rss_kib(pid: int) -> int:
     return 0
 
 
+def start_from(tree: SourceTree, site: Site) -> UnitProcess:
+    """Start ``site``'s unit from ``tree``'s code (``start_unit`` passes on ``os.environ``)."""
+    with tree.activated():
+        unit = site.start()
+    tree.check_process(unit.pid)
+    return unit
+
+
+def settle(sites: Iterable[Site]) -> None:
+    """fsync every unit's volume images and journals: a run's dirty pages would otherwise be
+    written back during whichever run comes next, so the order of the runs would matter."""
+    for site in sites:
+        for path in [*site.images.values(), *site.state.glob("*.journal")]:
+            with contextlib.suppress(FileNotFoundError):
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+
+
 def host_throughput(
-    root: Path, size: int, runtime: int, repeat: int, replication: dict[str, Any] | None = None
+    root: Path,
+    size: int,
+    runtime: int,
+    repeat: int,
+    replication: dict[str, Any] | None = None,
+    baseline: SourceTree | None = None,
 ) -> dict[str, Any]:
-    """Medians of each job with a peer and without, alternating which runs first."""
-    results: dict[str, dict[str, list[float]]] = {job: {"peer": [], "no peer": []} for job in JOBS}
+    """Medians of each job with a peer and without (and with a peer on the baseline tree's
+    pair), rotating which runs first."""
+    current = current_tree()
+    labels = ["peer", "no peer"] + ([BASE_PEER] if baseline is not None else [])
+    results: dict[str, dict[str, list[float]]] = {
+        job: {label: [] for label in labels} for job in JOBS
+    }
     (root / "tput").mkdir()
     with topology(root / "tput") as topo:
         b = topo.add_secondary(
@@ -96,32 +149,67 @@ def host_throughput(
             "a", peers=[peer_address(b)], size=size, journal_size="1GiB", replication=replication
         )
         alone = topo.add_primary("alone", peers=[], size=size, journal_size="1GiB")
-        b.start()
-        pa = a.start()
-        solo = alone.start()
-        wait_caught_up(a, b, timeout=300)
+        pairs = [(a, b)]
+        start_from(current, b)
+        units = {"peer": start_from(current, a), "no peer": start_from(current, alone)}
+        log(f"  a, b, alone: the current tree, {current.probe()}")
+        if baseline is not None:
+            b_old = topo.add_secondary(
+                "b-base", volumes={"vol": size}, journal_size="1GiB", replication=replication
+            )
+            a_old = topo.add_primary(
+                "a-base",
+                peers=[peer_address(b_old)],
+                size=size,
+                journal_size="1GiB",
+                replication=replication,
+            )
+            start_from(baseline, b_old)
+            units[BASE_PEER] = start_from(baseline, a_old)
+            pairs.append((a_old, b_old))
+            log(f"  a-base, b-base: the {baseline.label} tree, {baseline.probe()}")
+        for source, replica in pairs:
+            wait_caught_up(source, replica, timeout=300)
+        settle(topo.sites.values())
         for i in range(repeat):
             for job, args in JOBS.items():
-                order = [("peer", pa), ("no peer", solo)]
-                if i % 2:
-                    order.reverse()
-                for label, unit in order:
-                    mib = fio(unit.export_url("vol"), root, args, size, runtime)
+                # Rotated by one each round: with two labels, the reverse every other round.
+                shift = i % len(labels)
+                for label in labels[shift:] + labels[:shift]:
+                    mib = fio(units[label].export_url("vol"), root, args, size, runtime)
                     results[job][label].append(mib)
-                    log(f"  {job:<18} {label:<8} run {i + 1}: {mib:8.1f} MiB/s")
-                # Let the peer drain between runs so each starts with no backlog.
-                wait_caught_up(a, b, timeout=300)
+                    log(f"  {job:<18} {label:<15} run {i + 1}: {mib:8.1f} MiB/s")
+                    # Let the peer drain between runs so each starts with no backlog, and
+                    # write back what it dirtied, so the next run does not pay for that.
+                    for source, replica in pairs:
+                        wait_caught_up(source, replica, timeout=300)
+                    settle(topo.sites.values())
     out: dict[str, Any] = {}
     for job, runs in results.items():
         peer = statistics.median(runs["peer"])
         none = statistics.median(runs["no peer"])
         out[job] = {"peer": peer, "no_peer": none, "ratio": peer / none, "runs": runs}
+        if baseline is not None:
+            old = statistics.median(runs[BASE_PEER])
+            out[job] |= {
+                "peer_baseline": old,
+                "new_old": peer / old,
+                "new_old_per_round": [
+                    n / o for n, o in zip(runs["peer"], runs[BASE_PEER], strict=True)
+                ],
+            }
     return out
 
 
 def catch_up(
-    root: Path, backlog: int, size: int, replication: dict[str, Any] | None = None
+    root: Path,
+    backlog: int,
+    size: int,
+    replication: dict[str, Any] | None = None,
+    tree: SourceTree | None = None,
 ) -> dict[str, Any]:
+    """One catch-up of ``backlog`` bytes, both units run from ``tree`` (default: current)."""
+    tree = tree or current_tree()
     with topology(root) as topo:
         b = topo.add_secondary(
             "b", volumes={"vol": size}, journal_size="1GiB", replication=replication
@@ -130,8 +218,8 @@ def catch_up(
         a = topo.add_primary(
             "a", peers=[peer_address(b)], size=size, journal_size=journal, replication=replication
         )
-        b.start()
-        pa = a.start()
+        start_from(tree, b)
+        pa = start_from(tree, a)
         wait_caught_up(a, b, timeout=300)
         b.kill()
         subprocess.run(
@@ -155,17 +243,33 @@ def catch_up(
         peer = a.volume_status()["peers"][0]
         lag = int(peer["lag_bytes"])
         started = time.monotonic()
-        b.start()
+        start_from(tree, b)
+        linked = wait_linked(a, int(peer["connects"]))
         wait_caught_up(a, b, timeout=900)
-        seconds = time.monotonic() - started
+        done = time.monotonic()
         rss = peak_rss_kib(pa.pid)
         return {
             "backlog_bytes": lag,
             "mode_before": peer["mode"],
-            "seconds": seconds,
-            "mib_per_second": lag / MiB / seconds,
+            # The rate counts from the handshake: before it, the primary was waiting out its
+            # reconnect backoff (up to 10 s, whatever the code's speed).
+            "seconds": done - linked,
+            "reconnect_wait_seconds": linked - started,
+            "mib_per_second": lag / MiB / (done - linked),
             "primary_peak_rss_mib": rss / 1024,
+            "tree": tree.label,
         }
+
+
+def wait_linked(source: Site, connects_before: int, timeout: float = 60.0) -> float:
+    """The time (monotonic) at which the source's peer completed a new handshake: its status's
+    ``connects`` count went past ``connects_before``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if int(source.volume_status()["peers"][0]["connects"]) > connects_before:
+            return time.monotonic()
+        time.sleep(0.01)
+    raise AssertionError(f"{source.name}'s peer did not connect again within {timeout}s")
 
 
 def disk_write_rate(root: Path, total: int) -> float:
@@ -225,13 +329,87 @@ def seal_throughput(seconds: float = 1.0) -> dict[str, dict[str, float]]:
 
 
 def _run_catch_up(
-    root: Path, name: str, backlog: int, size: int, replication: dict[str, Any] | None = None
+    root: Path,
+    name: str,
+    backlog: int,
+    size: int,
+    replication: dict[str, Any] | None = None,
+    tree: SourceTree | None = None,
 ) -> dict[str, Any]:
     where = root / name
     where.mkdir()
-    result = catch_up(where, backlog, size, replication)
+    result = catch_up(where, backlog, size, replication, tree)
     log(f"  catch-up {backlog // MiB} MiB: {result}")
+    # Its units are stopped; its volumes and journals (several GiB) are not needed any more,
+    # and with --baseline-rev there are 2 x --repeat of them.
+    shutil.rmtree(where, ignore_errors=True)
     return result
+
+
+def catch_up_rounds(
+    root: Path,
+    backlog: int,
+    size: int,
+    repeat: int,
+    replication: dict[str, Any] | None,
+    baseline: SourceTree,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``repeat`` catch-ups per tree, alternating which tree goes first; (current, baseline)."""
+    current = current_tree()
+    runs: dict[str, list[dict[str, Any]]] = {"current": [], "baseline": []}
+    for i in range(repeat):
+        order = [("current", current), ("baseline", baseline)]
+        if i % 2:
+            order.reverse()
+        for key, tree in order:
+            name = f"full-{key}-{i + 1}"
+            runs[key].append(_run_catch_up(root, name, backlog, size, replication, tree))
+    return runs["current"], runs["baseline"]
+
+
+def median_of(runs: Sequence[dict[str, Any]], key: str) -> float:
+    return float(statistics.median(float(r[key]) for r in runs))
+
+
+def new_old_rows(
+    tput: dict[str, Any],
+    full_runs: Sequence[dict[str, Any]],
+    base_runs: Sequence[dict[str, Any]],
+    baseline: SourceTree,
+) -> list[str]:
+    """The Markdown table of new / old: with-peer throughput and catch-up rate per tree."""
+    assert baseline.commit is not None
+    lines = [
+        f"new / old: the current tree over {baseline.label} ({baseline.commit[:12]}),"
+        " primary and secondary from the same tree",
+        "",
+        f"| measurement | current | {baseline.label} | new / old | minimum | result | per round |",
+        "|---|---:|---:|---:|---:|---|---:|",
+    ]
+    for job, r in tput.items():
+        rounds = ", ".join(f"{x:.2f}" for x in r["new_old_per_round"])
+        lines.append(
+            f"| host {job}, with peer | {r['peer']:.0f} MiB/s | {r['peer_baseline']:.0f} MiB/s"
+            f" | {r['new_old']:.2f} | ≥ {MIN_RATIO:.2f} | {ratio_mark(r['new_old'])} | {rounds} |"
+        )
+    new = median_of(full_runs, "mib_per_second")
+    old = median_of(base_runs, "mib_per_second")
+    rounds = ", ".join(
+        f"{n['mib_per_second'] / o['mib_per_second']:.2f}"
+        for n, o in zip(full_runs, base_runs, strict=True)
+    )
+    lines.append(
+        f"| catch-up of {full_runs[0]['backlog_bytes'] // MiB} MiB | {new:.0f} MiB/s"
+        f" | {old:.0f} MiB/s | {new / old:.2f} | ≥ {MIN_RATIO:.2f} | {ratio_mark(new / old)}"
+        f" | {rounds} |"
+    )
+    new_rss = median_of(full_runs, "primary_peak_rss_mib")
+    old_rss = median_of(base_runs, "primary_peak_rss_mib")
+    lines.append(
+        f"| primary peak RSS (lower is better) | {new_rss:.0f} MiB | {old_rss:.0f} MiB"
+        f" | {new_rss / old_rss:.2f} | - | reported | - |"
+    )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,11 +427,22 @@ def main(argv: list[str] | None = None) -> int:
         help="give both units a pre-shared key (no TLS): links are sealed (ChaCha20-Poly1305)",
     )
     parser.add_argument(
+        "--baseline-rev",
+        metavar="REV",
+        help="also measure the with-peer throughput and the catch-up rate with both units run"
+        f" from REV's tree (git archive), and print new/old ratios (minimum {MIN_RATIO:.2f})",
+    )
+    parser.add_argument(
         "--seal-only",
         action="store_true",
         help="only measure sealing and opening link frames in process (one core), then exit",
     )
     args = parser.parse_args(argv)
+    if args.baseline_rev is not None:
+        try:
+            log(f"baseline {args.baseline_rev} = {resolve_revision(args.baseline_rev)}")
+        except ValueError as exc:
+            parser.error(str(exc))
     if args.seal_only:
         print("| frame payload | seal (one core) | open (one core) |")
         print("|---|---:|---:|")
@@ -271,18 +460,35 @@ def main(argv: list[str] | None = None) -> int:
         key.write_text("benchmark pre-shared key 0123456789\n")
         key.chmod(0o600)
         replication = {"psk_file": str(key)}
+    baseline: SourceTree | None = None
+    base_runs: list[dict[str, Any]] = []
     try:
+        if args.baseline_rev is not None:
+            baseline = extract_tree(args.baseline_rev, root)
+            log(f"baseline tree {baseline.describe()}")
         log("host throughput, with and without a peer:")
-        tput = host_throughput(root, size, args.runtime, args.repeat, replication)
+        tput = host_throughput(root, size, args.runtime, args.repeat, replication, baseline)
         log("disk baseline:")
         disk = disk_write_rate(root, backlog)
         log(f"  sequential write + fdatasync: {disk:.0f} MiB/s")
         log("catch-up and memory:")
-        full = _run_catch_up(root, "full", backlog, max(size, backlog), replication)
-        quarter = _run_catch_up(root, "quarter", backlog // 4, max(size, backlog), replication)
+        volume = max(size, backlog)
+        if baseline is None:
+            full_runs = [_run_catch_up(root, "full", backlog, volume, replication)]
+        else:
+            full_runs, base_runs = catch_up_rounds(
+                root, backlog, volume, args.repeat, replication, baseline
+            )
+        quarter = _run_catch_up(root, "quarter", backlog // 4, volume, replication)
     finally:
         if not args.dir:
             shutil.rmtree(root, ignore_errors=True)
+        elif baseline is not None:
+            shutil.rmtree(baseline.src.parent, ignore_errors=True)
+    # The median run: one catch-up without --baseline-rev, --repeat of them with it.
+    full = dict(full_runs[0])
+    full["mib_per_second"] = median_of(full_runs, "mib_per_second")
+    full["primary_peak_rss_mib"] = median_of(full_runs, "primary_peak_rss_mib")
     print("| measurement | with peer | baseline | ratio | target |")
     print("|---|---:|---:|---:|---:|")
     for job, r in tput.items():
@@ -303,12 +509,20 @@ def main(argv: list[str] | None = None) -> int:
         f"{full['primary_peak_rss_mib']:.0f} MiB | {quarter['primary_peak_rss_mib']:.0f} MiB "
         f"({quarter['backlog_bytes'] // MiB} MiB backlog) | {ratio:.2f} | bounded (~1.0) |"
     )
+    if baseline is not None:
+        print()
+        print("\n".join(new_old_rows(tput, full_runs, base_runs, baseline)))
     if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {"throughput": tput, "catch_up": full, "catch_up_quarter": quarter}, indent=2
-            )
-        )
+        report: dict[str, Any] = {
+            "throughput": tput,
+            "catch_up": full,
+            "catch_up_runs": full_runs,
+            "catch_up_quarter": quarter,
+        }
+        if baseline is not None:
+            report["baseline"] = {"rev": baseline.label, "commit": baseline.commit}
+            report["catch_up_baseline_runs"] = base_runs
+        Path(args.json).write_text(json.dumps(report, indent=2))
     return 0
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.faultydisk import FaultyDisk
+from tests.support.faultydisk import FaultyDisk, Machine
 from tests.support.unit_process import UnitProcess, running_unit
 
 
@@ -24,3 +24,21 @@ def faulty_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Fau
     disk = FaultyDisk(tmp_path)
     with disk.installed(monkeypatch):
         yield disk
+
+
+# The files of the state directory that are stores: the fault-injecting store models them.
+STORE_FILES = (".img", ".journal")
+
+
+@pytest.fixture
+def machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Machine]:
+    """Volumes and journals under ``tmp_path`` on fault-injecting stores (open them with
+    ``machine.open_volume`` and ``Journal.open(open_ring=machine.open_journal_file)``), the
+    other files (dirty maps) on a :class:`FaultyDisk`; one power supply for all of them."""
+    disk = FaultyDisk(tmp_path, skip=STORE_FILES)
+    with disk.installed(monkeypatch):
+        machine = Machine(disk)
+        try:
+            yield machine
+        finally:
+            machine.close()

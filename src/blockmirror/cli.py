@@ -6,20 +6,27 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import ssl
 import sys
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Coroutine, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from blockmirror import COPYRIGHT, __version__
+from blockmirror.admin.client import (
+    TOKEN_ENV,
+    AdminClient,
+    ControlFailed,
+    call_control,
+    fetch_status,
+    tls_for,
+    token_for,
+)
 from blockmirror.admin.table import format_status_table
-from blockmirror.config import Config, load_config, parse_address
+from blockmirror.config import Config, load_config
 from blockmirror.errors import BlockmirrorError, ConfigError
 from blockmirror.io.allocator import tune_malloc
 from blockmirror.units import format_size, human_size
@@ -27,8 +34,6 @@ from blockmirror.units import format_size, human_size
 EXIT_CONFIG = 2
 EXIT_FAILURE = 1
 DEFAULT_ADMIN = "127.0.0.1:7700"
-# The admin token itself, for scripts that keep it elsewhere than in a file.
-TOKEN_ENV = "BLOCKMIRROR_ADMIN_TOKEN"
 
 T = TypeVar("T")
 
@@ -113,122 +118,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
 
 
-@dataclass(frozen=True)
-class AdminToken:
-    """The admin token the CLI sends: the token and where it came from, or why there is none."""
-
-    token: str | None = None
-    source: str | None = None
-    problem: str | None = None
-
-
-class AdminClient:
-    """How the CLI talks to one unit's admin API: its address, the admin token, and TLS."""
-
-    def __init__(
-        self,
-        address: str,
-        token: AdminToken | None = None,
-        tls: ssl.SSLContext | None = None,
-    ) -> None:
-        self.address = address
-        credential = token or AdminToken()
-        self.token = credential.token
-        self.token_source = credential.source
-        # Why no token could be read: shown if the unit then asks for one.
-        self.token_problem = credential.problem
-        self.tls = tls
-
-    def url(self, path: str) -> str:
-        parsed = parse_address(self.address, "--admin")
-        # A unit listening on every interface is reached on loopback.
-        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(parsed.host, parsed.host)
-        host = f"[{host}]" if ":" in host else host
-        return f"{'https' if self.tls else 'http'}://{host}:{parsed.port}{path}"
-
-    def open(self, method: str, path: str, timeout: float) -> dict[str, Any]:
-        """The JSON object the API answers; HTTPError, URLError or OSError otherwise."""
-        url = self.url(path)
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        request = urllib.request.Request(
-            url, data=b"" if method == "POST" else None, method=method, headers=headers
-        )
-        # No proxies: the token is for the unit, not for whatever http_proxy names.
-        opener = urllib.request.build_opener(
-            urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=self.tls)
-        )
-        with opener.open(request, timeout=timeout) as response:
-            data = json.loads(response.read())
-        if not isinstance(data, dict):
-            raise BlockmirrorError(f"{url} did not return a JSON object")
-        return data
-
-    def refusal(self, exc: urllib.error.HTTPError) -> str:
-        """What to tell the operator when the API answered with an error status."""
-        try:
-            message = str(json.loads(exc.read())["error"])
-        except (ValueError, KeyError, TypeError, OSError):
-            message = exc.reason if isinstance(exc.reason, str) else str(exc)
-        if exc.code != 401:
-            return f"the unit refused ({exc.code}): {message}"
-        if self.token is None:
-            how = (
-                self.token_problem
-                or "no admin token was given: use --config CONFIG.toml (reads the unit's token "
-                "file), --token-file PATH, or set BLOCKMIRROR_ADMIN_TOKEN"
-            )
-            return f"the unit's admin API needs the admin token (401: {message}); {how}"
-        return (
-            f"the unit refused the admin token from {self.token_source} (401: {message}); "
-            "if the token was rotated, use the unit's current admin_token_file"
-        )
-
-
-def _token_from(args: argparse.Namespace, config: Config | None) -> AdminToken:
-    """The admin token from --token-file, the environment, or the configuration's token
-    file, in that order."""
-    from blockmirror.admin.auth import AdminTokenError, load_token
-
-    token_file = getattr(args, "token_file", None)
-    if token_file:
-        try:
-            token = load_token(Path(token_file), check_mode=False)
-        except AdminTokenError as exc:
-            raise ConfigError([("--token-file", str(exc))]) from None
-        return AdminToken(token, f"--token-file {token_file}")
-    env = os.environ.get(TOKEN_ENV, "").strip()
-    if env:
-        return AdminToken(env, f"${TOKEN_ENV}")
-    if config is not None:
-        from blockmirror.admin.setup import unit_token_path
-
-        path = unit_token_path(config.unit)
-        try:
-            return AdminToken(load_token(path, check_mode=False), str(path))
-        except AdminTokenError as exc:
-            # Not fatal here: a unit with admin_public_status answers status without it.
-            problem = (
-                f"{exc} (run as a user who can read it, or pass --token-file; "
-                "the unit writes STATE_DIR/admin.token at its first start)"
-            )
-            return AdminToken(problem=problem)
-    return AdminToken()
-
-
-def _tls_from(
-    args: argparse.Namespace, config: Config | None, https: bool
-) -> ssl.SSLContext | None:
-    from blockmirror.admin.auth import client_tls_context
-
-    ca = getattr(args, "admin_ca", None)
-    if ca:
-        return client_tls_context([Path(ca)])
-    if config is not None and config.unit.admin_tls_cert is not None:
-        # The configured CA, or else the unit's own certificate (self-signed) is what to trust.
-        return client_tls_context([config.unit.admin_tls_ca or config.unit.admin_tls_cert])
-    return client_tls_context() if https else None
-
-
 def _admin_client(args: argparse.Namespace) -> AdminClient | None:
     """The admin API to talk to: from --config (its unit.json first), --admin, or the default."""
     config: Config | None = None
@@ -259,14 +148,14 @@ def _admin_client(args: argparse.Namespace) -> AdminClient | None:
                 return None
             address, https = rest.rstrip("/"), scheme == "https"
     try:
-        return AdminClient(address, _token_from(args, config), _tls_from(args, config, https))
+        return AdminClient(
+            address,
+            token_for(getattr(args, "token_file", None), config),
+            tls_for(getattr(args, "admin_ca", None), config, https),
+        )
     except (ConfigError, OSError, ssl.SSLError) as exc:
         print(f"blockmirror: {exc}", file=sys.stderr)
         return None
-
-
-def fetch_status(client: AdminClient, timeout: float = 5.0) -> dict[str, Any]:
-    return client.open("GET", "/api/status", timeout)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -289,28 +178,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 # --- operator controls (through the admin API) -------------------------------------------------
-
-
-class ControlFailed(BlockmirrorError):
-    """The admin API refused a control, or could not be reached."""
-
-
-def call_control(
-    client: AdminClient, path: str, params: dict[str, int] | None = None, timeout: float = 60.0
-) -> dict[str, Any]:
-    """POST one control (``path`` already percent-encoded); its JSON answer, or ControlFailed."""
-    if params:
-        path += "?" + urllib.parse.urlencode(params)
-    try:
-        return client.open("POST", path, timeout)
-    except urllib.error.HTTPError as exc:
-        raise ControlFailed(client.refusal(exc)) from None
-    except (OSError, urllib.error.URLError) as exc:
-        raise ControlFailed(
-            f"cannot reach the unit's admin API at {client.address}: {exc}"
-        ) from None
-    except ValueError as exc:
-        raise ControlFailed(f"{client.url(path)} did not answer JSON: {exc}") from None
 
 
 def _quote(segment: str) -> str:

@@ -2,13 +2,15 @@
 
 Validation collects problems instead of stopping at the first, because an operator fixing a
 config file one error per run is the experience ``check-config`` exists to avoid.
+
+Why one module: this is the schema of one file, every key's parsing and the checks that span
+keys (listeners that clash, volumes that overlap, files that must exist); the generic pieces
+(addresses, typed table access, default paths) live in their own modules.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import ipaddress
 import math
 import re
 import tomllib
@@ -18,10 +20,12 @@ from pathlib import Path
 from typing import Literal
 
 from blockmirror import config_paths, statedir
-from blockmirror.admin.auth import check_token_file
-from blockmirror.errors import ConfigError, SizeError
+from blockmirror.addresses import Address, clashes, parse_address, valid_host
+from blockmirror.admin.access import check_token_file
+from blockmirror.config_table import Problem, Table, type_name
+from blockmirror.errors import ConfigError
 from blockmirror.link.auth import AuthError, load_psk
-from blockmirror.units import GiB, MiB, format_size, parse_size
+from blockmirror.units import GiB, MiB, format_size
 
 __all__ = [
     "Address",
@@ -38,7 +42,6 @@ __all__ = [
 Role = Literal["primary", "secondary"]
 Overflow = Literal["track", "block"]
 Ack = Literal["local", "remote"]
-Problem = tuple[str, str]
 
 SECTOR = 512
 MIN_JOURNAL_SIZE = MiB
@@ -47,19 +50,6 @@ MAX_END = (1 << 63) - 1
 # Volume names are NBD export names and also name files under state_dir, so keep them to a
 # charset that is safe in both places.
 _NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,255}", re.ASCII)
-_HOSTNAME_LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)", re.ASCII)
-
-
-@dataclass(frozen=True)
-class Address:
-    """A TCP endpoint. Port 0 (only where allowed) asks the kernel for an ephemeral port."""
-
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -143,160 +133,6 @@ def format_problems(problems: Iterable[Problem]) -> str:
     return "\n".join(f"{key}: {message}" for key, message in problems)
 
 
-def _valid_host(host: str) -> bool:
-    labels = host.split(".")
-    if all(label.isdigit() for label in labels):
-        # All-numeric names are IPv4 literals; "999.1.1.1" must not pass as a host name.
-        try:
-            ipaddress.IPv4Address(host)
-        except ValueError:
-            return False
-        return True
-    return len(host) <= 253 and all(_HOSTNAME_LABEL_RE.fullmatch(label) for label in labels)
-
-
-def _address_or_reason(text: str, allow_zero: bool) -> Address | str:
-    example = "like 127.0.0.1:10809 or [::1]:10809"
-    if text.startswith("["):
-        host, sep, port_text = text[1:].partition("]:")
-        if not sep:
-            return f"expected [IPV6]:PORT, {example}; got {text!r}"
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            return f"{host!r} in brackets is not an IPv6 address"
-        return _with_port(host, port_text, text, allow_zero)
-    host, sep, port_text = text.rpartition(":")
-    if not sep:
-        return f"expected HOST:PORT, {example}; got {text!r}"
-    if ":" in host:
-        return f"an IPv6 address needs brackets, like [::1]:{port_text}; got {text!r}"
-    if not host:
-        return f"missing host in {text!r}; use 0.0.0.0 to listen on every interface"
-    if not _valid_host(host):
-        return f"{host!r} is not a valid host name or IPv4 address"
-    return _with_port(host, port_text, text, allow_zero)
-
-
-def _with_port(host: str, port_text: str, text: str, allow_zero: bool) -> Address | str:
-    if not port_text.isascii() or not port_text.isdigit():
-        return f"port {port_text!r} is not a number, in {text!r}"
-    # Capped before int(): a thousands-digit "port" would otherwise trip int's size guard.
-    port = int(port_text) if len(port_text) <= 6 else 1 << 20
-    low = 0 if allow_zero else 1
-    if not low <= port <= 65535:
-        note = " (0 picks an ephemeral port)" if allow_zero else ""
-        return f"port {port} is out of range {low}..65535{note}"
-    return Address(host, port)
-
-
-def parse_address(text: str, key: str = "address", *, allow_zero: bool = False) -> Address:
-    """Parse ``host:port`` or ``[v6]:port``; raises ConfigError naming ``key``."""
-    result = _address_or_reason(text.strip(), allow_zero)
-    if isinstance(result, str):
-        raise ConfigError([(key, result)])
-    return result
-
-
-def _type_name(value: object) -> str:
-    names = {bool: "a boolean", int: "an integer", float: "a float", str: "a string"}
-    names |= {dict: "a table", list: "an array"}
-    return names.get(type(value), f"a {type(value).__name__}")
-
-
-class _Table:
-    """Typed access to one TOML table; each accessor records a problem and returns None."""
-
-    def __init__(
-        self,
-        data: Mapping[str, object],
-        where: str,
-        allowed: Sequence[str],
-        problems: list[Problem],
-        base_dir: Path,
-    ) -> None:
-        self.data = data
-        self.where = where
-        self.problems = problems
-        self.base_dir = base_dir
-        self.bad: set[str] = set()
-        for name in data:
-            if name not in allowed:
-                close = difflib.get_close_matches(name, allowed, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                problems.append(
-                    (self.key(name), f"unknown key{hint}; allowed keys: {', '.join(allowed)}")
-                )
-
-    def key(self, name: str) -> str:
-        return f"{self.where}.{name}"
-
-    def fail(self, name: str, message: str) -> None:
-        self.problems.append((self.key(name), message))
-        self.bad.add(name)
-
-    def typed(self, name: str, kinds: tuple[type, ...], wanted: str, required: bool) -> object:
-        if name not in self.data:
-            if required:
-                self.fail(name, "missing required key")
-            return None
-        value = self.data[name]
-        if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
-            self.fail(name, f"expected {wanted}, got {_type_name(value)} ({value!r})")
-            return None
-        return value
-
-    def text(self, name: str, *, required: bool = False) -> str | None:
-        value = self.typed(name, (str,), "a string", required)
-        return value if isinstance(value, str) else None
-
-    def flag(self, name: str) -> bool | None:
-        value = self.typed(name, (bool,), "true or false", False)
-        return value if isinstance(value, bool) else None
-
-    def number(self, name: str) -> float | None:
-        value = self.typed(name, (int, float), "a number", False)
-        return float(value) if isinstance(value, (int, float)) else None
-
-    def choice(self, name: str, choices: Sequence[str], *, required: bool = False) -> str | None:
-        value = self.text(name, required=required)
-        if value is not None and value not in choices:
-            self.fail(name, f"{value!r} is not one of {', '.join(map(repr, choices))}")
-            return None
-        return value
-
-    def size(self, name: str, *, required: bool = False) -> int | None:
-        value = self.typed(name, (int, str), "a size such as 10GiB", required)
-        if not isinstance(value, (int, str)):
-            return None
-        try:
-            return parse_size(value, key=name)
-        except SizeError as exc:
-            self.fail(name, str(exc))
-            return None
-
-    def address(self, name: str, *, allow_zero: bool) -> Address | None:
-        value = self.text(name)
-        return None if value is None else self.address_value(name, value, allow_zero=allow_zero)
-
-    def address_value(self, name: str, value: str, *, allow_zero: bool) -> Address | None:
-        result = _address_or_reason(value.strip(), allow_zero)
-        if isinstance(result, str):
-            self.fail(name, result)
-            return None
-        return result
-
-    def path(self, name: str, *, required: bool = False) -> Path | None:
-        value = self.text(name, required=required)
-        if value is None:
-            return None
-        if not value or "\0" in value:
-            self.fail(name, "must be a non-empty path")
-            return None
-        # Relative to the config file, so a unit's directory can be moved as a whole.
-        return self.base_dir.absolute() / value
-
-
 _TOP_KEYS = ("unit", "replication", "volume")
 _UNIT_KEYS = (
     "name", "state_dir", "admin", "admin_token_file", "admin_public_status", "admin_hosts",
@@ -316,7 +152,7 @@ _ACKS: dict[str, Ack] = {"local": "local", "remote": "remote"}
 def _subtable(data: Mapping[str, object], name: str, problems: list[Problem]) -> dict[str, object]:
     value = data.get(name, {})
     if not isinstance(value, dict):
-        problems.append((name, f"expected a [{name}] table, got {_type_name(value)}"))
+        problems.append((name, f"expected a [{name}] table, got {type_name(value)}"))
         return {}
     return value
 
@@ -325,7 +161,7 @@ def _valid_name(value: object) -> bool:
     return isinstance(value, str) and bool(_NAME_RE.fullmatch(value)) and value not in {".", ".."}
 
 
-def _check_name(table: _Table, name: str | None, what: str) -> None:
+def _check_name(table: Table, name: str | None, what: str) -> None:
     if name is not None and not _valid_name(name):
         table.fail(
             "name",
@@ -349,7 +185,7 @@ def _parse_volume(
     raw_name = data.get("name")
     # Name the volume by its name when it has a usable one: "volume[db].size" beats an index.
     label = f"volume[{raw_name}]" if _valid_name(raw_name) else f"volume[{index}]"
-    t = _Table(data, label, _VOLUME_KEYS, problems, base_dir)
+    t = Table(data, label, _VOLUME_KEYS, problems, base_dir)
     name = t.text("name", required=True)
     _check_name(t, name, "volume")
     role = t.choice("role", tuple(_ROLES), required=True)
@@ -414,7 +250,7 @@ def _parse_volume(
     return _Volume(label, config, t.bad)
 
 
-def _parse_names(t: _Table, key: str) -> tuple[str, ...]:
+def _parse_names(t: Table, key: str) -> tuple[str, ...]:
     value = t.typed(key, (list,), "an array of certificate names", False)
     if not isinstance(value, list):
         return ()
@@ -430,7 +266,7 @@ def _parse_names(t: _Table, key: str) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _parse_peers(t: _Table) -> tuple[Address, ...]:
+def _parse_peers(t: Table) -> tuple[Address, ...]:
     value = t.typed("peers", (list,), "an array of HOST:PORT strings", False)
     if not isinstance(value, list):
         return ()
@@ -438,7 +274,7 @@ def _parse_peers(t: _Table) -> tuple[Address, ...]:
     for i, item in enumerate(value):
         name = f"peers[{i}]"
         if not isinstance(item, str):
-            t.fail(name, f"expected a HOST:PORT string, got {_type_name(item)} ({item!r})")
+            t.fail(name, f"expected a HOST:PORT string, got {type_name(item)} ({item!r})")
             t.bad.add("peers")
             continue
         peer = t.address_value(name, item, allow_zero=False)
@@ -451,30 +287,10 @@ def _parse_peers(t: _Table) -> tuple[Address, ...]:
     return tuple(peers)
 
 
-def _host_family(host: str) -> tuple[str, int | None]:
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return host.lower(), None
-    return str(ip), ip.version
-
-
-def _clashes(a: Address, b: Address) -> bool:
-    """Whether two listeners on one machine would fight over the same port."""
-    if a.port == 0 or a.port != b.port:
-        return False
-    (ha, fa), (hb, fb) = _host_family(a.host), _host_family(b.host)
-    if ha == hb or "::" in (ha, hb):
-        # Linux binds "::" dual-stack by default, so it holds the port for IPv4 as well.
-        return True
-    # A host name may resolve to IPv4, so it counts as clashing with the IPv4 wildcard.
-    return (ha == "0.0.0.0" and fb != 6) or (hb == "0.0.0.0" and fa != 6)
-
-
 def _check_listeners(listeners: Sequence[tuple[str, Address]], problems: list[Problem]) -> None:
     for i, (key, addr) in enumerate(listeners):
         for other_key, other in listeners[:i]:
-            if _clashes(addr, other):
+            if clashes(addr, other):
                 problems.append((key, f"{addr} is already used by {other_key} ({other})"))
                 break
 
@@ -496,7 +312,7 @@ def parse_config(
         if name not in _TOP_KEYS:
             problems.append((name, f"unknown table or key; allowed: {', '.join(_TOP_KEYS)}"))
 
-    ut = _Table(_subtable(data, "unit", problems), "unit", _UNIT_KEYS, problems, base_dir)
+    ut = Table(_subtable(data, "unit", problems), "unit", _UNIT_KEYS, problems, base_dir)
     unit_name = ut.text("name", required=True)
     _check_name(ut, unit_name, "unit")
     state_dir = ut.path("state_dir", required=True)
@@ -505,7 +321,7 @@ def parse_config(
     nbd_reply_budget, nbd_max_connections = _parse_nbd_limits(ut)
 
     rdata = _subtable(data, "replication", problems)
-    rt = _Table(rdata, "replication", _REPLICATION_KEYS, problems, base_dir)
+    rt = Table(rdata, "replication", _REPLICATION_KEYS, problems, base_dir)
     replication = ReplicationConfig(
         listen=rt.address("listen", allow_zero=True),
         psk_file=rt.path("psk_file"),
@@ -604,21 +420,21 @@ def _parse_volume_list(value: object, problems: list[Problem], base_dir: Path) -
         problems.append(("volume", "no [[volume]] tables; a unit needs at least one"))
         return []
     if not isinstance(value, list):
-        problems.append(("volume", f"expected [[volume]] tables, got {_type_name(value)}"))
+        problems.append(("volume", f"expected [[volume]] tables, got {type_name(value)}"))
         return []
     volumes: list[_Volume] = []
     for index, item in enumerate(value):
         if isinstance(item, dict):
             volumes.append(_parse_volume(item, index, problems, base_dir))
         else:
-            problems.append((f"volume[{index}]", f"expected a table, got {_type_name(item)}"))
+            problems.append((f"volume[{index}]", f"expected a table, got {type_name(item)}"))
     if not value:
         problems.append(("volume", "no [[volume]] tables; a unit needs at least one"))
     return volumes
 
 
 def _check_volume_set(
-    volumes: Sequence[_Volume], replication: ReplicationConfig, rt: _Table, problems: list[Problem]
+    volumes: Sequence[_Volume], replication: ReplicationConfig, rt: Table, problems: list[Problem]
 ) -> None:
     first_label: dict[str, str] = {}
     for i, vol in enumerate(volumes):
@@ -641,7 +457,7 @@ def _check_volume_set(
 MAX_NBD_CONNECTIONS = 65536
 
 
-def _parse_nbd_limits(ut: _Table) -> tuple[int, int]:
+def _parse_nbd_limits(ut: Table) -> tuple[int, int]:
     """``(nbd_reply_budget, nbd_max_connections)`` of ``[unit]``, defaults where not given."""
     defaults = UnitConfig("", Path())
     budget = ut.size("nbd_reply_budget")
@@ -658,12 +474,12 @@ def _parse_nbd_limits(ut: _Table) -> tuple[int, int]:
     )
 
 
-def _parse_admin_access(ut: _Table) -> UnitConfig:
+def _parse_admin_access(ut: Table) -> UnitConfig:
     """The admin API's access keys of ``[unit]`` (in a UnitConfig with placeholder name)."""
     hosts: list[str] = []
     value = ut.typed("admin_hosts", (list,), "an array of host names", False)
     for i, item in enumerate(value if isinstance(value, list) else []):
-        if not isinstance(item, str) or not _valid_host(item.strip().rstrip(".")):
+        if not isinstance(item, str) or not valid_host(item.strip().rstrip(".")):
             ut.fail(f"admin_hosts[{i}]", f"{item!r} is not a valid host name")
         else:
             hosts.append(item.strip().rstrip(".").lower())

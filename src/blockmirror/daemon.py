@@ -26,19 +26,24 @@ from blockmirror.admin.controls import handle as handle_control
 from blockmirror.admin.setup import admin_access, unit_token_path
 from blockmirror.blockdev.ackmode import RemoteAck
 from blockmirror.blockdev.journaled import JournalWritePath
+from blockmirror.blockdev.service import BlockDevice
 from blockmirror.blockdev.writepath import DirectWritePath, WritePath
 from blockmirror.config import Config, ReplicationConfig, VolumeConfig
 from blockmirror.counters import VolumeCounters
 from blockmirror.errors import BlockmirrorError, JournalError, VolumeError
-from blockmirror.frontend.nbd_server import Export, NbdLimits, NbdServer
+from blockmirror.frontend.nbd_limits import NbdLimits
+from blockmirror.frontend.nbd_server import NbdServer
 from blockmirror.journal.checkpoint import CheckpointError
 from blockmirror.journal.dirtymap import DirtyMapError
 from blockmirror.journal.journal import Journal
+from blockmirror.journal.record import origin_id
 from blockmirror.journal.scan import JournalCorruptError
 from blockmirror.link.auth import AuthError, load_psk
-from blockmirror.link.receiver import ReplicaRuntime, ReplicationServer
+from blockmirror.link.listener import ReplicationServer
+from blockmirror.link.receiver import ReplicaRuntime
 from blockmirror.link.sender import PeerSender
 from blockmirror.link.tls import TlsFiles, client_ssl_context, server_ssl_context
+from blockmirror.state import Role, VolumeState, transition
 from blockmirror.store.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -55,9 +60,9 @@ class UnitLockedError(BlockmirrorError):
 class VolumeRuntime:
     config: VolumeConfig
     volume: Volume
-    export: Export
+    export: BlockDevice
     server: NbdServer | None = None
-    state: str = "opening"
+    state: VolumeState = VolumeState.OPENING
     journal: JournalWritePath | None = None
     problem: str | None = None
     replica: ReplicaRuntime | None = None
@@ -66,6 +71,21 @@ class VolumeRuntime:
     @property
     def counters(self) -> VolumeCounters:
         return self.export.counters
+
+    @property
+    def role(self) -> Role:
+        # The live role; until failover (issue 9) keeps it in state_dir, the configured one.
+        return Role(self.config.role)
+
+    @property
+    def serving_state(self) -> VolumeState:
+        """What this volume does when nothing is wrong: serve a host, or be a replica."""
+        return VolumeState.SERVING if self.role is Role.PRIMARY else VolumeState.REPLICA
+
+    def enter(self, new: VolumeState) -> None:
+        """Change state through the transition table (staying put is not a change)."""
+        if new is not self.state:
+            self.state = transition(self.state, new, what=f"volume {self.config.name}")
 
     @property
     def export_address(self) -> str | None:
@@ -112,10 +132,7 @@ class Unit:
                         rt.export_address,
                         rt.config.name,
                     )
-                rt.state = "serving" if rt.config.role == "primary" else "replica"
-            for rt in self.volumes:
-                if rt.problem is not None:
-                    rt.state = "failed"
+                rt.enter(rt.serving_state)
             await self._start_replication()
             if self.config.unit.admin is not None:
                 access, admin_tls = await asyncio.to_thread(admin_access, self.config.unit)
@@ -159,6 +176,7 @@ class Unit:
                     consumers=[str(peer) for peer in vc.peers],
                     dirty_dir=self.config.unit.state_dir,
                     volume_name=vc.name,
+                    origin=origin_id(self.config.unit.name),
                 )
             except (
                 JournalCorruptError,
@@ -204,16 +222,17 @@ class Unit:
                     journal_wp.remote_ack = remote
                 journal_wp.start()
                 write_path = journal_wp
-        export = Export(
-            name=vc.name,
-            volume=volume,
-            write_path=write_path,
+        export = BlockDevice(
+            vc.name,
+            volume,
+            write_path,
             description=vc.description or f"blockmirror {vc.role} volume {vc.name}",
             read_only=read_only,
         )
         rt = VolumeRuntime(vc, volume, export, journal=journal_wp)
-        rt.problem = problem
-        rt.state = "failed" if problem else "opening"
+        if problem is not None:
+            rt.problem = problem
+            rt.enter(VolumeState.FAILED)
         return rt
 
     def runtime(self, name: str) -> VolumeRuntime:
@@ -242,10 +261,11 @@ class Unit:
             try:
                 own_key = load_psk(rt.config.psk_file) if rt.config.psk_file else None
             except AuthError as exc:
-                rt.state, rt.problem = "failed", str(exc)
+                rt.problem = str(exc)
+                rt.enter(VolumeState.FAILED)
                 log.error("volume %s: %s", rt.config.name, exc)
                 continue
-            if rt.config.role == "secondary":
+            if rt.role is Role.SECONDARY:
                 rt.replica = ReplicaRuntime(
                     rt.config.name,
                     rt.volume.size,
@@ -273,7 +293,7 @@ class Unit:
         journal = rt.journal.journal
 
         def identity() -> str | None:
-            if rt.config.role == "primary":
+            if rt.role is Role.PRIMARY:
                 # The volume's identity, not the journal's: a journal resize keeps it.
                 return journal.volume_id
             # A relay passes on the origin's identity, once it has one.
@@ -306,7 +326,7 @@ class Unit:
             await self.admin.close()
             self.admin = None
         for rt in self.volumes:
-            rt.state = "stopped"
+            rt.enter(VolumeState.STOPPED)
             if rt.journal is not None:
                 try:
                     await rt.journal.close()
@@ -364,17 +384,26 @@ class Unit:
         }
 
     def _volume_status(self, rt: VolumeRuntime) -> dict[str, Any]:
-        state, problem = rt.state, rt.problem
-        if rt.journal is not None and state in ("serving", "replica"):
-            # The write path's own condition overrides a state set at start: status never
-            # says "serving" while writes fail.
+        problem = rt.problem
+        if rt.journal is not None and rt.state in (
+            VolumeState.SERVING,
+            VolumeState.REPLICA,
+            VolumeState.STALLED,
+        ):
+            # The write path's condition decides between serving and stalled (and failed, for
+            # good): status never says "serving" while writes fail.
             condition = rt.journal.condition()
-            if condition is not None:
-                state, problem = condition
+            if condition is None:
+                rt.enter(rt.serving_state)
+            else:
+                rt.enter(condition[0])
+                if condition[0] is VolumeState.FAILED:
+                    rt.problem = condition[1]
+                problem = condition[1]
         return {
             "name": rt.config.name,
-            "role": rt.config.role,
-            "state": state,
+            "role": str(rt.role),
+            "state": str(rt.state),
             "size": rt.volume.size,
             "path": str(rt.config.path),
             "offset": rt.config.offset,

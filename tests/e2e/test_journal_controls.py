@@ -22,6 +22,7 @@ import pytest
 from blockmirror.journal.checkpoint import ConsumerState, read_checkpoint, write_checkpoint
 from blockmirror.journal.dirtymap import DirtyMap
 from blockmirror.journal.journal import DIRTY_REGION
+from blockmirror.state import ConsumerMode
 from blockmirror.statedir import dirty_map_path
 from tests.e2e.conftest import KiB, MiB, api_status, run
 from tests.support.unit_process import (
@@ -70,7 +71,7 @@ def make_consumer_caught_up(state_dir: Path, volume: str = "vol", consumer: str 
         assert found is not None
         _, generation, cp = found
         consumers = dict(cp.consumers)
-        consumers[consumer] = ConsumerState(cp.next_seq - 1, "journal", False)
+        consumers[consumer] = ConsumerState(cp.next_seq - 1, ConsumerMode.JOURNAL, False)
         write_checkpoint(fd, dataclasses.replace(cp, consumers=consumers), generation + 1)
     finally:
         os.close(fd)

@@ -308,7 +308,7 @@ def test_replay_skips_damage_without_rolling_back_later_writes(tmp_path: Path) -
         # A crash: no closing checkpoint.
         for consumer in journal.consumers.values():
             consumer.dirty.close()
-        os.close(journal.fd)
+        journal.abandon()
         volume.close()
 
     # Damage one record's payload before the wrap and another's header after it.

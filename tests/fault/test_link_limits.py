@@ -21,8 +21,9 @@ from pathlib import Path
 
 import pytest
 
+from blockmirror.link.listener import MAX_UNAUTHENTICATED_PER_ADDRESS
 from blockmirror.link.protocol import MAGIC, FrameType
-from blockmirror.link.receiver import HANDSHAKE_TIMEOUT, MAX_UNAUTHENTICATED_PER_ADDRESS
+from blockmirror.link.session import HANDSHAKE_TIMEOUT
 from tests.fault.test_link_faults import frame, hello, qemu_write
 from tests.support.pair import (
     MiB,

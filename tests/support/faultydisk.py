@@ -1,7 +1,11 @@
-"""A fault-injecting disk for in-process tests: EIO/ENOSPC on chosen calls, and power cuts.
+"""A fault-injecting disk for the files that are not stores, and the machine of crash tests.
 
+Volumes, replicas and journal files are stores: their faults and power cuts are modelled by
+:class:`blockmirror.store.faulty.FaultyStore`, which :class:`Machine` puts under them. What is
+left are the files blockmirror opens with ``os`` directly, the consumers' dirty maps: for those
 :class:`FaultyDisk` interposes on the ``os`` calls blockmirror makes on files (and on the
-volume's ``fallocate``) for every file under one directory. It keeps, per file and per 4 KiB
+volume's ``fallocate``) for every file under one directory (``skip`` names the files a store
+models instead). It keeps, per file and per 4 KiB
 page, what the disk durably holds: the content at the last sync that covered the page. So it
 can
 
@@ -16,6 +20,7 @@ A sync persists the content a page had when the sync *started*: writes racing wi
 journal's group commit runs syncs in threads) are not counted as durable by it.
 
 This is a test tool for the durability invariants; it is not a mock of blockmirror code.
+:class:`Machine` cuts the power of both models at once.
 """
 
 from __future__ import annotations
@@ -33,7 +38,13 @@ from typing import Any, Literal
 
 import pytest
 
+from blockmirror.journal.storage import open_journal_file
 from blockmirror.store import volume as volume_module
+from blockmirror.store.base import Store
+from blockmirror.store.faulty import Fault as StoreFault
+from blockmirror.store.faulty import FaultyStore, Power
+from blockmirror.store.faulty import Op as StoreOp
+from blockmirror.store.volume import Volume
 
 PAGE = 4096
 Op = Literal["write", "sync", "fallocate"]
@@ -72,8 +83,9 @@ class Fault:
 
 
 class FaultyDisk:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, skip: Sequence[str] = ()) -> None:
         self.root = str(root.resolve())
+        self.skip = tuple(skip)  # substrings of the paths of files a store models
         self._files: dict[tuple[int, int], _File] = {}
         self._fds: dict[int, tuple[tuple[int, int], str]] = {}
         self._lock = threading.RLock()
@@ -199,7 +211,8 @@ class FaultyDisk:
     def _open(self, path: Any, flags: int, mode: int = 0o777, **kw: Any) -> int:
         fd: int = self._real["open"](path, flags, mode, **kw)
         full = os.path.realpath(os.fsdecode(path) if not isinstance(path, int) else "")
-        if full.startswith(self.root + os.sep) and not flags & os.O_DIRECTORY:
+        tracked = full.startswith(self.root + os.sep) and not any(s in full for s in self.skip)
+        if tracked and not flags & os.O_DIRECTORY:
             st = os.fstat(fd)
             key = (st.st_dev, st.st_ino)
             with self._lock:
@@ -310,3 +323,82 @@ class FaultyDisk:
                 self._check("fallocate", path)
                 self._before_change(f, pos, length)
             self._real["fallocate"](fd, mode, pos, length)
+
+
+class Machine:
+    """The disks of a machine under test, on one power supply.
+
+    Volumes and journal files open as :class:`FaultyStore` over the real ones (every store of
+    one file shares that file's armed faults across reopens, as a full disk stays full when a
+    unit restarts); the dirty maps live on the :class:`FaultyDisk` ``disk``, when there is one.
+    :meth:`power_cut` cuts both at once.
+    """
+
+    def __init__(self, disk: FaultyDisk | None = None, *, seed: int = 0) -> None:
+        self.disk = disk
+        self.power = Power(seed)
+        self.faults: dict[str, list[StoreFault]] = {}  # file name -> its armed faults
+        self.stores: dict[str, FaultyStore] = {}  # file name -> the store open on it last
+        self.slow_flush: dict[str, float] = {}  # file name -> seconds every flush waits
+
+    def _wrap(self, inner: Store) -> FaultyStore:
+        name = inner.path.name
+        store = FaultyStore(
+            inner,
+            power=self.power,
+            faults=self.faults.setdefault(name, []),
+            takes_over=self.stores.get(name),
+        )
+        store.slow_flush = self.slow_flush.get(name, 0.0)
+        self.stores[name] = store
+        return store
+
+    def open_volume(self, path: Path, *, size: int) -> FaultyStore:
+        return self._wrap(Volume.open(path, size=size))
+
+    def open_journal_file(self, path: Path, size: int) -> Store:
+        """Opens the journal file for ``Journal.open(open_ring=...)``."""
+        return self._wrap(open_journal_file(path, size))
+
+    def store(self, name: str) -> FaultyStore:
+        """The store open on the file ``name`` (say ``"vol.img"``) last."""
+        return self.stores[name]
+
+    def fail(
+        self, name: str, op: StoreOp | Sequence[StoreOp], err: int = errno.EIO, **kw: Any
+    ) -> StoreFault:
+        """Arm a fault on the file ``name``: on the store open now and on later opens."""
+        faults = self.faults.setdefault(name, [])
+        store = self.stores.get(name)
+        if store is not None and not store.dead:
+            return store.fail(op, err, **kw)
+        fault = StoreFault(frozenset((op,) if isinstance(op, str) else op), err, **kw)
+        faults.append(fault)
+        return fault
+
+    def heal(self) -> None:
+        for faults in self.faults.values():
+            faults.clear()
+        if self.disk is not None:
+            self.disk.heal()
+
+    def power_cut(self, *, keep: float = 0.0, rng: random.Random | None = None) -> int:
+        """Every store and the disk lose what they had not made durable, at once."""
+        lost = self.power.cut(keep=keep)
+        if self.disk is not None:
+            lost += self.disk.power_cut(keep=keep, rng=rng)
+        return lost
+
+    def evict_lost(self) -> int:
+        """The kernel drops the pages whose writeback failed, on every disk."""
+        n = sum(s.evict_lost() for s in self.stores.values())
+        if self.disk is not None:
+            n += self.disk.evict_lost()
+        return n
+
+    def unsynced_pages(self, name: str) -> int:
+        return self.stores[name].unsynced_pages()
+
+    def close(self) -> None:
+        """The end of a test: what closed stores held at risk is dropped."""
+        self.power.close()

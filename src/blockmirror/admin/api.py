@@ -5,7 +5,7 @@ sign-in form) and the operator controls, ``POST /api/volumes/...`` (routed and v
 :mod:`blockmirror.admin.controls`). Every request is bounded in size and time, and a malformed
 one gets a 4xx without disturbing the unit.
 
-Who may do what (:class:`blockmirror.admin.auth.AdminAccess`), checked in this order, and a
+Who may do what (:class:`blockmirror.admin.access.AdminAccess`), checked in this order, and a
 refused request changes nothing:
 
 1. ``Host`` must name this unit: an IP literal, ``localhost``, the configured admin host or one
@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
-from blockmirror.admin.auth import AdminAccess, bearer, cookie_value, split_host, token_matches
+from blockmirror.admin.access import AdminAccess, bearer, cookie_value, split_host, token_matches
 from blockmirror.admin.controls import is_control_path
 from blockmirror.admin.page import SCRIPT, render_page, render_sign_in
 

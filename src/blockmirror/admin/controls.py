@@ -17,21 +17,22 @@ at ``/``. Every refusal is ``{"error": "..."}`` with a 4xx status and changes no
 (invariant 7); a failure of the operation itself is a 500 and the unit keeps running.
 
 Routing and validation (:func:`parse`) are pure; :func:`execute` awaits the write path's
-controls, which write a checkpoint so the setting survives a restart.
+controls (:class:`OperatorControls`, a small interface: nothing else of the write path is
+reached from here), which write a checkpoint so the setting survives a restart.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Literal, Protocol
 from urllib.parse import parse_qsl, unquote
 
-from blockmirror.blockdev.journaled import DiscardRangeError
+from blockmirror.blockdev.journal_controls import DiscardRangeError
 from blockmirror.errors import AdminError, BlockmirrorError
+from blockmirror.state import VolumeState
 
 log = logging.getLogger(__name__)
 
@@ -47,22 +48,22 @@ Reply = tuple[int, dict[str, Any]]
 # --- what the controls need from a unit (the daemon's Unit, or a fake in the tests) ----------
 
 
-class JournalView(Protocol):
+class OperatorControls(Protocol):
+    """What the controls need of a volume's journaled write path, and all they may do to it
+    (:class:`blockmirror.blockdev.journal_controls.JournalControls` is the real one)."""
+
     @property
-    def consumers(self) -> Mapping[str, object]: ...
+    def failed(self) -> BaseException | None: ...
 
     @property
     def enqueue_paused(self) -> bool: ...
 
-
-class ControlledWritePath(Protocol):
-    """The operator controls of :class:`blockmirror.blockdev.journaled.JournalWritePath`."""
-
     @property
-    def journal(self) -> JournalView: ...
+    def newest_seq(self) -> int: ...
 
-    @property
-    def failed(self) -> BaseException | None: ...
+    def consumer_names(self) -> list[str]: ...
+
+    def consumer_status(self, name: str) -> dict[str, object]: ...
 
     async def pause_enqueue(self, paused: bool) -> None: ...
 
@@ -70,7 +71,10 @@ class ControlledWritePath(Protocol):
 
     async def discard(self, name: str, first_seq: int, last_seq: int) -> int: ...
 
-    def status(self) -> dict[str, object]: ...
+
+class ControlledWritePath(Protocol):
+    @property
+    def controls(self) -> OperatorControls: ...
 
 
 class VolumeConfigView(Protocol):
@@ -89,7 +93,7 @@ class ControlledVolume(Protocol):
     def problem(self) -> str | None: ...
 
     @property
-    def state(self) -> str: ...
+    def state(self) -> VolumeState: ...
 
 
 class ControlledUnit(Protocol):
@@ -211,7 +215,7 @@ def _runtime(unit: ControlledUnit, volume: str) -> ControlledVolume:
         raise ControlError(HTTPStatus.NOT_FOUND, f"no volume named {volume!r}") from None
 
 
-def _write_path(rt: ControlledVolume, volume: str) -> ControlledWritePath:
+def _controls(rt: ControlledVolume, volume: str) -> OperatorControls:
     wp = rt.journal
     if wp is None:
         if rt.problem is not None:
@@ -219,17 +223,18 @@ def _write_path(rt: ControlledVolume, volume: str) -> ControlledWritePath:
         else:
             why = "it is read-only or has journal = false"
         raise ControlError(HTTPStatus.CONFLICT, f"volume {volume!r} has no journal ({why})")
-    if rt.state == "stopped":
+    if rt.state is VolumeState.STOPPED:
         raise ControlError(HTTPStatus.SERVICE_UNAVAILABLE, "the unit is stopping")
-    if wp.failed is not None:
+    controls = wp.controls
+    if controls.failed is not None:
         raise ControlError(
-            HTTPStatus.CONFLICT, f"volume {volume!r}: the write path has failed: {wp.failed}"
+            HTTPStatus.CONFLICT, f"volume {volume!r}: the write path has failed: {controls.failed}"
         )
-    return wp
+    return controls
 
 
-def _consumer(wp: ControlledWritePath, volume: str, name: str) -> None:
-    names = list(wp.journal.consumers)
+def _consumer(controls: OperatorControls, volume: str, name: str) -> None:
+    names = controls.consumer_names()
     if name not in names:
         known = ", ".join(names) if names else "none: the volume lists no peers"
         raise ControlError(
@@ -238,16 +243,21 @@ def _consumer(wp: ControlledWritePath, volume: str, name: str) -> None:
         )
 
 
-def _consumer_status(wp: ControlledWritePath, name: str) -> dict[str, Any]:
-    consumers = wp.status().get("consumers")
-    entry = consumers.get(name) if isinstance(consumers, dict) else None
-    return dict(entry) if isinstance(entry, dict) else {}
+def _consumer_status(controls: OperatorControls, name: str) -> dict[str, Any]:
+    try:
+        return dict(controls.consumer_status(name))
+    except KeyError:  # gone since it was checked (cannot happen today; be safe)
+        return {}
 
 
 async def execute(unit: ControlledUnit, req: ControlRequest) -> Reply:
-    """Carry out a validated request; refusals raise :class:`ControlError`."""
+    """Carry out a validated request; refusals raise :class:`ControlError`.
+
+    A failure of the control itself propagates: OSError (errno) or a BlockmirrorError
+    (a JournalError when the checkpoint cannot be written, say).
+    """
     rt = _runtime(unit, req.volume)
-    wp = _write_path(rt, req.volume)
+    controls = _controls(rt, req.volume)
     body: dict[str, Any] = {"volume": req.volume}
     if req.action in ("journal-pause", "journal-resume"):
         paused = req.action == "journal-pause"
@@ -259,27 +269,26 @@ async def execute(unit: ControlledUnit, req: ControlRequest) -> Reply:
                 f"volume {req.volume!r} is a {rt.config.role}: it journals what its source "
                 "sends; pause enqueueing on the primary",
             )
-        was_paused = wp.journal.enqueue_paused
-        await wp.pause_enqueue(paused)
+        was_paused = controls.enqueue_paused
+        await controls.pause_enqueue(paused)
         log.warning(
             "volume %s: journal enqueueing %s by the operator",
             req.volume,
             "paused" if paused else "resumed",
         )
-        status = wp.status()
         body |= {
-            "enqueue_paused": wp.journal.enqueue_paused,
+            "enqueue_paused": controls.enqueue_paused,
             "changed": was_paused != paused,
-            "newest_seq": status.get("newest_seq"),
+            "newest_seq": controls.newest_seq,
         }
         return HTTPStatus.OK, body
     assert req.consumer is not None
-    _consumer(wp, req.volume, req.consumer)
+    _consumer(controls, req.volume, req.consumer)
     body["consumer"] = req.consumer
     if req.action == "discard":
         assert req.first_seq is not None and req.last_seq is not None
         try:
-            count = await wp.discard(req.consumer, req.first_seq, req.last_seq)
+            count = await controls.discard(req.consumer, req.first_seq, req.last_seq)
         except DiscardRangeError as exc:
             return HTTPStatus.BAD_REQUEST, {"error": str(exc)}
         log.warning(
@@ -293,8 +302,8 @@ async def execute(unit: ControlledUnit, req: ControlRequest) -> Reply:
         body |= {"from": req.first_seq, "to": req.last_seq, "discarded": count}
     else:
         pause = req.action == "consumer-pause"
-        before = _consumer_status(wp, req.consumer).get("paused")
-        await wp.pause_consumer(req.consumer, pause)
+        before = _consumer_status(controls, req.consumer).get("paused")
+        await controls.pause_consumer(req.consumer, pause)
         log.warning(
             "volume %s: consumer %s %s by the operator",
             req.volume,
@@ -302,7 +311,7 @@ async def execute(unit: ControlledUnit, req: ControlRequest) -> Reply:
             "paused" if pause else "resumed",
         )
         body["changed"] = before != pause
-    body |= _consumer_status(wp, req.consumer)
+    body |= _consumer_status(controls, req.consumer)
     return HTTPStatus.OK, body
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
-from blockmirror.admin.auth import (
+from blockmirror.admin.access import (
     AdminAccess,
     ensure_token,
     load_token,

@@ -4,6 +4,9 @@ A write's reply waits until each required peer has acknowledged its sequence num
 stays silent for ``ack_timeout`` while a write waits on it is *degraded*: the volume stops waiting
 for it (the host is answered after the local journal, as with ``ack = "local"``) and an alert is
 raised. A degraded peer becomes required again once it has caught up with everything written.
+
+Nothing here does I/O or raises on its own: the methods raise only what the ``on_alert``
+callback raises.
 """
 
 from __future__ import annotations
@@ -12,18 +15,22 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+
+from blockmirror.alerts import OnAlert
 
 log = logging.getLogger(__name__)
 
 
 class RemoteAck:
+    """Which peers a write must wait for, and the writes waiting on them."""
+
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
         peers: Sequence[str],
         timeout: float,
-        on_alert: Callable[[str, str], None] | None = None,
+        on_alert: OnAlert | None = None,
     ) -> None:
         self._loop = loop
         self.timeout = timeout
@@ -60,6 +67,7 @@ class RemoteAck:
         self._arm()
 
     def acknowledge(self, peer: str, seq: int) -> None:
+        """``peer`` holds every write up to ``seq`` durably: release what waited on it."""
         if seq <= self.acked.get(peer, 0):
             return
         self.acked[peer] = seq
@@ -103,12 +111,6 @@ class RemoteAck:
                         self._on_alert("ack_timeout", message)
             self._release()
         self._arm()
-
-    def fail_all(self, exc: BaseException) -> None:
-        while self._waiters:
-            _, fut, _ = self._waiters.popleft()
-            if not fut.done():
-                fut.set_exception(exc)
 
     def status(self) -> dict[str, object]:
         return {

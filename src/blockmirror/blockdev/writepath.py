@@ -1,12 +1,22 @@
-"""The write path: the one seam between the export and everything a write must go through.
+"""The write path: the one seam between the block-device service and everything a write must go
+through.
 
-The export hands every write, write-zeroes, trim and flush to a :class:`WritePath`. Today the
-:class:`DirectWritePath` writes the volume and makes it durable on request; the journal and the
-replication senders slot in behind this same interface.
+The service (:mod:`blockmirror.blockdev.service`) validates each host request, then hands every
+write, write-zeroes, trim and flush to a :class:`WritePath`. The :class:`DirectWritePath` writes
+the volume and makes it durable on request; the journaled write path
+(:mod:`blockmirror.blockdev.journaled`), and through it the replication senders, sit behind this
+same interface.
 
 Hot-path convention: each method either completes synchronously and returns ``None``, or returns a
 future the caller attaches its reply to. Returning ``None`` spares a scheduled callback per request,
-which is most of the cost of a 4 KiB write in Python. Errors of the synchronous part are raised.
+which is most of the cost of a 4 KiB write in Python.
+
+Errors: the synchronous part raises, and a returned future fails with, an :class:`OSError` with
+the kernel's errno (ENOSPC, EIO, ...) or a :class:`~blockmirror.errors.BlockmirrorError`; a write
+path that has failed for good raises whatever ended it for every later change (a
+``VolumeError``, say). Callers must not assume any narrower type: the service turns *any*
+exception into an errno for the host (EIO unless a better one is known), so none can drop a
+host's connection.
 """
 
 from __future__ import annotations
@@ -16,11 +26,10 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from blockmirror.io.syncer import Syncer
+from blockmirror.store.base import MAX_WRITE
 from blockmirror.store.volume import Volume
 
 Buffer = bytes | bytearray | memoryview
-# The largest write the write paths take: NBD's usual maximum payload.
-MAX_WRITE = 32 * 1024 * 1024
 
 
 class WritePath(Protocol):
@@ -46,15 +55,17 @@ class WritePath(Protocol):
         """Whether write_zeroes is cheap (no data written), for NBD's FAST_ZERO flag."""
 
     def max_write(self) -> int:
-        """The largest write accepted; a larger one is refused with EINVAL, never queued."""
+        """The largest write accepted, fixed for the write path's life (the service reads it
+        once and refuses a larger write with EINVAL before it gets here); never queued."""
 
     def commit(self) -> asyncio.Future[None] | None:
         """Finish the work of every request accepted since the last commit.
 
         A request method that returned None may defer its work (a batched journal append, then
-        the volume write) until this call. The export calls it after handing over all it read
-        from one socket read, and must not send any reply produced since the previous commit
-        before this returns, or before the returned future completes when it returns one.
+        the volume write) until this call. Each front-end connection calls it (through the
+        service's ReplyGate) after handing over all it read from one socket read, and must not
+        send any reply produced since the previous commit before this returns, or before the
+        returned future completes when it returns one.
         """
 
 

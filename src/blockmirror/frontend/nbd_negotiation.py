@@ -53,6 +53,8 @@ class ExportInfo:
     can_fast_zero: bool = True
     # The largest request the export takes (a journal smaller than 32 MiB takes less).
     max_block: int = MAX_PAYLOAD
+    # The alignment every request must have (1: any byte range).
+    min_block: int = MIN_BLOCK
 
 
 def transmission_flags(info: ExportInfo, *, structured: bool) -> int:
@@ -195,9 +197,10 @@ class Negotiation:
                 )
             elif wanted == Info.BLOCK_SIZE:
                 parts.append(self._block_size_info(option, info))
-        if info.max_block < MAX_PAYLOAD and Info.BLOCK_SIZE not in request.requests:
-            # A limit below the protocol's usual 32 MiB is sent unasked: a client that
-            # ignores it is answered EINVAL for larger requests, never left waiting.
+        unusual = info.max_block < MAX_PAYLOAD or info.min_block > MIN_BLOCK
+        if unusual and Info.BLOCK_SIZE not in request.requests:
+            # Limits other than the protocol's usual ones (1 byte to 32 MiB) are sent unasked:
+            # a client that ignores them is answered EINVAL, never left waiting.
             parts.append(self._block_size_info(option, info))
         parts.append(encode_option_reply(option, Rep.ACK))
         if option == Opt.INFO:
@@ -209,8 +212,8 @@ class Negotiation:
 
     @staticmethod
     def _block_size_info(option: int, info: ExportInfo) -> bytes:
-        preferred = min(PREFERRED_BLOCK, info.max_block)
-        block = encode_info_block_size(MIN_BLOCK, preferred, info.max_block)
+        preferred = max(info.min_block, min(PREFERRED_BLOCK, info.max_block))
+        block = encode_info_block_size(info.min_block, preferred, info.max_block)
         return encode_option_reply(option, Rep.INFO, block)
 
     def _meta_context(self, option: int, data: bytes) -> Outcome:

@@ -6,6 +6,10 @@ the whole protocol can be tested byte by byte.
 
 Write payloads are never copied: a :class:`Request` for ``WRITE`` carries the memoryviews of the
 chunks exactly as they arrived, ready for one vectored write.
+
+Why one module: it is one specification (doc/proto.md of the NBD project) in code, the magic
+numbers beside the framing and the encoders and decoders that use them, so that it can be read
+against the document section by section; the option haggling built on it is nbd_negotiation.
 """
 
 from __future__ import annotations

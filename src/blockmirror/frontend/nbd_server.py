@@ -1,37 +1,45 @@
-"""NBD export: the asyncio adapter around the sans-I/O codec and negotiation.
+"""NBD export: the asyncio adapter between the NBD codec and the block-device service.
 
-One :class:`NbdServer` listens on one address and serves one or more exports. Each connection is an
-:class:`asyncio.Protocol` (cheaper than streams per request): bytes are fed to the codec, options to
-the negotiation, and requests are dispatched to the volume (reads) or the write path (everything
-that changes data). Many requests may be in flight; replies go out as they complete, corked so
-that the replies produced in one loop iteration leave in one send.
+One :class:`NbdServer` listens on one address and serves one or more exports, each a
+:class:`~blockmirror.blockdev.service.BlockDevice`. Each connection is an :class:`asyncio.Protocol`
+(cheaper than streams per request): bytes are fed to the codec (:mod:`nbd_protocol`), options to
+the negotiation (:mod:`nbd_negotiation`), and each request becomes one call of the service,
+which validates and dispatches it; its errors (errno values) become NBD error numbers here. What
+stays here is NBD's and the socket's: command flags, structured replies, READ replies sent piece
+by piece, the reply queue and its flow control. Many requests may be in flight; replies go out
+as they complete, corked so that the replies produced in one loop iteration leave in one send,
+and replies to changes leave only once the service's commit gate allows.
 
-Memory is bounded unit-wide by :class:`NbdLimits`, shared by every server of a unit: a cap on
-connections, and a budget for reply bytes in flight. A READ's data is not read when the request
-arrives but when its reply is sent, one piece (at most :attr:`NbdLimits.piece`) at a time, and
-only while the client takes what was sent before; each piece is taken from the budget and given
-back as the socket drains it. A client that pipelines huge READs and never reads the replies thus
-holds one piece, not the whole replies. A connection that cannot get budget stops sending and
-stops reading requests until some comes back: back-pressure, never an error.
+Memory is bounded unit-wide by :class:`~blockmirror.frontend.nbd_limits.NbdLimits`, shared by
+every server of a unit: a cap on connections, and a budget for reply bytes in flight. A READ's
+data is not read when the request arrives but when its reply is sent, one piece (at most
+:attr:`NbdLimits.piece`) at a time, and only while the client takes what was sent before; each
+piece is taken from the budget and given back as the socket drains it. A client that pipelines
+huge READs and never reads the replies thus holds one piece, not the whole replies. A connection
+that cannot get budget stops sending and stops reading requests until some comes back:
+back-pressure, never an error.
+
+Why one module: a connection's reading, its reply queue (corking, READ pieces within the
+budget), its commit gate and its drain on DISC or shutdown share one flow-control state (writing
+paused, waiting for budget, requests in flight, draining); split, each part would reach into the
+others' flags. The server around the connections is a few lines and goes with them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, cast
+from dataclasses import dataclass
+from typing import cast
 
-from blockmirror.blockdev.writepath import WritePath
-from blockmirror.counters import VolumeCounters
-from blockmirror.errors import OutOfRangeError, ProtocolError, ReadOnlyError, VolumeError
+from blockmirror.blockdev.service import BlockDevice, Pending, ReplyGate, RequestError
+from blockmirror.errors import ProtocolError
 from blockmirror.frontend import nbd_protocol as p
+from blockmirror.frontend.nbd_limits import NbdLimits
 from blockmirror.frontend.nbd_negotiation import ExportInfo, Negotiation, Outcome
-from blockmirror.store.volume import Volume
 
 log = logging.getLogger(__name__)
 
@@ -45,114 +53,54 @@ JOIN_LIMIT = 256 * 1024
 HANDSHAKE_TIMEOUT = 30
 # Block status: never answer with more extents than this in one reply.
 MAX_EXTENTS = 1024
-# Unit-wide defaults of [unit] nbd_reply_budget and nbd_max_connections.
-DEFAULT_REPLY_BUDGET = 256 * 1024 * 1024
-DEFAULT_MAX_CONNECTIONS = 256
-# Bounds of the piece in which READ data is read and sent (see NbdLimits.piece).
-MIN_PIECE = 64 * 1024
-MAX_PIECE = 1024 * 1024
 # Seconds a connection refused for the connection limit may stay to read why.
 REFUSED_TIMEOUT = 5
-# While connections wait for reply budget, how often their drained bytes are counted back.
-BUDGET_POLL = 0.05
+
+# Plain ints for the per-request dispatch: comparing with them costs no enum attribute lookup,
+# and ``flags & int`` builds no IntFlag.
+_READ, _WRITE, _DISC, _FLUSH = int(p.Cmd.READ), int(p.Cmd.WRITE), int(p.Cmd.DISC), int(p.Cmd.FLUSH)
+_TRIM, _CACHE, _ZEROES = int(p.Cmd.TRIM), int(p.Cmd.CACHE), int(p.Cmd.WRITE_ZEROES)
+_BLOCK_STATUS = int(p.Cmd.BLOCK_STATUS)
+_FUA, _DF, _NO_HOLE = int(p.CmdFlag.FUA), int(p.CmdFlag.DF), int(p.CmdFlag.NO_HOLE)
+_FAST_ZERO, _REQ_ONE = int(p.CmdFlag.FAST_ZERO), int(p.CmdFlag.REQ_ONE)
+
+# The service's errno values as NBD error numbers (the protocol's own, not the host's); any
+# other errno is EIO, the protocol's "something went wrong with the I/O".
+_NBD_ERRORS = {
+    errno.ENOSPC: p.ENOSPC,
+    errno.EDQUOT: p.ENOSPC,
+    errno.EPERM: p.EPERM,
+    errno.EACCES: p.EPERM,
+    errno.EROFS: p.EPERM,
+    errno.EINVAL: p.EINVAL,
+    errno.EOPNOTSUPP: p.ENOTSUP,
+    errno.ENOMEM: p.ENOMEM,
+}
 
 
-class NbdLimits:
-    """The unit-wide bounds on NBD connections and on reply bytes in flight.
+def nbd_error(code: int) -> int:
+    """The NBD error number for an errno value of the service."""
+    return _NBD_ERRORS.get(code, p.EIO)
 
-    ``reply_bytes_in_flight`` counts READ data read from the volume and not yet taken by the
-    kernel: queued in a connection or in its transport's buffer. A connection may take a piece
-    when the total stays within the budget, or when it holds nothing itself, so a connection
-    whose client reads is never starved by others that do not. The piece is the budget's share
-    per connection (capped to [64 KiB, 1 MiB]), so with ``max_connections`` connections each
-    holding one piece the budget holds too.
-    """
 
-    def __init__(
-        self,
-        reply_budget: int = DEFAULT_REPLY_BUDGET,
-        max_connections: int = DEFAULT_MAX_CONNECTIONS,
-    ) -> None:
-        if reply_budget <= 0 or max_connections <= 0:
-            raise ValueError("the reply budget and the connection limit must be positive")
-        self.reply_budget = reply_budget
-        self.max_connections = max_connections
-        self.piece = max(MIN_PIECE, min(MAX_PIECE, reply_budget // max_connections))
-        self.connections = 0
-        self.reply_bytes_in_flight = 0
-        self.refused_connections = 0
-        self.budget_waits = 0
-        self._waiters: deque[NbdConnection] = deque()
-        self._poll: asyncio.TimerHandle | None = None
-
-    def admit(self) -> bool:
-        """Count a new connection, or say it is one too many."""
-        if self.connections >= self.max_connections:
-            self.refused_connections += 1
-            return False
-        self.connections += 1
-        return True
-
-    def leave(self) -> None:
-        self.connections -= 1
-
-    def take(self, conn: NbdConnection, n: int) -> bool:
-        """Reserve ``n`` reply bytes for ``conn``; False (and ``conn`` is woken later) if not."""
-        if self.reply_bytes_in_flight + n <= self.reply_budget or conn.reserved == 0:
-            self.reply_bytes_in_flight += n
-            conn.reserved += n
-            return True
-        self.budget_waits += 1
-        if conn not in self._waiters:
-            self._waiters.append(conn)
-        if self._poll is None:
-            # Bytes the kernel took from a transport below its high-water mark come back only
-            # when that connection next settles: without a poll, connections that each hold
-            # such a residue could all wait for each other for ever.
-            with contextlib.suppress(RuntimeError):  # no loop: a unit test of the rules
-                loop = asyncio.get_running_loop()
-                self._poll = loop.call_later(BUDGET_POLL, self._settle_waiters)
-        return False
-
-    def _settle_waiters(self) -> None:
-        self._poll = None
-        for conn in list(self._waiters):
-            conn.settle_budget()
-        # Everyone still waiting tries again (and queues up again if there is still no room).
-        waiters, self._waiters = self._waiters, deque()
-        for waiter in waiters:
-            waiter.budget_available()
-
-    def give_back(self, conn: NbdConnection, n: int) -> None:
-        if n <= 0:
-            return
-        conn.reserved -= n
-        self.reply_bytes_in_flight -= n
-        # Wake everyone waiting: each tries again and queues up again if there is still no room.
-        waiters, self._waiters = self._waiters, deque()
-        for waiter in waiters:
-            waiter.budget_available()
-
-    def forget(self, conn: NbdConnection) -> None:
-        with contextlib.suppress(ValueError):
-            self._waiters.remove(conn)
-
-    def status(self) -> dict[str, Any]:
-        return {
-            "connections": self.connections,
-            "max_connections": self.max_connections,
-            "refused_connections": self.refused_connections,
-            "reply_bytes_in_flight": self.reply_bytes_in_flight,
-            "reply_budget": self.reply_budget,
-            "budget_waits": self.budget_waits,
-        }
+def export_info(device: BlockDevice) -> ExportInfo:
+    """What negotiation tells a client about ``device``."""
+    return ExportInfo(
+        name=device.name,
+        size=device.size,
+        description=device.description,
+        read_only=device.read_only,
+        can_fast_zero=device.can_fast_zero(),
+        max_block=min(p.MAX_PAYLOAD, device.max_write),
+        min_block=device.min_block,
+    )
 
 
 @dataclass(slots=True, eq=False)
 class _ReadReply:
     """A READ's reply still to be sent: its data is read piece by piece as it leaves."""
 
-    export: Export
+    device: BlockDevice
     cookie: int
     offset: int
     length: int
@@ -171,52 +119,10 @@ def _item_size(item: _Item) -> int:
     return item.remaining if isinstance(item, _ReadReply) else len(item)
 
 
-@dataclass(slots=True)
-class Export:
-    """One volume as the NBD server sees it."""
-
-    name: str
-    volume: Volume
-    write_path: WritePath
-    counters: VolumeCounters = field(default_factory=VolumeCounters)
-    description: str = ""
-    read_only: bool = False
-
-    def info(self) -> ExportInfo:
-        return ExportInfo(
-            name=self.name,
-            size=self.volume.size,
-            description=self.description,
-            read_only=self.read_only,
-            can_fast_zero=self.write_path.can_fast_zero(),
-            max_block=min(p.MAX_PAYLOAD, self.write_path.max_write()),
-        )
-
-
-def nbd_error(exc: BaseException) -> int:
-    """The NBD error number for an exception from the volume or the write path."""
-    if isinstance(exc, OutOfRangeError):
-        return p.EINVAL
-    if isinstance(exc, ReadOnlyError):
-        return p.EPERM
-    if isinstance(exc, OSError):
-        return {
-            errno.ENOSPC: p.ENOSPC,
-            errno.EDQUOT: p.ENOSPC,
-            errno.EPERM: p.EPERM,
-            errno.EACCES: p.EPERM,
-            errno.EROFS: p.EPERM,
-            errno.EINVAL: p.EINVAL,
-            errno.EOPNOTSUPP: p.ENOTSUP,
-            errno.ENOMEM: p.ENOMEM,
-        }.get(exc.errno or 0, p.EIO)
-    return p.EIO
-
-
 class NbdServer:
     """Listens on one address and serves the given exports by name."""
 
-    def __init__(self, exports: Mapping[str, Export], limits: NbdLimits | None = None) -> None:
+    def __init__(self, exports: Mapping[str, BlockDevice], limits: NbdLimits | None = None) -> None:
         self.exports = dict(exports)
         self.limits = limits if limits is not None else NbdLimits()
         self.connections: set[NbdConnection] = set()
@@ -239,11 +145,11 @@ class NbdServer:
         return self.address
 
     def lookup(self, name: str) -> ExportInfo | None:
-        export = self.exports.get(name)
-        return export.info() if export is not None else None
+        device = self.exports.get(name)
+        return export_info(device) if device is not None else None
 
     def list_exports(self) -> Sequence[ExportInfo]:
-        return [e.info() for e in self.exports.values()]
+        return [export_info(device) for device in self.exports.values()]
 
     def stop_reading(self) -> None:
         """Stop accepting connections and reading requests, at once; replies still go out."""
@@ -271,7 +177,9 @@ class NbdConnection(asyncio.Protocol):
         self.limits = server.limits
         self.codec = p.NbdServerCodec()
         self.negotiation = Negotiation(server.lookup, server.list_exports)
-        self.export: Export | None = None
+        # The export chosen in negotiation, and the commit gate of this connection's changes.
+        self.device: BlockDevice | None = None
+        self.gate: ReplyGate | None = None
         self.transport: asyncio.Transport | None = None
         self.inflight = 0
         self.inflight_bytes = 0
@@ -281,8 +189,6 @@ class NbdConnection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         # Replies in the order they leave; a READ's data is read only when its turn comes.
         self._out: deque[_Item] = deque()
-        # id(reply) -> cookie of change replies queued since the last commit (_release).
-        self._ok_changes: dict[int, int] = {}
         self._out_size = 0
         self.reserved = 0  # reply bytes this connection holds of the unit's budget
         self._waiting_budget = False
@@ -358,25 +264,24 @@ class NbdConnection(asyncio.Protocol):
         self._update_reading()
 
     def _release(self) -> None:
-        """Commit the write path's batch, then send the replies it allows.
+        """Commit the write path's batch, then send the replies the commit gate allows.
 
-        Replies to requests accepted since the last commit may claim work the write path only
-        does in commit() (journal append, then volume write): they leave after it, or after the
-        future it returns. When the commit or its future fails (a full or failing volume), the
-        change replies among them become error replies: nothing unapplied is acknowledged,
+        Replies to changes accepted since the last commit may claim work the write path only
+        does in its commit (journal append, then volume write): they leave after it, or after
+        the future it returns. When the commit or its future fails (a full or failing volume),
+        the change replies among them become error replies: nothing unapplied is acknowledged,
         and the connection goes on.
         """
-        gate = None
-        ok, self._ok_changes = self._ok_changes, {}
-        if self.export is not None:
-            try:
-                gate = self.export.write_path.commit()
-            except Exception as exc:
-                log.warning("write path refused a batch from %s: %s", self._peer(), exc)
-                self._fail_changes(self._out, ok, exc)
-                self._flush_out()
-                return
+        gate = self.gate
         if gate is None:
+            self._flush_out()
+            return
+        commit = gate.commit()
+        pending = commit.pending
+        if pending is None:
+            if commit.error is not None and commit.acks:
+                log.warning("write path refused a batch from %s: %s", self._peer(), commit.error)
+                self._out_size += self._fail_changes(self._out, commit.acks, commit.error)
             self._flush_out()
             return
         held, self._out = self._out, deque()
@@ -386,20 +291,17 @@ class NbdConnection(asyncio.Protocol):
             self._send(held.popleft())
         self.inflight += 1
 
-        def released(f: asyncio.Future[None]) -> None:
+        def released(_: asyncio.Future[None]) -> None:
             self.inflight -= 1
-            if f.cancelled():
-                self.abort()
-                return
-            exc = f.exception()
-            if exc is not None:
-                self._fail_changes(held, ok, exc)
+            error = gate.outcome(commit)
+            if error is not None:
+                self._fail_changes(held, commit.acks, error)
             for chunk in held:
                 self._send(chunk)
             self._maybe_finish_drain()
             self._update_reading()
 
-        gate.add_done_callback(released)
+        pending.add_done_callback(released)
 
     def eof_received(self) -> bool | None:
         # The client finished sending. Requests already received still get their replies,
@@ -410,7 +312,7 @@ class NbdConnection(asyncio.Protocol):
         return True
 
     def _handshake_expired(self) -> None:
-        if self.export is None and not self.closed:
+        if self.device is None and not self.closed:
             log.info(
                 "closing NBD connection from %s: no export chosen in time",
                 self._peer(),
@@ -431,8 +333,8 @@ class NbdConnection(asyncio.Protocol):
             self.limits.leave()
         if self in self.server.connections:
             self.server.connections.discard(self)
-            if self.export is not None:
-                self.export.counters.connections -= 1
+            if self.device is not None:
+                self.device.detach()
         if not self.drained.done():
             self.drained.set_result(None)
 
@@ -483,7 +385,7 @@ class NbdConnection(asyncio.Protocol):
 
     def _maybe_finish_drain(self) -> None:
         if self.draining and self.inflight == 0 and not self.closed:
-            if self._ok_changes:
+            if self.gate is not None and self.gate.waiting:
                 # Change replies still waiting for their commit (a DISC right behind writes):
                 # commit first, so a refused batch is answered with its errors.
                 self._release()
@@ -505,6 +407,7 @@ class NbdConnection(asyncio.Protocol):
         if isinstance(event, p.Request):
             self._request(event)
         elif isinstance(event, p.OversizedWrite):
+            # Over the protocol's payload bound: the codec discards the data as it streams in.
             self._reply_error(event.cookie, p.EINVAL, f"write of {event.length} bytes is too big")
         elif isinstance(event, p.ClientFlags):
             self.negotiation.client_flags = event.flags
@@ -519,166 +422,105 @@ class NbdConnection(asyncio.Protocol):
             self._close()
             return
         if outcome.export is not None:
-            export = self.server.exports.get(outcome.export.name)
-            if export is None:  # vanished between negotiation and now: treat as unknown
+            device = self.server.exports.get(outcome.export.name)
+            if device is None:  # vanished between negotiation and now: treat as unknown
                 self._close()
                 return
-            self.export = export
-            export.counters.connections += 1
-            export.counters.connections_total += 1
+            self.device = device
+            self.gate = ReplyGate(device)
+            device.attach()
             self.codec.start_transmission()
             if self._handshake_timer is not None:
                 self._handshake_timer.cancel()
 
     def _request(self, req: p.Request) -> None:
-        export = self.export
-        assert export is not None
-        command, cookie = req.command, req.cookie
-        if command == p.Cmd.DISC:
+        """One request: NBD's own rules here (commands, flags), the rest in the service."""
+        device = self.device
+        assert device is not None
+        command, cookie, flags = req.command, req.cookie, req.flags
+        if command == _DISC:
             self._begin_close_after_inflight()
             return
         allowed = p.ALLOWED_CMD_FLAGS.get(command)
         if allowed is None:
             self._reply_error(cookie, p.EINVAL, f"unknown command {command}")
             return
-        if req.flags & ~allowed or (req.flags & p.CmdFlag.DF and not self.negotiation.structured):
-            self._reply_error(cookie, p.EINVAL, f"flags {req.flags:#x} not valid for {command}")
+        if flags & ~allowed or (flags & _DF and not self.negotiation.structured):
+            self._reply_error(cookie, p.EINVAL, f"flags {flags:#x} not valid for {command}")
             return
-        if command == p.Cmd.FLUSH:
-            self._flush(export, cookie)
-            return
-        size = export.volume.size
-        changes_data = command in (p.Cmd.WRITE, p.Cmd.TRIM, p.Cmd.WRITE_ZEROES)
-        if req.length == 0:
-            self._reply_error(cookie, p.EINVAL, "zero-length request")
-            return
-        if req.offset + req.length > size:
-            self._reply_error(
-                cookie,
-                p.ENOSPC if changes_data else p.EINVAL,
-                f"range {req.offset}+{req.length} is past the end ({size})",
-            )
-            return
-        if changes_data and export.read_only:
-            self._reply_error(cookie, p.EPERM, "export is read-only")
-            return
-        if command == p.Cmd.READ:
-            self._read(export, req)
-        elif command == p.Cmd.WRITE:
-            self._write(export, req)
-        elif command == p.Cmd.WRITE_ZEROES:
-            try:
-                self._write_zeroes(export, req)
-            except (OSError, OutOfRangeError, ReadOnlyError) as exc:
-                self._reply_error(req.cookie, nbd_error(exc), f"write zeroes failed: {exc}")
-        elif command == p.Cmd.TRIM:
-            fua = bool(req.flags & p.CmdFlag.FUA)
-            try:
-                pending = export.write_path.trim(req.offset, req.length, fua=fua)
-            except (OSError, OutOfRangeError, ReadOnlyError) as exc:
-                self._reply_error(req.cookie, nbd_error(exc), f"trim failed: {exc}")
-            else:
-                self._start(export, req, pending, "trims")
-        elif command == p.Cmd.CACHE:
-            self._cache(export, req)
-        elif command == p.Cmd.BLOCK_STATUS:
-            self._block_status(export, req)
+        try:
+            if command == _READ:
+                self._read(device, req)
+            elif command == _WRITE:
+                pending = device.write(req.offset, req.length, req.data, fua=bool(flags & _FUA))
+                self._changed(pending, req)
+            elif command == _FLUSH:
+                pending = device.flush()
+                if pending is None:
+                    self._send(p.encode_simple_reply(cookie))
+                else:
+                    self._track(pending, cookie, 0)
+            elif command == _ZEROES:
+                pending = device.write_zeroes(
+                    req.offset,
+                    req.length,
+                    fua=bool(flags & _FUA),
+                    may_trim=not flags & _NO_HOLE,
+                    fast=bool(flags & _FAST_ZERO),
+                )
+                self._changed(pending, req)
+            elif command == _TRIM:
+                self._changed(device.trim(req.offset, req.length, fua=bool(flags & _FUA)), req)
+            elif command == _CACHE:
+                device.cache(req.offset, req.length)
+                self._send(p.encode_simple_reply(cookie))
+            elif command == _BLOCK_STATUS:
+                self._block_status(device, req)
+        except RequestError as exc:
+            self._reply_error(cookie, nbd_error(exc.code), str(exc))
 
     # --- commands -------------------------------------------------------------------------------
 
-    def _read(self, export: Export, req: p.Request) -> None:
+    def _read(self, device: BlockDevice, req: p.Request) -> None:
+        device.check_read(req.offset, req.length)
         structured = self.negotiation.structured
         if req.length > p.MAX_PAYLOAD:
+            # NBD's bound on one reply, not the device's: a reply is read piece by piece.
             self._reply_error(
                 req.cookie, p.EOVERFLOW if structured else p.EINVAL, "read is too big"
             )
             return
         # Read when the reply's turn to leave comes, piece by piece (see _pump).
-        self._send(_ReadReply(export, req.cookie, req.offset, req.length, structured))
+        self._send(_ReadReply(device, req.cookie, req.offset, req.length, structured))
 
-    def _write(self, export: Export, req: p.Request) -> None:
-        try:
-            pending = export.write_path.write(
-                req.offset, req.data, fua=bool(req.flags & p.CmdFlag.FUA)
-            )
-        except (OSError, OutOfRangeError, ReadOnlyError) as exc:
-            self._reply_error(req.cookie, nbd_error(exc), f"write failed: {exc}")
-            return
-        export.counters.writes += 1
-        export.counters.bytes_written += req.length
-        if pending is None:
-            self._reply_ok_write(req.cookie)
-        else:
-            self._track(pending, req.cookie, req.length)
-
-    def _write_zeroes(self, export: Export, req: p.Request) -> None:
-        if req.flags & p.CmdFlag.FAST_ZERO and not export.write_path.can_fast_zero():
-            self._reply_error(req.cookie, p.ENOTSUP, "zeroing this volume is not fast")
-            return
-        self._start(
-            export,
-            req,
-            export.write_path.write_zeroes(
-                req.offset,
-                req.length,
-                fua=bool(req.flags & p.CmdFlag.FUA),
-                may_trim=not req.flags & p.CmdFlag.NO_HOLE,
-            ),
-            "zeroes",
-        )
-
-    def _flush(self, export: Export, cookie: int) -> None:
-        export.counters.flushes += 1
-        try:
-            pending = export.write_path.flush()
-        except OSError as exc:
-            self._reply_error(cookie, nbd_error(exc), f"flush failed: {exc}")
-            return
-        if pending is None:
-            self._send(p.encode_simple_reply(cookie))
-        else:
-            self._track(pending, cookie, 0)
-
-    def _cache(self, export: Export, req: p.Request) -> None:
-        # CACHE is advisory; ask the kernel to read ahead and answer at once.
-        with contextlib.suppress(OSError):
-            export.volume.advise_willneed(req.offset, req.length)
-        self._send(p.encode_simple_reply(req.cookie))
-
-    def _block_status(self, export: Export, req: p.Request) -> None:
+    def _block_status(self, device: BlockDevice, req: p.Request) -> None:
+        device.check_read(req.offset, req.length)
         context_id = self.negotiation.meta_context_id
         if not self.negotiation.structured or context_id is None:
             self._reply_error(req.cookie, p.EINVAL, "no metadata context was negotiated")
             return
-        try:
-            extents = export.volume.extents(req.offset, req.length)
-        except (OSError, OutOfRangeError) as exc:
-            self._reply_error(req.cookie, nbd_error(exc), f"block status failed: {exc}")
-            return
-        if req.flags & p.CmdFlag.REQ_ONE:
+        extents = device.extents(req.offset, req.length)
+        if req.flags & _REQ_ONE:
             extents = extents[:1]
-        flags = [
+        states = [
             (e.length, (p.STATE_HOLE if e.hole else 0) | (p.STATE_ZERO if e.zero else 0))
             for e in extents[:MAX_EXTENTS]
         ]
-        self._send(p.encode_block_status_chunk(req.cookie, context_id, flags))
+        self._send(p.encode_block_status_chunk(req.cookie, context_id, states))
 
-    def _start(
-        self,
-        export: Export,
-        req: p.Request,
-        pending: asyncio.Future[None] | None,
-        counter: str,
-    ) -> None:
-        setattr(export.counters, counter, getattr(export.counters, counter) + 1)
+    def _changed(self, pending: Pending, req: p.Request) -> None:
+        """The service took a change: answer it now (behind the commit gate) or when done."""
         if pending is None:
-            self._reply_ok_write(req.cookie)
+            self._reply_ok_change(req.cookie)
         else:
-            self._track(pending, req.cookie, 0)
+            self._track(pending, req.cookie, req.length if req.command == _WRITE else 0)
 
     # --- completion and replies -----------------------------------------------------------------
 
     def _track(self, pending: asyncio.Future[None], cookie: int, nbytes: int) -> None:
+        """Answer a request when the future the service returned for it completes."""
+        device = self.device
+        assert device is not None
         self.inflight += 1
         self.inflight_bytes += nbytes
 
@@ -689,7 +531,8 @@ class NbdConnection(asyncio.Protocol):
             if exc is None:
                 self._send(p.encode_simple_reply(cookie))
             else:
-                self._reply_error(cookie, nbd_error(exc), f"request failed: {exc}")
+                error = device.failure(exc, "request")
+                self._reply_error(cookie, nbd_error(error.code), str(error))
             self._maybe_finish_drain()
             self._update_reading()
 
@@ -699,30 +542,36 @@ class NbdConnection(asyncio.Protocol):
         self._send(self._error_reply(cookie, error, message))
 
     def _error_reply(self, cookie: int, error: int, message: str) -> bytes:
-        if self.export is not None:
-            self.export.counters.errors += 1
+        if self.device is not None:
+            self.device.answered_error()
         log.debug("NBD error %d to %s: %s", error, self._peer(), message)
         if self.negotiation.structured:
             return p.encode_error_chunk(cookie, error, message)
         return p.encode_simple_reply(cookie, error)
 
-    def _reply_ok_write(self, cookie: int) -> None:
+    def _reply_ok_change(self, cookie: int) -> None:
         """A change's success reply, valid only once the write path commits it (_release)."""
+        assert self.gate is not None
         chunk = p.encode_simple_reply(cookie)
-        self._ok_changes[id(chunk)] = cookie
+        self.gate.ack(chunk, cookie)
         self._send(chunk)
 
-    def _fail_changes(self, items: deque[_Item], ok: dict[int, int], exc: BaseException) -> None:
+    def _fail_changes(self, items: deque[_Item], acks: dict[int, int], error: RequestError) -> int:
         """Turn the success replies of changes the write path could not commit into errors.
 
         The volume said no (ENOSPC on a thin volume, EIO): the host hears exactly that for
-        each change of the batch, and reads and later requests go on being served.
+        each change of the batch, and reads and later requests go on being served. Returns
+        how many bytes longer the queue became.
         """
-        error = nbd_error(exc)
+        grown = 0
+        code = nbd_error(error.code)
         for i, item in enumerate(items):
-            cookie = ok.get(id(item))
+            cookie = acks.get(id(item))
             if cookie is not None and not isinstance(item, _ReadReply):
-                items[i] = self._error_reply(cookie, error, f"write failed: {exc}")
+                refusal = self._error_reply(cookie, code, str(error))
+                grown += len(refusal) - len(item)
+                items[i] = refusal
+        return grown
 
     def _send(self, data: _Item) -> None:
         if self.closed:
@@ -769,16 +618,15 @@ class NbdConnection(asyncio.Protocol):
                 self._out.popleft()
                 self._out_size -= item.length
                 try:
-                    data = item.export.volume.pread(item.offset, item.length)
-                except (OSError, OutOfRangeError, VolumeError) as exc:
+                    data = item.device.read(item.offset, item.length)
+                except RequestError as exc:
                     self.limits.give_back(self, item.length)
-                    self._reply_error(item.cookie, nbd_error(exc), f"read failed: {exc}")
+                    self._reply_error(item.cookie, nbd_error(exc.code), str(exc))
                     continue
                 header = self._read_header(item)
                 batch += (header, data)
                 size += len(header) + item.length
-                item.export.counters.reads += 1
-                item.export.counters.bytes_read += item.length
+                item.device.read_done(item.length)
                 continue
             before = item.remaining
             done = self._pump(item)
@@ -801,7 +649,7 @@ class NbdConnection(asyncio.Protocol):
     def _pump(self, item: _ReadReply) -> bool:
         """Read and send pieces of one READ reply; False when it must wait (socket or budget)."""
         assert self.transport is not None
-        volume = item.export.volume
+        device = item.device
         while item.remaining:
             if self._write_paused:
                 return False
@@ -812,14 +660,14 @@ class NbdConnection(asyncio.Protocol):
             try:
                 # os.pread hands back a fresh bytes object without zero-filling it first, and
                 # it goes out with the header in one writev: the data is never copied here.
-                data = volume.pread(item.offset + item.sent, n)
-            except (OSError, OutOfRangeError, VolumeError) as exc:
+                data = device.read(item.offset + item.sent, n)
+            except RequestError as exc:
                 self.limits.give_back(self, n)
                 if item.sent == 0:
-                    self._reply_error(item.cookie, nbd_error(exc), f"read failed: {exc}")
+                    self._reply_error(item.cookie, nbd_error(exc.code), str(exc))
                     return True
                 # Part of the data is on the wire: the reply can only be cut short by closing.
-                item.export.counters.errors += 1
+                device.answered_error()
                 log.error("read failed mid-reply; closing %s: %s", self._peer(), exc)
                 self.abort()
                 return False
@@ -830,8 +678,7 @@ class NbdConnection(asyncio.Protocol):
                 self._transmit([data], n)
             item.sent += n
             self._settle()
-        item.export.counters.reads += 1
-        item.export.counters.bytes_read += item.length
+        device.read_done(item.length)
         return True
 
     def _transmit(self, out: list[bytes | bytearray | memoryview], size: int) -> None:

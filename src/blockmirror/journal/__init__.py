@@ -1,64 +1,10 @@
-"""The write journal: record codec, ring arithmetic and checkpoints (docs/journal.md).
+"""The write journal of a volume (docs/journal.md): import its modules, not this package.
 
-Everything here is sans-I/O except the two small fd helpers of :mod:`.checkpoint`; the journal
-manager that appends, scans and recovers builds on these.
+The sans-I/O codecs and arithmetic: ``format`` (the record header), ``record`` (the one
+record type), ``ring`` (ring positions), ``checkpoint`` (the checkpoint slots; its two I/O
+helpers take a store). The journal file as a store: ``storage``. The journal itself:
+``journal`` (the :class:`~blockmirror.journal.journal.Journal`), built on ``ringlog`` (the
+live records, appending, reading), ``opening`` (create or recover at start), ``consumers``
+(cursors and dirty maps), ``scan`` (the start-up scan, shared with the offline repair),
+``identity`` (which volume a journal belongs to) and ``dirtymap``.
 """
-
-from __future__ import annotations
-
-from blockmirror.journal.checkpoint import (
-    Checkpoint,
-    CheckpointError,
-    ConsumerState,
-    choose,
-    decode_slot,
-    encode_slot,
-    read_checkpoint,
-    slot_offset,
-    write_checkpoint,
-)
-from blockmirror.journal.format import (
-    HEADER_SIZE,
-    MAGIC,
-    RECORD_ALIGN,
-    VERSION,
-    Kind,
-    RecordError,
-    RecordHeader,
-    decode_header,
-    encode_header,
-    padding_bytes,
-    record_iov,
-    record_size,
-    verify_record,
-)
-from blockmirror.journal.ring import DATA_START, MIN_CAPACITY, Placement, Ring
-
-__all__ = [
-    "DATA_START",
-    "HEADER_SIZE",
-    "MAGIC",
-    "MIN_CAPACITY",
-    "RECORD_ALIGN",
-    "VERSION",
-    "Checkpoint",
-    "CheckpointError",
-    "ConsumerState",
-    "Kind",
-    "Placement",
-    "RecordError",
-    "RecordHeader",
-    "Ring",
-    "choose",
-    "decode_header",
-    "decode_slot",
-    "encode_header",
-    "encode_slot",
-    "padding_bytes",
-    "read_checkpoint",
-    "record_iov",
-    "record_size",
-    "slot_offset",
-    "verify_record",
-    "write_checkpoint",
-]

@@ -1,4 +1,4 @@
-"""The journal's two checkpoint slots (docs/journal.md), as a pure codec plus two fd helpers.
+"""The journal's two checkpoint slots (docs/journal.md), as a pure codec plus two I/O helpers.
 
 Checkpoints are written alternately to slot A (offset 0) and slot B (offset 4096), generation
 ``g`` going to slot ``g % 2``, so a torn write can only damage the slot being written and the
@@ -17,7 +17,6 @@ durable).
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import struct
 from collections.abc import Mapping
@@ -28,7 +27,9 @@ from typing import Any, Final, Literal, TypeAlias
 from crc32c import crc32c
 
 from blockmirror.errors import JournalError
-from blockmirror.io.fileio import pread_all
+from blockmirror.journal.storage import as_store, write_durable
+from blockmirror.state import ConsumerMode
+from blockmirror.store.base import Store
 
 __all__ = [
     "BODY_MAX",
@@ -37,7 +38,6 @@ __all__ = [
     "SLOT_SIZE",
     "Checkpoint",
     "CheckpointError",
-    "ConsumerMode",
     "ConsumerState",
     "VolumeIdentity",
     "choose",
@@ -61,9 +61,6 @@ _CRC_SPAN: Final = 20
 _U64_MAX: Final = 0xFFFF_FFFF_FFFF_FFFF
 assert _HEAD.size == 24 and _HEAD.size + BODY_MAX <= SLOT_SIZE
 
-ConsumerMode: TypeAlias = Literal["journal", "tracking"]
-_MODES: Final = ("journal", "tracking")
-
 
 class CheckpointError(JournalError, ValueError):
     """A checkpoint cannot be encoded, or a complete slot holds something we must not ignore."""
@@ -82,17 +79,30 @@ def _check_bool(name: str, value: object) -> None:
 
 @dataclass(frozen=True, slots=True)
 class ConsumerState:
-    """One consumer's cursor: the highest sequence number it acknowledged, and its mode."""
+    """One consumer's cursor: the highest sequence number it acknowledged, and its mode.
+
+    ``peer``: the unit name the peer gave in its WELCOME, once it has connected. The cursor
+    belongs to that unit, not to the address it was reached at (a changed address finds it).
+    """
 
     acked_seq: int
-    mode: ConsumerMode = "journal"
+    mode: ConsumerMode = ConsumerMode.JOURNAL
     paused: bool = False
+    peer: str | None = None
 
     def __post_init__(self) -> None:
         _check_u64("acked_seq", self.acked_seq)
-        if self.mode not in _MODES:
-            raise CheckpointError(f"consumer mode must be 'journal' or 'tracking': {self.mode!r}")
+        # Stored as its string value; whoever built this (a decoder, a test) gets the enum.
+        try:
+            mode = ConsumerMode(self.mode)
+        except (ValueError, TypeError):
+            raise CheckpointError(
+                f"consumer mode must be 'journal' or 'tracking': {self.mode!r}"
+            ) from None
+        object.__setattr__(self, "mode", mode)
         _check_bool("paused", self.paused)
+        if self.peer is not None and (not isinstance(self.peer, str) or not self.peer):
+            raise CheckpointError(f"consumer peer must be a non-empty string: {self.peer!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,10 +293,7 @@ class Checkpoint:
             "clean": self.clean,
             "enqueue_paused": self.enqueue_paused,
             "needs_full_resync": self.needs_full_resync,
-            "consumers": {
-                name: {"acked_seq": c.acked_seq, "mode": c.mode, "paused": c.paused}
-                for name, c in self.consumers.items()
-            },
+            "consumers": {name: _consumer_doc(c) for name, c in self.consumers.items()},
         }
         if self.replica is not None:
             doc["replica"] = self.replica.to_doc()
@@ -326,8 +333,11 @@ class Checkpoint:
         for name, raw in raw_consumers.items():
             if not isinstance(raw, dict):
                 raise CheckpointError(f"consumer {name!r} is not a JSON object")
-            _exact_keys(f"consumer {name!r}", raw, _CONSUMER_KEYS)
-            consumers[name] = ConsumerState(raw["acked_seq"], raw["mode"], raw["paused"])
+            # "peer" is optional: journals written before it was kept have none.
+            _exact_keys(f"consumer {name!r}", raw, _CONSUMER_KEYS | ({"peer"} & raw.keys()))
+            consumers[name] = ConsumerState(
+                raw["acked_seq"], raw["mode"], raw["paused"], raw.get("peer")
+            )
         scalars: dict[str, Any] = {k: doc[k] for k in _BODY_KEYS if k != "consumers"}
         return cls(
             **scalars, consumers=consumers, replica=replica, volume_id=volume_id, volume=volume
@@ -344,6 +354,14 @@ _HEX: Final = frozenset("0123456789abcdef")
 
 def _is_hex(text: str) -> bool:
     return bool(text) and set(text) <= _HEX
+
+
+def _consumer_doc(c: ConsumerState) -> dict[str, Any]:
+    doc: dict[str, Any] = {"acked_seq": c.acked_seq, "mode": c.mode.value, "paused": c.paused}
+    if c.peer is not None:
+        # Left out when unset: a consumer that never connected encodes as before.
+        doc["peer"] = c.peer
+    return doc
 
 
 def _exact_keys(what: str, doc: dict[str, Any], keys: frozenset[str]) -> None:
@@ -430,37 +448,22 @@ def choose(slot_a: bytes, slot_b: bytes) -> tuple[int, int, Checkpoint] | None:
     return max(found, key=lambda f: f[1])
 
 
-def read_checkpoint(fd: int) -> tuple[int, int, Checkpoint] | None:
-    """Read both slots of the journal open at ``fd`` and :func:`choose` between them.
+def read_checkpoint(file: Store | int) -> tuple[int, int, Checkpoint] | None:
+    """Read both slots of the journal ``file`` and :func:`choose` between them.
 
-    Blocking I/O: an asyncio caller runs it in a thread (``asyncio.to_thread``).
+    ``file``: the journal file as a store, or a descriptor of it. Blocking I/O: an asyncio
+    caller runs it in a thread (``asyncio.to_thread``).
     """
-    raw = pread_all(fd, 2 * SLOT_SIZE, 0)
+    raw = as_store(file).pread(0, 2 * SLOT_SIZE)
     return choose(raw[:SLOT_SIZE], raw[SLOT_SIZE:])
 
 
-def write_checkpoint(fd: int, cp: Checkpoint, generation: int) -> None:
+def write_checkpoint(file: Store | int, cp: Checkpoint, generation: int) -> None:
     """Write ``cp`` as ``generation`` to slot ``generation % 2`` and make that slot durable.
 
     Returns once the checkpoint is durable; only then may the caller rely on it (reuse the
     space it frees, say). Blocking I/O: an asyncio caller runs it in a thread, and never two at
     once for the same journal (generations must reach the disk in order).
     """
-    data = encode_slot(cp, generation)
-    offset = slot_offset(generation % 2)
-    # A durable write of just this slot (RWF_DSYNC syncs the written range): an fdatasync of
-    # the whole file would also force every dirty page of the ring to disk, which turns each
-    # checkpoint into a stall proportional to the journal's size.
-    flags = getattr(os, "RWF_DSYNC", 0)
-    if flags:
-        try:
-            if os.pwritev(fd, [data], offset, flags) == len(data):
-                return
-        except OSError:
-            pass  # the kernel or filesystem refuses the flag: fall back to a full sync
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view = view[written:]
-        offset += written
-    os.fdatasync(fd)
+    # A durable write of just this slot where the store can (storage.write_durable).
+    write_durable(as_store(file), slot_offset(generation % 2), encode_slot(cp, generation))

@@ -16,6 +16,11 @@ The whole bitmap lives in memory as a ``bytearray``; changes are recorded as *pe
 :meth:`DirtyMap.sync` writes just those pages, then ``fdatasync``s. Marks and clears are cheap and
 run on the event loop; ``sync`` blocks and is meant to run in a worker thread, concurrently with
 further marks (see :meth:`DirtyMap.sync` for how the two are kept apart).
+
+Why one module: it is one concept, a bitmap and its file. Marks, clears, the pending-page
+bookkeeping and the sync share one lock protocol over one ``bytearray``, and the queries scan
+that same array. The 64-byte header codec is the only part that could stand alone, and it is a
+few dozen lines.
 """
 
 from __future__ import annotations
@@ -30,8 +35,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from crc32c import crc32c
+
 from blockmirror.errors import JournalError, OutOfRangeError
-from blockmirror.io.fileio import pwritev_all
+from blockmirror.io.fileio import pread_all, pwritev_all
 
 __all__ = [
     "DEFAULT_REGION_SIZE",
@@ -95,30 +102,6 @@ def _byte_runs(value: int) -> tuple[tuple[int, int], ...]:
 _BYTE_RUNS = tuple(_byte_runs(v) for v in range(256))
 
 
-def _make_crc32c_table() -> tuple[int, ...]:
-    table = []
-    for n in range(256):
-        c = n
-        for _ in range(8):
-            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-        table.append(c)
-    return tuple(table)
-
-
-_CRC32C_TABLE = _make_crc32c_table()
-
-
-def _crc32c(data: bytes) -> int:
-    """CRC-32C (Castagnoli), as everywhere in our on-disk formats.
-
-    Pure Python is plenty for a 60-byte header read once per open; no bitmap byte is summed.
-    """
-    crc = 0xFFFFFFFF
-    for b in data:
-        crc = _CRC32C_TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
 class DirtyMapError(JournalError):
     """A dirty map file cannot be created, is not a valid dirty map, or does not fit the volume.
 
@@ -158,16 +141,7 @@ def _encode_header(volume_size: int, region_size: int) -> bytes:
         volume_size,
         _region_count(volume_size, region_size),
     )
-    return body + _CRC.pack(_crc32c(body))
-
-
-def _read_fully(fd: int, pos: int, view: memoryview) -> None:
-    while view.nbytes:
-        n = os.preadv(fd, [view], pos)
-        if n <= 0:
-            raise OSError(errno.EIO, "dirty map file ended early")
-        view = view[n:]
-        pos += n
+    return body + _CRC.pack(crc32c(body))
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -290,14 +264,14 @@ class DirtyMap:
 
     @staticmethod
     def _load(path: Path, fd: int, *, volume_size: int, region_size: int) -> bytearray:
-        raw = os.pread(fd, HEADER_SIZE, 0)
+        raw = pread_all(fd, HEADER_SIZE, 0)
         if len(raw) < HEADER_SIZE:
             raise DirtyMapError(f"{path}: too short for a dirty map header ({len(raw)} bytes)")
         magic, version, bitmap_offset, f_region, f_volume, f_count = _HEADER.unpack_from(raw)
         if magic != MAGIC:
             raise DirtyMapError(f"{path}: not a dirty map (magic {magic!r}, expected {MAGIC!r})")
         (crc,) = _CRC.unpack_from(raw, _HEADER.size)
-        if crc != _crc32c(raw[: _HEADER.size]):
+        if crc != crc32c(raw[: _HEADER.size]):
             raise DirtyMapError(f"{path}: header checksum mismatch (header is corrupt)")
         if version != VERSION:
             raise DirtyMapError(f"{path}: dirty map version {version}, this build reads {VERSION}")
@@ -322,8 +296,11 @@ class DirtyMap:
                 f"{path}: file is {file_size} bytes, expected {PAGE_SIZE + nbytes} "
                 f"(truncated or not ours)"
             )
-        bits = bytearray(nbytes)
-        _read_fully(fd, PAGE_SIZE, memoryview(bits))
+        # One transient copy (bytes, then the bytearray the marks mutate), once per open.
+        bits = bytearray(pread_all(fd, nbytes, PAGE_SIZE))
+        if len(bits) != nbytes:
+            # The size was checked just above: only a truncation behind our back gets here.
+            raise OSError(errno.EIO, "dirty map file ended early")
         # Bits past the last region never mean anything; dropping any that corruption set keeps
         # the counts honest. (Corruption inside the used bits is undetectable here and can only
         # be survived by a full resync that something else decides on.)

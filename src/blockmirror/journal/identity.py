@@ -18,6 +18,7 @@ identity and sends every peer a full resync.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -26,9 +27,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from blockmirror.errors import BlockmirrorError
-from blockmirror.journal.checkpoint import Checkpoint, VolumeIdentity, VolumeKind
+from blockmirror.journal.checkpoint import BODY_MAX, Checkpoint, VolumeIdentity, VolumeKind
 from blockmirror.journal.format import Kind
-from blockmirror.store.volume import Volume
+from blockmirror.store.base import Store
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ __all__ = [
     "IdentityCheck",
     "block_hash",
     "sample",
+    "stamp",
     "stat_volume",
     "verify",
 ]
@@ -52,7 +54,7 @@ def block_hash(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=8).hexdigest()
 
 
-def stat_volume(volume: Volume) -> tuple[VolumeKind, int, int]:
+def stat_volume(volume: Store) -> tuple[VolumeKind, int, int]:
     """``(kind, dev, ino)`` of the volume's backing store as its path names it now."""
     st = os.stat(volume.path)
     if stat.S_ISBLK(st.st_mode):
@@ -61,14 +63,14 @@ def stat_volume(volume: Volume) -> tuple[VolumeKind, int, int]:
     return "file", st.st_dev, st.st_ino
 
 
-def _block_at(volume: Volume, offset: int) -> tuple[int, int]:
+def _block_at(volume: Store, offset: int) -> tuple[int, int]:
     start = min(offset - offset % BLOCK, max(volume.size - 1, 0))
     start -= start % BLOCK
     return start, min(BLOCK, volume.size - start)
 
 
 def sample(
-    volume: Volume,
+    volume: Store,
     *,
     fp_seq: int,
     recent: Iterable[int],
@@ -112,6 +114,34 @@ def sample(
     return VolumeIdentity(kind, dev, ino, fp_seq, tuple(blocks))
 
 
+def stamp(
+    cp: Checkpoint,
+    volume: Store,
+    *,
+    volume_id: str,
+    recent: Iterable[int],
+    previous: VolumeIdentity | None,
+) -> Checkpoint:
+    """``cp`` with the volume's identity and a fresh fingerprint (blocking: reads the volume).
+
+    The fingerprint is of the volume once it durably holds every record up to
+    ``cp.applied_seq``. None is taken while the volume is written outside the journal
+    (enqueueing paused, or a replica in the middle of a resync): nothing would tell, at the
+    next start, which of its blocks changed legitimately. The identity is ``.volume`` of the
+    result.
+    """
+    outside = cp.enqueue_paused or (cp.replica is not None and not cp.replica.consistent)
+    ident = sample(
+        volume, fp_seq=cp.applied_seq, recent=recent, previous=previous, fingerprint=not outside
+    )
+    stamped = dataclasses.replace(cp, volume_id=volume_id, volume=ident)
+    while ident is not None and ident.blocks and len(stamped.to_json()) > BODY_MAX:
+        # Many consumers with long names: fewer blocks rather than no checkpoint at all.
+        ident = dataclasses.replace(ident, blocks=ident.blocks[: len(ident.blocks) // 2])
+        stamped = dataclasses.replace(cp, volume_id=volume_id, volume=ident)
+    return stamped
+
+
 @dataclass(frozen=True, slots=True)
 class IdentityCheck:
     """What :func:`verify` found. ``problem`` None: the volume may be served."""
@@ -123,7 +153,7 @@ class IdentityCheck:
 
 
 def verify(
-    volume: Volume,
+    volume: Store,
     cp: Checkpoint,
     records: Sequence[tuple[int, Kind, int, int]],
     *,

@@ -17,11 +17,13 @@ from typing import Final
 
 from blockmirror.journal.format import HEADER_SIZE, RECORD_ALIGN
 
-__all__ = ["DATA_START", "MIN_CAPACITY", "Placement", "Ring"]
+__all__ = ["DATA_START", "MAX_RECORD_PAYLOAD", "MIN_CAPACITY", "Placement", "Ring"]
 
 # Two 4 KiB checkpoint slots precede the data area (docs/journal.md).
 DATA_START: Final = 8192
 MIN_CAPACITY: Final = 64 * 1024
+# The most payload one record carries: larger writes are split into several records.
+MAX_RECORD_PAYLOAD: Final = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +78,27 @@ class Ring:
         forever splits larger writes (a 32 MiB NBD write into a 64 KiB journal, say).
         """
         return ((self.capacity + RECORD_ALIGN) // 2) & ~(RECORD_ALIGN - 1)
+
+    @property
+    def max_payload(self) -> int:
+        """The largest payload one record carries (bigger writes are split into records): a
+        record that fits an empty ring wherever its tail is, and at most 4 MiB."""
+        return min(self.max_record - HEADER_SIZE, MAX_RECORD_PAYLOAD) & ~(RECORD_ALIGN - 1)
+
+    def max_write(self, limit: int) -> int:
+        """The largest write (at most ``limit``) an empty ring takes for sure, wherever its
+        tail is.
+
+        A write is split into records of at most :attr:`max_payload`; with one padding of at
+        most such a record at the wrap, ``length + headers + record`` must fit the capacity.
+        A power of two, so clients that split large requests split evenly; at least 4 KiB.
+        """
+        payload = self.max_payload
+        room = self.capacity - (HEADER_SIZE + payload)
+        pieces = -(-room // payload) + 1
+        room -= pieces * HEADER_SIZE
+        size = 1 << max(room, 4096).bit_length() - 1
+        return max(4096, min(limit, size))
 
     def physical(self, lpos: int) -> int:
         """File offset of the byte at logical position ``lpos``."""
@@ -132,19 +155,3 @@ class Ring:
             return False
         self.used(head_lpos, tail_lpos)  # validates the positions
         return self.place(tail_lpos, size).new_tail - head_lpos <= self.capacity
-
-    def segments(self, lpos: int, length: int) -> list[tuple[int, int]]:
-        """``(file_offset, length)`` pieces of the logical range ``[lpos, lpos + length)``.
-
-        One piece, or two when the range wraps: for reading many records, or a scan window, at
-        once. A single record never needs this (it never wraps).
-        """
-        if not 0 <= length <= self.capacity:
-            raise ValueError(f"range of {length} bytes does not fit the ring ({self.capacity})")
-        if length == 0:
-            return []
-        first = min(length, self.space_to_end(lpos))
-        pieces = [(self.physical(lpos), first)]
-        if first < length:
-            pieces.append((self.data_start, length - first))
-        return pieces

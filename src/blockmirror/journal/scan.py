@@ -1,44 +1,48 @@
 """Finding the end of the log after a restart, and telling a torn tail from corruption.
 
-The scan is pure reading: it returns what it found and never changes the file, so the daemon, the
-recovery command and the tests all use the same function.
+:func:`scan` is pure reading: it returns what it found and never changes the file, so the
+journal's start, the offline repair (:mod:`blockmirror.offline.repair`) and the tests all use
+the same function. The helpers below it (reading one record, finding header candidates in a
+stretch of the ring) are shared with the repair, which walks past damage the scan stops at.
+:func:`erase_stale_headers`, the one writer here, is what a start does with the scan's result.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from blockmirror.errors import JournalError
-from blockmirror.io.fileio import pread_all
 from blockmirror.journal.format import (
     HEADER_SIZE,
     MAGIC,
+    RECORD_ALIGN,
     Kind,
     RecordError,
     RecordHeader,
     decode_header,
     verify_record,
 )
+from blockmirror.journal.record import Record
 from blockmirror.journal.ring import Ring
+from blockmirror.journal.storage import as_store
+from blockmirror.store.base import Store
 
-# Where the scan for later records (past a bad one) reads, in bytes at a time.
+__all__ = [
+    "BadRecord",
+    "JournalCorruptError",
+    "ScanResult",
+    "erase_stale_headers",
+    "header_candidates",
+    "magic_positions",
+    "read_header",
+    "read_record",
+    "scan",
+]
+
+# Where the search for later records (past a bad one) reads, in bytes at a time.
 _SCAN_CHUNK = 4 * 1024 * 1024
 _MAGIC_BYTES = MAGIC.to_bytes(4, "little")
-
-
-@dataclass(frozen=True, slots=True)
-class FoundRecord:
-    """A valid live record as found by the scan (payloads stay on disk)."""
-
-    seq: int
-    lpos: int
-    size: int
-    kind: Kind
-    offset: int
-    length: int
-    timestamp_ns: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,13 +57,14 @@ class BadRecord:
 
 @dataclass(frozen=True, slots=True)
 class ScanResult:
-    records: list[FoundRecord]
+    # The valid live records, placed (``lpos``, ``size``) and without their data.
+    records: list[Record]
     tail_lpos: int
     next_seq: int
     # Where the log stopped, when it stopped at something other than clean end-of-data.
     stop: BadRecord | None
     # A later valid record proving the bad one had been durable: corruption, not a torn tail.
-    corruption_witness: FoundRecord | None
+    corruption_witness: Record | None
 
     @property
     def corrupt(self) -> bool:
@@ -69,7 +74,7 @@ class ScanResult:
 class JournalCorruptError(JournalError):
     """A record in the middle of the log is damaged; the volume must not be served."""
 
-    def __init__(self, path: str, bad: BadRecord, witness: FoundRecord) -> None:
+    def __init__(self, path: str, bad: BadRecord, witness: Record) -> None:
         self.bad = bad
         self.witness = witness
         super().__init__(
@@ -79,11 +84,15 @@ class JournalCorruptError(JournalError):
         )
 
 
-def _read_record(fd: int, ring: Ring, lpos: int, expected_seq: int) -> tuple[FoundRecord, bool]:
-    """The record at ``lpos``; the flag says it is padding. Raises RecordError if invalid."""
+def read_record(file: Store, ring: Ring, lpos: int, expected_seq: int) -> Record:
+    """The whole, valid record (or padding) at ``lpos``, without its data.
+
+    Raises :class:`RecordError` saying why it is not: no header, another sequence number, a
+    record that runs past the ring's end, a padding that does not reach it, a CRC mismatch.
+    """
     pos = ring.physical(lpos)
     room = ring.space_to_end(lpos)
-    head = pread_all(fd, HEADER_SIZE, pos)
+    head = file.pread(pos, HEADER_SIZE)
     h = decode_header(head)
     if h.seq != expected_seq:
         raise RecordError(f"sequence number {h.seq}, expected {expected_seq}")
@@ -91,32 +100,73 @@ def _read_record(fd: int, ring: Ring, lpos: int, expected_seq: int) -> tuple[Fou
         if HEADER_SIZE + h.payload_len != room:
             raise RecordError(f"padding of {h.payload_len} bytes does not reach the ring end")
         verify_record(head)
-        return FoundRecord(h.seq, lpos, room, h.kind, 0, 0, h.timestamp_ns), True
-    if h.size > room:
-        raise RecordError(f"record of {h.size} bytes runs past the ring end ({room} left)")
-    payload = pread_all(fd, h.payload_len, pos + HEADER_SIZE) if h.payload_len else b""
-    verify_record(head, payload)
-    return FoundRecord(h.seq, lpos, h.size, h.kind, h.offset, h.length, h.timestamp_ns), False
+    else:
+        if h.size > room:
+            raise RecordError(f"record of {h.size} bytes runs past the ring end ({room} left)")
+        payload = file.pread(pos + HEADER_SIZE, h.payload_len) if h.payload_len else b""
+        verify_record(head, payload)
+    return Record.from_header(h, lpos=lpos)
 
 
-def scan(fd: int, ring: Ring, head_lpos: int, head_seq: int, durable_before: int) -> ScanResult:
+def read_header(file: Store, ring: Ring, lpos: int) -> RecordHeader | None:
+    """The header at ``lpos`` if the bytes there decode as one (its CRC is not checked)."""
+    try:
+        return decode_header(file.pread(ring.physical(lpos), HEADER_SIZE))
+    except RecordError:
+        return None
+
+
+def magic_positions(file: Store, ring: Ring, start: int, end: int) -> Iterator[int]:
+    """Every 8-aligned position in ``[start, end)`` that holds a record magic and has room
+    for a header before the ring's end (where a record header could begin)."""
+    lpos = -(-start // RECORD_ALIGN) * RECORD_ALIGN
+    while lpos < end:
+        length = min(_SCAN_CHUNK, end - lpos, ring.space_to_end(lpos))
+        chunk = file.pread(ring.physical(lpos), length)
+        at = chunk.find(_MAGIC_BYTES)
+        while at != -1:
+            # Chunks start 8-aligned, so alignment within a chunk is alignment in the ring,
+            # and an aligned magic never straddles two chunks.
+            cand = lpos + at
+            if at % RECORD_ALIGN == 0 and ring.space_to_end(cand) >= HEADER_SIZE:
+                yield cand
+            at = chunk.find(_MAGIC_BYTES, at + 1)
+        lpos += length
+
+
+def header_candidates(
+    file: Store, ring: Ring, start: int, end: int
+) -> Iterator[tuple[int, RecordHeader]]:
+    """Every 8-aligned position in ``[start, end)`` holding bytes that decode as a header."""
+    for lpos in magic_positions(file, ring, start, end):
+        header = read_header(file, ring, lpos)
+        if header is not None:
+            yield lpos, header
+
+
+def scan(
+    file: Store | int, ring: Ring, head_lpos: int, head_seq: int, durable_before: int
+) -> ScanResult:
     """Walk the log from the checkpoint's head to its end.
 
-    ``durable_before``: records with a lower sequence number were durable when the checkpoint was
-    written (the checkpoint syncs the journal first), so a bad one among them is corruption even
-    with no later record to witness it.
+    ``file``: the journal file as a store, or a descriptor of it. ``durable_before``: records
+    with a lower sequence number were durable when the checkpoint was written (the checkpoint
+    syncs the journal first), so a bad one among them is corruption even with no later record
+    to witness it. Blocking I/O.
     """
-    records: list[FoundRecord] = []
+    store = as_store(file)
+    records: list[Record] = []
     lpos = ring.header_lpos(head_lpos)
     seq = head_seq
     stop: BadRecord | None = None
     while lpos - head_lpos < ring.capacity:
         try:
-            rec, padding = _read_record(fd, ring, lpos, seq)
+            rec = read_record(store, ring, lpos, seq)
         except RecordError as exc:
-            stop = BadRecord(lpos, seq, str(exc), _header_seq(fd, ring, lpos) == seq)
+            header = read_header(store, ring, lpos)
+            stop = BadRecord(lpos, seq, str(exc), header is not None and header.seq == seq)
             break
-        if padding:
+        if rec.kind == Kind.PADDING:
             lpos += rec.size
             continue
         records.append(rec)
@@ -124,59 +174,30 @@ def scan(fd: int, ring: Ring, head_lpos: int, head_seq: int, durable_before: int
         lpos = ring.header_lpos(lpos + rec.size)
     witness = None
     if stop is not None:
-        witness = _find_witness(fd, ring, head_lpos, stop)
+        witness = _find_witness(store, ring, head_lpos, stop)
         if witness is None and stop.expected_seq < durable_before:
-            witness = FoundRecord(durable_before - 1, -1, 0, Kind.FLUSH, 0, 0, 0)
+            witness = Record(kind=Kind.FLUSH, offset=0, length=0, seq=durable_before - 1)
     return ScanResult(records, lpos, seq, stop, witness)
 
 
-def _header_seq(fd: int, ring: Ring, lpos: int) -> int | None:
-    header = _try_header(fd, ring, lpos)
-    return header.seq if header is not None else None
-
-
-def _try_header(fd: int, ring: Ring, lpos: int) -> RecordHeader | None:
-    try:
-        return decode_header(pread_all(fd, HEADER_SIZE, ring.physical(lpos)))
-    except RecordError:
-        return None
-
-
-def _candidates(fd: int, ring: Ring, start: int, end: int) -> Iterator[tuple[int, RecordHeader]]:
-    """Every 8-aligned position in [start, end) holding something that decodes as a header."""
-    lpos = start
-    while lpos < end:
-        length = min(_SCAN_CHUNK, end - lpos, ring.space_to_end(lpos))
-        chunk = pread_all(fd, length, ring.physical(lpos))
-        at = chunk.find(_MAGIC_BYTES)
-        while at != -1:
-            cand = lpos + at
-            if cand % 8 == 0 and ring.space_to_end(cand) >= HEADER_SIZE:
-                header = _try_header(fd, ring, cand)
-                if header is not None:
-                    yield cand, header
-            at = chunk.find(_MAGIC_BYTES, at + 1)
-        # Chunks start and end 8-aligned, so an aligned magic never straddles two of them.
-        lpos += length
-
-
-def _find_witness(fd: int, ring: Ring, head_lpos: int, bad: BadRecord) -> FoundRecord | None:
+def _find_witness(file: Store, ring: Ring, head_lpos: int, bad: BadRecord) -> Record | None:
     """A valid record after ``bad`` whose ``durable_seq`` covers it, if the ring holds one.
 
     Records of earlier laps have lower sequence numbers and do not count; records of the same
     unsynced tail have a lower ``durable_seq`` and do not count.
     """
-    for lpos, h in _candidates(fd, ring, bad.lpos + 8, head_lpos + ring.capacity):
+    for lpos, h in header_candidates(file, ring, bad.lpos + 8, head_lpos + ring.capacity):
         if h.seq > bad.expected_seq and h.durable_seq >= bad.expected_seq:
             try:
-                rec, _ = _read_record(fd, ring, lpos, h.seq)
+                return read_record(file, ring, lpos, h.seq)
             except RecordError:
                 continue
-            return rec
     return None
 
 
-def erase_stale_headers(fd: int, ring: Ring, tail_lpos: int, head_lpos: int, next_seq: int) -> int:
+def erase_stale_headers(
+    file: Store | int, ring: Ring, tail_lpos: int, head_lpos: int, next_seq: int
+) -> int:
     """Zero every header past the end of the log that carries a number the log will reuse.
 
     After a crash the end of the log may be followed by records of the same unsynced batch (the
@@ -185,10 +206,11 @@ def erase_stale_headers(fd: int, ring: Ring, tail_lpos: int, head_lpos: int, nex
     replayed over newer data. Returns how many were erased past the torn record at the cut
     itself (those are what prove a later batch was written); the caller syncs.
     """
+    store = as_store(file)
     erased = 0
-    for lpos, h in _candidates(fd, ring, tail_lpos, head_lpos + ring.capacity):
+    for lpos, h in header_candidates(store, ring, tail_lpos, head_lpos + ring.capacity):
         if h.seq >= next_seq:
-            os.pwrite(fd, bytes(HEADER_SIZE), ring.physical(lpos))
+            store.pwrite(ring.physical(lpos), bytes(HEADER_SIZE))
             # The torn record itself sits at the cut; only records *past* it count.
             if lpos != tail_lpos:
                 erased += 1

@@ -12,6 +12,14 @@ in one fed chunk is used in place, one that straddles chunks is joined once.
 Every check that can be made on the 16-byte frame header is made as soon as it arrives, before
 any payload is buffered: a peer cannot make us hold more than the announced, bounded length,
 and a corrupted length for a fixed-size frame is caught at once instead of stalling the stream.
+
+The header's flags byte is 0 in version 1 and refused otherwise; it is where compression will
+be signalled (issue 13; docs/link-protocol.md, "The flags byte").
+
+Why one module: the frame table (types and the lengths each may announce), the header checks,
+every payload decoder and every encoder are one wire format that must change together: each
+encoder runs its decoder's checks before anything is sent, and the decoder tables are asserted
+against the frame table at import. Split, one frame type's rules would sit in three files.
 """
 
 from __future__ import annotations
@@ -802,6 +810,7 @@ def _check_header(
     if bounds is None:
         raise ProtocolError(f"unknown frame type {frame_type}")
     name = _NAMES[frame_type]
+    # flags: reserved for compression (issue 13), which a later version negotiates first.
     if flags or reserved:
         raise ProtocolError(
             f"{name} frame: reserved header fields are not zero "

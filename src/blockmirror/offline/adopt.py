@@ -17,7 +17,6 @@ command, run while the unit is stopped:
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 from blockmirror import statedir
@@ -28,6 +27,7 @@ from blockmirror.journal.checkpoint import CheckpointError, read_checkpoint
 from blockmirror.journal.journal import Journal
 from blockmirror.journal.ring import DATA_START, Ring
 from blockmirror.journal.scan import JournalCorruptError, scan
+from blockmirror.journal.storage import JournalFile
 from blockmirror.offline.lock import (
     OfflineError,
     StateDirLock,
@@ -102,22 +102,20 @@ def adopt_volume(config: Config, volume_name: str) -> list[str]:
 
 def _check(path: Path, volume: Volume, capacity: int) -> str | None:
     """What the identity check says of the volume now (for the report), or None."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        found = read_checkpoint(fd)
-        if found is None:
-            return None
-        cp = found[2]
-        if cp.volume_size != volume.size:
-            return None  # Journal.open says so
-        result = scan(fd, Ring(capacity), cp.head_lpos, cp.head_seq, cp.next_seq)
+        with JournalFile.open_existing(path, read_only=True) as file:
+            found = read_checkpoint(file)
+            if found is None:
+                return None
+            cp = found[2]
+            if cp.volume_size != volume.size:
+                return None  # Journal.open says so
+            result = scan(file, Ring(capacity), cp.head_lpos, cp.head_seq, cp.next_seq)
         records = [(r.seq, r.kind, r.offset, r.length) for r in result.records]
         check = identity.verify(volume, cp, records, lenient=False)
-    except (OSError, CheckpointError, ValueError) as exc:
+    except (OSError, BlockmirrorError, ValueError) as exc:
         log.debug("identity check before adopting: %s", exc)
         return None
-    finally:
-        os.close(fd)
     if check.problem is not None:
         return f"was refused: {check.problem.split(' - ')[0]}"
     return "matched its journal already; adopting it anyway"

@@ -16,6 +16,7 @@ from typing import Self
 from blockmirror.config import Config, VolumeConfig
 from blockmirror.errors import OfflineError
 from blockmirror.journal.checkpoint import CheckpointError, read_checkpoint
+from blockmirror.journal.storage import JournalFile
 from blockmirror.statedir import lock_path, read_runtime_file
 
 __all__ = ["OfflineError", "StateDirLock", "journal_volume"]
@@ -83,13 +84,15 @@ class StateDirLock:
         self.close()
 
 
-def journal_volume(config: Config, name: str) -> VolumeConfig:
-    """The configured volume ``name``, which must have a journal."""
+def journal_volume(config: Config, name: str, *, to: str = "") -> VolumeConfig:
+    """The configured volume ``name``, which must have a journal (``to``: what the command
+    does with it, for the message)."""
     for vc in config.volumes:
         if vc.name == name:
             if vc.read_only or not vc.journal:
+                what = f"no journal to {to}" if to else "no journal"
                 raise OfflineError(
-                    f"volume {name} has no journal (read_only = true or journal = false)"
+                    f"volume {name} has {what} (read_only = true or journal = false)"
                 )
             return vc
     known = ", ".join(vc.name for vc in config.volumes) or "none"
@@ -98,13 +101,11 @@ def journal_volume(config: Config, name: str) -> VolumeConfig:
 
 def journal_capacity(path: Path) -> int:
     """The ring capacity a journal file's checkpoint records (for the offline commands)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        found = read_checkpoint(fd)
-    except CheckpointError as exc:
-        raise OfflineError(f"journal {path}: {exc}; run `blockmirror journal recover`") from exc
-    finally:
-        os.close(fd)
+    with JournalFile.open_existing(path, read_only=True) as file:
+        try:
+            found = read_checkpoint(file)
+        except CheckpointError as exc:
+            raise OfflineError(f"journal {path}: {exc}; run `blockmirror journal recover`") from exc
     if found is None:
         raise OfflineError(
             f"journal {path} has no valid checkpoint; run `blockmirror journal recover` first"

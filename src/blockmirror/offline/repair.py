@@ -32,8 +32,6 @@ telling which records are older than what the volume holds.
 from __future__ import annotations
 
 import dataclasses
-import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -52,27 +50,27 @@ from blockmirror.journal.checkpoint import (
     slot_offset,
     write_checkpoint,
 )
+from blockmirror.journal.consumers import DIRTY_REGION
 from blockmirror.journal.dirtymap import DirtyMap
-from blockmirror.journal.format import (
-    HEADER_SIZE,
-    MAGIC,
-    RECORD_ALIGN,
-    Kind,
-    RecordError,
-    RecordHeader,
-    decode_header,
-    verify_record,
-)
-from blockmirror.journal.journal import DIRTY_REGION, boot_id
+from blockmirror.journal.format import HEADER_SIZE, RECORD_ALIGN, Kind, RecordError, RecordHeader
+from blockmirror.journal.journal import boot_id
+from blockmirror.journal.opening import JournalMismatchError, check_fits
+from blockmirror.journal.record import Record
 from blockmirror.journal.ring import DATA_START, Ring
+from blockmirror.journal.ringlog import apply_record
 from blockmirror.journal.scan import (
     BadRecord,
-    FoundRecord,
     JournalCorruptError,
     ScanResult,
+    header_candidates,
+    magic_positions,
+    read_header,
+    read_record,
     scan,
 )
-from blockmirror.offline.lock import OfflineError, StateDirLock
+from blockmirror.journal.storage import JournalFile
+from blockmirror.offline.lock import OfflineError, StateDirLock, journal_volume
+from blockmirror.state import ConsumerMode
 from blockmirror.store.volume import Volume
 from blockmirror.units import human_size
 
@@ -84,11 +82,8 @@ __all__ = [
     "RecoveryPlan",
 ]
 
-_CHUNK = 4 * 1024 * 1024
-_MAGIC_BYTES = MAGIC.to_bytes(4, "little")
 
-
-class RecoverError(BlockmirrorError):
+class RecoverError(OfflineError):
     """The journal cannot (or must not) be recovered as asked; nothing was changed."""
 
 
@@ -139,7 +134,7 @@ class RecoveryPlan:
     problem: str
     checkpoint: Checkpoint | None
     generation: int
-    replay: list[FoundRecord]
+    replay: list[Record]
     already_applied: int
     lost: list[LostRecords]
     highest_seq: int
@@ -189,12 +184,12 @@ class JournalRecovery:
         self.state_dir = config.unit.state_dir
         self.journal_path = statedir.journal_path(self.state_dir, volume_name)
         self._state_lock: StateDirLock | None = None
-        self._fd = -1
+        self._file: JournalFile | None = None
         self._done = False
         try:
             self._lock()
             try:
-                self._fd = os.open(self.journal_path, os.O_RDWR | os.O_CLOEXEC)
+                self._file = JournalFile.open_existing(self.journal_path)
             except FileNotFoundError:
                 raise RecoverError(
                     f"volume {volume_name} has no journal at {self.journal_path}: nothing to "
@@ -216,10 +211,16 @@ class JournalRecovery:
         except OfflineError as exc:
             raise RecoverError(str(exc)) from None
 
+    @property
+    def file(self) -> JournalFile:
+        if self._file is None:
+            raise RecoverError("this recovery is closed")
+        return self._file
+
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        if self._file is not None:
+            self._file.close()
+            self._file = None
         if self._state_lock is not None:
             self._state_lock.close()
             self._state_lock = None
@@ -238,15 +239,15 @@ class JournalRecovery:
     # --- analysis (reads only) ------------------------------------------------------------
 
     def _analyse(self) -> RecoveryPlan:
-        vc, ring, fd = self.volume, self.ring, self._fd
-        if os.fstat(fd).st_size < DATA_START + ring.capacity:
+        vc, ring, file = self.volume, self.ring, self.file
+        if file.size < DATA_START + ring.capacity:
             raise RecoverError(
                 f"journal {self.journal_path} is smaller than journal_size "
                 f"({vc.journal_size} bytes): restore the journal_size it was created with"
             )
         consumers = [str(peer) for peer in vc.peers]
         try:
-            found = read_checkpoint(fd)
+            found = read_checkpoint(file)
             unusable = None if found is not None else "no valid checkpoint in either slot"
         except CheckpointError as exc:
             found, unusable = None, f"a checkpoint slot holds something unreadable: {exc}"
@@ -270,17 +271,12 @@ class JournalRecovery:
                 ],
             )
         _, generation, cp = found
-        if cp.capacity != ring.capacity:
-            raise RecoverError(
-                f"journal {self.journal_path} holds {cp.capacity} bytes of ring but "
-                f"journal_size asks for {ring.capacity}: restore the old journal_size first"
-            )
-        if cp.volume_size != vc.size:
-            raise RecoverError(
-                f"journal {self.journal_path} belongs to a volume of {cp.volume_size} bytes, "
-                f"not {vc.size}: restore the volume's size first"
-            )
-        first = scan(fd, ring, cp.head_lpos, cp.head_seq, cp.next_seq)
+        try:
+            check_fits(self.journal_path, cp, capacity=ring.capacity, volume_size=vc.size)
+        except JournalMismatchError as exc:
+            what = "the old journal_size" if exc.ring else "the volume's size"
+            raise RecoverError(f"{exc}: restore {what} first") from None
+        first = scan(file, ring, cp.head_lpos, cp.head_seq, cp.next_seq)
         if not first.corrupt:
             raise NotCorruptError(
                 f"journal {self.journal_path} is not corrupt ({len(first.records)} live "
@@ -313,9 +309,7 @@ class JournalRecovery:
             consumers,
         )
 
-    def _follow(
-        self, first: ScanResult, cp: Checkpoint
-    ) -> tuple[list[FoundRecord], list[LostRecords]]:
+    def _follow(self, first: ScanResult, cp: Checkpoint) -> tuple[list[Record], list[LostRecords]]:
         """Every intact record of the live window, past each damaged stretch; and the holes."""
         window_end = cp.head_lpos + self.ring.capacity
         records = list(first.records)
@@ -326,7 +320,7 @@ class JournalRecovery:
             nxt = self._next_segment(bad, window_end)
             if nxt is None:
                 break  # the end of the log (clean, or a torn last batch)
-            header = self._header_at(bad.lpos)
+            header = read_header(self.file, self.ring, bad.lpos)
             if header is not None and header.seq != bad.expected_seq:
                 header = None
             last = nxt.records[0].seq - 1
@@ -355,9 +349,9 @@ class JournalRecovery:
         correct CRC; the first is the start of the next run. When the damaged record's header
         is intact its payload is skipped: a payload may hold bytes that look like records.
         """
-        ring = self.ring
+        ring, file = self.ring, self.file
         start = bad.lpos + RECORD_ALIGN
-        h = self._header_at(bad.lpos)
+        h = read_header(file, ring, bad.lpos)
         if (
             h is not None
             and h.seq == bad.expected_seq
@@ -365,61 +359,20 @@ class JournalRecovery:
             and h.size <= ring.space_to_end(bad.lpos)
         ):
             start = bad.lpos + h.size
-        for cand in self._magic_positions(start, window_end):
-            h = self._header_at(cand)
-            if (
-                h is None
-                or not bad.expected_seq
-                < h.seq
-                <= bad.expected_seq + (cand - bad.lpos) // HEADER_SIZE
-            ):
+        for cand, h in header_candidates(file, ring, start, window_end):
+            if not bad.expected_seq < h.seq <= bad.expected_seq + (cand - bad.lpos) // HEADER_SIZE:
                 continue
-            if h.durable_seq >= h.seq or not self._valid_at(cand, h):
+            if h.durable_seq >= h.seq or not self._intact(cand, h):
                 continue
-            seg = scan(self._fd, ring, cand, h.seq, 0)
+            seg = scan(file, ring, cand, h.seq, 0)
             if seg.records:
                 return seg
         return None
 
-    def _magic_positions(self, start: int, end: int) -> Iterator[int]:
-        """Logical positions in ``[start, end)``, 8-aligned, where a record header could begin."""
-        ring = self.ring
-        lpos = -(-start // RECORD_ALIGN) * RECORD_ALIGN
-        while lpos < end:
-            length = min(_CHUNK, end - lpos, ring.space_to_end(lpos))
-            chunk = os.pread(self._fd, length, ring.physical(lpos))
-            if not chunk:
-                return
-            at = chunk.find(_MAGIC_BYTES)
-            while at != -1:
-                # Chunks start 8-aligned, so alignment within the chunk is alignment in the ring.
-                if at % RECORD_ALIGN == 0 and ring.space_to_end(lpos + at) >= HEADER_SIZE:
-                    yield lpos + at
-                at = chunk.find(_MAGIC_BYTES, at + 1)
-            lpos += length
-
-    def _header_at(self, lpos: int) -> RecordHeader | None:
-        raw = os.pread(self._fd, HEADER_SIZE, self.ring.physical(lpos))
-        try:
-            return decode_header(raw)
-        except RecordError:
-            return None
-
-    def _valid_at(self, lpos: int, h: RecordHeader) -> bool:
+    def _intact(self, lpos: int, h: RecordHeader) -> bool:
         """Whether the record whose header is ``h`` at ``lpos`` is whole (its CRC checks out)."""
-        ring = self.ring
-        pos = ring.physical(lpos)
-        head = os.pread(self._fd, HEADER_SIZE, pos)
-        if h.kind == Kind.PADDING:
-            payload = b""
-            if HEADER_SIZE + h.payload_len != ring.space_to_end(lpos):
-                return False
-        else:
-            if h.size > ring.space_to_end(lpos):
-                return False
-            payload = os.pread(self._fd, h.payload_len, pos + HEADER_SIZE)
         try:
-            verify_record(head, payload)
+            read_record(self.file, self.ring, lpos, h.seq)
         except RecordError:
             return False
         return True
@@ -427,9 +380,8 @@ class JournalRecovery:
     def _highest_seq(self) -> int:
         """The highest sequence number of any intact record anywhere in the ring (0 if none)."""
         highest = 0
-        for lpos in self._magic_positions(0, self.ring.capacity):
-            h = self._header_at(lpos)
-            if h is not None and h.seq > highest and self._valid_at(lpos, h):
+        for lpos, h in header_candidates(self.file, self.ring, 0, self.ring.capacity):
+            if h.seq > highest and self._intact(lpos, h):
                 highest = h.seq
         return highest
 
@@ -437,7 +389,7 @@ class JournalRecovery:
 
     def run(self) -> list[str]:
         """Carry out :attr:`plan`; returns what was done, one line each."""
-        if self._done or self._fd < 0:
+        if self._done or self._file is None:
             raise RecoverError("this recovery has already run")
         plan, vc = self.plan, self.volume
         done: list[str] = []
@@ -465,23 +417,15 @@ class JournalRecovery:
         self._done = True
         return done
 
-    def _replay(self, records: list[FoundRecord]) -> None:
-        vc, ring, fd = self.volume, self.ring, self._fd
+    def _replay(self, records: list[Record]) -> None:
+        vc, ring, file = self.volume, self.ring, self.file
         try:
             volume = Volume.open(vc.path, size=vc.size, offset=vc.offset, create=False)
         except BlockmirrorError as exc:
             raise RecoverError(f"cannot open volume {vc.name}: {exc}") from exc
         try:
             for rec in records:
-                if rec.kind == Kind.WRITE:
-                    data = os.pread(fd, rec.length, ring.physical(rec.lpos) + HEADER_SIZE)
-                    if len(data) != rec.length:
-                        raise RecoverError(f"short read of record seq {rec.seq}'s payload")
-                    volume.pwrite(rec.offset, data)
-                elif rec.kind == Kind.ZERO:
-                    volume.write_zeroes(rec.offset, rec.length, may_trim=False)
-                elif rec.kind == Kind.TRIM:
-                    volume.trim(rec.offset, rec.length)
+                apply_record(rec, file, ring, volume)
             volume.flush()
         finally:
             volume.close()
@@ -494,8 +438,9 @@ class JournalRecovery:
         consumers = {
             name: ConsumerState(
                 next_seq - 1,
-                "tracking",
+                ConsumerMode.TRACKING,
                 old_consumers[name].paused if name in old_consumers else False,
+                old_consumers[name].peer if name in old_consumers else None,
             )
             for name in plan.consumers
         }
@@ -522,42 +467,33 @@ class JournalRecovery:
             ),
         )
         generation = plan.generation + 1
-        write_checkpoint(self._fd, cp, generation)  # synced
+        write_checkpoint(self.file, cp, generation)  # synced
         if old is None:
             # The other slot may hold the unreadable checkpoint that stopped the journal from
             # opening; it must not win (or fail) the next choice between the two.
-            other = slot_offset((generation + 1) % 2)
-            view = memoryview(bytes(SLOT_SIZE))
-            while view:
-                n = os.pwrite(self._fd, view, other)
-                view, other = view[n:], other + n
-            os.fdatasync(self._fd)
+            self.file.pwrite(slot_offset((generation + 1) % 2), bytes(SLOT_SIZE))
+            self.file.flush()
 
     def _zero_headers(self) -> int:
         """Overwrite every aligned record magic in the ring (and its header) with zeros."""
-        ring = self.ring
-        zeros = bytes(HEADER_SIZE)
+        ring, file = self.ring, self.file
         count = 0
-        for lpos in self._magic_positions(0, ring.capacity):
-            n = min(HEADER_SIZE, ring.space_to_end(lpos))
-            os.pwrite(self._fd, zeros[:n], ring.physical(lpos))
+        # Every magic, decodable or not: none may be taken for a record header later.
+        for lpos in magic_positions(file, ring, 0, ring.capacity):
+            file.pwrite(ring.physical(lpos), bytes(HEADER_SIZE))
             count += 1
-        os.fdatasync(self._fd)
+        file.flush()
         return count
 
 
 def _primary_volume(config: Config, name: str) -> VolumeConfig:
-    for vc in config.volumes:
-        if vc.name == name:
-            if vc.role != "primary":
-                raise RecoverError(
-                    f"volume {name} is a {vc.role}: this command recovers the journal of a "
-                    "primary volume"
-                )
-            if vc.read_only or not vc.journal:
-                raise RecoverError(
-                    f"volume {name} has no journal to recover (read_only = true or journal = false)"
-                )
-            return vc
-    known = ", ".join(vc.name for vc in config.volumes) or "none"
-    raise RecoverError(f"no volume named {name!r} in the configuration (volumes: {known})")
+    found = next((vc for vc in config.volumes if vc.name == name), None)
+    if found is not None and found.role != "primary":
+        raise RecoverError(
+            f"volume {name} is a {found.role}: this command recovers the journal of a primary "
+            "volume"
+        )
+    try:
+        return journal_volume(config, name, to="recover")
+    except OfflineError as exc:
+        raise RecoverError(str(exc)) from None

@@ -31,16 +31,19 @@ from blockmirror import statedir
 from blockmirror.config import MIN_JOURNAL_SIZE, Config
 from blockmirror.errors import BlockmirrorError, JournalError
 from blockmirror.journal.checkpoint import CheckpointError, new_journal_id
-from blockmirror.journal.format import HEADER_SIZE, Kind
-from blockmirror.journal.journal import Journal, LiveRecord
+from blockmirror.journal.format import Kind
+from blockmirror.journal.journal import Journal
+from blockmirror.journal.record import Record
 from blockmirror.journal.ring import DATA_START, Ring
 from blockmirror.journal.scan import JournalCorruptError
+from blockmirror.journal.storage import JournalFile, sync_directory
 from blockmirror.offline.lock import (
     OfflineError,
     StateDirLock,
     journal_capacity,
     journal_volume,
 )
+from blockmirror.state import ConsumerMode
 from blockmirror.store.volume import Volume
 from blockmirror.units import format_size
 
@@ -109,9 +112,7 @@ def resize_journal(config: Config, volume_name: str, new_size: int) -> ResizeRep
                 for consumer in old.consumers.values():
                     with contextlib.suppress(Exception):
                         consumer.dirty.close()
-                if old.fd >= 0:
-                    os.close(old.fd)
-                    old.fd = -1
+                old.abandon()
         finally:
             volume.close()
     lines = list(report.lines)
@@ -126,7 +127,7 @@ def resize_journal(config: Config, volume_name: str, new_size: int) -> ResizeRep
     )
 
 
-def _to_copy(records: list[LiveRecord], ring: Ring, max_payload: int) -> int:
+def _to_copy(records: list[Record], ring: Ring, max_payload: int) -> int:
     """Index of the first record to copy: the newest ones that fit an empty ``ring``.
 
     Laid out from position 0, records fit exactly when their sizes add up to at most the
@@ -147,14 +148,9 @@ def _to_copy(records: list[LiveRecord], ring: Ring, max_payload: int) -> int:
 def _rewrite(old: Journal, ring: Ring, old_size: int, new_size: int) -> ResizeReport:
     records = list(old.records)
     tmp = old.path.with_name(old.path.name + ".resize")
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.posix_fallocate(fd, 0, DATA_START + ring.capacity)
-        new = Journal(tmp, fd, ring, old.volume, new_journal_id())
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
+    tmp.unlink(missing_ok=True)  # left by an interrupted resize: never reused
+    file = JournalFile.create(tmp, DATA_START + ring.capacity)
+    new = Journal(tmp, file, ring, old.volume, new_journal_id())
     renamed = False
     try:
         first = _to_copy(records, ring, new.max_payload())
@@ -162,7 +158,7 @@ def _rewrite(old: Journal, ring: Ring, old_size: int, new_size: int) -> ResizeRe
         # What does not fit becomes dirty bits, durably, before the new journal exists.
         tracked: dict[str, int] = {}
         for consumer in old.consumers.values():
-            if consumer.mode == "journal" and consumer.acked_seq < first_seq - 1:
+            if consumer.mode == ConsumerMode.JOURNAL and consumer.acked_seq < first_seq - 1:
                 tracked[consumer.name] = old.next_seq - 1 - consumer.acked_seq
                 old.switch_to_tracking(consumer)
         old.sync_dirty_maps()
@@ -177,11 +173,17 @@ def _rewrite(old: Journal, ring: Ring, old_size: int, new_size: int) -> ResizeRe
         for rec in records[first:]:
             payload: list[bytes] = []
             if rec.kind == Kind.WRITE:
-                data = os.pread(old.fd, rec.length, old.ring.physical(rec.lpos) + HEADER_SIZE)
-                if len(data) != rec.length:
-                    raise JournalError(f"short read of record seq {rec.seq} in {old.path}")
-                payload = [data]
-            new.stage(rec.kind, rec.offset, rec.length, payload, seq=rec.seq)
+                payload = [old.read_payload(rec)]
+            # The same record: its number, and the origin time and unit of the host's write.
+            new.stage(
+                rec.kind,
+                rec.offset,
+                rec.length,
+                payload,
+                seq=rec.seq,
+                timestamp_ns=rec.timestamp_ns,
+                origin=rec.origin,
+            )
             pending += rec.size
             if pending >= _BATCH_BYTES:
                 new.write_batch()
@@ -189,21 +191,16 @@ def _rewrite(old: Journal, ring: Ring, old_size: int, new_size: int) -> ResizeRe
         assert new.next_seq == old.next_seq
         new.applied_seq = new.volume_durable_seq = old.next_seq - 1
         # Syncs the ring, the volume and the dirty maps, then writes a clean checkpoint.
-        new._write_checkpoint_now(clean=True)
-        os.fsync(fd)
+        new.write_checkpoint_now(clean=True)
+        file.flush()
         os.replace(tmp, old.path)
         renamed = True
         new.path = old.path
-        dir_fd = os.open(old.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        sync_directory(old.path.parent)
     finally:
+        file.close()
         if not renamed:
-            os.close(fd)
             tmp.unlink(missing_ok=True)
-    os.close(fd)
     copied = len(records) - first
     lines = [
         f"journal {old.path} resized from {format_size(old_size)} to {format_size(new_size)} "

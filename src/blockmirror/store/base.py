@@ -25,6 +25,9 @@ Buffer = bytes | bytearray | memoryview
 
 # Bounds the work of one extents() call; a shorter prefix is returned past it.
 MAX_EXTENTS = 1024
+# The largest single write any write path takes (NBD's usual maximum payload); a journal whose
+# ring is too small for it takes less.
+MAX_WRITE = 32 * 1024 * 1024
 
 
 class Extent(NamedTuple):

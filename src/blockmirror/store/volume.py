@@ -11,6 +11,11 @@ errno intact, because the export must map ENOSPC, EIO, ... onto protocol error c
 
 ``close()`` must not race with in-flight calls: the descriptor number could be reused by the
 next ``open`` anywhere in the process, and a late write would land in the wrong file.
+
+Why one module: files, devices and regions are one store behind one range check, and what
+trim, zeroing and the capabilities do depends on the fallocate modes and ioctls the calls have
+learned the backing store supports; the device-only parts (sizes, the exclusive claim) are in
+:mod:`blockmirror.store.device`.
 """
 
 from __future__ import annotations
@@ -20,8 +25,6 @@ import errno
 import fcntl
 import os
 import stat
-import struct
-import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -30,16 +33,21 @@ from typing import Literal, Self
 from blockmirror.errors import OutOfRangeError, ReadOnlyError, VolumeError
 from blockmirror.io.fileio import pwritev_all
 from blockmirror.store.base import DATA, MAX_EXTENTS, Capabilities, Extent
+from blockmirror.store.device import (
+    BLKDISCARD,
+    BLKSSZGET,
+    BLKZEROOUT,
+    device_size,
+    ioctl_range,
+    open_claimed,
+    release_claim,
+    zeroes_natively,
+)
 
 __all__ = ["HOLE", "MAX_EXTENTS", "Volume", "backing_size"]
 
 # A hole of a file: unallocated, and reads as zeros.
 HOLE = Extent(0, hole=True, zero=True)
-
-_BLKSSZGET = 0x1268
-_BLKDISCARD = 0x1277
-_BLKZEROOUT = 0x127F
-_BLKGETSIZE64 = 0x80081272
 
 _FALLOC_KEEP_SIZE = 0x01
 _FALLOC_PUNCH = 0x02 | _FALLOC_KEEP_SIZE  # the kernel rejects PUNCH_HOLE without KEEP_SIZE
@@ -77,35 +85,6 @@ def _fallocate(fd: int, mode: int, pos: int, length: int) -> None:
             raise OSError(err, os.strerror(err))
 
 
-def _ioctl_range(fd: int, request: int, pos: int, length: int) -> None:
-    arg = struct.pack("=QQ", pos, length)
-    while True:
-        try:
-            fcntl.ioctl(fd, request, arg)
-            return
-        except InterruptedError:
-            continue
-
-
-def _device_size(fd: int) -> int:
-    try:
-        (size,) = struct.unpack("=Q", fcntl.ioctl(fd, _BLKGETSIZE64, bytes(8)))
-        return int(size)
-    except OSError:
-        return os.lseek(fd, 0, os.SEEK_END)
-
-
-def _device_zeroes_natively(rdev: int) -> bool:
-    # A device with a WRITE ZEROES command (or a loop device over a file that can punch) zeroes
-    # without transferring data; otherwise the kernel's BLKZEROOUT writes zero pages itself.
-    node = Path(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}")
-    queue = node / "queue" if (node / "queue").exists() else node.resolve().parent / "queue"
-    try:
-        return int((queue / "write_zeroes_max_bytes").read_text()) > 0
-    except (OSError, ValueError):
-        return False
-
-
 def _probe_fallocate(directory: Path) -> dict[int, bool]:
     """Which hole/zero modes the filesystem of ``directory`` has, tried on an unnamed file.
 
@@ -132,57 +111,6 @@ def _probe_fallocate(directory: Path) -> dict[int, bool]:
     return found
 
 
-# Block devices are opened with O_EXCL, which Linux turns into an exclusive claim: while a unit
-# holds a device nobody can mount it or claim it (a second unit, mkfs, ...), and a device that is
-# mounted or claimed already is refused. Volumes of one unit may share a device (regions of one
-# disk): the first open claims it, the others share that open file (a dup, or a plain open when
-# it needs write access the claim lacks), and the claim ends with the last of them.
-_claims: dict[int, list[int]] = {}  # st_rdev -> [claiming fd, its access mode, users]
-_claims_lock = threading.Lock()
-
-
-def _open_block_device(path: Path, flags: int, rdev: int) -> int:
-    with _claims_lock:
-        claim = _claims.get(rdev)
-        if claim is None:
-            try:
-                fd = os.open(path, flags | os.O_EXCL)
-            except OSError as exc:
-                if exc.errno == errno.EBUSY:
-                    raise VolumeError(
-                        f"{path}: the block device is in use (mounted, or held by another "
-                        "program or unit); blockmirror must be its only user"
-                    ) from exc
-                raise VolumeError(f"{path}: cannot open exclusively: {exc.strerror}") from exc
-            claim = _claims[rdev] = [fd, flags & os.O_ACCMODE, 0]
-        try:
-            if claim[1] == os.O_RDWR or flags & os.O_ACCMODE == os.O_RDONLY:
-                fd = os.dup(claim[0])
-            else:
-                fd = os.open(path, flags)
-        except OSError as exc:
-            _drop_claim(rdev)
-            raise VolumeError(f"{path}: cannot open: {exc.strerror}") from exc
-        claim[2] += 1
-        return fd
-
-
-def _drop_claim(rdev: int) -> None:
-    """One user fewer of a claimed device; the claim ends with the last (caller holds the lock)."""
-    claim = _claims.get(rdev)
-    if claim is None:
-        return
-    claim[2] -= 1
-    if claim[2] <= 0:
-        del _claims[rdev]
-        os.close(claim[0])
-
-
-def _release_block_device(rdev: int) -> None:
-    with _claims_lock:
-        _drop_claim(rdev)
-
-
 def backing_size(path: Path) -> int | None:
     """Bytes in the file or block device at ``path``, or None when nothing is there."""
     try:
@@ -200,7 +128,7 @@ def backing_size(path: Path) -> int | None:
     except OSError as exc:
         raise VolumeError(f"{path}: cannot open: {exc.strerror}") from exc
     try:
-        return _device_size(fd)
+        return device_size(fd)
     finally:
         os.close(fd)
 
@@ -289,7 +217,7 @@ class Volume:
             if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
                 raise VolumeError(f"{path}: neither a regular file nor a block device")
             if stat.S_ISBLK(st.st_mode):
-                fd = _open_block_device(path, flags, st.st_rdev)
+                fd = open_claimed(path, flags, st.st_rdev)
                 claimed = st.st_rdev
             else:
                 try:
@@ -306,7 +234,7 @@ class Volume:
         except BaseException as exc:
             os.close(fd)
             if claimed is not None:
-                _release_block_device(claimed)
+                release_claim(claimed)
             if created:
                 path.unlink(missing_ok=True)
             if isinstance(exc, OSError):
@@ -329,14 +257,14 @@ class Volume:
             return vol
         if not stat.S_ISBLK(st.st_mode):
             raise VolumeError(f"{path}: neither a regular file nor a block device")
-        capacity = _device_size(fd)
+        capacity = device_size(fd)
         if offset + size > capacity:
             raise VolumeError(
                 f"{path}: region [{offset}, {offset + size}) ends past the end of the "
                 f"device ({capacity} bytes)"
             )
         try:
-            sector = int.from_bytes(fcntl.ioctl(fd, _BLKSSZGET, bytes(4)), "little")
+            sector = int.from_bytes(fcntl.ioctl(fd, BLKSSZGET, bytes(4)), "little")
         except OSError:
             sector = 512
         return cls(
@@ -347,7 +275,7 @@ class Volume:
             offset=offset,
             read_only=read_only,
             sector=max(sector, 1),
-            fast_zero_device=_device_zeroes_natively(st.st_rdev),
+            fast_zero_device=zeroes_natively(st.st_rdev),
         )
 
     def __repr__(self) -> str:
@@ -371,7 +299,7 @@ class Volume:
             os.close(fd)
             if self._claimed is not None:
                 claimed, self._claimed = self._claimed, None
-                _release_block_device(claimed)
+                release_claim(claimed)
 
     # -- range checks ---------------------------------------------------------------------
 
@@ -456,7 +384,7 @@ class Volume:
             if self.kind == "file":
                 _fallocate(fd, op, pos, length)
             else:
-                _ioctl_range(fd, op, pos, length)
+                ioctl_range(fd, op, pos, length)
         except OSError as exc:
             # EBUSY: the kernel could not claim a device another holder has (say a mounted
             # partition of the disk we hold a region of); this call falls back, later ones retry.
@@ -489,7 +417,7 @@ class Volume:
             return
         start, end = self._sector_span(pos, length)
         if end > start:
-            self._try(_BLKDISCARD, fd, start, end - start)
+            self._try(BLKDISCARD, fd, start, end - start)
 
     def write_zeroes(self, offset: int, length: int, *, may_trim: bool) -> None:
         """Make the range read as zeros, without writing data where the store allows it."""
@@ -499,7 +427,7 @@ class Volume:
         if self.kind == "block":
             # BLKZEROOUT never unmaps (NOUNMAP), so may_trim has nothing to add on devices.
             start, end = self._sector_span(pos, length)
-            if end > start and self._try(_BLKZEROOUT, fd, start, end - start):
+            if end > start and self._try(BLKZEROOUT, fd, start, end - start):
                 _write_zeros(fd, pos, start - pos)
                 _write_zeros(fd, end, pos + length - end)
             else:
@@ -521,7 +449,7 @@ class Volume:
         if self.read_only:
             return False
         if self.kind == "block":
-            return self._fast_zero_device and self._supported.get(_BLKZEROOUT) is not False
+            return self._fast_zero_device and self._supported.get(BLKZEROOUT) is not False
         # Unknown (the probe could not run and nothing was tried yet) answers False: a client
         # told "no" falls back to writing zeros, one told a wrong "yes" waits on a slow write.
         return bool(self._supported.get(_FALLOC_ZERO) or self._supported.get(_FALLOC_PUNCH))

@@ -12,8 +12,7 @@ from typing import Any
 
 import pytest
 
-from blockmirror.admin.api import AdminServer
-from blockmirror.admin.auth import (
+from blockmirror.admin.access import (
     AdminAccess,
     AdminTokenError,
     SessionStore,
@@ -23,6 +22,7 @@ from blockmirror.admin.auth import (
     load_token,
     split_host,
 )
+from blockmirror.admin.api import AdminServer
 from blockmirror.admin.table import format_status_table
 from blockmirror.config import parse_config
 from blockmirror.errors import ConfigError

@@ -11,10 +11,11 @@ from typing import Any
 
 import pytest
 
+from blockmirror.admin.access import AdminAccess
 from blockmirror.admin.api import MAX_REQUEST_BODY, AdminServer
-from blockmirror.admin.auth import AdminAccess
 from blockmirror.admin.controls import ControlError, ControlRequest, handle, parse
 from blockmirror.admin.table import format_status_table
+from blockmirror.state import VolumeState
 
 PEER = "127.0.0.1:7800"
 V6_PEER = "[::1]:7800"
@@ -23,25 +24,35 @@ V6_PEER = "[::1]:7800"
 # --- a fake unit ---------------------------------------------------------------------------------
 
 
-@dataclass
-class FakeJournal:
-    consumers: dict[str, object]
-    enqueue_paused: bool = False
+class FakeControls:
+    """A write path's operator controls (``controls.OperatorControls``), recording each call."""
 
-
-class FakeWritePath:
     def __init__(self, consumers: tuple[str, ...] = (PEER, V6_PEER)) -> None:
-        self.journal = FakeJournal({name: object() for name in consumers})
+        self.enqueue_paused = False
+        self.newest_seq = 10
         self.failed: BaseException | None = None
         self.paused = dict.fromkeys(consumers, False)
         self.calls: list[tuple[Any, ...]] = []
         self.error: BaseException | None = None
 
+    def consumer_names(self) -> list[str]:
+        return list(self.paused)
+
+    def consumer_status(self, name: str) -> dict[str, object]:
+        return {
+            "mode": "journal",
+            "paused": self.paused[name],
+            "acked_seq": 4,
+            "backlog_bytes": 6 * 4160,
+            "backlog_records": 6,
+            "dirty_bytes": 0,
+        }
+
     async def pause_enqueue(self, paused: bool) -> None:
         self.calls.append(("pause_enqueue", paused))
         if self.error is not None:
             raise self.error
-        self.journal.enqueue_paused = paused
+        self.enqueue_paused = paused
 
     async def pause_consumer(self, name: str, paused: bool) -> None:
         self.calls.append(("pause_consumer", name, paused))
@@ -51,22 +62,12 @@ class FakeWritePath:
         self.calls.append(("discard", name, first_seq, last_seq))
         return min(last_seq, 10) - first_seq + 1 if first_seq <= 10 else 0
 
-    def status(self) -> dict[str, object]:
-        return {
-            "newest_seq": 10,
-            "enqueue_paused": self.journal.enqueue_paused,
-            "consumers": {
-                name: {
-                    "mode": "journal",
-                    "paused": paused,
-                    "acked_seq": 4,
-                    "backlog_bytes": 6 * 4160,
-                    "backlog_records": 6,
-                    "dirty_bytes": 0,
-                }
-                for name, paused in self.paused.items()
-            },
-        }
+
+@dataclass
+class FakeWritePath:
+    """All the controls reach of a write path: its ``controls``."""
+
+    controls: FakeControls = field(default_factory=FakeControls)
 
 
 @dataclass
@@ -78,7 +79,7 @@ class FakeConfig:
 class FakeVolume:
     journal: FakeWritePath | None
     problem: str | None = None
-    state: str = "serving"
+    state: VolumeState = VolumeState.SERVING
     config: FakeConfig = field(default_factory=FakeConfig)
 
 
@@ -90,15 +91,19 @@ class FakeUnit:
         return self.volumes[name]
 
 
-def make_unit() -> tuple[FakeUnit, FakeWritePath]:
-    wp = FakeWritePath()
+def make_unit() -> tuple[FakeUnit, FakeControls]:
+    wp = FakeControls()
     unit = FakeUnit(
         {
-            "db": FakeVolume(wp),
-            "replica": FakeVolume(None, state="replica", config=FakeConfig("secondary")),
-            "relay": FakeVolume(FakeWritePath(), state="replica", config=FakeConfig("secondary")),
+            "db": FakeVolume(FakeWritePath(wp)),
+            "replica": FakeVolume(None, state=VolumeState.REPLICA, config=FakeConfig("secondary")),
+            "relay": FakeVolume(
+                FakeWritePath(), state=VolumeState.REPLICA, config=FakeConfig("secondary")
+            ),
             "broken": FakeVolume(
-                None, problem="journal /x/broken.journal is corrupt: record seq 3", state="failed"
+                None,
+                problem="journal /x/broken.journal is corrupt: record seq 3",
+                state=VolumeState.FAILED,
             ),
         }
     )
@@ -297,8 +302,9 @@ def test_refusals_change_nothing() -> None:
 
 def test_a_secondary_journal_is_not_paused_but_its_consumers_are() -> None:
     unit, _ = make_unit()
-    relay = unit.volumes["relay"].journal
-    assert relay is not None
+    relay_wp = unit.volumes["relay"].journal
+    assert relay_wp is not None
+    relay = relay_wp.controls
     code, body = call(unit, "POST", "/api/volumes/relay/journal/pause")
     assert code == 409 and "is a secondary" in body["error"]
     assert relay.calls == []
@@ -314,7 +320,7 @@ def test_failed_or_stopping_volume_is_refused() -> None:
     code, body = call(unit, "POST", "/api/volumes/db/journal/pause")
     assert code == 409 and "write path has failed" in body["error"]
     wp.failed = None
-    unit.volumes["db"].state = "stopped"
+    unit.volumes["db"].state = VolumeState.STOPPED
     code, body = call(unit, "POST", "/api/volumes/db/journal/pause")
     assert code == 503
     assert wp.calls == []

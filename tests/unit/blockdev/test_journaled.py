@@ -7,6 +7,7 @@ simulates a crash by dropping the objects without the clean close, then reopens 
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import random
 from collections.abc import Awaitable, Callable
@@ -15,11 +16,16 @@ from pathlib import Path
 import pytest
 
 from blockmirror.blockdev.journaled import JournalWritePath
+from blockmirror.errors import VolumeError
 from blockmirror.journal.checkpoint import read_checkpoint
 from blockmirror.journal.dirtymap import DirtyMap
 from blockmirror.journal.journal import Journal
 from blockmirror.journal.scan import JournalCorruptError, scan
+from blockmirror.state import ConsumerMode, VolumeState
 from blockmirror.store.volume import Volume
+from tests.unit.blockdev.rig import open_rig, write_path
+from tests.unit.blockdev.rig import run as run_parts
+from tests.unit.blockdev.rig import settle as settle_parts
 
 MiB = 1024 * 1024
 VOLUME = 16 * MiB
@@ -54,8 +60,7 @@ def crash(wp: JournalWritePath) -> None:
         wp._task.cancel()
     for consumer in wp.journal.consumers.values():
         consumer.dirty.close(sync=False)
-    os.close(wp.journal.fd)
-    wp.journal.fd = -1
+    wp.journal.abandon()
     wp.volume.close()
 
 
@@ -123,7 +128,7 @@ def caught_up(wp: JournalWritePath, name: str = "peer") -> None:
     peer = wp.journal.consumers[name]
     peer.dirty.clear_all()
     peer.dirty.sync()
-    peer.mode = "journal"
+    peer.mode = ConsumerMode.JOURNAL
     peer.acked_seq = wp.journal.next_seq - 1
 
 
@@ -194,7 +199,7 @@ def test_overflow_switches_the_lagging_consumer_to_tracking(tmp_path: Path) -> N
         # Pretend the peer was fully caught up: journal mode, nothing dirty.
         peer.dirty.clear_all()
         peer.dirty.sync()
-        peer.mode = "journal"
+        peer.mode = ConsumerMode.JOURNAL
         peer.acked_seq = wp.journal.next_seq - 1
         await wp.checkpoint()
         for _ in range(600):  # ~2.4 MiB through a 1 MiB journal
@@ -221,7 +226,7 @@ def test_overflow_block_waits_for_the_consumer(tmp_path: Path) -> None:
         peer = wp.journal.consumers["peer"]
         peer.dirty.clear_all()
         peer.dirty.sync()
-        peer.mode = "journal"
+        peer.mode = ConsumerMode.JOURNAL
         peer.acked_seq = wp.journal.next_seq - 1
         await wp.checkpoint()
         pending: list[asyncio.Future[None]] = []
@@ -256,5 +261,91 @@ def test_checkpoint_scan_agrees_with_memory(tmp_path: Path) -> None:
         assert not result.corrupt
         assert [r.seq for r in result.records] == [r.seq for r in wp.journal.records]
         await wp.close()
+
+    run(tmp_path, body)
+
+
+def test_condition_names_a_stall_and_a_failure_as_volume_states(tmp_path: Path) -> None:
+    rig = open_rig(tmp_path)
+
+    async def body(loop: asyncio.AbstractEventLoop) -> None:
+        wp = write_path(rig, loop)
+        assert wp.condition() is None
+        rig.volume.fail("pwrite", errno.ENOSPC, times=None)
+        with pytest.raises(OSError):
+            await settle_parts(wp, wp.write(0, [b"\x01" * 4096], fua=False))
+        condition = wp.condition()
+        assert condition is not None
+        state, reason = condition
+        assert state is VolumeState.STALLED and str(state) == "stalled"
+        assert "No space left on device" in reason and "retried" in reason
+        with pytest.raises(OSError):  # host writes are refused meanwhile
+            wp.write(4096, [b"\x02" * 4096], fua=False)
+        wp.alert("custom", "raised by another component")
+        status = wp.status()
+        assert status["stalled"] and status["stalls"] == 1
+        kinds = [a["kind"] for a in status["alerts"]]  # type: ignore[attr-defined]
+        assert kinds == ["volume_write_failed", "custom"]
+        rig.volume.heal()
+        await asyncio.wait_for(wp.applier.unstalled.wait(), 5)
+        assert wp.condition() is None
+        rig.volume.fail("flush", errno.EIO)
+        with pytest.raises(OSError):
+            await wp.checkpoint(clean=True)
+        condition = wp.condition()
+        assert condition is not None and condition[0] is VolumeState.FAILED
+        assert "restart the unit" in condition[1]
+        flush = wp.flush()
+        assert flush is not None and flush.done()  # answered at once, never waits
+        with pytest.raises(OSError):
+            flush.result()
+        await wp.close()
+
+    try:
+        run_parts(body)
+    finally:
+        rig.close()
+
+
+class GoneStore(Volume):
+    """A volume whose writes fail with a VolumeError (not an OSError) once it is ``gone``."""
+
+    gone = False
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        if self.gone:
+            raise VolumeError(f"{self.path}: the store went away")
+        super().pwrite(offset, data)
+
+
+def test_a_failure_while_applying_is_raised_by_the_commit_and_answers_the_waiters(
+    tmp_path: Path,
+) -> None:
+    async def body(loop: asyncio.AbstractEventLoop) -> None:
+        volume = GoneStore.open(tmp_path / "vol.img", size=VOLUME)
+        assert isinstance(volume, GoneStore)
+        journal = Journal.open(
+            tmp_path / "vol.journal",
+            volume=volume,
+            journal_size=2 * MiB,
+            consumers=[],
+            dirty_dir=tmp_path,
+            volume_name="vol",
+        )
+        wp = JournalWritePath(journal, volume, loop)
+        wp.start()
+        await settle(wp.write(0, [b"\x01" * 4096], fua=True), wp)
+        volume.gone = True
+        fua = wp.write(4096, [b"\x02" * 4096], fua=True)
+        with pytest.raises(VolumeError):
+            wp.commit()  # no gate is left that nothing would ever resolve
+        assert isinstance(wp.failed, VolumeError)
+        assert fua is not None
+        with pytest.raises(VolumeError):
+            await asyncio.wait_for(fua, 5)
+        with pytest.raises(VolumeError):
+            wp.write(8192, [b"\x03" * 4096], fua=False)
+        await wp.close()
+        volume.close()
 
     run(tmp_path, body)

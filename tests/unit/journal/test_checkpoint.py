@@ -33,6 +33,7 @@ from blockmirror.journal.checkpoint import (
     slot_offset,
     write_checkpoint,
 )
+from blockmirror.state import ConsumerMode
 
 U64 = st.integers(0, 2**64 - 1)
 ALIGNED_U64 = st.integers(0, 2**61 - 1).map(lambda n: n * 8)
@@ -89,7 +90,10 @@ def sample(**changes: Any) -> Checkpoint:
         next_seq=40,
         applied_seq=39,
         boot_id="5f1e2d3c-aaaa-bbbb-cccc-0123456789ab",
-        consumers={"site-b": ConsumerState(30), "site-c": ConsumerState(12, "tracking", True)},
+        consumers={
+            "site-b": ConsumerState(30),
+            "site-c": ConsumerState(12, ConsumerMode.TRACKING, True),
+        },
     )
     return replace(base, **changes)
 
@@ -191,7 +195,10 @@ def test_new_journal_ids_are_random_hex() -> None:
 
 
 def test_an_oversized_consumer_map_is_refused_clearly() -> None:
-    many = {f"peer-{i:03d}.example.org:7800": ConsumerState(2**63, "tracking") for i in range(60)}
+    many = {
+        f"peer-{i:03d}.example.org:7800": ConsumerState(2**63, ConsumerMode.TRACKING)
+        for i in range(60)
+    }
     with pytest.raises(CheckpointError, match=r"more than the 4064 a slot holds \(60 consumers\)"):
         encode_slot(sample(consumers=many), 1)
 

@@ -20,11 +20,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, settings
+from crc32c import crc32c
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from blockmirror.errors import BlockmirrorError, OutOfRangeError
+from blockmirror.io.fileio import pread_all
 from blockmirror.journal import dirtymap as dirtymap_mod
 from blockmirror.journal.dirtymap import (
     HEADER_SIZE,
@@ -127,9 +129,114 @@ def check_matches(dm: DirtyMap, model: int) -> None:
 # -- CRC and format -----------------------------------------------------------------------
 
 
-def test_crc32c_is_castagnoli() -> None:
-    # The standard check value of CRC-32C; CRC-32 (zlib) would give 0xCBF43926.
-    assert dirtymap_mod._crc32c(b"123456789") == 0xE3069283
+def reference_crc32c(data: bytes) -> int:
+    """CRC-32C bit by bit (reflected polynomial 0x82F63B78), as the dirty map once computed it.
+
+    Until the restructure the dirty map carried its own table-driven CRC; it now uses the
+    ``crc32c`` package like the journal. This slow reference pins the two to the same function.
+    """
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+    return crc ^ 0xFFFFFFFF
+
+
+# Published CRC-32C check values: the "123456789" check of the CRC catalogue, and the iSCSI test
+# vectors of RFC 3720, appendix B.4. CRC-32 (zlib) would give 0xCBF43926 for the first.
+CRC32C_CHECK_VALUES = [
+    (b"123456789", 0xE3069283),
+    (b"", 0x00000000),
+    (bytes(32), 0x8A9136AA),
+    (b"\xff" * 32, 0x62A8AB43),
+    (bytes(range(32)), 0x46DD794E),
+    (bytes(range(31, -1, -1)), 0x113FDB5C),
+]
+
+
+@pytest.mark.parametrize(("data", "expected"), CRC32C_CHECK_VALUES)
+def test_crc32c_check_values(data: bytes, expected: int) -> None:
+    assert crc32c(data) == expected
+    assert reference_crc32c(data) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200))
+def test_crc32c_package_equals_the_reference(data: bytes) -> None:
+    assert crc32c(data) == reference_crc32c(data)
+
+
+# Dirty map files written by the code before it used the crc32c package (commit 359b420, with
+# its own CRC table), kept byte for byte: a map on disk today must still open, and a new map
+# must come out identical.
+#   DirtyMap.create(p, volume_size=10 * MiB + 1, region_size=64 * KiB), then
+#   mark(0, 1), mark(5 * 64 * KiB, 3 * 64 * KiB), mark(10 * MiB, 1), close()
+OLD_SMALL_HEADER = bytes.fromhex(
+    "424d444952545931010000000010000000000100000000000100a00000000000"
+    "a1000000000000000000000000000000000000000000000000000000a64c4d09"
+)
+OLD_SMALL_BITMAP = {0: 0b11100001, 20: 0b00000001}  # regions 0, 5, 6, 7 and 160 (the last)
+#   DirtyMap.create(p, volume_size=3 * TiB + 512, region_size=MiB, all_dirty=True), close()
+OLD_LARGE_HEADER = bytes.fromhex(
+    "424d444952545931010000000010000000001000000000000002000000030000"
+    "01003000000000000000000000000000000000000000000000000000575b541d"
+)
+
+
+def old_small_file() -> bytes:
+    bitmap = bytearray(PAGE_SIZE)
+    for index, value in OLD_SMALL_BITMAP.items():
+        bitmap[index] = value
+    return OLD_SMALL_HEADER + bytes(PAGE_SIZE - HEADER_SIZE) + bytes(bitmap)
+
+
+def test_a_map_written_by_the_old_crc_code_opens(tmp_path: Path) -> None:
+    path = tmp_path / "old.dirty"
+    path.write_bytes(old_small_file())
+    vs, rs = 10 * MiB + 1, 64 * KiB
+    with DirtyMap.open(path, volume_size=vs, region_size=rs) as dm:
+        assert list(dm.dirty_regions()) == [(0, rs), (5 * rs, 3 * rs), (160 * rs, 1)]
+        assert dm.dirty_regions_count() == 5
+
+
+def test_a_new_map_is_byte_identical_to_the_old_code(tmp_path: Path) -> None:
+    path = tmp_path / "new.dirty"
+    vs, rs = 10 * MiB + 1, 64 * KiB
+    with DirtyMap.create(path, volume_size=vs, region_size=rs) as dm:
+        dm.mark(0, 1)
+        dm.mark(5 * rs, 3 * rs)
+        dm.mark(10 * MiB, 1)
+    assert path.read_bytes() == old_small_file()
+
+    large = tmp_path / "large.dirty"
+    regions = 3 * MiB + 1
+    DirtyMap.create(large, volume_size=3 * TiB + 512, region_size=MiB, all_dirty=True).close()
+    data = large.read_bytes()
+    assert data[:HEADER_SIZE] == OLD_LARGE_HEADER
+    assert crc32c(OLD_LARGE_HEADER[:60]) == int.from_bytes(OLD_LARGE_HEADER[60:], "little")
+    full = regions // 8
+    assert data[PAGE_SIZE:] == b"\xff" * full + b"\x01" + bytes(len(data) - PAGE_SIZE - full - 1)
+    with DirtyMap.open(large, volume_size=3 * TiB + 512, region_size=MiB) as dm:
+        assert dm.dirty_regions_count() == regions
+        assert dm.dirty_bytes() == 3 * TiB + 512
+
+
+def test_a_bitmap_shortened_while_opening_is_a_dirty_map_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The file size is checked before the bitmap is read; a truncation between the two must
+    # still refuse the map, never hand back a bitmap with missing (clean-looking) pages.
+    path = tmp_path / "m.dirty"
+    DirtyMap.create(path, volume_size=MiB, region_size=4 * KiB).close()
+
+    def short(fd: int, size: int, pos: int) -> bytes:
+        data = pread_all(fd, size, pos)
+        return data[:-1] if pos == PAGE_SIZE else data
+
+    monkeypatch.setattr(dirtymap_mod, "pread_all", short)
+    with pytest.raises(DirtyMapError, match=r"cannot read.*ended early"):
+        DirtyMap.open(path, volume_size=MiB, region_size=4 * KiB)
 
 
 def test_create_writes_header_page_and_clean_bitmap(tmp_path: Path) -> None:
@@ -151,7 +258,7 @@ def test_create_writes_header_page_and_clean_bitmap(tmp_path: Path) -> None:
         vs,
         161,
     )
-    assert crc == dirtymap_mod._crc32c(data[:60])
+    assert crc == crc32c(data[:60])
     assert data[HEADER_SIZE:] == bytes(len(data) - HEADER_SIZE)
     assert not (tmp_path / "vol.peer.dirty.new").exists()
 
@@ -213,7 +320,7 @@ def rewrite_header(path: Path, **fields: int | bytes) -> None:
     values = dict(zip(names, struct.unpack_from("<8sIIQQQ", data), strict=True))
     values.update(fields)
     struct.pack_into("<8sIIQQQ", data, 0, *(values[n] for n in names))
-    struct.pack_into("<I", data, 60, dirtymap_mod._crc32c(bytes(data[:60])))
+    struct.pack_into("<I", data, 60, crc32c(bytes(data[:60])))
     path.write_bytes(data)
 
 

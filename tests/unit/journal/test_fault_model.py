@@ -1,9 +1,12 @@
 """A stateful model of the write path on a disk that fails and loses power (issue 7, 1-5).
 
-Hypothesis drives a real journal and volume on a :class:`FaultyDisk` through writes, FLUSHes,
+Hypothesis drives a real journal and volume through writes, FLUSHes,
 FUA, acknowledgements and checkpoints, with faults dropped in at random points: a power cut
 (each unsynced page kept or lost at random), EIO on a volume sync, ENOSPC on volume writes,
-EIO on a journal sync, a crash, a graceful restart. After each step it checks
+EIO on a journal sync, a crash, a graceful restart. The volume and the journal file are
+fault-injecting stores (:class:`~blockmirror.store.faulty.FaultyStore`) on one power supply; the
+dirty maps, which are not stores, are on the os-level :class:`FaultyDisk` (a :class:`Machine`
+cuts both at once). After each step it checks
 
 - invariant 2: after a power cut every block holds its value as of the last FLUSH or FUA that
   covered it, or a value written after that; without a power cut, exactly what the host was
@@ -36,8 +39,9 @@ from blockmirror.errors import JournalError
 from blockmirror.journal import journal as journal_module
 from blockmirror.journal.journal import Journal
 from blockmirror.journal.scan import JournalCorruptError
-from blockmirror.store.volume import Volume
-from tests.support.faultydisk import FaultyDisk
+from blockmirror.state import ConsumerMode
+from blockmirror.store.faulty import CHANGES
+from tests.support.faultydisk import FaultyDisk, Machine
 from tests.unit.journal.test_model import dirty_region_indexes, region_indexes
 
 BLOCK = 4096
@@ -59,9 +63,11 @@ class FaultModel(RuleBasedStateMachine):
         self.mp = pytest.MonkeyPatch()
         self.boot = "boot-0"
         self.mp.setattr(journal_module, "boot_id", lambda: self.boot)
-        self.disk = FaultyDisk(self.dir)
+        # The volume and the journal are stores, with their own model of the disk.
+        self.disk = FaultyDisk(self.dir, skip=(".img", ".journal"))
         self._installed = self.disk.installed(self.mp)
         self._installed.__enter__()
+        self.machine = Machine(self.disk)
         self.loop = asyncio.new_event_loop()
         # Per block: the values it may hold now, and after a power cut.
         self.now: list[set[int]] = [{0} for _ in range(BLOCKS)]
@@ -77,7 +83,7 @@ class FaultModel(RuleBasedStateMachine):
         self.wp = self._open()
         peer = self.wp.journal.consumers["peer"]
         peer.dirty.clear_all()
-        peer.mode = "journal"
+        peer.mode = ConsumerMode.JOURNAL
         peer.acked_seq = self.wp.journal.next_seq - 1
         self._run(self.wp.checkpoint())
 
@@ -97,7 +103,7 @@ class FaultModel(RuleBasedStateMachine):
             raise AssertionError(hung) from None
 
     def _open(self, *, adopt: bool = False) -> JournalWritePath:
-        volume = Volume.open(self.dir / "vol.img", size=VOLUME)
+        volume = self.machine.open_volume(self.dir / "vol.img", size=VOLUME)
         try:
             journal = Journal.open(
                 self.dir / "vol.journal",
@@ -107,6 +113,7 @@ class FaultModel(RuleBasedStateMachine):
                 dirty_dir=self.dir,
                 volume_name="vol",
                 adopt=adopt,
+                open_ring=self.machine.open_journal_file,
             )
         except BaseException:
             volume.close()
@@ -125,11 +132,7 @@ class FaultModel(RuleBasedStateMachine):
         self._run(asyncio.sleep(0))
         for consumer in wp.journal.consumers.values():
             consumer.dirty.close(sync=False)
-        if wp.journal.fd >= 0:
-            import os
-
-            os.close(wp.journal.fd)
-            wp.journal.fd = -1
+        wp.journal.abandon()
         wp.volume.close()
 
     def _journal_failure_loses_unflushed(self) -> None:
@@ -144,7 +147,8 @@ class FaultModel(RuleBasedStateMachine):
     def _open_retrying(self) -> JournalWritePath:
         """A start that meets an injected one-off EIO fails clearly; a later one works (each
         armed fault fires once)."""
-        for _ in range(len(self.disk.faults) + 1):
+        armed = sum(len(f) for f in self.machine.faults.values()) + len(self.disk.faults)
+        for _ in range(armed + 1):
             try:
                 return self._open()
             except JournalCorruptError:
@@ -193,21 +197,12 @@ class FaultModel(RuleBasedStateMachine):
                 assert "No space left" in str(exc) or "Input/output error" in str(exc), exc
             else:
                 self._settled_volume()  # nothing needed replaying
-                self.wp.volume.close()
-                self._drop_quietly()
-            self.disk.heal()
+                self._drop()
+            self.machine.heal()
             self.enospc = False
         # ... and the next start, with space back, replays them.
         self.wp = self._open_retrying()
         self._settled_volume()
-
-    def _drop_quietly(self) -> None:
-        for consumer in self.wp.journal.consumers.values():
-            consumer.dirty.close(sync=False)
-        import os
-
-        os.close(self.wp.journal.fd)
-        self.wp.journal.fd = -1
 
     def _settled_volume(self) -> None:
         """After recovery each block has one definite value; it must be one allowed."""
@@ -308,7 +303,8 @@ class FaultModel(RuleBasedStateMachine):
         FAULTS["count"] += 1
         with contextlib.suppress(Exception):
             self.wp.commit()
-        self.disk.power_cut(keep=keep, rng=random.Random(seed))
+        self.machine.power.rng.seed(seed)
+        self.machine.power_cut(keep=keep, rng=random.Random(seed))
         self._drop()
         self.boot = f"boot-{uuid.uuid4()}"  # the machine restarts
         for b in range(BLOCKS):
@@ -334,7 +330,7 @@ class FaultModel(RuleBasedStateMachine):
     def pause_enqueue(self, paused: bool) -> None:
         """Point 5's setting: writes bypass the journal and go to the dirty maps only."""
         try:
-            self._run(self.wp.pause_enqueue(paused))
+            self._run(self.wp.controls.pause_enqueue(paused))
         except OSError:
             assert self.wp.failed is not None
 
@@ -344,7 +340,7 @@ class FaultModel(RuleBasedStateMachine):
         FAULTS["count"] += 1
         self._run(self.wp.close())
         self._journal_failure_loses_unflushed()
-        self.disk.evict_lost()
+        self.machine.evict_lost()
         (self.dir / "vol.peer.dirty").unlink()
         self._reopen()
         peer = self.wp.journal.consumers["peer"]
@@ -356,7 +352,7 @@ class FaultModel(RuleBasedStateMachine):
     def graceful_restart(self) -> None:
         self._run(self.wp.close())
         self._journal_failure_loses_unflushed()
-        self.disk.evict_lost()
+        self.machine.evict_lost()
         self._reopen()
 
     # EIO on the journal's own sync is left to targeted tests: combined with volume faults it
@@ -366,19 +362,19 @@ class FaultModel(RuleBasedStateMachine):
     def eio_on_next_sync(self, target_file: str) -> None:
         FAULTS["count"] += 1
         self.journal_eio |= target_file == "vol.journal"
-        self.disk.fail("sync", target_file, errno.EIO)
+        self.machine.fail(target_file, "flush", errno.EIO)
 
     @precondition(lambda self: not self.enospc)
     @rule()
     def volume_fills_up(self) -> None:
         FAULTS["count"] += 1
         self.enospc = True
-        self.disk.fail("write", "vol.img", errno.ENOSPC, times=None)
+        self.machine.fail("vol.img", CHANGES, errno.ENOSPC, times=None)
 
     @precondition(lambda self: self.enospc)
     @rule()
     def space_comes_back(self) -> None:
-        self.disk.heal()
+        self.machine.heal()
         self.enospc = False
         self._run(asyncio.sleep(0.1))  # the write path retries by itself
         assert self.wp.stalled is None or self.wp.failed is not None
@@ -419,13 +415,14 @@ class FaultModel(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         try:
-            self.disk.heal()
+            self.machine.heal()
             try:
                 self._run(self.wp.close())
             except Exception:
                 self._drop()
         finally:
             self.loop.close()
+            self.machine.close()
             self._installed.__exit__(None, None, None)
             shutil.rmtree(self.dir, ignore_errors=True)
 

@@ -1,7 +1,9 @@
 """The write path under storage faults: power cuts, EIO and ENOSPC (issue 7, points 1-4).
 
-Every test runs on real files under a :class:`FaultyDisk`, which fails chosen calls and, at a
-power cut, takes every page back to what was last made durable. Each states what must not be
+Every test runs on real files of a :class:`Machine`: the volume and the journal file on
+fault-injecting stores (:class:`~blockmirror.store.faulty.FaultyStore`), the dirty maps, which
+are not stores, on the os-level :class:`FaultyDisk`. Both fail chosen calls and, at a power
+cut, take every page back to what was last made durable. Each test states what must not be
 lost, and checks it after reopening the journal the way a restarted unit does.
 """
 
@@ -18,10 +20,51 @@ from blockmirror.blockdev.journaled import JournalWritePath
 from blockmirror.journal.format import Kind
 from blockmirror.journal.journal import Journal
 from blockmirror.journal.record import Record
-from tests.support.faultydisk import FaultyDisk
-from tests.unit.blockdev.test_journaled import MiB, crash, open_path, run, settle
+from blockmirror.state import ConsumerMode
+from blockmirror.store.faulty import CHANGES
+from tests.support.faultydisk import FaultyDisk, Machine
+from tests.unit.blockdev.test_journaled import VOLUME, MiB, run, settle
+from tests.unit.blockdev.test_journaled import open_path as open_plain_path
 
 BLOCK = 4096
+
+
+def open_path(
+    tmp: Path,
+    loop: asyncio.AbstractEventLoop,
+    machine: Machine,
+    *,
+    journal_size: int = 2 * MiB,
+    consumers: tuple[str, ...] = (),
+) -> JournalWritePath:
+    """The write path on the machine's stores, opened the way a unit starts."""
+    volume = machine.open_volume(tmp / "vol.img", size=VOLUME)
+    try:
+        journal = Journal.open(
+            tmp / "vol.journal",
+            volume=volume,
+            journal_size=journal_size,
+            consumers=list(consumers),
+            dirty_dir=tmp,
+            volume_name="vol",
+            open_ring=machine.open_journal_file,
+        )
+    except BaseException:
+        volume.close()
+        raise
+    wp = JournalWritePath(journal, volume, loop)
+    wp.start()
+    return wp
+
+
+def crash(wp: JournalWritePath) -> None:
+    """Drop everything as a kill -9 would: no final checkpoint, no sync."""
+    if wp._task is not None:
+        wp._task.cancel()
+    for consumer in wp.journal.consumers.values():
+        consumer.dirty.close(sync=False)
+    wp.journal.abandon()
+    wp.volume.close()
 
 
 def stop_checkpointer(wp: JournalWritePath) -> None:
@@ -30,17 +73,15 @@ def stop_checkpointer(wp: JournalWritePath) -> None:
     wp._task.cancel()
 
 
-def test_a_flush_racing_a_checkpoint_survives_a_power_cut(
-    tmp_path: Path, faulty_disk: FaultyDisk
-) -> None:
+def test_a_flush_racing_a_checkpoint_survives_a_power_cut(tmp_path: Path, machine: Machine) -> None:
     """Point 1. Must not be lost: a write acknowledged before a FLUSH that returned."""
     data = b"\xab" * BLOCK
 
     async def body(loop: asyncio.AbstractEventLoop) -> None:
-        wp = open_path(tmp_path, loop)
+        wp = open_path(tmp_path, loop, machine)
         stop_checkpointer(wp)
         # A slow journal sync holds the FLUSH open while a checkpoint runs.
-        faulty_disk.slow_syncs["vol.journal"] = 0.3
+        machine.store("vol.journal").slow_flush = 0.3
         await settle(wp.write(0, [data], fua=False), wp)
         flush = wp.flush()
         wp.commit()
@@ -48,10 +89,9 @@ def test_a_flush_racing_a_checkpoint_survives_a_power_cut(
         await wp.checkpoint()
         assert flush is not None
         await flush
-        faulty_disk.power_cut()
+        machine.power_cut()
         crash(wp)
-        faulty_disk.slow_syncs.clear()
-        wp2 = open_path(tmp_path, loop)
+        wp2 = open_path(tmp_path, loop, machine)
         assert wp2.volume.pread(0, BLOCK) == data
         await wp2.close()
 
@@ -59,12 +99,12 @@ def test_a_flush_racing_a_checkpoint_survives_a_power_cut(
 
 
 def test_a_record_is_freed_only_once_the_volume_holds_it_durably(
-    tmp_path: Path, faulty_disk: FaultyDisk
+    tmp_path: Path, machine: Machine
 ) -> None:
     """Point 1's rule, for unflushed writes too: a checkpoint never frees past the volume."""
 
     async def body(loop: asyncio.AbstractEventLoop) -> None:
-        wp = open_path(tmp_path, loop)
+        wp = open_path(tmp_path, loop, machine)
         stop_checkpointer(wp)
         for i in range(20):
             await settle(wp.write(i * BLOCK, [bytes([i + 1]) * BLOCK], fua=False), wp)
@@ -72,25 +112,25 @@ def test_a_record_is_freed_only_once_the_volume_holds_it_durably(
         journal = wp.journal
         assert journal.head_seq <= journal.volume_durable_seq + 1
         # Everything freed is durable in the volume: nothing of it is left to lose.
-        assert faulty_disk.unsynced_pages("vol.img") == 0
+        assert machine.unsynced_pages("vol.img") == 0
         await wp.close()
 
     run(tmp_path, body)
 
 
 def test_eio_on_a_volume_sync_then_a_graceful_restart_keeps_flushed_writes(
-    tmp_path: Path, faulty_disk: FaultyDisk
+    tmp_path: Path, machine: Machine
 ) -> None:
     """Point 2. Must not be lost: writes that a FLUSH made durable, after a volume sync EIO."""
     writes = {i * BLOCK: os.urandom(BLOCK) for i in range(8)}
 
     async def body(loop: asyncio.AbstractEventLoop) -> None:
-        wp = open_path(tmp_path, loop)
+        wp = open_path(tmp_path, loop, machine)
         stop_checkpointer(wp)
         for off, data in writes.items():
             await settle(wp.write(off, [data], fua=False), wp)
         await settle(wp.flush(), wp)
-        faulty_disk.fail("sync", "vol.img", errno.EIO)
+        machine.fail("vol.img", "flush", errno.EIO)
         with pytest.raises(OSError):
             await wp.checkpoint()
         # The write path says so and refuses writes; reads still work.
@@ -101,8 +141,8 @@ def test_eio_on_a_volume_sync_then_a_graceful_restart_keeps_flushed_writes(
         assert wp.volume.pread(0, BLOCK) == writes[0]
         # A second sync would now "succeed"; the graceful stop must not trust it.
         await wp.close()
-        faulty_disk.power_cut()
-        wp2 = open_path(tmp_path, loop)
+        machine.power_cut()
+        wp2 = open_path(tmp_path, loop, machine)
         assert wp2.journal.recovery is not None and wp2.journal.recovery.replayed >= len(writes)
         for off, data in writes.items():
             assert wp2.volume.pread(off, BLOCK) == data
@@ -112,7 +152,7 @@ def test_eio_on_a_volume_sync_then_a_graceful_restart_keeps_flushed_writes(
 
 
 def test_enospc_on_the_volume_answers_with_the_error_and_recovers_by_itself(
-    tmp_path: Path, faulty_disk: FaultyDisk
+    tmp_path: Path, machine: Machine
 ) -> None:
     """Point 3. Must not be lost or differ untracked: every journaled record reaches the volume."""
     before = b"\x11" * BLOCK
@@ -120,9 +160,9 @@ def test_enospc_on_the_volume_answers_with_the_error_and_recovers_by_itself(
     after = b"\x33" * BLOCK
 
     async def body(loop: asyncio.AbstractEventLoop) -> None:
-        wp = open_path(tmp_path, loop, consumers=("peer",))
+        wp = open_path(tmp_path, loop, machine, consumers=("peer",))
         await settle(wp.write(0, [before], fua=True), wp)
-        fault = faulty_disk.fail("write", "vol.img", errno.ENOSPC, times=None)
+        fault = machine.fail("vol.img", CHANGES, errno.ENOSPC, times=None)
         # The host's request is answered, with the error.
         pending = wp.write(BLOCK, [failing], fua=False)
         assert pending is None
@@ -149,7 +189,7 @@ def test_enospc_on_the_volume_answers_with_the_error_and_recovers_by_itself(
         assert wp.applied_seq < wp.journal.next_seq - 1
         # Space comes back: the unit applies the record by itself and takes writes again.
         assert fault.fired >= 1
-        faulty_disk.heal()
+        machine.heal()
         for _ in range(50):
             if wp.stalled is None:
                 break
@@ -164,23 +204,23 @@ def test_enospc_on_the_volume_answers_with_the_error_and_recovers_by_itself(
 
 
 def test_enospc_then_a_graceful_restart_applies_the_record_at_the_next_start(
-    tmp_path: Path, faulty_disk: FaultyDisk
+    tmp_path: Path, machine: Machine
 ) -> None:
     """Point 3, restart. Must not be lost: the journaled record that could not be applied."""
     data = b"\x5a" * BLOCK
 
     async def body(loop: asyncio.AbstractEventLoop) -> None:
-        wp = open_path(tmp_path, loop)
-        faulty_disk.fail("write", "vol.img", errno.ENOSPC, times=None)
+        wp = open_path(tmp_path, loop, machine)
+        machine.fail("vol.img", CHANGES, errno.ENOSPC, times=None)
         wp.write(0, [data], fua=False)
         gate = wp.commit()
         assert gate is not None
         with pytest.raises(OSError):
             await gate
         await wp.close()
-        faulty_disk.heal()
-        faulty_disk.power_cut()
-        wp2 = open_path(tmp_path, loop)
+        machine.heal()
+        machine.power_cut()
+        wp2 = open_path(tmp_path, loop, machine)
         assert wp2.volume.pread(0, BLOCK) == data
         await wp2.close()
 
@@ -188,22 +228,22 @@ def test_enospc_then_a_graceful_restart_applies_the_record_at_the_next_start(
 
 
 def test_enospc_at_start_names_the_volume_and_keeps_the_records(
-    tmp_path: Path, faulty_disk: FaultyDisk
+    tmp_path: Path, machine: Machine
 ) -> None:
     """A replay that meets a full volume fails clearly, and a later start still replays."""
     data = b"\x77" * BLOCK
 
     async def body(loop: asyncio.AbstractEventLoop) -> None:
-        wp = open_path(tmp_path, loop)
+        wp = open_path(tmp_path, loop, machine)
         stop_checkpointer(wp)
         await settle(wp.write(0, [data], fua=True), wp)
-        faulty_disk.power_cut()  # the volume's copy is gone; the journal's is durable
+        machine.power_cut()  # the volume's copy is gone; the journal's is durable
         crash(wp)
-        faulty_disk.fail("write", "vol.img", errno.ENOSPC, times=None)
+        machine.fail("vol.img", CHANGES, errno.ENOSPC, times=None)
         with pytest.raises(Exception, match=r"vol\.img.*No space left"):
-            open_path(tmp_path, loop)
-        faulty_disk.heal()
-        wp2 = open_path(tmp_path, loop)
+            open_path(tmp_path, loop, machine)
+        machine.heal()
+        wp2 = open_path(tmp_path, loop, machine)
         assert wp2.volume.pread(0, BLOCK) == data
         await wp2.close()
 
@@ -211,7 +251,7 @@ def test_enospc_at_start_names_the_volume_and_keeps_the_records(
 
 
 def test_a_secondary_keeps_replicated_records_through_enospc_on_the_replica(
-    tmp_path: Path, faulty_disk: FaultyDisk
+    tmp_path: Path, machine: Machine
 ) -> None:
     """Point 3 on a replica. Must not be lost: records whose durability was acknowledged."""
     records = [
@@ -226,15 +266,15 @@ def test_a_secondary_keeps_replicated_records_through_enospc_on_the_replica(
     ]
 
     async def body(loop: asyncio.AbstractEventLoop) -> None:
-        wp = open_path(tmp_path, loop)
-        faulty_disk.fail("write", "vol.img", errno.ENOSPC, times=None)
+        wp = open_path(tmp_path, loop, machine)
+        machine.fail("vol.img", CHANGES, errno.ENOSPC, times=None)
         durable = await wp.append_replicated(records)
         await asyncio.wait_for(durable, 5)  # what the source is told
         assert wp.stalled is not None
         await wp.close()
-        faulty_disk.heal()
-        faulty_disk.power_cut()
-        wp2 = open_path(tmp_path, loop)
+        machine.heal()
+        machine.power_cut()
+        wp2 = open_path(tmp_path, loop, machine)
         for r in records:
             assert wp2.volume.pread(r.offset, r.length) == r.data[0], r.seq
         await wp2.close()
@@ -248,7 +288,7 @@ def test_a_missing_dirty_map_of_a_tracking_consumer_comes_back_fully_dirty(
     """Point 4. Must not differ untracked: the writes a lost dirty map had recorded."""
 
     async def body(loop: asyncio.AbstractEventLoop) -> None:
-        wp = open_path(tmp_path, loop, consumers=("peer",), journal_size=MiB)
+        wp = open_plain_path(tmp_path, loop, consumers=("peer",), journal_size=MiB)
         consumer = wp.journal.consumers["peer"]
         assert consumer.mode == "tracking"
         consumer.dirty.clear_all()
@@ -258,7 +298,7 @@ def test_a_missing_dirty_map_of_a_tracking_consumer_comes_back_fully_dirty(
         maps = sorted(tmp_path.glob("vol.*.dirty"))  # noqa: ASYNC240 - a test's few files
         assert len(maps) == 1
         maps[0].unlink()
-        wp2 = open_path(tmp_path, loop, consumers=("peer",), journal_size=MiB)
+        wp2 = open_plain_path(tmp_path, loop, consumers=("peer",), journal_size=MiB)
         again = wp2.journal.consumers["peer"]
         assert again.mode == "tracking"
         assert again.dirty.dirty_bytes() == wp2.volume.size
@@ -291,19 +331,19 @@ def test_the_fault_disk_itself_loses_unsynced_pages_and_keeps_synced_ones(
 
 
 def test_eio_on_the_journal_answers_the_flush_and_marks_every_peer_dirty(
-    tmp_path: Path, faulty_disk: FaultyDisk
+    tmp_path: Path, machine: Machine
 ) -> None:
     """Must not differ untracked: writes the volume has but the failed ring may have lost."""
 
     async def body(loop: asyncio.AbstractEventLoop) -> None:
-        wp = open_path(tmp_path, loop, consumers=("peer",), journal_size=MiB)
+        wp = open_path(tmp_path, loop, machine, consumers=("peer",), journal_size=MiB)
         peer = wp.journal.consumers["peer"]
         peer.dirty.clear_all()
-        peer.mode = "journal"
+        peer.mode = ConsumerMode.JOURNAL
         peer.acked_seq = wp.journal.next_seq - 1
         await wp.checkpoint()
         await settle(wp.write(0, [b"\x42" * BLOCK], fua=False), wp)
-        faulty_disk.fail("sync", "vol.journal", errno.EIO)
+        machine.fail("vol.journal", "flush", errno.EIO)
         flush = wp.flush()
         assert flush is not None
         wp.commit()
@@ -313,8 +353,8 @@ def test_eio_on_the_journal_answers_the_flush_and_marks_every_peer_dirty(
         with pytest.raises(OSError):
             wp.write(BLOCK, [b"\x43" * BLOCK], fua=False)
         await wp.close()
-        faulty_disk.evict_lost()
-        wp2 = open_path(tmp_path, loop, consumers=("peer",), journal_size=MiB)
+        machine.evict_lost()
+        wp2 = open_path(tmp_path, loop, machine, consumers=("peer",), journal_size=MiB)
         # Every region is dirty: the sender resyncs all of it, whatever the cursor says.
         again = wp2.journal.consumers["peer"]
         assert again.dirty.dirty_bytes() == wp2.volume.size
@@ -324,15 +364,15 @@ def test_eio_on_the_journal_answers_the_flush_and_marks_every_peer_dirty(
 
 
 def test_a_flush_after_the_write_path_failed_is_answered_at_once(
-    tmp_path: Path, faulty_disk: FaultyDisk
+    tmp_path: Path, machine: Machine
 ) -> None:
     """Invariant 10: a FLUSH after a fatal volume error gets the error, never waits."""
 
     async def body(loop: asyncio.AbstractEventLoop) -> None:
-        wp = open_path(tmp_path, loop)
+        wp = open_path(tmp_path, loop, machine)
         stop_checkpointer(wp)
         await settle(wp.write(0, [b"\x01" * BLOCK], fua=False), wp)
-        faulty_disk.fail("sync", "vol.img", errno.EIO)
+        machine.fail("vol.img", "flush", errno.EIO)
         with pytest.raises(OSError):
             await wp.checkpoint()
         flush = wp.flush()
@@ -345,15 +385,15 @@ def test_a_flush_after_the_write_path_failed_is_answered_at_once(
 
 
 def test_a_stalled_replica_that_then_fails_releases_its_source(
-    tmp_path: Path, faulty_disk: FaultyDisk
+    tmp_path: Path, machine: Machine
 ) -> None:
     """A secondary waiting for space that meets a fatal error answers the link, and does not
     spin on checkpoints meanwhile."""
 
     async def body(loop: asyncio.AbstractEventLoop) -> None:
-        wp = open_path(tmp_path, loop, journal_size=MiB)
+        wp = open_path(tmp_path, loop, machine, journal_size=MiB)
         wp.stall_retry = 0.05
-        faulty_disk.fail("write", "vol.img", errno.ENOSPC, times=None)
+        machine.fail("vol.img", CHANGES, errno.ENOSPC, times=None)
         seq = 1
         payload = b"\x07" * (64 * 1024)
 

@@ -23,6 +23,7 @@ import pytest
 from blockmirror.blockdev.journaled import JournalWritePath
 from blockmirror.journal.checkpoint import read_checkpoint, write_checkpoint
 from blockmirror.journal.journal import Journal, VolumeIdentityError
+from blockmirror.state import ConsumerMode
 from blockmirror.store.volume import Volume
 from tests.unit.blockdev.test_journaled import VOLUME, MiB, crash, settle
 
@@ -68,7 +69,8 @@ def caught_up(journal: Journal) -> None:
     for peer in journal.consumers.values():
         peer.dirty.clear_all()
         peer.dirty.sync()
-        peer.mode = "journal"
+        if peer.mode != ConsumerMode.JOURNAL:
+            peer.set_mode(ConsumerMode.JOURNAL)
         peer.acked_seq = journal.next_seq - 1
 
 

@@ -13,7 +13,6 @@ against a plain model, and after every step checks the invariants of docs/journa
 from __future__ import annotations
 
 import asyncio
-import os
 import tempfile
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from blockmirror.blockdev.journaled import JournalWritePath
 from blockmirror.journal.dirtymap import DirtyMap
 from blockmirror.journal.journal import Journal
+from blockmirror.state import ConsumerMode
 from blockmirror.store.volume import Volume
 
 BLOCK = 4096
@@ -57,7 +57,7 @@ class JournalModel(RuleBasedStateMachine):
         peer = self.wp.journal.consumers["peer"]
         peer.dirty.clear_all()
         peer.dirty.sync()
-        peer.mode = "journal"
+        peer.set_mode(ConsumerMode.JOURNAL)
         peer.acked_seq = self.wp.journal.next_seq - 1
         # The mode change is only real once a checkpoint records it.
         self.loop.run_until_complete(self.wp.checkpoint())
@@ -126,8 +126,7 @@ class JournalModel(RuleBasedStateMachine):
         wp.commit()
         for consumer in wp.journal.consumers.values():
             consumer.dirty.close(sync=False)
-        os.close(wp.journal.fd)
-        wp.journal.fd = -1
+        wp.journal.abandon()
         wp.volume.close()
         self.wp = self._open()
 

@@ -189,31 +189,6 @@ def test_max_record_is_the_largest_that_always_fits(capacity: int) -> None:
     assert not ring.fits(worst, worst, size)
 
 
-# --- segments ----------------------------------------------------------------------------------
-
-
-def test_segments() -> None:
-    ring = Ring(CAP)
-    assert ring.segments(0, 0) == []
-    assert ring.segments(CAP + 64, 128) == [(DATA_START + 64, 128)]
-    assert ring.segments(CAP - 64, 64) == [(DATA_START + CAP - 64, 64)]
-    assert ring.segments(CAP - 64, 192) == [(DATA_START + CAP - 64, 64), (DATA_START, 128)]
-    assert ring.segments(3 * CAP, CAP) == [(DATA_START, CAP)]
-    assert ring.segments(8, CAP) == [(DATA_START + 8, CAP - 8), (DATA_START, 8)]
-    with pytest.raises(ValueError, match="does not fit"):
-        ring.segments(0, CAP + 8)
-
-
-@given(aligned(0, 4 * CAP), aligned(0, CAP))
-def test_segments_cover_the_range_byte_for_byte(lpos: int, length: int) -> None:
-    ring = Ring(CAP, 4096)
-    pieces = ring.segments(lpos, length)
-    assert sum(n for _, n in pieces) == length
-    assert len(pieces) <= 2
-    covered = [off + i for off, n in pieces for i in range(0, n, 8)]
-    assert covered == [ring.physical(lpos + i) for i in range(0, length, 8)]
-
-
 def test_the_ring_wraps_many_times_without_losing_space() -> None:
     ring = Ring(CAP)
     head = tail = 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from blockmirror.link.receiver import ReplicationServer
+from blockmirror.link.listener import ReplicationServer
 
 
 def test_the_total_cap_on_unauthenticated_connections_holds() -> None:

@@ -4,7 +4,6 @@ point 11). The end-to-end test with two real units is tests/e2e/test_journal_res
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 from pathlib import Path
 
@@ -12,10 +11,11 @@ import pytest
 
 from blockmirror.blockdev.journaled import JournalWritePath
 from blockmirror.config import Config, load_config
-from blockmirror.journal.format import HEADER_SIZE, Kind
+from blockmirror.journal.format import Kind
 from blockmirror.journal.journal import DIRTY_REGION, Journal
 from blockmirror.offline.lock import OfflineError, StateDirLock
 from blockmirror.offline.resize import resize_journal
+from blockmirror.state import ConsumerMode
 from blockmirror.store.volume import Volume
 from tests.support.unit_process import write_config
 
@@ -64,31 +64,33 @@ def close(journal: Journal) -> None:
     journal.volume.close()
 
 
-def payloads(journal: Journal) -> dict[int, tuple[Kind, int, bytes]]:
+Kept = tuple[Kind, int, bytes, int, int]  # kind, offset, data, origin time and unit
+
+
+def payloads(journal: Journal) -> dict[int, Kept]:
     out = {}
     for rec in journal.records:
         data = b""
         if rec.kind == Kind.WRITE:
-            data = os.pread(journal.fd, rec.length, journal.ring.physical(rec.lpos) + HEADER_SIZE)
-        out[rec.seq] = (rec.kind, rec.offset, data)
+            data = journal.read_payload(rec)
+        out[rec.seq] = (rec.kind, rec.offset, data, rec.timestamp_ns, rec.origin)
     return out
 
 
-def fill(
-    config: Config, *, writes: int, behind_at: int
-) -> tuple[dict[int, tuple[Kind, int, bytes]], str, bytes]:
+def fill(config: Config, *, writes: int, behind_at: int) -> tuple[dict[int, Kept], str, bytes]:
     """Write ``writes`` blocks; AHEAD acknowledges all but the last 5, BEHIND up to
     ``behind_at``. Returns the records kept, the volume id and the volume's content."""
     rng = random.Random(writes)
 
     async def body() -> None:
         journal = open_journal(config)
+        journal.origin = 0x5EED
         wp = JournalWritePath(journal, journal.volume, asyncio.get_running_loop())
         wp.start()
         for peer in journal.consumers.values():
             peer.dirty.clear_all()
             peer.dirty.sync()
-            peer.mode = "journal"
+            peer.set_mode(ConsumerMode.JOURNAL)
             peer.acked_seq = journal.next_seq - 1
         for _ in range(writes):
             off = rng.randrange(SIZE // BLOCK) * BLOCK
@@ -120,7 +122,8 @@ def test_a_bigger_journal_keeps_every_record_cursor_and_the_volume_id(tmp_path: 
     journal = open_journal(config)
     try:
         assert journal.volume_id == volume_id
-        assert payloads(journal) == before  # the same records, numbers and payloads
+        # The same records: numbers, payloads, origin times and units.
+        assert payloads(journal) == before
         assert journal.consumers[BEHIND].mode == "journal"
         assert journal.consumers[BEHIND].acked_seq == 100
         assert journal.consumers[AHEAD].mode == "journal"
@@ -152,7 +155,7 @@ def test_a_smaller_journal_turns_what_does_not_fit_into_dirty_bits(tmp_path: Pat
             for off, n in behind.dirty.dirty_regions()
             for start in range(off, off + n, DIRTY_REGION)
         }
-        assert {o // DIRTY_REGION for seq, (_, o, _) in before.items() if seq > 10} <= dirty
+        assert {o // DIRTY_REGION for seq, (_, o, *_) in before.items() if seq > 10} <= dirty
         assert journal.volume.pread(0, SIZE) == content
     finally:
         close(journal)

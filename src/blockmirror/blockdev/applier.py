@@ -1,0 +1,300 @@
+"""Ordered apply: every change reaches the volume in journal order, and its waiter hears of it.
+
+The :class:`Applier` holds the queue of :class:`Entry` objects, one per change on its way to the
+volume (a host write, a secondary's record, a region copied by a resync). Writes go to the page
+cache on the event loop (a memcpy); a slow step (a dirty-map sync, zeroing without fallocate)
+runs in a thread, and everything behind it waits, so the volume always changes in journal order.
+
+A volume write that fails (ENOSPC on a thin or sparse volume, EIO) *stalls* the queue: the entry
+stays queued and in the journal and is retried every ``stall_retry`` seconds; meanwhile every
+request waiting on the queue gets the error, and new host writes are refused, so nothing waits
+for room that may never come and nothing journaled is ever skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from blockmirror.alerts import AlertLog
+from blockmirror.blockdev.ackmode import RemoteAck
+from blockmirror.blockdev.durability import Durability, Failure
+from blockmirror.errors import BlockmirrorError
+from blockmirror.journal.format import Kind
+from blockmirror.journal.journal import Journal
+from blockmirror.journal.record import Record
+from blockmirror.store.base import Buffer, Store
+
+__all__ = ["STALL_RETRY", "Applier", "Entry"]
+
+log = logging.getLogger(__name__)
+
+# How often a volume write that failed (ENOSPC, EIO) is tried again.
+STALL_RETRY = 1.0
+
+
+@dataclass(slots=True)
+class Entry:
+    """One change on its way to the volume, and what its completion owes.
+
+    ``record`` is the change: for a journaled one the journal's own record (numbered, stamped
+    and placed, as the journal's index holds it, so without data), and ``data`` the payload
+    parts of a write. ``may_trim``: a zeroing may deallocate (the host allowed it). ``fua``:
+    ``done`` completes only once the change is durable. ``done``: the future the request waits
+    on (None: nobody waits). ``journaled``: the change is a journal record (it advances
+    ``applied_seq``). ``outside``: a host write made while enqueueing is paused, which peers
+    learn of from their dirty maps.
+    """
+
+    record: Record
+    data: Sequence[Buffer] = ()
+    may_trim: bool = False
+    fua: bool = False
+    done: asyncio.Future[None] | None = None
+    journaled: bool = True
+    outside: bool = False
+
+
+class Applier:
+    """Applies entries to the volume in the order they are pushed."""
+
+    def __init__(
+        self,
+        journal: Journal,
+        volume: Store,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        failure: Failure,
+        durability: Durability,
+        alerts: AlertLog,
+        on_stalled: Callable[[OSError], None],
+        on_resumed: Callable[[], None],
+    ) -> None:
+        self.journal = journal
+        self.volume = volume
+        self._loop = loop
+        self._failure = failure
+        self._durability = durability
+        self._alerts = alerts
+        # Whoever else holds waiting requests answers them with the error too.
+        self._on_stalled = on_stalled
+        self._on_resumed = on_resumed
+        self.queue: deque[Entry] = deque()
+        self._blocked = False  # a step runs in a thread; the queue waits behind it
+        self.applied_index = 0  # entries applied since start (for gates)
+        self.queued_index = 0
+        self._gated_index = 0  # queued_index when the last gate was asked for
+        self._gates: deque[tuple[int, asyncio.Future[None]]] = deque()
+        # Every journal record up to this one is in the volume (its page cache).
+        self.applied_seq = journal.next_seq - 1
+        # Set whenever records reach the volume: senders wait on it for more to stream.
+        self.applied_event = asyncio.Event()
+        # Writes made outside the journal that reached the volume so far (a resync compares it
+        # across a pass), and those still queued for it.
+        self.unjournaled_count = 0
+        self.unjournaled_pending = 0
+        self.stalled: OSError | None = None
+        self.stalls = 0
+        self.unstalled = asyncio.Event()
+        self.unstalled.set()
+        self.retry_task: asyncio.Task[None] | None = None
+        self._retrying = False
+        self.stall_retry = STALL_RETRY
+        # ack = "remote": journaled host writes also wait for the peers.
+        self.remote_ack: RemoteAck | None = None
+        failure.listen(lambda exc, first: self.answer_all(exc))
+
+    def push(self, entry: Entry) -> None:
+        """Queue ``entry`` behind every earlier one (:meth:`drain` applies it). Never raises."""
+        self.queue.append(entry)
+        self.queued_index += 1
+
+    def gate(self) -> asyncio.Future[None] | None:
+        """A future that completes once every entry pushed so far is applied; None if they are.
+
+        While the queue is stalled the entries pushed since the previous call cannot be applied:
+        the future is then already failed with the volume's OSError (None if there are none).
+        Never raises.
+        """
+        new_entries = self.queued_index > self._gated_index
+        self._gated_index = self.queued_index
+        if self.applied_index >= self.queued_index:
+            return None
+        if self.stalled is not None:
+            if not new_entries:
+                return None
+            failed: asyncio.Future[None] = self._loop.create_future()
+            failed.set_exception(self.stalled)
+            return failed
+        gate: asyncio.Future[None] = self._loop.create_future()
+        self._gates.append((self.queued_index, gate))
+        return gate
+
+    # --- applying in order ----------------------------------------------------------------------
+
+    def drain(self) -> None:
+        """Apply what can be applied now, in order. Never raises: a volume's OSError stalls the
+        queue, any other error of ours fails the write path."""
+        queue = self.queue
+        while queue and not self._blocked and self.stalled is None:
+            if self.journal.dirty_pending():
+                # A dirty bit is durable before the write it covers reaches the volume.
+                self._block_on(self.journal.sync_dirty_maps)
+                return
+            entry = queue[0]
+            if entry.record.kind != Kind.WRITE and not self.volume.capabilities().fast_zero:
+                self._block_on(functools.partial(self._apply, entry), then=self._applied_one)
+                return
+            try:
+                self._apply(entry)
+            except OSError as exc:
+                self._stall(exc)
+                return
+            except BlockmirrorError as exc:
+                self._failure.fail(exc)
+                return
+            self._applied_one()
+        self._release_gates()
+
+    def _apply(self, entry: Entry) -> None:
+        """Write one change to the volume. Raises OSError (errno) or the volume's VolumeError."""
+        rec = entry.record
+        if rec.kind == Kind.WRITE:
+            if len(entry.data) == 1:
+                self.volume.pwrite(rec.offset, entry.data[0])
+            else:
+                self.volume.pwritev(rec.offset, entry.data)
+        elif rec.kind == Kind.ZERO:
+            self.volume.write_zeroes(rec.offset, rec.length, may_trim=entry.may_trim)
+        elif rec.kind == Kind.TRIM:
+            self.volume.trim(rec.offset, rec.length)
+
+    def _applied_one(self) -> None:
+        entry = self.queue.popleft()
+        self.applied_index += 1
+        if entry.outside:
+            # Counted, and every consumer's generation moved, when the write *reaches* the
+            # volume: a resync copy read between its dirty bit and now did not include it, and
+            # its acknowledgement must not clear the bit (nor may that pass declare a prefix).
+            self.unjournaled_pending -= 1
+            self.unjournaled_count += 1
+            for consumer in self.journal.consumers.values():
+                consumer.generation += 1
+        if entry.journaled:
+            self.applied_seq += 1
+            self.applied_event.set()
+        if entry.done is not None:
+            target = entry.done
+            if self.remote_ack is not None and entry.journaled:
+                # Local completion first, then every required peer must hold it too.
+                target = self._loop.create_future()
+                target.add_done_callback(
+                    functools.partial(self._then_remote, entry.done, self.applied_seq)
+                )
+            if entry.fua:
+                volume_upto = None if entry.journaled else self.applied_seq
+                self._durability.then([target], volume_upto=volume_upto)
+            elif not target.done():
+                target.set_result(None)
+
+    def _then_remote(
+        self, outer: asyncio.Future[None], seq: int, local: asyncio.Future[None]
+    ) -> None:
+        if outer.done():
+            return
+        exc = local.exception() if not local.cancelled() else asyncio.CancelledError()
+        if exc is not None:
+            outer.set_exception(exc)
+        elif self.remote_ack is not None:
+            self.remote_ack.wait(seq, outer)
+        else:
+            outer.set_result(None)
+
+    def _block_on(self, fn: Callable[[], None], then: Callable[[], None] | None = None) -> None:
+        """Run ``fn`` in a thread with the queue held behind it; then ``then`` and drain on."""
+        self._blocked = True
+        fut = self._loop.run_in_executor(None, fn)
+
+        def finished(f: asyncio.Future[None]) -> None:
+            self._blocked = False
+            exc = f.exception()
+            if isinstance(exc, OSError):
+                self._stall(exc)
+                return
+            if exc is not None:
+                self._failure.fail(exc)
+                return
+            if then is not None:
+                then()
+            self.drain()
+
+        fut.add_done_callback(finished)
+
+    def _release_gates(self) -> None:
+        while self._gates and self._gates[0][0] <= self.applied_index:
+            _, gate = self._gates.popleft()
+            if not gate.done():
+                gate.set_result(None)
+
+    def answer_all(self, exc: BaseException) -> None:
+        """Every request waiting on the queue gets ``exc`` now: none waits for ever.
+
+        The entries stay queued (a journaled record is never skipped). Never raises.
+        """
+        if self._failure.error is not None:
+            self.unstalled.set()  # a secondary waiting for a stall to pass must see the failure
+        for entry in self.queue:
+            if entry.done is not None:
+                if not entry.done.done():
+                    entry.done.set_exception(exc)
+                entry.done = None
+        for _, gate in self._gates:
+            if not gate.done():
+                gate.set_exception(exc)
+        self._gates.clear()
+
+    # --- stalls ---------------------------------------------------------------------------------
+
+    def _stall(self, exc: OSError) -> None:
+        """The head entry could not be applied: answer with the error, retry until it can."""
+        first = self.stalled is None and not self._retrying
+        self.stalled = exc
+        self.unstalled.clear()
+        if first:
+            self.stalls += 1
+            log.error("volume write failed, retrying: %s", exc)
+            self._alerts.alert(
+                "volume_write_failed",
+                f"{self.volume.path}: {exc.strerror or exc}; host writes refused, journaled "
+                "records kept and retried",
+            )
+        self.answer_all(exc)
+        self._on_stalled(exc)
+        if self.retry_task is None or self.retry_task.done():
+            self.retry_task = self._loop.create_task(self._retry_stalled())
+
+    async def _retry_stalled(self) -> None:
+        while self.stalled is not None and self._failure.error is None:
+            await asyncio.sleep(self.stall_retry)
+            if self._failure.error is not None:
+                return
+            self.stalled = None
+            self._retrying = True
+            try:
+                self.drain()  # stalls again if the volume still fails
+            finally:
+                self._retrying = False
+            if self.stalled is None:
+                log.warning("%s: volume writes succeed again; resuming", self.volume.path)
+                self._alerts.alert("volume_write_resumed", f"{self.volume.path}: writes resumed")
+                self.unstalled.set()
+                self._on_resumed()
+
+    def stop(self) -> None:
+        """Stop retrying a stalled entry (the unit is stopping). Never raises."""
+        if self.retry_task is not None:
+            self.retry_task.cancel()
