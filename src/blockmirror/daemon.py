@@ -7,7 +7,6 @@ stops accepting, lets requests in flight finish, makes every volume durable and 
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import functools
 import io
 import logging
@@ -345,14 +344,11 @@ class Unit:
             self._lock_fd = None
 
     def _lock(self, state_dir: Path) -> None:
-        fd = os.open(statedir.lock_path(state_dir), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        fd = statedir.try_lock(state_dir)
+        if fd is None:
             raise UnitLockedError(
                 f"state directory {state_dir} is in use by another blockmirror unit"
-            ) from None
+            )
         self._lock_fd = fd
 
     def _write_runtime_file(self) -> None:

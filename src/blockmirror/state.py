@@ -172,8 +172,9 @@ TRANSITIONS: Final[Mapping[type[enum.Enum], Mapping[Any, frozenset[Any]]]] = {
     ),
     Consistency: _table(
         {
-            Consistency.CONSISTENT: (Consistency.INCONSISTENT,),
-            Consistency.INCONSISTENT: (Consistency.CONSISTENT,),
+            Consistency.CONSISTENT: (Consistency.INCONSISTENT,),  # a resync starts
+            # A resync completes, or starts again before the last one finished.
+            Consistency.INCONSISTENT: (Consistency.CONSISTENT, Consistency.INCONSISTENT),
         }
     ),
 }

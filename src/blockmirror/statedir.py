@@ -15,6 +15,7 @@ Nothing here opens a journal or a map: the modules that own those formats take t
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 from pathlib import Path
@@ -44,6 +45,21 @@ def dirty_map_path(state_dir: Path, volume: str, consumer: str) -> Path:
 
 def lock_path(state_dir: Path) -> Path:
     return state_dir / LOCK_FILE
+
+
+def try_lock(state_dir: Path) -> int | None:
+    """Take the state directory's lock (``unit.lock``, flock, exclusive, not waiting).
+
+    Returns the descriptor that holds it (closing it releases the lock), or None when another
+    process holds it: a running unit, or an offline command.
+    """
+    fd = os.open(lock_path(state_dir), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def runtime_path(state_dir: Path) -> Path:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from blockmirror.errors import AdminError
+from blockmirror.io.fileio import sync_directory
 from blockmirror.statedir import TOKEN_FILE_NAME
 
 # A generated token: 32 random bytes, URL-safe base64 (43 characters).
@@ -136,11 +137,7 @@ def ensure_token(path: Path) -> str:
         pass
     finally:
         os.unlink(tmp)
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    sync_directory(path.parent)
     return load_token(path)
 
 

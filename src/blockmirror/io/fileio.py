@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 Buffer = bytes | bytearray | memoryview
 
@@ -46,3 +47,12 @@ def pread_all(fd: int, size: int, pos: int) -> bytes:
         parts.append(data)
         got += len(data)
     return b"".join(parts)
+
+
+def sync_directory(path: Path) -> None:
+    """fsync the directory ``path``: a file created or renamed in it survives a power cut."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -38,7 +38,7 @@ from typing import Self
 from crc32c import crc32c
 
 from blockmirror.errors import JournalError, OutOfRangeError
-from blockmirror.io.fileio import pread_all, pwritev_all
+from blockmirror.io.fileio import pread_all, pwritev_all, sync_directory
 
 __all__ = [
     "DEFAULT_REGION_SIZE",
@@ -144,14 +144,6 @@ def _encode_header(volume_size: int, region_size: int) -> bytes:
     return body + _CRC.pack(crc32c(body))
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class DirtyMap:
     """The dirty regions of one volume for one peer, kept in memory and in a file.
 
@@ -233,7 +225,7 @@ class DirtyMap:
                 pwritev_all(fd, [bits], PAGE_SIZE)
             os.fdatasync(fd)
             os.replace(tmp, path)
-            _fsync_dir(path.parent)
+            sync_directory(path.parent)
         except BaseException as exc:
             os.close(fd)
             tmp.unlink(missing_ok=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from blockmirror.errors import JournalError
+from blockmirror.io.fileio import sync_directory
 from blockmirror.journal import consumers as consumers_module
 from blockmirror.journal import identity
 from blockmirror.journal.checkpoint import (
@@ -28,7 +29,7 @@ from blockmirror.journal.checkpoint import (
 from blockmirror.journal.record import UNKNOWN_ORIGIN
 from blockmirror.journal.ring import DATA_START, Ring
 from blockmirror.journal.scan import JournalCorruptError, ScanResult, erase_stale_headers, scan
-from blockmirror.journal.storage import RingFileOpener, open_journal_file, sync_directory
+from blockmirror.journal.storage import RingFileOpener, open_journal_file
 from blockmirror.store.base import Store
 
 if TYPE_CHECKING:

@@ -34,7 +34,6 @@ __all__ = [
     "RingFileOpener",
     "as_store",
     "open_journal_file",
-    "sync_directory",
     "write_durable",
 ]
 
@@ -181,12 +180,3 @@ def write_durable(file: Store, offset: int, data: Buffer) -> None:
         return
     file.pwrite(offset, data)
     file.flush()
-
-
-def sync_directory(path: Path) -> None:
-    """fsync the directory ``path``: a file created or renamed in it survives a power cut."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

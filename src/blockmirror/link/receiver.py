@@ -39,6 +39,7 @@ from blockmirror.link.protocol import (
 )
 from blockmirror.link.session import DEFAULT_TIMEOUTS, LinkRefused, LinkSession, Timeouts
 from blockmirror.link.session_crypto import CHACHA20_POLY1305, Opener, Sealer, derive_keys
+from blockmirror.state import Consistency, transition
 
 log = logging.getLogger(__name__)
 
@@ -384,6 +385,9 @@ class ReceiverSession:
         wp = replica.write_path
         journal = wp.journal
         # Inconsistent from now on, durably, before any copied region lands on the replica.
+        transition(
+            _consistency(journal.replica), Consistency.INCONSISTENT, what=f"replica {replica.name}"
+        )
         journal.replica = ReplicaState(
             volume_id=hello.volume_id,
             source_unit=hello.unit,
@@ -435,6 +439,9 @@ class ReceiverSession:
             replica.sync_done = None
             state = wp.journal.replica
             if state is not None:
+                transition(
+                    _consistency(state), Consistency.CONSISTENT, what=f"replica {replica.name}"
+                )
                 wp.journal.replica = ReplicaState(
                     volume_id=state.volume_id,
                     source_unit=state.source_unit,
@@ -463,3 +470,11 @@ class ReceiverSession:
             return
         wp = replica.write_path
         self.link.send(Ack(wp.journal.durable_seq, wp.applied_seq, replica.sync_lsn))
+
+
+def _consistency(state: ReplicaState | None) -> Consistency:
+    """The replica's consistency as the transition table names it (no state yet: a replica
+    that never received, which is not consistent)."""
+    if state is not None and state.consistent:
+        return Consistency.CONSISTENT
+    return Consistency.INCONSISTENT

@@ -7,7 +7,6 @@ works, and refuses while a unit runs: while the lock is held, or while the unit 
 
 from __future__ import annotations
 
-import fcntl
 import os
 from pathlib import Path
 from types import TracebackType
@@ -17,7 +16,7 @@ from blockmirror.config import Config, VolumeConfig
 from blockmirror.errors import OfflineError
 from blockmirror.journal.checkpoint import CheckpointError, read_checkpoint
 from blockmirror.journal.storage import JournalFile
-from blockmirror.statedir import lock_path, read_runtime_file
+from blockmirror.statedir import read_runtime_file, try_lock
 
 __all__ = ["OfflineError", "StateDirLock", "journal_volume"]
 
@@ -48,11 +47,8 @@ class StateDirLock:
             raise OfflineError(
                 f"state directory {state_dir} does not exist: there is no journal to {what}"
             )
-        fd = os.open(lock_path(state_dir), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        fd = try_lock(state_dir)
+        if fd is None:
             raise OfflineError(
                 f"state directory {state_dir} is in use by a running blockmirror unit: stop it "
                 f"first (this command runs offline)"

@@ -30,13 +30,14 @@ from dataclasses import dataclass
 from blockmirror import statedir
 from blockmirror.config import MIN_JOURNAL_SIZE, Config
 from blockmirror.errors import BlockmirrorError, JournalError
+from blockmirror.io.fileio import sync_directory
 from blockmirror.journal.checkpoint import CheckpointError, new_journal_id
 from blockmirror.journal.format import Kind
 from blockmirror.journal.journal import Journal
 from blockmirror.journal.record import Record
 from blockmirror.journal.ring import DATA_START, Ring
 from blockmirror.journal.scan import JournalCorruptError
-from blockmirror.journal.storage import JournalFile, sync_directory
+from blockmirror.journal.storage import JournalFile
 from blockmirror.offline.lock import (
     OfflineError,
     StateDirLock,
