@@ -45,6 +45,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # run as a script: make ``benchmarks`` importable
     sys.path.insert(0, str(REPO_ROOT))
 
+from tests.support.crash import crash  # noqa: E402
+
 import blockmirror.journal.opening as opening_module  # noqa: E402
 from benchmarks.bench_export import (  # noqa: E402
     create_backing_file,
@@ -166,19 +168,6 @@ def open_journal(workdir: Path, volume: Volume, journal_size: int) -> Journal:
         dirty_dir=workdir,
         volume_name=VOLUME_NAME,
     )
-
-
-def crash(wp: JournalWritePath) -> None:
-    """Drop everything as a kill -9 would: no final checkpoint, no sync.
-
-    The same steps as ``crash()`` in tests/unit/blockdev/test_journaled.py.
-    """
-    if wp._task is not None:
-        wp._task.cancel()
-    for consumer in wp.journal.consumers.values():
-        consumer.dirty.close(sync=False)
-    wp.journal.abandon()
-    wp.volume.close()
 
 
 async def fill_journal(

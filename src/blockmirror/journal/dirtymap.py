@@ -32,12 +32,11 @@ import struct
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 from crc32c import crc32c
 
 from blockmirror.errors import JournalError, OutOfRangeError
+from blockmirror.io.closing import Closing
 from blockmirror.io.fileio import pread_all, pwritev_all, sync_directory
 
 __all__ = [
@@ -144,7 +143,7 @@ def _encode_header(volume_size: int, region_size: int) -> bytes:
     return body + _CRC.pack(crc32c(body))
 
 
-class DirtyMap:
+class DirtyMap(Closing):
     """The dirty regions of one volume for one peer, kept in memory and in a file.
 
     Thread model: one thread (the event loop) calls :meth:`mark`, :meth:`clear` and the queries;
@@ -320,17 +319,6 @@ class DirtyMap:
                 if self._fd >= 0:
                     fd, self._fd = self._fd, -1
                     os.close(fd)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self._fd < 0 else f"{self.dirty_regions_count()} dirty"

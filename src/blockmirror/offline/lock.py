@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 from blockmirror.config import Config, VolumeConfig
 from blockmirror.errors import OfflineError
+from blockmirror.io.closing import Closing
 from blockmirror.journal.checkpoint import CheckpointError, read_checkpoint
 from blockmirror.journal.storage import JournalFile
 from blockmirror.statedir import read_runtime_file, try_lock
@@ -38,7 +37,7 @@ def _alive(pid: int) -> bool:
     return b"blockmirror" in cmdline
 
 
-class StateDirLock:
+class StateDirLock(Closing):
     """The state directory's lock, held from construction until :meth:`close`."""
 
     def __init__(self, state_dir: Path, what: str) -> None:
@@ -67,17 +66,6 @@ class StateDirLock:
         if self._fd >= 0:
             os.close(self._fd)  # releases the flock
             self._fd = -1
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def journal_volume(config: Config, name: str, *, to: str = "") -> VolumeConfig:

@@ -34,12 +34,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 from blockmirror import statedir
 from blockmirror.config import Config, VolumeConfig
 from blockmirror.errors import BlockmirrorError
+from blockmirror.io.closing import Closing
 from blockmirror.journal.checkpoint import (
     SLOT_SIZE,
     Checkpoint,
@@ -171,7 +170,7 @@ class RecoveryPlan:
         return lines
 
 
-class JournalRecovery:
+class JournalRecovery(Closing):
     """Holds the unit's state-directory lock from analysis to the end of :meth:`run`.
 
     Construction takes the lock (refusing while a unit runs), reads the journal and builds the
@@ -224,17 +223,6 @@ class JournalRecovery:
         if self._state_lock is not None:
             self._state_lock.close()
             self._state_lock = None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # --- analysis (reads only) ------------------------------------------------------------
 

@@ -56,9 +56,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, Self
+from typing import Literal
 
 from blockmirror.errors import OutOfRangeError, ReadOnlyError, VolumeError
+from blockmirror.io.closing import Closing
 from blockmirror.store.base import Buffer, Capabilities, Extent, Store
 from blockmirror.store.power import PAGE, Change, PageModel, Power
 
@@ -96,7 +97,7 @@ class Fault:
         return True
 
 
-class FaultyStore:
+class FaultyStore(Closing):
     """A :class:`~blockmirror.store.base.Store` that fails on request and loses power."""
 
     path: Path
@@ -138,17 +139,6 @@ class FaultyStore:
 
     def __repr__(self) -> str:
         return f"<FaultyStore {self.inner!r}>"
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # --- configuration --------------------------------------------------------------------
 

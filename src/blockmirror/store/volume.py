@@ -27,10 +27,10 @@ import os
 import stat
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Literal, Self
+from typing import Literal
 
 from blockmirror.errors import OutOfRangeError, ReadOnlyError, VolumeError
+from blockmirror.io.closing import Closing
 from blockmirror.io.fileio import pwritev_all
 from blockmirror.store.base import DATA, MAX_EXTENTS, Capabilities, Extent
 from blockmirror.store.device import (
@@ -133,7 +133,7 @@ def backing_size(path: Path) -> int | None:
         os.close(fd)
 
 
-class Volume:
+class Volume(Closing):
     """An open backing store; all offsets are relative to the volume's region."""
 
     path: Path
@@ -281,17 +281,6 @@ class Volume:
     def __repr__(self) -> str:
         mode = "ro" if self.read_only else "rw"
         return f"<Volume {self.kind} {self.path} [{self.offset}+{self.size}] {mode}>"
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -23,6 +23,7 @@ from blockmirror.journal.journal import Journal
 from blockmirror.journal.scan import JournalCorruptError, scan
 from blockmirror.state import ConsumerMode, VolumeState
 from blockmirror.store.volume import Volume
+from tests.support.crash import crash
 from tests.unit.blockdev.rig import open_rig, write_path
 from tests.unit.blockdev.rig import run as run_parts
 from tests.unit.blockdev.rig import settle as settle_parts
@@ -52,16 +53,6 @@ def open_path(
     wp = JournalWritePath(journal, volume, loop, overflow=overflow)  # type: ignore[arg-type]
     wp.start()
     return wp
-
-
-def crash(wp: JournalWritePath) -> None:
-    """Drop everything as a kill -9 would: no final checkpoint, no sync."""
-    if wp._task is not None:
-        wp._task.cancel()
-    for consumer in wp.journal.consumers.values():
-        consumer.dirty.close(sync=False)
-    wp.journal.abandon()
-    wp.volume.close()
 
 
 def corrupt(path: Path, pos: int) -> None:

@@ -22,6 +22,7 @@ from blockmirror.journal.journal import Journal
 from blockmirror.journal.record import Record
 from blockmirror.state import ConsumerMode
 from blockmirror.store.faulty import CHANGES
+from tests.support.crash import crash
 from tests.support.faultydisk import FaultyDisk, Machine
 from tests.unit.blockdev.test_journaled import VOLUME, MiB, run, settle
 from tests.unit.blockdev.test_journaled import open_path as open_plain_path
@@ -55,16 +56,6 @@ def open_path(
     wp = JournalWritePath(journal, volume, loop)
     wp.start()
     return wp
-
-
-def crash(wp: JournalWritePath) -> None:
-    """Drop everything as a kill -9 would: no final checkpoint, no sync."""
-    if wp._task is not None:
-        wp._task.cancel()
-    for consumer in wp.journal.consumers.values():
-        consumer.dirty.close(sync=False)
-    wp.journal.abandon()
-    wp.volume.close()
 
 
 def stop_checkpointer(wp: JournalWritePath) -> None:

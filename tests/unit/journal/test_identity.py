@@ -25,7 +25,8 @@ from blockmirror.journal.checkpoint import read_checkpoint, write_checkpoint
 from blockmirror.journal.journal import Journal, VolumeIdentityError
 from blockmirror.state import ConsumerMode
 from blockmirror.store.volume import Volume
-from tests.unit.blockdev.test_journaled import VOLUME, MiB, crash, settle
+from tests.support.crash import crash
+from tests.unit.blockdev.test_journaled import VOLUME, MiB, settle
 
 BLOCK = 4096
 T = TypeVar("T")
