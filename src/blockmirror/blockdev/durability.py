@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 from blockmirror.alerts import AlertLog
-from blockmirror.io.syncer import Syncer
+from blockmirror.io.syncer import Syncer, settle
 from blockmirror.journal.journal import Journal
 from blockmirror.store.base import Store
 
@@ -57,17 +57,6 @@ class Failure:
         """Raise the failure, if there is one."""
         if self.error is not None:
             raise self.error
-
-
-def settle(waiters: Iterable[asyncio.Future[None]], exc: BaseException | None) -> None:
-    """Complete every waiter not done yet: with ``exc``, or successfully when it is None."""
-    for waiter in waiters:
-        if waiter.done():
-            continue
-        if exc is None:
-            waiter.set_result(None)
-        else:
-            waiter.set_exception(exc)
 
 
 def consume(f: asyncio.Future[None]) -> None:

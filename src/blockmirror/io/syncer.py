@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 
 class Syncer:
@@ -43,12 +43,17 @@ class Syncer:
     def _finished(self, f: asyncio.Future[None], waiters: list[asyncio.Future[None]]) -> None:
         self._running = False
         exc = f.exception() if not f.cancelled() else asyncio.CancelledError()
-        for waiter in waiters:
-            if waiter.done():
-                continue
-            if exc is None:
-                waiter.set_result(None)
-            else:
-                waiter.set_exception(exc)
+        settle(waiters, exc)
         if self._next:
             self._start()
+
+
+def settle(waiters: Iterable[asyncio.Future[None]], exc: BaseException | None) -> None:
+    """Complete every waiter not done yet: with ``exc``, or successfully when it is None."""
+    for waiter in waiters:
+        if waiter.done():
+            continue
+        if exc is None:
+            waiter.set_result(None)
+        else:
+            waiter.set_exception(exc)
