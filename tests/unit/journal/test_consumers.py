@@ -30,6 +30,21 @@ def records(*kinds_offsets: tuple[Kind, int]) -> list[Record]:
     ]
 
 
+def empty_checkpoint(consumers: dict[str, ConsumerState]) -> Checkpoint:
+    """The checkpoint of an empty journal with these consumers."""
+    return Checkpoint(
+        journal_id="ab",
+        volume_size=VOLUME,
+        capacity=65536,
+        head_lpos=0,
+        head_seq=1,
+        next_seq=1,
+        applied_seq=0,
+        boot_id="",
+        consumers=consumers,
+    )
+
+
 def test_modes_change_through_the_table(consumer: Consumer) -> None:
     consumer.set_mode(ConsumerMode.JOURNAL)
     assert consumer.state() == ConsumerState(0, ConsumerMode.JOURNAL)
@@ -45,16 +60,8 @@ def test_modes_change_through_the_table(consumer: Consumer) -> None:
 
 
 def test_a_checkpoint_stores_the_mode_as_its_string_and_decodes_the_enum() -> None:
-    cp = Checkpoint(
-        journal_id="ab",
-        volume_size=VOLUME,
-        capacity=65536,
-        head_lpos=0,
-        head_seq=1,
-        next_seq=1,
-        applied_seq=0,
-        boot_id="",
-        consumers={"a": ConsumerState(3, ConsumerMode.TRACKING), "b": ConsumerState(4, "journal")},  # type: ignore[arg-type]
+    cp = empty_checkpoint(
+        {"a": ConsumerState(3, ConsumerMode.TRACKING), "b": ConsumerState(4, "journal")}  # type: ignore[arg-type]
     )
     assert b'"mode":"tracking"' in cp.to_json() and b'"mode":"journal"' in cp.to_json()
     decoded = decode(encode_slot(cp, 2))
@@ -242,19 +249,8 @@ def test_identified_peers_keep_no_detached_cursor(tmp_path: Path) -> None:
 
 
 def test_the_peer_survives_a_checkpoint_and_old_checkpoints_have_none() -> None:
-    cp = Checkpoint(
-        journal_id="ab",
-        volume_size=VOLUME,
-        capacity=65536,
-        head_lpos=0,
-        head_seq=1,
-        next_seq=1,
-        applied_seq=0,
-        boot_id="",
-        consumers={
-            "x": ConsumerState(3, ConsumerMode.JOURNAL, False, "site-b"),
-            "y": ConsumerState(1),
-        },
+    cp = empty_checkpoint(
+        {"x": ConsumerState(3, ConsumerMode.JOURNAL, False, "site-b"), "y": ConsumerState(1)}
     )
     raw = cp.to_json()
     assert b'"peer":"site-b"' in raw and raw.count(b'"peer"') == 1
