@@ -32,8 +32,10 @@ from blockmirror.counters import VolumeCounters
 from blockmirror.errors import BlockmirrorError, JournalError, VolumeError
 from blockmirror.frontend.nbd_limits import NbdLimits
 from blockmirror.frontend.nbd_server import NbdServer
+from blockmirror.journal import generations
 from blockmirror.journal.checkpoint import CheckpointError
 from blockmirror.journal.dirtymap import DirtyMapError
+from blockmirror.journal.generations import GenerationsError, VolumeHistory
 from blockmirror.journal.journal import Journal
 from blockmirror.journal.record import origin_id
 from blockmirror.journal.scan import JournalCorruptError
@@ -66,6 +68,8 @@ class VolumeRuntime:
     problem: str | None = None
     replica: ReplicaRuntime | None = None
     senders: list[PeerSender] = field(default_factory=list)
+    # The live role and the generations (STATE_DIR/VOLUME.role); None if it could not be read.
+    history: VolumeHistory | None = None
 
     @property
     def counters(self) -> VolumeCounters:
@@ -73,8 +77,9 @@ class VolumeRuntime:
 
     @property
     def role(self) -> Role:
-        # The live role; until failover (issue 9) keeps it in state_dir, the configured one.
-        return Role(self.config.role)
+        """The live role, kept in the state directory; the configuration's ``role`` is only
+        the role a new volume starts with."""
+        return self.history.role if self.history is not None else Role(self.config.role)
 
     @property
     def serving_state(self) -> VolumeState:
@@ -159,8 +164,6 @@ class Unit:
     async def _open_volume(
         self, vc: VolumeConfig, loop: asyncio.AbstractEventLoop
     ) -> VolumeRuntime:
-        # A replica is written only by replication: whenever it is exported, it is read-only.
-        read_only = vc.read_only or vc.role == "secondary"
         volume = Volume.open(vc.path, size=vc.size, offset=vc.offset, read_only=vc.read_only)
         write_path: WritePath = DirectWritePath(volume, loop)
         journal_wp: JournalWritePath | None = None
@@ -221,14 +224,31 @@ class Unit:
                     journal_wp.remote_ack = remote
                 journal_wp.start()
                 write_path = journal_wp
+        history: VolumeHistory | None = None
+        if problem is None:
+            try:
+                history = await asyncio.to_thread(
+                    generations.load_or_create,
+                    statedir.role_path(self.config.unit.state_dir, vc.name),
+                    volume=vc.name,
+                    configured=Role(vc.role),
+                    unit=self.config.unit.name,
+                    next_seq=journal_wp.journal.next_seq if journal_wp else 1,
+                )
+            except (GenerationsError, OSError) as exc:
+                problem = f"cannot use the role file: {exc}"
+                log.error("volume %s is not served: %s", vc.name, problem)
+        role = history.role if history is not None else Role(vc.role)
+        # A replica is written only by replication: whenever it is exported, it is read-only.
+        read_only = vc.read_only or role is not Role.PRIMARY
         export = BlockDevice(
             vc.name,
             volume,
             write_path,
-            description=vc.description or f"blockmirror {vc.role} volume {vc.name}",
+            description=vc.description or f"blockmirror {role} volume {vc.name}",
             read_only=read_only,
         )
-        rt = VolumeRuntime(vc, volume, export, journal=journal_wp)
+        rt = VolumeRuntime(vc, volume, export, journal=journal_wp, history=history)
         if problem is not None:
             rt.problem = problem
             rt.enter(VolumeState.FAILED)
@@ -399,6 +419,8 @@ class Unit:
         return {
             "name": rt.config.name,
             "role": str(rt.role),
+            "configured_role": rt.config.role,
+            **(rt.history.status() if rt.history is not None else {}),
             "state": str(rt.state),
             "size": rt.volume.size,
             "path": str(rt.config.path),

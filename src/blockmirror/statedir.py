@@ -6,6 +6,7 @@ STATE_DIR/
   unit.json                 where the running unit listens; pid; world-readable, no secrets
   admin.token               the admin credential, unless [unit] admin_token_file says otherwise
   VOLUME.journal            the volume's journal (docs/journal.md)
+  VOLUME.role               the volume's live role and its generations (journal/generations.py)
   VOLUME.CONSUMER.dirty     one dirty map per consumer of that journal
 ```
 
@@ -26,6 +27,7 @@ LOCK_FILE: Final = "unit.lock"
 TOKEN_FILE_NAME: Final = "admin.token"
 JOURNAL_SUFFIX: Final = ".journal"
 DIRTY_SUFFIX: Final = ".dirty"
+ROLE_SUFFIX: Final = ".role"
 
 
 def _safe(name: str) -> str:
@@ -36,6 +38,11 @@ def _safe(name: str) -> str:
 def journal_path(state_dir: Path, volume: str) -> Path:
     """Where the journal of ``volume`` lives."""
     return state_dir / f"{volume}{JOURNAL_SUFFIX}"
+
+
+def role_path(state_dir: Path, volume: str) -> Path:
+    """Where the live role and the generation history of ``volume`` live."""
+    return state_dir / f"{volume}{ROLE_SUFFIX}"
 
 
 def dirty_map_path(state_dir: Path, volume: str, consumer: str) -> Path:

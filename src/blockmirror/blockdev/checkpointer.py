@@ -149,7 +149,7 @@ class Checkpointer:
 
     # --- checkpoints ----------------------------------------------------------------------------
 
-    async def checkpoint(self, *, clean: bool = False) -> None:
+    async def checkpoint(self, *, clean: bool = False, volume_durable: bool = False) -> None:
         """Free what the volume and every journal-mode consumer no longer need.
 
         A record is freed only once the volume's copy of it is durable, so the volume is synced
@@ -157,6 +157,10 @@ class Checkpointer:
         (Freeing records that only the page cache held, and syncing the volume at the next
         FLUSH instead, lost flushed writes: a checkpoint racing with a FLUSH's journal sync
         freed a record the FLUSH had already decided needed no volume sync.)
+
+        ``volume_durable``: sync the volume in any case, so the checkpoint says the volume
+        holds every applied record and none is replayed at the next start (before the volume
+        is written outside the journal, where a replayed older record would undo a newer write).
 
         Raises OSError (errno) when the volume sync or the checkpoint write fails (a failed
         volume sync also fails the write path), and DirtyMapError when a dirty map cannot be
@@ -168,6 +172,7 @@ class Checkpointer:
             last_freed = journal.keep_from(target) - 1
             if self._failure.error is None and (
                 clean
+                or volume_durable
                 or (journal.head_seq <= last_freed and last_freed > journal.volume_durable_seq)
             ):
                 await self._durability.sync_volume(target)

@@ -73,7 +73,9 @@ class JournalControls:
         """
         self._commit_quietly()
         self._journal.enqueue_paused = paused
-        await self._checkpointer.checkpoint()
+        # From now on writes reach the volume outside the journal: no record applied before
+        # may be replayed over them after a crash, so the checkpoint covers them all durably.
+        await self._checkpointer.checkpoint(volume_durable=paused)
 
     async def pause_consumer(self, name: str, paused: bool) -> None:
         """Stop (or restart) sending to consumer ``name``.
