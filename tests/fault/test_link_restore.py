@@ -20,6 +20,7 @@ from tests.support.pair import (
     MiB,
     Site,
     find_peer,
+    frozen,
     peer_address,
     qemu_img_compare,
     topology,
@@ -124,8 +125,11 @@ def test_secondary_restored_from_a_backup_converges_and_is_never_misreported(
         if primary_restarts:
             assert a.unit is not None and a.unit.terminate() == 0
             a.start()
-        b.start()
-        restored = b.volume_status()["replica"]
+        # The primary is frozen while the restored secondary starts and is asked what it
+        # holds: otherwise a quick resend or resync can finish before the question is asked.
+        with frozen(a):
+            b.start()
+            restored = b.volume_status()["replica"]
         assert restored["received_seq"] < newest, (restored, newest)
 
         # Until it has caught up, the primary never reports lag 0 for a replica that is behind.
