@@ -194,8 +194,18 @@ class Export:
 class RawNbd:
     """One blocking connection. Every read has a timeout, so a hung server fails the test."""
 
-    def __init__(self, address: tuple[str, int], *, timeout: float = 5.0) -> None:
-        self.sock = socket.create_connection(address, timeout=timeout)
+    def __init__(
+        self, address: tuple[str, int], *, timeout: float = 5.0, rcvbuf: int | None = None
+    ) -> None:
+        if rcvbuf is None:
+            self.sock = socket.create_connection(address, timeout=timeout)
+        else:
+            # The receive buffer bounds the TCP window only when set before the handshake;
+            # set later, the window scale already agreed lets the kernel buffer megabytes.
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            self.sock.settimeout(timeout)
+            self.sock.connect(address)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.export: Export | None = None  # set by a successful go()
 

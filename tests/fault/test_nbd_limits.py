@@ -10,7 +10,6 @@ well-behaved client (this file's raw client, nbdinfo and qemu-io) is served.
 from __future__ import annotations
 
 import contextlib
-import socket
 import subprocess
 import threading
 import time
@@ -77,9 +76,8 @@ def unit_with(tmp_path: Path, size: str = "64MiB", **unit_keys: Any) -> Iterator
 
 def greedy_client(address: tuple[str, int], cookie_base: int) -> RawNbd:
     """Negotiates, pipelines READS_EACH 32 MiB READs, and never reads a reply."""
-    client = RawNbd(address, timeout=HANG)
     # A small receive buffer, so the kernel soaks up little and the unit has to hold the rest.
-    client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    client = RawNbd(address, timeout=HANG, rcvbuf=64 * 1024)
     client.session()
     for i in range(READS_EACH):
         client.send_request(CMD_READ, 0, READ_SIZE, cookie=cookie_base + i)
@@ -323,15 +321,14 @@ def test_readers_under_a_small_budget_all_finish_and_the_budget_returns_to_zero(
     """Many connections that all wait for reply budget at once must not wait for each other
     for ever: bytes the kernel took below a transport's high-water mark are counted back."""
     reads, length = 24, 256 * 1024
-    with unit_with(tmp_path, nbd_reply_budget="1MiB", nbd_max_connections=16) as unit:
+    with unit_with(tmp_path, nbd_reply_budget="1MiB", nbd_max_connections=32) as unit:
         address = unit.export_address("vol")
         errors: list[BaseException] = []
 
         def reader(n: int) -> None:
             try:
-                with RawNbd(address, timeout=HANG) as client:
-                    # Little kernel buffering, so replies queue in the unit and use the budget.
-                    client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+                # Little kernel buffering, so replies queue in the unit and use the budget.
+                with RawNbd(address, timeout=HANG, rcvbuf=64 * 1024) as client:
                     client.session()
                     for i in range(reads):
                         client.send_request(CMD_READ, i * length, length, cookie=n * 100 + i)
@@ -343,7 +340,9 @@ def test_readers_under_a_small_budget_all_finish_and_the_budget_returns_to_zero(
             except BaseException as exc:
                 errors.append(exc)
 
-        threads = [threading.Thread(target=reader, args=(n,)) for n in range(12)]
+        # Each paused connection holds about a transport's high-water mark (64 KiB) of the
+        # budget, so 24 of them need more than the 1 MiB there is: the budget must bind.
+        threads = [threading.Thread(target=reader, args=(n,)) for n in range(24)]
         for t in threads:
             t.start()
         for t in threads:
