@@ -194,6 +194,17 @@ def wait_for_writes(unit: UnitProcess, client: subprocess.Popen[bytes], timeout:
         time.sleep(0.01)
 
 
+def wait_for_bytes(
+    unit: UnitProcess, client: subprocess.Popen[bytes], nbytes: int, timeout: float
+) -> None:
+    """Until the unit has taken ``nbytes`` of writes since it started."""
+    deadline = time.monotonic() + timeout
+    while volume_status(unit)["counters"]["bytes_written"] < nbytes:
+        assert client.poll() is None, f"client exited {client.returncode} early"
+        assert time.monotonic() < deadline, f"fewer than {nbytes} bytes written in {timeout}s"
+        time.sleep(0.02)
+
+
 # --- the journal, read offline -------------------------------------------------------------------
 
 
@@ -790,6 +801,11 @@ def probe_with_qemu_io(rig: CrashRig, offset: int, pattern: int, log: Path) -> N
     assert "Pattern verification failed" not in out, out
 
 
+# Each of the fio test's kills comes after this much was written in its run: 5 of them are
+# 3.75 laps of the ring's 8 MiB, with records (4 KiB of data each) and their headers.
+FIO_BYTES_PER_KILL = 6 * MiB
+
+
 def test_kill_9_under_fio_recovers(rig: CrashRig, tmp_path: Path) -> None:
     """fio randwrite 4k at depth 16, a FLUSH every 32 writes, killed 5 times mid-run."""
     require_commands("fio", "qemu-io")
@@ -824,7 +840,10 @@ def test_kill_9_under_fio_recovers(rig: CrashRig, tmp_path: Path) -> None:
                 cwd=tmp_path,
             )
             wait_for_writes(unit, fio, timeout=CLIENT_TIMEOUT)
-            time.sleep(rng.uniform(0.2, 1.0))
+            # Enough written that the kills together wrap the ring (check_totals), however
+            # fast this machine is; then a random moment, so each kill lands somewhere else.
+            wait_for_bytes(unit, fio, FIO_BYTES_PER_KILL, timeout=CLIENT_TIMEOUT * 2)
+            time.sleep(rng.uniform(0.0, 0.5))
             assert fio.poll() is None, "fio finished before the kill"
             rig.kill()
             out = finish(fio, log)
