@@ -26,6 +26,7 @@ from blockmirror.admin.client import (
     token_for,
 )
 from blockmirror.admin.table import format_status_table
+from blockmirror.cli_roles import add_role_commands
 from blockmirror.config import Config, load_config
 from blockmirror.errors import BlockmirrorError, ConfigError
 from blockmirror.io.allocator import tune_malloc
@@ -185,13 +186,17 @@ def _quote(segment: str) -> str:
 
 
 def _run_control(
-    args: argparse.Namespace, path: str, params: dict[str, int] | None = None
+    args: argparse.Namespace,
+    path: str,
+    params: dict[str, int] | None = None,
+    *,
+    timeout: float = 60.0,
 ) -> dict[str, Any] | None:
     client = _admin_client(args)
     if client is None:
         return None
     try:
-        return call_control(client, path, params)
+        return call_control(client, path, params, timeout)
     except (ControlFailed, ConfigError) as exc:
         print(f"blockmirror: {exc}", file=sys.stderr)
         return None
@@ -458,6 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     discard.add_argument("--to", dest="last", type=_seq_arg, required=True, metavar="SEQ")
     _admin_arguments(discard)
     discard.set_defaults(func=cmd_consumer_discard)
+
+    add_role_commands(sub, admin_arguments=_admin_arguments, run_control=_run_control)
 
     check = sub.add_parser("check-config", help="validate a configuration file")
     check.add_argument("config")

@@ -15,7 +15,6 @@ import resource
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +27,8 @@ from blockmirror.blockdev.journaled import JournalWritePath
 from blockmirror.blockdev.service import BlockDevice
 from blockmirror.blockdev.writepath import DirectWritePath, WritePath
 from blockmirror.config import Config, ReplicationConfig, VolumeConfig
-from blockmirror.counters import VolumeCounters
 from blockmirror.errors import BlockmirrorError, JournalError, VolumeError
+from blockmirror.failover import VolumeRoles
 from blockmirror.frontend.nbd_limits import NbdLimits
 from blockmirror.frontend.nbd_server import NbdServer
 from blockmirror.journal import generations
@@ -41,10 +40,11 @@ from blockmirror.journal.record import origin_id
 from blockmirror.journal.scan import JournalCorruptError
 from blockmirror.link.auth import AuthError, load_psk
 from blockmirror.link.listener import ReplicationServer
-from blockmirror.link.receiver import ReplicaRuntime
+from blockmirror.link.replica_runtime import ReplicaRuntime
 from blockmirror.link.sender import PeerSender
 from blockmirror.link.tls import TlsFiles, client_ssl_context, server_ssl_context
-from blockmirror.state import Role, VolumeState, transition
+from blockmirror.runtime import VolumeRuntime, volume_status
+from blockmirror.state import Role, VolumeState
 from blockmirror.store.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -55,48 +55,6 @@ log = logging.getLogger(__name__)
 
 class UnitLockedError(BlockmirrorError):
     """Another unit process already owns this state directory."""
-
-
-@dataclass(slots=True)
-class VolumeRuntime:
-    config: VolumeConfig
-    volume: Volume
-    export: BlockDevice
-    server: NbdServer | None = None
-    state: VolumeState = VolumeState.OPENING
-    journal: JournalWritePath | None = None
-    problem: str | None = None
-    replica: ReplicaRuntime | None = None
-    senders: list[PeerSender] = field(default_factory=list)
-    # The live role and the generations (STATE_DIR/VOLUME.role); None if it could not be read.
-    history: VolumeHistory | None = None
-
-    @property
-    def counters(self) -> VolumeCounters:
-        return self.export.counters
-
-    @property
-    def role(self) -> Role:
-        """The live role, kept in the state directory; the configuration's ``role`` is only
-        the role a new volume starts with."""
-        return self.history.role if self.history is not None else Role(self.config.role)
-
-    @property
-    def serving_state(self) -> VolumeState:
-        """What this volume does when nothing is wrong: serve a host, or be a replica."""
-        return VolumeState.SERVING if self.role is Role.PRIMARY else VolumeState.REPLICA
-
-    def enter(self, new: VolumeState) -> None:
-        """Change state through the transition table (staying put is not a change)."""
-        if new is not self.state:
-            self.state = transition(self.state, new, what=f"volume {self.config.name}")
-
-    @property
-    def export_address(self) -> str | None:
-        if self.server is None:
-            return None
-        host, port = self.server.address
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class Unit:
@@ -284,13 +242,26 @@ class Unit:
                 rt.enter(VolumeState.FAILED)
                 log.error("volume %s: %s", rt.config.name, exc)
                 continue
-            if rt.role is Role.SECONDARY:
-                rt.replica = ReplicaRuntime(
-                    rt.config.name,
-                    rt.volume.size,
-                    rt.journal,
-                    psk=own_key,
-                    tls_peers=rt.config.tls_peers,
+            # Every journaled volume can receive: its role decides, link by link, whether a
+            # peer may send to it (peers are symmetric).
+            rt.replica = ReplicaRuntime(
+                rt.config.name,
+                rt.volume.size,
+                rt.journal,
+                psk=own_key,
+                tls_peers=rt.config.tls_peers,
+            )
+            if rt.history is not None:
+                rt.roles = VolumeRoles(
+                    unit=self.config.unit.name,
+                    volume=rt.config.name,
+                    state_dir=self.config.unit.state_dir,
+                    history=rt.history,
+                    write_path=rt.journal,
+                    export=rt.export,
+                    replica=rt.replica,
+                    read_only=rt.config.read_only,
+                    set_state=rt.enter,
                 )
             for peer in rt.config.peers:
                 sender = PeerSender(
@@ -303,6 +274,7 @@ class Unit:
                     volume_id=self._volume_id(rt),
                     psk=own_key if own_key is not None else psk,
                     ssl_context=client_ssl,
+                    roles=rt.roles,
                 )
                 rt.senders.append(sender)
                 sender.start()
@@ -396,42 +368,7 @@ class Unit:
             "uptime_seconds": round(time.monotonic() - self.started_at, 3),
             "nbd": self.nbd_limits.status(),
             "replication": self.replication.status() if self.replication is not None else None,
-            "volumes": [self._volume_status(rt) for rt in self.volumes],
-        }
-
-    def _volume_status(self, rt: VolumeRuntime) -> dict[str, Any]:
-        problem = rt.problem
-        if rt.journal is not None and rt.state in (
-            VolumeState.SERVING,
-            VolumeState.REPLICA,
-            VolumeState.STALLED,
-        ):
-            # The write path's condition decides between serving and stalled (and failed, for
-            # good): status never says "serving" while writes fail.
-            condition = rt.journal.condition()
-            if condition is None:
-                rt.enter(rt.serving_state)
-            else:
-                rt.enter(condition[0])
-                if condition[0] is VolumeState.FAILED:
-                    rt.problem = condition[1]
-                problem = condition[1]
-        return {
-            "name": rt.config.name,
-            "role": str(rt.role),
-            "configured_role": rt.config.role,
-            **(rt.history.status() if rt.history is not None else {}),
-            "state": str(rt.state),
-            "size": rt.volume.size,
-            "path": str(rt.config.path),
-            "offset": rt.config.offset,
-            "read_only": rt.export.read_only,
-            "export": rt.export_address,
-            "counters": rt.counters.as_dict(),
-            "problem": problem,
-            "journal": rt.journal.status() if rt.journal is not None else None,
-            "peers": [sender.status() for sender in rt.senders],
-            "replica": rt.replica.status() if rt.replica is not None else None,
+            "volumes": [volume_status(rt) for rt in self.volumes],
         }
 
 

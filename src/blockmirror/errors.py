@@ -73,3 +73,8 @@ class AdminError(BlockmirrorError):
 
 class OfflineError(BlockmirrorError):
     """An offline command (repair, resize, adopt) cannot run; nothing was changed."""
+
+
+class RoleError(BlockmirrorError):
+    """A role change (promote, demote, resolve) that cannot be made now; the message says why
+    and what to do. Nothing changed."""

@@ -71,6 +71,10 @@ class LinkPhase(enum.StrEnum):
     CONNECTING = "connecting"  # connecting, handshaking, or waiting to retry
     SYNCING = "syncing"  # copying dirty regions (a resync)
     REPLICATING = "replicating"  # streaming journal records
+    # The peer is where this volume comes from (our source, or a newer primary): nothing goes
+    # to it until the roles change.
+    UPSTREAM = "upstream"
+    SPLIT_BRAIN = "split-brain"  # both moved on from a common point; nothing is copied
     STOPPED = "stopped"
 
 
@@ -153,8 +157,12 @@ TRANSITIONS: Final[Mapping[type[enum.Enum], Mapping[Any, frozenset[Any]]]] = {
                 LinkPhase.SYNCING,
                 LinkPhase.REPLICATING,
                 LinkPhase.CONNECTING,  # the next attempt
+                LinkPhase.UPSTREAM,  # the peer sends to us, or superseded us
+                LinkPhase.SPLIT_BRAIN,
                 LinkPhase.STOPPED,
             ),
+            LinkPhase.UPSTREAM: (LinkPhase.CONNECTING, LinkPhase.STOPPED),
+            LinkPhase.SPLIT_BRAIN: (LinkPhase.CONNECTING, LinkPhase.STOPPED),
             LinkPhase.SYNCING: (LinkPhase.REPLICATING, LinkPhase.CONNECTING, LinkPhase.STOPPED),
             LinkPhase.REPLICATING: (LinkPhase.SYNCING, LinkPhase.CONNECTING, LinkPhase.STOPPED),
             LinkPhase.STOPPED: (),

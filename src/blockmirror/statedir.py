@@ -8,6 +8,8 @@ STATE_DIR/
   VOLUME.journal            the volume's journal (docs/journal.md)
   VOLUME.role               the volume's live role and its generations (journal/generations.py)
   VOLUME.CONSUMER.dirty     one dirty map per consumer of that journal
+  VOLUME.diverged           the regions this unit gave up after a split brain or a failover,
+                            until its new source has them (a dirty map's format)
 ```
 
 Nothing here opens a journal or a map: the modules that own those formats take these paths.
@@ -28,6 +30,7 @@ TOKEN_FILE_NAME: Final = "admin.token"
 JOURNAL_SUFFIX: Final = ".journal"
 DIRTY_SUFFIX: Final = ".dirty"
 ROLE_SUFFIX: Final = ".role"
+DIVERGED_SUFFIX: Final = ".diverged"
 
 
 def _safe(name: str) -> str:
@@ -43,6 +46,11 @@ def journal_path(state_dir: Path, volume: str) -> Path:
 def role_path(state_dir: Path, volume: str) -> Path:
     """Where the live role and the generation history of ``volume`` live."""
     return state_dir / f"{volume}{ROLE_SUFFIX}"
+
+
+def diverged_path(state_dir: Path, volume: str) -> Path:
+    """Where the regions ``volume`` gave up (its divergent writes) wait for its new source."""
+    return state_dir / f"{volume}{DIVERGED_SUFFIX}"
 
 
 def dirty_map_path(state_dir: Path, volume: str, consumer: str) -> Path:

@@ -88,12 +88,16 @@ def test_a_restored_older_volume_is_refused_until_adopted(tmp_path: Path) -> Non
         adopted = cli("volume", "adopt", str(a.config), "vol", "--yes")
         assert adopted.returncode == 0, adopted.stdout + adopted.stderr
         assert "full resync" in adopted.stdout
+        assert "(unproven-start) begins at seq" in adopted.stdout, adopted.stdout
 
         a.start()
         vol = a.volume_status()
         assert vol["state"] == "serving", vol
+        # Nothing proves the adopted content continues the old line: a new generation.
+        assert [g["reason"] for g in vol["generations"]] == ["created", "unproven-start"]
         rep = wait_caught_up(a, b, timeout=90)
         assert rep["replica"]["consistent"]
+        assert rep["generation"] == vol["generation"]
         # The adopted content everywhere: the restored copy, byte for byte, on both sides.
         qemu_img_compare(image, backup)
         qemu_img_compare(b.images["vol"], backup)

@@ -25,6 +25,7 @@ import pytest
 from crc32c import crc32c
 
 from blockmirror.journal.format import Kind, RecordHeader
+from blockmirror.journal.lineage import fixed_lineage
 from blockmirror.link.auth import new_nonce
 from blockmirror.link.protocol import (
     PROTOCOL_VERSION,
@@ -39,6 +40,7 @@ from blockmirror.link.protocol import (
     encode,
     encode_records,
 )
+from blockmirror.state import Role
 from tests.support.faultproxy import ThreadedFaultProxy
 from tests.support.pair import (
     MiB,
@@ -424,7 +426,10 @@ def converse(port: int, chunks: list[bytes], *, timeout: float = 5.0) -> tuple[l
 
 
 def hello(volume: str, volume_id: str, size: int = VOLUME_SIZE) -> Hello:
-    return Hello(PROTOCOL_VERSION, "mallory", volume, volume_id, size, new_nonce(), "none")
+    lineage = fixed_lineage("mallory", Role.PRIMARY, 0)
+    return Hello(
+        PROTOCOL_VERSION, "mallory", volume, volume_id, size, new_nonce(), "none", lineage=lineage
+    )
 
 
 def frame(message: Message) -> bytes:

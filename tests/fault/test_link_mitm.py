@@ -27,7 +27,9 @@ from typing import Literal
 import pytest
 
 from blockmirror.journal.format import HEADER_SIZE, Kind, decode_header, encode_header, record_size
+from blockmirror.journal.lineage import fixed_lineage
 from blockmirror.link.protocol import Ack, FrameType, encode, encode_raw_records
+from blockmirror.state import Role
 from tests.support.pair import (
     MiB,
     Site,
@@ -367,7 +369,18 @@ def test_psk_secondary_refuses_a_source_that_does_not_seal(tmp_path: Path) -> No
         b = topo.add_secondary("site-b", replication={"psk_file": key})
         b.start()
         assert b.listen_port is not None
-        hello = Hello(PROTOCOL_VERSION, "old", "vol", "j", VOLUME_SIZE, new_nonce(), "psk", None)
+        lineage = fixed_lineage("old", Role.PRIMARY, 0)
+        hello = Hello(
+            PROTOCOL_VERSION,
+            "old",
+            "vol",
+            "j",
+            VOLUME_SIZE,
+            new_nonce(),
+            "psk",
+            None,
+            lineage=lineage,
+        )
         codec = LinkCodec()
         with socket.create_connection(("127.0.0.1", b.listen_port), timeout=5) as sock:
             sock.sendall(b"".join(bytes(x) for x in encode(hello)))

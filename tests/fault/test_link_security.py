@@ -17,8 +17,10 @@ from typing import Any
 
 import pytest
 
+from blockmirror.journal.lineage import fixed_lineage
 from blockmirror.link.auth import new_nonce
 from blockmirror.link.protocol import PROTOCOL_VERSION, Hello, encode
+from blockmirror.state import Role
 from tests.support.pair import (
     MiB,
     Site,
@@ -247,7 +249,17 @@ def tls(cert: Cert | None, ca: Path | None) -> dict[str, str]:
 
 def plain_hello_is_not_welcomed(port: int) -> None:
     """A plain-TCP HELLO to a TLS listener gets no WELCOME: the link really is inside TLS."""
-    hello = Hello(PROTOCOL_VERSION, "plain", "vol", "0" * 32, VOLUME_SIZE, new_nonce(), "none")
+    lineage = fixed_lineage("plain", Role.PRIMARY, 0)
+    hello = Hello(
+        PROTOCOL_VERSION,
+        "plain",
+        "vol",
+        "0" * 32,
+        VOLUME_SIZE,
+        new_nonce(),
+        "none",
+        lineage=lineage,
+    )
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         sock.sendall(b"".join(bytes(x) for x in encode(hello)))
         data = b""

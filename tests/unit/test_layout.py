@@ -58,14 +58,15 @@ LAYERS: dict[int, tuple[str, ...]] = {
     3: ("blockdev.*",),
     4: ("link.*", "frontend.*"),
     5: ("config", "config_table", "config_paths", "admin.*", "offline.*"),
-    6: ("daemon",),
-    7: ("cli", "demo"),
+    6: ("daemon", "failover", "runtime"),
+    7: ("cli", "cli_roles", "demo"),
 }
 
 CODECS = (
     "journal.format",
     "journal.record",
     "journal.ring",
+    "journal.lineage",
     "link.protocol",
     "link.handshake",
     "frontend.nbd_protocol",

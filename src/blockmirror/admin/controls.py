@@ -10,6 +10,9 @@ the ``(status, body)`` it gets. Routes (all ``POST``; parameters in the query st
   consumer's dequeueing.
 - ``/api/volumes/{volume}/consumers/{consumer}/discard?from=A&to=B``: turn that consumer's
   records with sequence numbers in ``[A, B]`` into dirty bits; answers how many records.
+- ``/api/volumes/{volume}/promote[?force=1]``, ``/demote[?timeout=SECONDS]`` and
+  ``/resolve?discard_local=1``: role changes (:mod:`blockmirror.failover`); a change that
+  cannot be made now is a 409 saying why.
 
 Consumer names are peer addresses (``127.0.0.1:7800``, ``[::1]:7800``) and may come raw or
 percent-encoded (``127.0.0.1%3A7800``): every path segment is decoded after the path is split
@@ -31,7 +34,7 @@ from typing import Any, Literal, Protocol
 from urllib.parse import parse_qsl, unquote
 
 from blockmirror.blockdev.journal_controls import DiscardRangeError
-from blockmirror.errors import AdminError, BlockmirrorError
+from blockmirror.errors import AdminError, BlockmirrorError, RoleError
 from blockmirror.state import VolumeState
 
 log = logging.getLogger(__name__)
@@ -41,7 +44,18 @@ PREFIX = "/api/volumes/"
 _SEQ_RE = re.compile(r"[0-9]{1,20}", re.ASCII)
 _U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
 
-Action = Literal["journal-pause", "journal-resume", "consumer-pause", "consumer-resume", "discard"]
+Action = Literal[
+    "journal-pause",
+    "journal-resume",
+    "consumer-pause",
+    "consumer-resume",
+    "discard",
+    "promote",
+    "demote",
+    "resolve",
+]
+_ROLE_ACTIONS: frozenset[str] = frozenset({"promote", "demote", "resolve"})
+_TIMEOUT_RE = re.compile(r"[0-9]{1,6}(\.[0-9]{1,3})?", re.ASCII)
 Reply = tuple[int, dict[str, Any]]
 
 
@@ -82,9 +96,26 @@ class VolumeConfigView(Protocol):
     def role(self) -> str: ...
 
 
+class RoleControls(Protocol):
+    """A volume's role changes (:class:`blockmirror.failover.VolumeRoles`); each raises
+    :class:`~blockmirror.errors.RoleError` when it cannot be made now."""
+
+    async def promote(self, *, force: bool) -> dict[str, Any]: ...
+
+    async def demote(self, *, timeout: float) -> dict[str, Any]: ...
+
+    async def resolve(self, *, discard_local: bool) -> dict[str, Any]: ...
+
+
 class ControlledVolume(Protocol):
     @property
     def config(self) -> VolumeConfigView: ...
+
+    @property
+    def roles(self) -> RoleControls | None: ...
+
+    @property
+    def role(self) -> str: ...
 
     @property
     def journal(self) -> ControlledWritePath | None: ...
@@ -119,6 +150,9 @@ class ControlRequest:
     consumer: str | None = None
     first_seq: int | None = None
     last_seq: int | None = None
+    force: bool = False
+    discard_local: bool = False
+    timeout: float | None = None
 
 
 def is_control_path(path: str) -> bool:
@@ -150,6 +184,8 @@ def _route(segments: list[str]) -> tuple[str, Action, str | None] | None:
             return volume, "consumer-resume", consumer
         case [volume, "consumers", consumer, "discard"]:
             return volume, "discard", consumer
+        case [volume, ("promote" | "demote" | "resolve") as action]:
+            return volume, action, None
     return None
 
 
@@ -193,6 +229,8 @@ def parse(method: str, path: str, query: str) -> ControlRequest:
     volume, action, consumer = route
     if method != "POST":
         raise ControlError(HTTPStatus.METHOD_NOT_ALLOWED, f"{path} takes POST, not {method}")
+    if action in _ROLE_ACTIONS:
+        return _role_request(volume, action, query)
     if action != "discard":
         _params(query, ())
         return ControlRequest(volume, action, consumer)
@@ -203,6 +241,60 @@ def parse(method: str, path: str, query: str) -> ControlRequest:
             HTTPStatus.BAD_REQUEST, f"empty range: from ({first}) is greater than to ({last})"
         )
     return ControlRequest(volume, action, consumer, first, last)
+
+
+def _flag(params: dict[str, str], key: str) -> bool:
+    value = params.get(key)
+    if value is None:
+        return False
+    if value not in ("1", "true", "0", "false"):
+        raise ControlError(
+            HTTPStatus.BAD_REQUEST, f"parameter {key!r} is 1, true, 0 or false, not {value!r}"
+        )
+    return value in ("1", "true")
+
+
+def _role_request(volume: str, action: Action, query: str) -> ControlRequest:
+    allowed = {"promote": ("force",), "demote": ("timeout",), "resolve": ("discard_local",)}
+    params = _params(query, allowed[action])
+    timeout = None
+    if "timeout" in params:
+        text = params["timeout"]
+        if not _TIMEOUT_RE.fullmatch(text):
+            raise ControlError(
+                HTTPStatus.BAD_REQUEST, f"parameter 'timeout' is seconds (like 30), not {text!r}"
+            )
+        timeout = float(text)
+    return ControlRequest(
+        volume,
+        action,
+        None,
+        force=_flag(params, "force"),
+        discard_local=_flag(params, "discard_local"),
+        timeout=timeout,
+    )
+
+
+async def _execute_role(rt: ControlledVolume, req: ControlRequest) -> Reply:
+    roles = rt.roles
+    if roles is None:
+        why = rt.problem or "it has no journal (journal = false or read_only)"
+        raise ControlError(
+            HTTPStatus.CONFLICT, f"volume {req.volume!r} has no live role to change: {why}"
+        )
+    if rt.state is VolumeState.STOPPED:
+        raise ControlError(HTTPStatus.SERVICE_UNAVAILABLE, "the unit is stopping")
+    try:
+        if req.action == "promote":
+            body = await roles.promote(force=req.force)
+        elif req.action == "demote":
+            body = await roles.demote(timeout=60.0 if req.timeout is None else req.timeout)
+        else:
+            body = await roles.resolve(discard_local=req.discard_local)
+    except RoleError as exc:
+        raise ControlError(HTTPStatus.CONFLICT, str(exc)) from None
+    log.warning("volume %s: %s by the operator: %s", req.volume, req.action, body)
+    return HTTPStatus.OK, {"volume": req.volume, **body}
 
 
 # --- execution -------------------------------------------------------------------------------
@@ -257,16 +349,18 @@ async def execute(unit: ControlledUnit, req: ControlRequest) -> Reply:
     (a JournalError when the checkpoint cannot be written, say).
     """
     rt = _runtime(unit, req.volume)
+    if req.action in _ROLE_ACTIONS:
+        return await _execute_role(rt, req)
     controls = _controls(rt, req.volume)
     body: dict[str, Any] = {"volume": req.volume}
     if req.action in ("journal-pause", "journal-resume"):
         paused = req.action == "journal-pause"
-        if paused and rt.config.role != "primary":
+        if paused and rt.role != "primary":
             # A secondary journals what its source sends, numbered by the source; there is no
             # host write to divert into dirty maps. (Resuming stays allowed: it undoes a flag.)
             raise ControlError(
                 HTTPStatus.CONFLICT,
-                f"volume {req.volume!r} is a {rt.config.role}: it journals what its source "
+                f"volume {req.volume!r} is a {rt.role}: it journals what its source "
                 "sends; pause enqueueing on the primary",
             )
         was_paused = controls.enqueue_paused

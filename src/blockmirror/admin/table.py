@@ -220,6 +220,14 @@ def format_status_table(status: dict[str, Any]) -> str:
         for vol in status.get("volumes", [])
         if vol.get("problem")
     ]
+    # A split brain is a problem an operator must resolve: it is never left to the JSON.
+    problems += [
+        f"{vol.get('name', '?')}: split brain with {split.get('peer')} since seq "
+        f"{split.get('common_seq')} (run `blockmirror resolve {vol.get('name', '?')} "
+        "--discard-local` on the unit that gives up its writes)"
+        for vol in status.get("volumes", [])
+        for split in vol.get("split_brain") or []
+    ]
     if problems:
         lines += ["", "problems:", *(f"  {p}" for p in problems)]
     return "\n".join(lines)

@@ -166,6 +166,10 @@ class ReplicaApply:
         if journal.records:
             raise JournalFullError("records are still held after a checkpoint; cannot renumber")
         await self._durability.sync_volume(self._applier.applied_seq)
+        lowered = next_seq < journal.next_seq
         journal.rebase(next_seq)
         self._applier.applied_seq = next_seq - 1
+        if lowered:
+            # Records of the old numbering past the end must never be read back as new ones.
+            await asyncio.to_thread(journal.erase_renumbered)
         await self._checkpointer.checkpoint()

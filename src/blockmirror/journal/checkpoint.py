@@ -244,6 +244,9 @@ class Checkpoint:
     volume_id: str | None = None
     # Which file the volume was and a fingerprint of its content (None: nothing recorded yet).
     volume: VolumeIdentity | None = None
+    # The origin time (ns) of record next_seq - 1, which a link compares with a peer's record
+    # of that number once the ring no longer holds it (None: not known).
+    tail_stamp: int | None = None
 
     def __post_init__(self) -> None:
         if self.format != FORMAT or type(self.format) is not int:
@@ -261,6 +264,8 @@ class Checkpoint:
             not isinstance(self.volume_id, str) or not _is_hex(self.volume_id)
         ):
             raise CheckpointError(f"volume_id must be a non-empty hex string: {self.volume_id!r}")
+        if self.tail_stamp is not None:
+            _check_u64("tail_stamp", self.tail_stamp)
         if self.volume is not None and not isinstance(self.volume, VolumeIdentity):
             raise CheckpointError(f"volume must be a VolumeIdentity: {self.volume!r}")
         if not isinstance(self.boot_id, str):
@@ -302,6 +307,8 @@ class Checkpoint:
             doc["volume_id"] = self.volume_id
         if self.volume is not None:
             doc["volume"] = self.volume.to_doc()
+        if self.tail_stamp is not None:
+            doc["tail_stamp"] = self.tail_stamp
         # ASCII escapes keep any name encodable (lone surrogates included); ASCII is UTF-8.
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode("ascii")
 
@@ -325,6 +332,7 @@ class Checkpoint:
         # Optional too (journals written before the volume's identity was recorded).
         volume_id = doc.pop("volume_id") if "volume_id" in doc else None
         volume = VolumeIdentity.from_doc(doc.pop("volume")) if "volume" in doc else None
+        tail_stamp = doc.pop("tail_stamp") if "tail_stamp" in doc else None
         _exact_keys("checkpoint", doc, _BODY_KEYS)
         raw_consumers = doc["consumers"]
         if not isinstance(raw_consumers, dict):
@@ -340,11 +348,16 @@ class Checkpoint:
             )
         scalars: dict[str, Any] = {k: doc[k] for k in _BODY_KEYS if k != "consumers"}
         return cls(
-            **scalars, consumers=consumers, replica=replica, volume_id=volume_id, volume=volume
+            **scalars,
+            consumers=consumers,
+            replica=replica,
+            volume_id=volume_id,
+            volume=volume,
+            tail_stamp=tail_stamp,
         )
 
 
-_OPTIONAL_KEYS: Final = frozenset({"replica", "volume_id", "volume"})
+_OPTIONAL_KEYS: Final = frozenset({"replica", "volume_id", "volume", "tail_stamp"})
 _BODY_KEYS: Final = frozenset(f.name for f in fields(Checkpoint)) - _OPTIONAL_KEYS
 _VOLUME_KEYS: Final = frozenset(f.name for f in fields(VolumeIdentity))
 _REPLICA_KEYS: Final = frozenset(f.name for f in fields(ReplicaState))

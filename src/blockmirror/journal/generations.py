@@ -53,7 +53,8 @@ FORMAT: Final = 1
 MAX_GENERATIONS: Final = 4096
 MAX_FILE: Final = 1024 * 1024
 log = logging.getLogger(__name__)
-_REASONS: Final = frozenset({"created", "promote", "forced-promote", "unproven-start"})
+# "received": learned from a source (its time is not carried on the link, so it reads 0).
+_REASONS: Final = frozenset({"created", "promote", "forced-promote", "unproven-start", "received"})
 
 
 class GenerationsError(JournalError):
@@ -68,7 +69,7 @@ class Generation:
     start_seq: int  # the sequence number of its first record
     unit: str  # the unit that began it
     time_ns: int  # when, nanoseconds since the Unix epoch
-    reason: str  # created, promote, forced-promote, unproven-start
+    reason: str  # created, promote, forced-promote, unproven-start, received
 
     def to_doc(self) -> dict[str, Any]:
         return {

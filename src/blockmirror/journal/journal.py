@@ -32,7 +32,7 @@ from blockmirror.journal.opening import RecoveryReport, VolumeIdentityError
 from blockmirror.journal.record import Record
 from blockmirror.journal.ring import Ring
 from blockmirror.journal.ringlog import RecordsGone, RingLog, apply_record
-from blockmirror.journal.scan import ScanResult
+from blockmirror.journal.scan import ScanResult, erase_stale_headers
 from blockmirror.state import ConsumerMode
 from blockmirror.store.base import Store
 
@@ -108,6 +108,11 @@ class Journal(RingLog):
         self.replica = cp.replica
         self.unclean_os_restart = not cp.clean and cp.boot_id != boot_id()
         self.records.extend(result.records)
+        if self.records:
+            newest = self.records[-1]
+            self.last_stamp = (newest.seq, newest.timestamp_ns)
+        elif cp.tail_stamp:
+            self.last_stamp = (cp.next_seq - 1, cp.tail_stamp)
 
     def apply_from_ring(self, rec: Record) -> None:
         """Do to the volume what the live record ``rec`` does (blocking)."""
@@ -121,6 +126,20 @@ class Journal(RingLog):
     def bind_peer(self, name: str, peer: str) -> tuple[str, list[Consumer]]:
         """Consumer ``name`` is unit ``peer`` (from its WELCOME); see :func:`consumers.bind`."""
         return consumers_module.bind(self.consumers, name, peer)
+
+    def peer_holds(self, peer: str, seq: int) -> None:
+        """Unit ``peer`` holds every record up to ``seq`` (it is the source they came from):
+        its consumer here, if any, follows it, and its dirty bits say nothing. Without this
+        the cursor of the unit we receive from would hold every record (we never send to it),
+        fill the journal and, after a failover, make us resync what it already has."""
+        for consumer in self.consumers.values():
+            if consumer.peer != peer:
+                continue
+            if consumer.mode != ConsumerMode.JOURNAL:
+                consumer.generation += 1
+                consumer.dirty.clear_all()
+                consumer.set_mode(ConsumerMode.JOURNAL)
+            consumer.acked_seq = max(consumer.acked_seq, min(seq, self.next_seq - 1))
 
     def backlog(self, consumer: Consumer) -> tuple[int, int]:
         """(bytes, records) the consumer has yet to acknowledge."""
@@ -186,6 +205,7 @@ class Journal(RingLog):
         # A record is freed only once the volume's copy of it is durable: until then it is the
         # only durable copy a FLUSH may have promised (docs/journal.md, "Freeing space").
         keep_from = min(self.keep_from(applied_seq), self.volume_durable_seq + 1)
+        tail_stamp = self.stamp_of(self.durable_seq)  # before its record may be freed
         while self.records and self.records[0].seq < keep_from:
             self.records.popleft()
         return Checkpoint(
@@ -204,6 +224,7 @@ class Journal(RingLog):
             needs_full_resync=self.needs_full_resync,
             consumers={name: c.state() for name, c in self.consumers.items()},
             replica=self.replica,
+            tail_stamp=tail_stamp or None,
         )
 
     def write_checkpoint(self, cp: Checkpoint) -> None:
@@ -233,12 +254,24 @@ class Journal(RingLog):
         self.next_seq = next_seq
         self.written_seq = self.durable_seq = next_seq - 1
         self.volume_durable_seq = next_seq - 1
+        self.last_stamp = (0, 0)  # the record now numbered next_seq - 1 is not known here
         for consumer in self.consumers.values():
             # Every cursor belongs to the old numbering. The records it pointed at are gone, so
             # each consumer goes (back) to tracking: its sender restarts a resync from the map.
             consumer.generation += 1
             consumer.set_mode(ConsumerMode.TRACKING)
             consumer.acked_seq = next_seq - 1
+
+    def erase_renumbered(self) -> None:
+        """After a :meth:`rebase` to a lower number: zero the headers past the log's end that
+        carry numbers it will reuse, and sync (blocking; run it in a thread).
+
+        Records of the old numbering may lie past the end with valid CRCs; a later scan would
+        take one that lines up with an expected number for the next record, or as a witness
+        that the log's end is corruption.
+        """
+        erase_stale_headers(self.file, self.ring, self.tail_lpos, self.head_lpos, self.next_seq)
+        self.file.flush()
 
     def write_checkpoint_now(self, *, clean: bool, applied_seq: int | None = None) -> None:
         """Synchronous checkpoint, for opening and closing (nothing else is running).

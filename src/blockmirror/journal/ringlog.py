@@ -67,6 +67,9 @@ class RingLog:
         # later sync of it proves anything (the kernel may have dropped the dirty pages and
         # reports the error once), so every later sync fails with it too.
         self.io_error: OSError | None = None
+        # The origin time of the newest record staged, and its number: what tells two
+        # histories with the same numbers apart once the record itself is freed (stamp_of).
+        self.last_stamp: tuple[int, int] = (0, 0)
         self._batch: list[tuple[int, list[Buffer]]] = []
         self._batch_end = -1
         self._batch_seq = 0
@@ -80,6 +83,16 @@ class RingLog:
     @property
     def head_lpos(self) -> int:
         return self.records[0].lpos if self.records else self.tail_lpos
+
+    def stamp_of(self, seq: int) -> int:
+        """The origin time of record ``seq`` (time_ns of the host's write at its primary),
+        0 when this journal no longer knows it. Two units whose records of one number have
+        different stamps hold different histories from there on."""
+        records = self.records
+        if records and records[0].seq <= seq <= records[-1].seq:
+            return records[seq - records[0].seq].timestamp_ns
+        last_seq, stamp = self.last_stamp
+        return stamp if seq == last_seq else 0
 
     @property
     def used(self) -> int:
@@ -149,6 +162,7 @@ class RingLog:
             size=size,
         )
         self.records.append(rec)
+        self.last_stamp = (seq, now)
         if kind == Kind.WRITE:
             self.recent_writes.appendleft(offset)  # for the volume's fingerprint
         self.next_seq = seq + 1

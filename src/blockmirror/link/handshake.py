@@ -5,7 +5,8 @@ A link walks the steps of :class:`~blockmirror.state.HandshakeStep` through
 AUTH (the source's AUTH_CLIENT proof, only with a pre-shared key), WELCOME, STREAM, and CLOSED
 from anywhere. The frames that cross a step move the link on: an AUTH_SERVER enters AUTH, a
 WELCOME enters WELCOME, a REFUSE closes it, whichever end sends or receives them; each end
-enters STREAM itself once it has checked the WELCOME.
+enters STREAM itself once it has checked the WELCOME. The REGIONS frames a WELCOME announces
+(protocol version 2) reach the source at its STREAM step, before any ACK.
 
 :data:`ACCEPTS` says, for each end and step, which frames it may receive and how it answers
 anything else: the secondary with a REFUSE (and the code it always used), the source by
@@ -31,6 +32,7 @@ from blockmirror.link.protocol import (
     Message,
     Records,
     Refuse,
+    Regions,
     SyncData,
     SyncDone,
     SyncStart,
@@ -98,8 +100,11 @@ ACCEPTS: Final[dict[End, dict[HandshakeStep, Accepts]]] = {
         HandshakeStep.AUTH: Accepts(
             frozenset({Welcome}), True, None, "expected WELCOME, got {name}"
         ),
+        # REGIONS come only right after a WELCOME that announces them (diverged_frames), once
+        # the source streams; the sender counts them. The secondary never takes one: its
+        # STREAM step answers it bad-frame like any other frame out of place.
         HandshakeStep.STREAM: Accepts(
-            frozenset({Ack, Heartbeat}), True, None, "unexpected {name} from secondary"
+            frozenset({Ack, Heartbeat, Regions}), True, None, "unexpected {name} from secondary"
         ),
     },
 }

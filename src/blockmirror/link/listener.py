@@ -18,7 +18,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Final
 
-from blockmirror.link.receiver import ReceiverSession, ReceiverSettings, ReplicaRuntime
+from blockmirror.link.receiver import ReceiverSession, ReceiverSettings
+from blockmirror.link.replica_runtime import ReplicaRuntime
 from blockmirror.link.session import DEFAULT_TIMEOUTS, READ_SIZE, Timeouts, tune_socket
 
 __all__ = [

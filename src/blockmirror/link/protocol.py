@@ -4,6 +4,11 @@ Bytes go in with :meth:`LinkCodec.feed`; messages come out of :meth:`LinkCodec.n
 Frames are built by :func:`encode`, :func:`encode_records` and :func:`encode_raw_records`, which
 return lists of buffers for ``writelines``/``writev``. Nothing here touches a socket or a loop.
 
+Version 2 adds what failover needs (issue 9): each end's lineage
+(:class:`~blockmirror.journal.lineage.Lineage`) in HELLO, WELCOME and REFUSE, the refusals of
+direction (split brain, superseded, upstream, unrelated) and the REGIONS frame, which carries
+the regions a secondary gave up to follow.
+
 Bulk data is never copied by the codec on its own account. On the way out, record payloads and
 resync data are handed back as the caller's buffers, with the frame CRC computed over them where
 they lie. On the way in, a record payload is a view into the received frame: a frame that arrived
@@ -13,7 +18,7 @@ Every check that can be made on the 16-byte frame header is made as soon as it a
 any payload is buffered: a peer cannot make us hold more than the announced, bounded length,
 and a corrupted length for a fixed-size frame is caught at once instead of stalling the stream.
 
-The header's flags byte is 0 in version 1 and refused otherwise; it is where compression will
+The header's flags byte is 0 in versions 1 and 2 and refused otherwise; it is where compression will
 be signalled (issue 13; docs/link-protocol.md, "The flags byte").
 
 Why one module: the frame table (types and the lengths each may announce), the header checks,
@@ -28,7 +33,7 @@ import enum
 import json
 import struct
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Final, TypeAlias
 
@@ -47,7 +52,9 @@ from blockmirror.journal.format import (
     record_size,
     verify_record,
 )
+from blockmirror.journal.lineage import MAX_LINEAGE, Lineage
 from blockmirror.link.auth import is_token
+from blockmirror.state import Role
 
 __all__ = [
     "AUTH_NONE",
@@ -55,9 +62,12 @@ __all__ = [
     "FRAME_HEADER_SIZE",
     "HANDSHAKE_FRAMES",
     "MAGIC",
+    "MAX_DIVERGED_FRAMES",
     "MAX_JSON",
     "MAX_PAYLOAD",
+    "MAX_REGIONS",
     "MAX_SYNC_DATA",
+    "MAX_UNIT_NAME",
     "PROTOCOL_VERSION",
     "Ack",
     "AuthClient",
@@ -71,6 +81,7 @@ __all__ = [
     "Records",
     "Refuse",
     "RefuseCode",
+    "Regions",
     "SyncData",
     "SyncDone",
     "SyncStart",
@@ -80,13 +91,14 @@ __all__ = [
     "encode",
     "encode_raw_records",
     "encode_records",
+    "regions_frames",
 ]
 
 # --- constants ------------------------------------------------------------------------------------
 
 # Little-endian, so the first four bytes on the wire read "BMLK" in a capture.
 MAGIC: Final = 0x4B4C4D42
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2
 FRAME_HEADER_SIZE: Final = 16
 MAX_PAYLOAD: Final = 64 * 1024 * 1024
 MAX_JSON: Final = 64 * 1024
@@ -111,10 +123,12 @@ class FrameType(enum.IntEnum):
     SYNC_DATA = 10
     SYNC_DONE = 11
     SYNC_ZERO = 12
+    # 13 is the type byte of a sealed record's envelope (session_crypto), never a frame.
+    REGIONS = 14
 
 
 class RefuseCode(enum.StrEnum):
-    """The REFUSE codes of version 1. Decoding accepts any string: a newer peer may know more
+    """The REFUSE codes of version 2. Decoding accepts any string: a newer peer may know more
     reasons, and a refusal ends the connection whatever its code."""
 
     VERSION = "version"
@@ -132,6 +146,15 @@ class RefuseCode(enum.StrEnum):
     CRYPTO_REQUIRED = "crypto-required"
     # A sealed frame failed to open: altered, forged, replayed, reordered or dropped.
     INTEGRITY = "integrity"
+    # The refusals of direction (version 2; the REFUSE carries the refusing end's lineage).
+    # Both ends took writes after their common point: nothing is copied either way.
+    SPLIT_BRAIN = "split-brain"
+    # The connecting end's line was superseded by a newer generation: it should follow.
+    SUPERSEDED = "superseded"
+    # The listener sends to the connecting end, not the other way round: its data is not behind.
+    UPSTREAM = "upstream"
+    # The two ends share no generation of the volume.
+    UNRELATED = "unrelated"
 
 
 class VersionError(ProtocolError):
@@ -139,7 +162,8 @@ class VersionError(ProtocolError):
 
     Raised instead of a plain :class:`ProtocolError` so that the receiver answers REFUSE
     ``version`` rather than ``bad-frame``. A frame of another version that happens to carry every
-    version-1 key decodes normally, with its ``protocol`` field as sent.
+    version-2 key decodes normally, with its ``protocol`` field as sent. A version-1 peer never
+    sends ``lineage``, so its HELLO and WELCOME raise this.
     """
 
     def __init__(self, version: int, reason: str) -> None:
@@ -161,10 +185,21 @@ _SYNC_START = struct.Struct("<QBQQ")  # "<": no alignment padding, 25 bytes as o
 _SYNC_DATA = struct.Struct("<QQQ")
 _SYNC_DONE = struct.Struct("<QQ")
 _SYNC_ZERO = struct.Struct("<QQQQ")
+_REGION = struct.Struct("<QQ")
 assert _SYNC_START.size == 25
 
 MAX_SYNC_DATA: Final = MAX_PAYLOAD - _SYNC_DATA.size
 """The most data one SYNC_DATA frame can carry."""
+
+MAX_REGIONS: Final = 65536
+"""The most (offset, length) pairs one REGIONS frame carries: 1 MiB of payload."""
+_MAX_REGIONS_PAYLOAD: Final = MAX_REGIONS * _REGION.size
+
+MAX_DIVERGED_FRAMES: Final = 1_000_000
+"""The most REGIONS frames a WELCOME may announce (``diverged_frames``)."""
+
+MAX_UNIT_NAME: Final = 255
+"""The longest unit name a lineage's generation may carry, in characters."""
 
 # The smallest and largest payload each frame type may announce. Fixed-size frames have one
 # length; RECORDS hold at least one record header. Checked on the header alone (see module doc).
@@ -181,6 +216,7 @@ _LENGTHS: Final[dict[int, tuple[int, int]]] = {
     FrameType.SYNC_DATA: (_SYNC_DATA.size, MAX_PAYLOAD),
     FrameType.SYNC_DONE: (_SYNC_DONE.size, _SYNC_DONE.size),
     FrameType.SYNC_ZERO: (_SYNC_ZERO.size, _SYNC_ZERO.size),
+    FrameType.REGIONS: (_REGION.size, _MAX_REGIONS_PAYLOAD),
 }
 _NAMES: Final = {int(t): t.name for t in FrameType}
 
@@ -193,7 +229,8 @@ HANDSHAKE_FRAMES: Final = frozenset(
         int(FrameType.REFUSE),
     }
 )
-"""What may arrive before a link is authenticated (see :meth:`LinkCodec.restrict`)."""
+"""What may arrive before a link is authenticated (see :meth:`LinkCodec.restrict`). REGIONS is
+not among them: it follows the WELCOME, once the receiving source has lifted the restriction."""
 
 
 def _prefix_crc(frame_type: int, length: int) -> int:
@@ -205,6 +242,7 @@ def _prefix_crc(frame_type: int, length: int) -> int:
 _FIXED_PREFIX_CRC: Final = {t: _prefix_crc(t, lo) for t, (lo, hi) in _LENGTHS.items() if lo == hi}
 _SYNC_DATA_TYPE: Final = int(FrameType.SYNC_DATA)
 _RECORDS_TYPE: Final = int(FrameType.RECORDS)
+_REGIONS_TYPE: Final = int(FrameType.REGIONS)
 
 # Zero fill after a record payload is at most RECORD_ALIGN - 1 bytes.
 _ZERO_FILL: Final = bytes(RECORD_ALIGN)
@@ -233,6 +271,11 @@ class Hello:
     # The AEAD the source seals the session with after the handshake ("chacha20-poly1305"),
     # None (absent on the wire) for none; see docs/link-protocol.md, "Sealed sessions".
     crypto: str | None = None
+    # What the source holds of the volume (required on the wire in version 2; its ``unit`` is
+    # the HELLO's ``unit``, so the two must agree), and the unit it currently receives the
+    # volume from (None: none, it is the primary or has no source).
+    lineage: Lineage | None = None
+    source: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,14 +303,29 @@ class Welcome:
     volume_id: str | None
     # The largest record payload the secondary's journal can hold; optional on the wire.
     max_record: int | None = None
+    # The secondary's lineage (required on the wire in version 2; its ``unit`` is the
+    # WELCOME's ``unit``).
+    lineage: Lineage | None = None
+    # How many REGIONS frames follow this WELCOME at once: the regions the secondary gave up
+    # to follow this source (its records past the branch point), for the source's resync.
+    diverged_frames: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class Refuse:
-    """Either side gives up; ``code`` is usually a :class:`RefuseCode`."""
+    """Either side gives up; ``code`` is usually a :class:`RefuseCode`.
+
+    A refusal of direction (split brain, superseded, upstream, unrelated) also carries the
+    refusing end's ``lineage``, so that the connecting end can act on it; for a split brain,
+    ``common_seq`` (the last record both lines share) and ``diverged_bytes`` (what the refusing
+    end wrote past it). All three are optional: an older peer sends none of them.
+    """
 
     code: str
     message: str
+    lineage: Lineage | None = None
+    common_seq: int | None = None
+    diverged_bytes: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,6 +404,16 @@ class SyncZero:
     as_of_seq: int
 
 
+@dataclass(frozen=True, slots=True)
+class Regions:
+    """Secondary → source, right after a WELCOME whose ``diverged_frames`` is not 0: regions
+    of the volume, ``(offset, length)`` in bytes, that the secondary gave up to follow the
+    source, which copies them in its resync. Strictly ordered, not overlapping, none empty;
+    at most :data:`MAX_REGIONS` per frame (see :func:`regions_frames`)."""
+
+    extents: tuple[tuple[int, int], ...]
+
+
 Message: TypeAlias = (
     Hello
     | AuthServer
@@ -359,6 +427,7 @@ Message: TypeAlias = (
     | SyncData
     | SyncDone
     | SyncZero
+    | Regions
 )
 
 
@@ -403,31 +472,47 @@ def _missing(key: str) -> ProtocolError:
     return ProtocolError(f"missing key {key!r}")
 
 
-def _get_int(obj: _JsonObject, key: str) -> int:
-    if key not in obj:
-        raise _missing(key)
-    value = obj[key]
+# The _as_* checks take a value already found and ``what`` names it in the error (a key, or an
+# element of a list); the _get_* ones find a key of an object first.
+
+
+def _as_int(value: object, what: str, low: int = 0) -> int:
     # type() rather than isinstance(): JSON true/false arrive as bool, a subclass of int.
     if type(value) is not int:
-        raise ProtocolError(f"{key!r} must be an integer, not {type(value).__name__}")
-    if not 0 <= value <= _U64_MAX:
-        raise ProtocolError(f"{key!r} = {value} is outside 0..2**64-1")
+        raise ProtocolError(f"{what} must be an integer, not {type(value).__name__}")
+    if not low <= value <= _U64_MAX:
+        raise ProtocolError(f"{what} = {value} is outside {low}..2**64-1")
     return value
 
 
-def _get_str(obj: _JsonObject, key: str) -> str:
-    if key not in obj:
-        raise _missing(key)
-    value = obj[key]
+def _as_str(value: object, what: str) -> str:
     if not isinstance(value, str):
-        raise ProtocolError(f"{key!r} must be a string, not {type(value).__name__}")
+        raise ProtocolError(f"{what} must be a string, not {type(value).__name__}")
     try:
         # A "\ud800" escape decodes to a lone surrogate that could not be encoded again (for a
         # proof, a log line or a file name) later; refuse it while it is still a protocol error.
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise ProtocolError(f"{key!r} holds a lone surrogate") from None
+        raise ProtocolError(f"{what} holds a lone surrogate") from None
     return value
+
+
+def _as_bool(value: object, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise ProtocolError(f"{what} must be a boolean, not {type(value).__name__}")
+    return value
+
+
+def _get_int(obj: _JsonObject, key: str) -> int:
+    if key not in obj:
+        raise _missing(key)
+    return _as_int(obj[key], repr(key))
+
+
+def _get_str(obj: _JsonObject, key: str) -> str:
+    if key not in obj:
+        raise _missing(key)
+    return _as_str(obj[key], repr(key))
 
 
 def _get_token(obj: _JsonObject, key: str) -> str:
@@ -440,10 +525,7 @@ def _get_token(obj: _JsonObject, key: str) -> str:
 def _get_bool(obj: _JsonObject, key: str) -> bool:
     if key not in obj:
         raise _missing(key)
-    value = obj[key]
-    if not isinstance(value, bool):
-        raise ProtocolError(f"{key!r} must be a boolean, not {type(value).__name__}")
-    return value
+    return _as_bool(obj[key], repr(key))
 
 
 def _get_optional_int(obj: _JsonObject, key: str) -> int | None:
@@ -458,6 +540,108 @@ def _get_optional_str(obj: _JsonObject, key: str) -> str | None:
     return _get_str(obj, key)
 
 
+# --- lineages (version 2) -------------------------------------------------------------------------
+
+_ROLES: Final = {str(role): role for role in Role}
+_HEX: Final = frozenset("0123456789abcdef")
+
+
+def _generation_from(entry: object, what: str) -> tuple[str, int, str]:
+    """One ``[id, start_seq, unit]`` of a lineage's ``generations``."""
+    if not isinstance(entry, list) or len(entry) != 3:
+        shape = f"a list of {len(entry)}" if isinstance(entry, list) else type(entry).__name__
+        raise ProtocolError(f"{what} must be [id, start_seq, unit], not {shape}")
+    raw_id, raw_start, raw_unit = entry
+    gid = _as_str(raw_id, f"{what} id")
+    if len(gid) != 32 or not _HEX.issuperset(gid):
+        raise ProtocolError(f"{what} id must be 32 lowercase hex characters")
+    # Sequence numbers start at 1: a generation begins with the first record it will write.
+    start = _as_int(raw_start, f"{what} start_seq", 1)
+    unit = _as_str(raw_unit, f"{what} unit")
+    if not 1 <= len(unit) <= MAX_UNIT_NAME:
+        raise ProtocolError(
+            f"{what} unit is {len(unit)} characters long, expected 1..{MAX_UNIT_NAME}"
+        )
+    return gid, start, unit
+
+
+def _lineage_body(obj: _JsonObject, unit: str) -> Lineage:
+    role_name = _get_str(obj, "role")
+    role = _ROLES.get(role_name)
+    if role is None:
+        expected = ", ".join(repr(r) for r in _ROLES)
+        raise ProtocolError(f"'role' is {role_name!r}, expected one of {expected}")
+    if "generations" not in obj:
+        raise _missing("generations")
+    entries = obj["generations"]
+    if not isinstance(entries, list):
+        raise ProtocolError(f"'generations' must be a list, not {type(entries).__name__}")
+    if len(entries) > MAX_LINEAGE:
+        raise ProtocolError(f"'generations' holds {len(entries)} entries, at most {MAX_LINEAGE}")
+    generations: list[tuple[str, int, str]] = []
+    seen: set[str] = set()
+    for i, entry in enumerate(entries):
+        generation = _generation_from(entry, f"generation {i}")
+        gid, start, _ = generation
+        # Ids are unique and starts never go back in a history this code writes
+        # (journal/generations.py); a lineage that breaks either would make compare() find a
+        # common point that is not one.
+        if gid in seen:
+            raise ProtocolError(f"generation {i} repeats id {gid}")
+        if generations and start < generations[-1][1]:
+            raise ProtocolError(
+                f"generation {i} starts at seq {start}, before generation {i - 1} "
+                f"(seq {generations[-1][1]})"
+            )
+        seen.add(gid)
+        generations.append(generation)
+    stamp = _get_optional_int(obj, "end_stamp")
+    return Lineage(
+        unit,
+        role,
+        tuple(generations),
+        _get_int(obj, "end_seq"),
+        _get_bool(obj, "lost_tail"),
+        stamp or 0,
+    )
+
+
+def _get_lineage(obj: _JsonObject, key: str, unit: str) -> Lineage:
+    """The lineage under ``key``; its unit is not on the wire inside it (it is the frame's
+    ``unit``), so the caller supplies it."""
+    if key not in obj:
+        raise _missing(key)
+    value = obj[key]
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{key!r} must be an object, not {type(value).__name__}")
+    try:
+        return _lineage_body(value, unit)
+    except ProtocolError as exc:
+        raise ProtocolError(f"{key!r}: {exc}") from None
+
+
+def _lineage_fields(lineage: Lineage) -> _JsonObject:
+    return {
+        "role": str(lineage.role),
+        "generations": [list(g) for g in lineage.generations],
+        "end_seq": lineage.end_seq,
+        "lost_tail": lineage.lost_tail,
+        **({"end_stamp": lineage.end_stamp} if lineage.end_stamp else {}),
+    }
+
+
+def _check_lineage_unit(frame: str, unit: str, lineage: Lineage | None) -> None:
+    # The wire carries one unit name for both; a lineage of another unit cannot be sent as it is.
+    if lineage is not None and lineage.unit != unit:
+        raise ValueError(
+            f"cannot encode {frame}: its lineage is unit {lineage.unit!r}, the frame's unit "
+            f"is {unit!r}"
+        )
+
+
+# --- the JSON frames ------------------------------------------------------------------------------
+
+
 def _hello_from(obj: _JsonObject) -> Hello:
     # The version is read first, so that a peer of another version whose HELLO this codec cannot
     # read is told "version" rather than "bad frame".
@@ -466,9 +650,10 @@ def _hello_from(obj: _JsonObject) -> Hello:
         auth = _get_str(obj, "auth")
         if auth not in _AUTH_METHODS:
             raise ProtocolError(f"'auth' is {auth!r}, expected 'psk' or 'none'")
+        unit = _get_str(obj, "unit")
         return Hello(
             protocol,
-            _get_str(obj, "unit"),
+            unit,
             _get_str(obj, "volume"),
             _get_str(obj, "volume_id"),
             _get_int(obj, "size"),
@@ -476,6 +661,10 @@ def _hello_from(obj: _JsonObject) -> Hello:
             auth,
             _get_optional_int(obj, "max_record"),
             _get_optional_str(obj, "crypto"),
+            # Required since version 2: without it the secondary cannot tell which way the
+            # volume flows (a version-1 HELLO lacks it, and is refused "version" for that).
+            _get_lineage(obj, "lineage", unit),
+            _get_optional_str(obj, "source"),
         )
     except ProtocolError as exc:
         if protocol != PROTOCOL_VERSION:
@@ -489,14 +678,22 @@ def _welcome_from(obj: _JsonObject) -> Welcome:
         if "volume_id" not in obj:
             raise _missing("volume_id")
         volume_id = None if obj["volume_id"] is None else _get_str(obj, "volume_id")
+        unit = _get_str(obj, "unit")
+        diverged = _get_optional_int(obj, "diverged_frames") or 0
+        if diverged > MAX_DIVERGED_FRAMES:
+            raise ProtocolError(
+                f"'diverged_frames' = {diverged} is more than {MAX_DIVERGED_FRAMES}"
+            )
         return Welcome(
             protocol,
-            _get_str(obj, "unit"),
+            unit,
             _get_int(obj, "received_seq"),
             _get_int(obj, "applied_seq"),
             _get_bool(obj, "consistent"),
             volume_id,
             _get_optional_int(obj, "max_record"),
+            _get_lineage(obj, "lineage", unit),
+            diverged,
         )
     except ProtocolError as exc:
         if protocol != PROTOCOL_VERSION:
@@ -515,7 +712,18 @@ def _auth_client_from(obj: _JsonObject) -> AuthClient:
 
 
 def _refuse_from(obj: _JsonObject) -> Refuse:
-    return Refuse(_get_str(obj, "code"), _get_str(obj, "message"))
+    # Everything past code and message is optional: a version-1 peer, or any refusal that is
+    # not one of direction, sends neither. A lineage needs its unit, the REFUSE's `unit`.
+    lineage = None
+    if obj.get("lineage") is not None:
+        lineage = _get_lineage(obj, "lineage", _get_str(obj, "unit"))
+    return Refuse(
+        _get_str(obj, "code"),
+        _get_str(obj, "message"),
+        lineage,
+        _get_optional_int(obj, "common_seq"),
+        _get_optional_int(obj, "diverged_bytes"),
+    )
 
 
 _JSON_DECODERS: Final[dict[int, Callable[[_JsonObject], Message]]] = {
@@ -530,6 +738,7 @@ _JSON_DECODERS: Final[dict[int, Callable[[_JsonObject], Message]]] = {
 def _json_fields(message: Message) -> tuple[FrameType, _JsonObject]:
     match message:
         case Hello():
+            _check_lineage_unit("HELLO", message.unit, message.lineage)
             hello: _JsonObject = {
                 "protocol": message.protocol,
                 "unit": message.unit,
@@ -543,6 +752,10 @@ def _json_fields(message: Message) -> tuple[FrameType, _JsonObject]:
                 hello["max_record"] = message.max_record
             if message.crypto is not None:
                 hello["crypto"] = message.crypto
+            if message.lineage is not None:
+                hello["lineage"] = _lineage_fields(message.lineage)
+            if message.source is not None:
+                hello["source"] = message.source
             return FrameType.HELLO, hello
         case AuthServer():
             server: _JsonObject = {"nonce": message.nonce, "proof": message.proof}
@@ -552,6 +765,7 @@ def _json_fields(message: Message) -> tuple[FrameType, _JsonObject]:
         case AuthClient():
             return FrameType.AUTH_CLIENT, {"proof": message.proof}
         case Welcome():
+            _check_lineage_unit("WELCOME", message.unit, message.lineage)
             welcome: _JsonObject = {
                 "protocol": message.protocol,
                 "unit": message.unit,
@@ -562,9 +776,23 @@ def _json_fields(message: Message) -> tuple[FrameType, _JsonObject]:
             }
             if message.max_record is not None:
                 welcome["max_record"] = message.max_record
+            if message.lineage is not None:
+                welcome["lineage"] = _lineage_fields(message.lineage)
+            # Absent means 0; sent as it is otherwise (a bool or a negative number is then
+            # refused by the decoder's checks, which encode runs).
+            if message.diverged_frames != 0:
+                welcome["diverged_frames"] = message.diverged_frames
             return FrameType.WELCOME, welcome
         case Refuse():
-            return FrameType.REFUSE, {"code": message.code, "message": message.message}
+            refuse: _JsonObject = {"code": message.code, "message": message.message}
+            if message.lineage is not None:
+                refuse["unit"] = message.lineage.unit
+                refuse["lineage"] = _lineage_fields(message.lineage)
+            if message.common_seq is not None:
+                refuse["common_seq"] = message.common_seq
+            if message.diverged_bytes is not None:
+                refuse["diverged_bytes"] = message.diverged_bytes
+            return FrameType.REFUSE, refuse
     raise TypeError(f"{type(message).__name__} is not a JSON link message")
 
 
@@ -640,6 +868,28 @@ def _sync_zero_from(payload: memoryview) -> SyncZero:
     return SyncZero(*_SYNC_ZERO.unpack(payload))
 
 
+def _regions_from(payload: memoryview) -> Regions:
+    # The header check keeps the length a multiple of 16; checked again so this stands alone.
+    if len(payload) % _REGION.size:
+        raise ProtocolError(f"{len(payload)} bytes are not whole (offset, length) pairs")
+    extents: list[tuple[int, int]] = []
+    end = 0  # where the previous region ends
+    for i, (offset, length) in enumerate(_REGION.iter_unpack(payload)):
+        if length == 0:
+            raise ProtocolError(f"region {i} at offset {offset} is empty")
+        if offset + length > _U64_MAX:
+            raise ProtocolError(f"region {i} ({offset} + {length} bytes) ends past 2**64-1")
+        # In order and apart: the source marks them in a dirty map as they come, and a peer
+        # that sends a region twice or out of order is not doing what it says.
+        if offset < end:
+            raise ProtocolError(
+                f"region {i} at offset {offset} starts before the end of region {i - 1} ({end})"
+            )
+        extents.append((offset, length))
+        end = offset + length
+    return Regions(tuple(extents))
+
+
 def _json_decoder(frame_type: int) -> Callable[[memoryview], Message]:
     decode_object = _JSON_DECODERS[frame_type]
 
@@ -658,6 +908,7 @@ _DECODERS: Final[dict[int, Callable[[memoryview], Message]]] = {
     FrameType.SYNC_DATA: _sync_data_from,
     FrameType.SYNC_DONE: _sync_done_from,
     FrameType.SYNC_ZERO: _sync_zero_from,
+    FrameType.REGIONS: _regions_from,
 }
 assert _DECODERS.keys() == _LENGTHS.keys() == set(FrameType)
 
@@ -828,6 +1079,9 @@ def _check_header(
     # often caught here, before we wait for bytes that will never belong to this frame.
     if frame_type == _RECORDS_TYPE and length % RECORD_ALIGN:
         raise ProtocolError(f"RECORDS frame length {length} is not a multiple of {RECORD_ALIGN}")
+    # Likewise REGIONS: whole 16-byte pairs only.
+    if frame_type == _REGIONS_TYPE and length % _REGION.size:
+        raise ProtocolError(f"REGIONS frame length {length} is not a multiple of {_REGION.size}")
     return frame_type, length, crc32c(header[:12]), stored
 
 
@@ -860,9 +1114,10 @@ def _nbytes(buf: Buffer) -> int:
 def encode(message: Message) -> list[Buffer]:
     """The buffers of one frame carrying ``message``, for ``writelines``/``writev``.
 
-    Small frames are one ``bytes``; RECORDS and SYNC_DATA return their data buffers as given,
-    after the header. Raises :class:`ValueError` for a message the decoder would refuse (a
-    field out of range, a malformed nonce, a JSON payload over :data:`MAX_JSON`, ...).
+    Small frames (REGIONS included) are one ``bytes``; RECORDS and SYNC_DATA return their data
+    buffers as given, after the header. Raises :class:`ValueError` for a message the decoder
+    would refuse (a field out of range, a malformed nonce, a JSON payload over
+    :data:`MAX_JSON`, unordered regions, ...).
     """
     match message:
         case Records():
@@ -898,7 +1153,46 @@ def encode(message: Message) -> list[Buffer]:
         case SyncZero():
             body = _pack(_SYNC_ZERO, message.lsn, message.offset, message.length, message.as_of_seq)
             return _fixed_frame(FrameType.SYNC_ZERO, body)
+        case Regions():
+            return _encode_regions(message)
     return _encode_json(message)
+
+
+def _encode_regions(message: Regions) -> list[Buffer]:
+    count = len(message.extents)
+    if not 1 <= count <= MAX_REGIONS:
+        raise ValueError(f"a REGIONS frame holds 1..{MAX_REGIONS} regions, not {count}")
+    payload = b"".join(_pack(_REGION, offset, length) for offset, length in message.extents)
+    # The decoder's checks (empty, overflowing, unordered or overlapping regions), as for the
+    # JSON frames; a REGIONS frame is sent once per handshake at most.
+    try:
+        _regions_from(memoryview(payload))
+    except ProtocolError as exc:
+        raise ValueError(f"cannot encode REGIONS: {exc}") from None
+    return [_header(_REGIONS_TYPE, len(payload), (payload,)) + payload]
+
+
+def regions_frames(extents: Iterable[tuple[int, int]]) -> list[Regions]:
+    """The REGIONS frames that carry ``extents`` (``(offset, length)`` pairs), in order.
+
+    Extents are sorted and merged first, touching and overlapping ones into one (what the
+    source copies is their union either way), and empty ones dropped; each frame then holds
+    at most :data:`MAX_REGIONS`. No extents, no frames: the WELCOME's ``diverged_frames`` is
+    the length of the list. Raises :class:`ValueError` for a negative offset or length, or a
+    region that ends past 2**64-1.
+    """
+    merged: list[tuple[int, int]] = []
+    for offset, length in sorted(extents):
+        if offset < 0 or length < 0 or offset + length > _U64_MAX:
+            raise ValueError(f"region {offset} + {length} bytes is outside 0..2**64-1")
+        if length == 0:
+            continue
+        if merged and offset <= merged[-1][0] + merged[-1][1]:
+            start, size = merged[-1]
+            merged[-1] = (start, max(size, offset + length - start))
+        else:
+            merged.append((offset, length))
+    return [Regions(tuple(merged[i : i + MAX_REGIONS])) for i in range(0, len(merged), MAX_REGIONS)]
 
 
 def _encode_json(message: Message) -> list[Buffer]:

@@ -14,12 +14,12 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from blockmirror.blockdev.journaled import JournalWritePath
 from blockmirror.errors import BlockmirrorError, ProtocolError
 from blockmirror.journal.checkpoint import ReplicaState
+from blockmirror.journal.lineage import fixed_lineage
 from blockmirror.journal.record import Record
 from blockmirror.link import auth
 from blockmirror.link.handshake import End
@@ -31,15 +31,19 @@ from blockmirror.link.protocol import (
     Heartbeat,
     Hello,
     Records,
+    Refuse,
+    RefuseCode,
     SyncData,
     SyncDone,
     SyncStart,
     SyncZero,
     Welcome,
+    regions_frames,
 )
+from blockmirror.link.replica_runtime import ReplicaRuntime
 from blockmirror.link.session import DEFAULT_TIMEOUTS, LinkRefused, LinkSession, Timeouts
 from blockmirror.link.session_crypto import CHACHA20_POLY1305, Opener, Sealer, derive_keys
-from blockmirror.state import Consistency, transition
+from blockmirror.state import Consistency, Role, transition
 
 log = logging.getLogger(__name__)
 
@@ -55,48 +59,6 @@ def certificate_names(cert: Mapping[str, Any]) -> set[str]:
         if kind == "DNS":
             names.add(str(value))
     return names
-
-
-@dataclass(slots=True)
-class ReplicaRuntime:
-    """What the receiver needs of one secondary volume, and what status shows about it."""
-
-    name: str
-    size: int
-    write_path: JournalWritePath
-    source: str | None = None
-    source_unit: str | None = None
-    bytes_received: int = 0
-    records_received: int = 0
-    connected_since: float | None = None
-    last_refusal: str | None = None
-    sync_done: tuple[int, int] | None = None  # (lsn, as_of_seq) of a SYNC_DONE not yet reached
-    sync_lsn: int = 0
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    # This replica's own key (None: the listener's) and the certificate names allowed to
-    # write it (empty: any): what binds a replica to the source that may write it.
-    psk: bytes | None = None
-    tls_peers: tuple[str, ...] = ()
-
-    @property
-    def replica(self) -> ReplicaState | None:
-        return self.write_path.journal.replica
-
-    def status(self) -> dict[str, object]:
-        replica = self.replica
-        return {
-            "source": self.source,
-            "source_unit": self.source_unit or (replica.source_unit if replica else None),
-            "volume_id": replica.volume_id if replica else None,
-            "received_seq": self.write_path.journal.durable_seq,
-            "applied_seq": self.write_path.applied_seq,
-            "consistent": bool(replica and replica.consistent),
-            "syncing": self.sync_done is not None or bool(replica and not replica.consistent),
-            "bytes_received": self.bytes_received,
-            "records_received": self.records_received,
-            "connected": self.source is not None,
-            "last_refusal": self.last_refusal,
-        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,12 +149,14 @@ class ReceiverSession:
         if target is not None:
             target.last_refusal = f"{code}: {message} (from {self.where})"
 
-    def refuse(self, code: str, message: str) -> LinkRefused:
-        return self.link.refuse(code, message)
+    def refuse(self, code: str, message: str, *, frame: Refuse | None = None) -> LinkRefused:
+        return self.link.refuse(code, message, frame=frame)
 
     def release(self) -> None:
         if self.replica is not None and self._owns_replica:
             self.replica.source = None
+            self.replica.session = None
+            self.replica.source_role = None
             self.replica.connected_since = None
 
     # --- handshake ------------------------------------------------------------------------------
@@ -210,16 +174,13 @@ class ReceiverSession:
             raise self.refuse(
                 "size-mismatch", f"replica {hello.volume} is {replica.size} bytes, not {hello.size}"
             )
+        admission = await replica.admit_source(hello)
+        if not admission.accept:
+            assert admission.code is not None
+            raise self.refuse(admission.code, admission.message, frame=admission.refusal())
+        regions = admission.regions
         state = replica.replica
-        if state is not None and state.volume_id and state.volume_id != hello.volume_id:
-            raise self.refuse(
-                "identity-mismatch",
-                f"replica {hello.volume} holds volume {state.volume_id}, not {hello.volume_id}",
-            )
-        if replica.source is not None:
-            raise self.refuse(
-                "busy", f"replica {hello.volume} already has a source ({replica.source})"
-            )
+        lineage = hello.lineage
         max_record = replica.write_path.journal.max_payload()
         if hello.max_record is not None and hello.max_record > max_record:
             raise self.refuse(
@@ -233,6 +194,8 @@ class ReceiverSession:
             self._on_bound()  # no longer counted against the listener's caps
         self._owns_replica = True
         replica.source = self.where
+        replica.session = self
+        replica.source_role = lineage.role if lineage is not None else None
         replica.source_unit = hello.unit
         replica.connected_since = time.time()
         replica.last_refusal = None
@@ -240,6 +203,10 @@ class ReceiverSession:
         replica.sync_lsn = 0
         replica.sync_done = None
         wp = replica.write_path
+        replica.source_holds_everything()
+        if replica.roles is not None:
+            replica.roles.source_changed()
+        frames = regions_frames(regions)
         self.link.send(
             Welcome(
                 PROTOCOL_VERSION,
@@ -249,11 +216,27 @@ class ReceiverSession:
                 bool(state and state.consistent),
                 state.volume_id if state else None,
                 max_record,
+                lineage=(
+                    replica.roles.lineage()
+                    if replica.roles is not None
+                    else fixed_lineage(
+                        self.settings.unit_name, Role.SECONDARY, wp.journal.durable_seq
+                    )
+                ),
+                diverged_frames=len(frames),
             )
         )
+        for frame in frames:
+            self.link.send(frame)
         self.link.stream()
         log.info("link from %s (%s) carries volume %s", self.where, hello.unit, hello.volume)
-        await self._stream(hello)
+        try:
+            await self._stream(hello)
+        except LinkRefused as exc:
+            if exc.refusal is not None and exc.code == RefuseCode.SPLIT_BRAIN and replica.roles:
+                # The source found our history is not its own (its WELCOME check).
+                await replica.roles.refused(None, exc.refusal)
+            raise
 
     async def _authenticate(self, hello: Hello) -> None:
         target = self._target
@@ -401,6 +384,13 @@ class ReceiverSession:
             await wp.rebase(message.as_of_seq + 1)
         else:
             await wp.checkpoint()
+        replica.source_holds_everything()
+        if replica.roles is not None:
+            replica.roles.source_changed()
+        if replica.roles is not None:
+            # The source's dirty map holds the regions we gave up now, durably (it writes
+            # them before it starts the resync): our own record of them has done its job.
+            await replica.roles.taken()
         log.info(
             "replica %s: %s resync from %s starts (records follow from %d)",
             replica.name,
@@ -414,6 +404,8 @@ class ReceiverSession:
         if fut.cancelled() or fut.exception() is not None:
             self.link.abort()
             return
+        if self.replica is not None:
+            self.replica.source_holds_everything()
         self._check_consistent()
         self._schedule_ack()
 

@@ -26,7 +26,9 @@ from typing import Final
 from blockmirror.blockdev.journaled import JournalWritePath
 from blockmirror.errors import BlockmirrorError, ProtocolError
 from blockmirror.journal.journal import Consumer
+from blockmirror.journal.lineage import fixed_lineage
 from blockmirror.link import auth
+from blockmirror.link.direction import LinkRoles
 from blockmirror.link.handshake import End
 from blockmirror.link.outbound import OutboundStream
 from blockmirror.link.protocol import (
@@ -34,7 +36,16 @@ from blockmirror.link.protocol import (
     AuthClient,
     AuthServer,
     Hello,
+    RefuseCode,
+    Regions,
     Welcome,
+)
+from blockmirror.link.resume import (
+    SplitBrainFound,
+    add_diverged,
+    check_same_line,
+    remove_maps,
+    resume_point,
 )
 from blockmirror.link.session import (
     DEFAULT_TIMEOUTS,
@@ -45,14 +56,23 @@ from blockmirror.link.session import (
     tune_socket,
 )
 from blockmirror.link.session_crypto import CHACHA20_POLY1305, Opener, Sealer, derive_keys
-from blockmirror.state import ConsumerMode, LinkPhase, transition
+from blockmirror.state import ConsumerMode, LinkPhase, Role, transition
 
 log = logging.getLogger(__name__)
 
 BACKOFF_MIN: Final = 0.1
 BACKOFF_MAX: Final = 10.0
+# How long a sender waits, unless the roles change first, before it asks again a peer that
+# refused it for a reason of direction.
+UPSTREAM_RECHECK: Final = 10.0
+SPLIT_BRAIN_RECHECK: Final = 30.0
+_DIRECTION_CODES: Final = frozenset(
+    {RefuseCode.UPSTREAM, RefuseCode.SUPERSEDED, RefuseCode.SPLIT_BRAIN, RefuseCode.UNRELATED}
+)
 
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+# The phases whose status carries the reason.
+_REASONED: Final = frozenset({LinkPhase.CONNECTING, LinkPhase.UPSTREAM, LinkPhase.SPLIT_BRAIN})
 
 
 @dataclass(slots=True)
@@ -69,6 +89,8 @@ class SenderStats:
     reason: str | None = None
     connected_since: float | None = None
     consistent: bool = False
+    # The size of the last diverged-only resync's work: both sides' regions, joined.
+    diverged_union_bytes: int | None = None
     throughput: float = 0.0  # bytes per second, smoothed
     _rate_at: float = field(default_factory=time.monotonic)
     _rate_bytes: int = 0
@@ -105,6 +127,7 @@ class PeerSender:
         ssl_context: ssl.SSLContext | None = None,
         timeouts: Timeouts = DEFAULT_TIMEOUTS,
         connect: Callable[[], Awaitable[Streams]] | None = None,
+        roles: LinkRoles | None = None,
     ) -> None:
         self.unit_name = unit_name
         self.volume_name = volume_name
@@ -122,6 +145,7 @@ class PeerSender:
         self._task: asyncio.Task[None] | None = None
         self._lsn = 0
         self._stopping = False
+        self.roles = roles
 
     @property
     def consumer(self) -> Consumer:
@@ -165,15 +189,20 @@ class PeerSender:
         oldest = next((r for r in journal.records if r.seq > consumer.acked_seq), None)
         lag_seconds = (time.time_ns() - oldest.timestamp_ns) / 1e9 if oldest else 0.0
         phase = self.stats.phase
-        state = "paused" if consumer.paused else phase.value
+        # A split brain (or a peer we must not send to) says more than a pause does.
+        directed = phase in (LinkPhase.UPSTREAM, LinkPhase.SPLIT_BRAIN)
+        state = "paused" if consumer.paused and not directed else phase.value
         if consumer.mode == ConsumerMode.TRACKING and state not in (
             LinkPhase.SYNCING,
             LinkPhase.CONNECTING,
+            LinkPhase.UPSTREAM,
+            LinkPhase.SPLIT_BRAIN,
             "paused",
         ):
             state = "tracking"
         return {
             "address": f"{self.host}:{self.port}",
+            "peer": consumer.peer,
             "state": state,
             "mode": consumer.mode,
             "acked_seq": consumer.acked_seq,
@@ -188,8 +217,9 @@ class PeerSender:
             "throughput_bytes_per_second": round(self.stats.throughput),
             "consistent": self.stats.consistent,
             "connects": self.stats.connects,
+            "diverged_union_bytes": self.stats.diverged_union_bytes,
             "last_error": self.stats.last_error,
-            "reason": self.stats.reason if phase is LinkPhase.CONNECTING else None,
+            "reason": self.stats.reason if phase in _REASONED else None,
         }
 
     # --- connection life cycle ------------------------------------------------------------------
@@ -199,7 +229,13 @@ class PeerSender:
         while True:
             started = time.monotonic()
             try:
-                await self._session()
+                if await self._session():
+                    # Waited for the roles to change (or a recheck): ask again at once.
+                    delay = BACKOFF_MIN
+                    self.enter(LinkPhase.CONNECTING)
+                    if self._stopping:
+                        return
+                    continue
             except asyncio.CancelledError:
                 if self._stopping:
                     raise
@@ -241,7 +277,12 @@ class PeerSender:
                 return
             if time.monotonic() - started > 5 * BACKOFF_MAX:
                 delay = BACKOFF_MIN  # it worked for a while: start over quickly
-            await asyncio.sleep(delay)
+            if self.roles is not None:
+                # A change of role or source (a peer that just connected to us is reachable)
+                # cuts the wait short.
+                await self.roles.wait_changed(delay)
+            else:
+                await asyncio.sleep(delay)
             delay = min(delay * 2, BACKOFF_MAX)
 
     async def _open_connection(self) -> Streams:
@@ -249,7 +290,21 @@ class PeerSender:
             self.host, self.port, ssl=self.ssl_context, limit=READ_SIZE
         )
 
-    async def _session(self) -> None:
+    async def _session(self) -> bool:
+        """One connection; True when it ended by waiting on the roles (no backoff)."""
+        roles = self.roles
+        if roles is not None:
+            source = roles.source()
+            why = None
+            if roles.lineage().role is Role.DEMOTED:
+                why = "this volume is demoted: it sends nothing until it follows a new primary"
+            elif source is not None and self.consumer.peer == source:
+                why = f"{source} is this volume's source"
+            if why is not None:
+                self.stats.reason = why
+                self.enter(LinkPhase.UPSTREAM)
+                await roles.wait_changed(UPSTREAM_RECHECK)
+                return True
         reader, writer = await asyncio.wait_for(self._connect(), self.timeouts.handshake)
         tune_socket(writer.get_extra_info("socket"), self.timeouts.idle)
         link = LinkSession(
@@ -260,17 +315,61 @@ class PeerSender:
             what=f"link to {self.host}:{self.port} for {self.volume_name}",
         )
         try:
-            welcome = await self._handshake(link)
+            try:
+                welcome, regions = await self._handshake(link)
+            except LinkRefused as exc:
+                if roles is None or exc.code not in _DIRECTION_CODES:
+                    raise
+                await link.close()
+                await self._refused(roles, exc)
+                return True
+            try:
+                same_line = check_same_line(self, welcome)
+            except SplitBrainFound as found:
+                assert roles is not None
+                link.refuse_quietly(found.ours.code, found.ours.message, frame=found.ours)
+                await link.close()
+                await self._refused(
+                    roles, LinkRefused(found.theirs.code, found.theirs.message, found.theirs)
+                )
+                return True
             self.stats.connects += 1
             self.stats.connected_since = time.time()
             self.stats.last_error = None
             self.stats.reason = None
-            await self._replicate(link, welcome)
+            if roles is not None:
+                roles.linked(self.consumer_name, welcome.lineage)
+            await self._replicate(link, welcome, regions, same_line=same_line)
         finally:
             # Never wait forever for a peer that stopped reading to take our unsent bytes.
             await link.close()
+        return False
 
-    async def _handshake(self, link: LinkSession) -> Welcome:
+    async def _refused(self, roles: LinkRoles, exc: LinkRefused) -> None:
+        """The peer refused us for a reason of direction: learn who it is, let the roles act
+        (demote, record a split brain), and wait for a change before asking again."""
+        refusal = exc.refusal
+        peer = refusal.lineage if refusal is not None else None
+        if peer is not None:
+            journal = self.wp.journal
+            bound, dropped = journal.bind_peer(self.consumer_name, peer.unit)
+            if bound:
+                log.info("%s -> %s:%d: %s", self.volume_name, self.host, self.port, bound)
+            if roles.source() == peer.unit:
+                # Our source: it holds everything we have (its cursor must not hold records).
+                journal.peer_holds(peer.unit, journal.durable_seq)
+            if bound:
+                await self.wp.checkpoint()
+                await asyncio.to_thread(remove_maps, dropped)
+        if refusal is not None:
+            await roles.refused(self.consumer_name, refusal)
+        self.stats.last_error = None
+        self.stats.reason = f"{exc.code}: {exc.message}"
+        split = exc.code in (RefuseCode.SPLIT_BRAIN, RefuseCode.UNRELATED)
+        self.enter(LinkPhase.SPLIT_BRAIN if split else LinkPhase.UPSTREAM)
+        await roles.wait_changed(SPLIT_BRAIN_RECHECK if split else UPSTREAM_RECHECK)
+
+    async def _handshake(self, link: LinkSession) -> tuple[Welcome, list[tuple[int, int]]]:
         """HELLO, the proofs both ways when a key is set, and the WELCOME; the link streams
         after it. The order is :mod:`blockmirror.link.handshake`'s: whatever else arrives is
         refused there."""
@@ -293,6 +392,12 @@ class PeerSender:
             "psk" if self.psk else "none",
             self.wp.journal.max_payload(),
             offer,
+            lineage=(
+                self.roles.lineage()
+                if self.roles is not None
+                else fixed_lineage(self.unit_name, Role.PRIMARY, self.wp.journal.next_seq - 1)
+            ),
+            source=self.roles.source() if self.roles is not None else None,
         )
         link.send(hello)
         reply = await link.receive()  # AUTH_SERVER or WELCOME
@@ -330,12 +435,33 @@ class PeerSender:
                 f"this volume's records may carry {ours}; give it a larger journal_size",
             )
         link.stream()
-        return reply
+        # The regions the secondary gave up to follow us (its writes past the branch point).
+        regions: list[tuple[int, int]] = []
+        for _ in range(reply.diverged_frames):
+            frame = await link.receive()
+            if not isinstance(frame, Regions):
+                raise ProtocolError(f"expected REGIONS, got {type(frame).__name__}")
+            for offset, length in frame.extents:
+                if offset + length > self.wp.volume.size:
+                    raise link.refuse(
+                        "bad-frame", f"diverged region {offset}+{length} is past the volume's end"
+                    )
+            regions.extend(frame.extents)
+        return reply, regions
 
     # --- replication ----------------------------------------------------------------------------
 
-    async def _replicate(self, link: LinkSession, welcome: Welcome) -> None:
-        full = await self._resume_point(welcome)
+    async def _replicate(
+        self,
+        link: LinkSession,
+        welcome: Welcome,
+        regions: list[tuple[int, int]],
+        *,
+        same_line: bool = True,
+    ) -> None:
+        full = await resume_point(self, welcome, same_line=same_line)
+        if regions and not full:
+            await add_diverged(self, regions)
         consumer = self.consumer
         stream = OutboundStream(
             self, link, start=consumer.acked_seq + 1, peer_consistent=welcome.consistent
@@ -348,6 +474,8 @@ class PeerSender:
             asyncio.ensure_future(stream.read_acks()),
             asyncio.ensure_future(stream.heartbeats()),
         ]
+        if self.roles is not None:
+            tasks.append(asyncio.ensure_future(self._role_changes(self.roles)))
         try:
             done, _pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in tasks:
@@ -361,93 +489,17 @@ class PeerSender:
                 with contextlib.suppress(BaseException):
                     await task
 
-    async def _resume_point(self, welcome: Welcome) -> bool:
-        """Set the consumer up to follow what the secondary says it holds; whether it needs a
-        full copy."""
-        journal = self.wp.journal
-        bound, dropped = journal.bind_peer(self.consumer_name, welcome.unit)
-        if bound:
-            log.info("%s -> %s:%d: %s", self.volume_name, self.host, self.port, bound)
-            await self.wp.checkpoint()  # the cursor's owner, durably, before maps go
-            await asyncio.to_thread(_remove_maps, dropped)
-        consumer = self.consumer
-        received = welcome.received_seq
-        full = False
-        # The secondary's WELCOME is the truth about what it holds, not what it acknowledged
-        # before: a replica restored from a backup (or a secondary that lost its journal's
-        # tail) holds less than its old ACKs said.
-        lost = received < consumer.acked_seq
-        if welcome.volume_id != self.volume_id:
-            full = True  # a new replica, or one of another volume we were allowed to overwrite
-        elif received > journal.next_seq - 1:
-            full = True  # it claims records we never wrote
-        elif consumer.mode == ConsumerMode.JOURNAL:
-            if received + 1 < journal.head_seq:
-                full = True  # a gap we no longer hold
-            elif lost:
-                log.warning(
-                    "%s -> %s:%d: the secondary holds records up to %d only, although it "
-                    "acknowledged %d (restored from a backup?); resending from %d",
-                    self.volume_name,
-                    self.host,
-                    self.port,
-                    received,
-                    consumer.acked_seq,
-                    received + 1,
+    async def _role_changes(self, roles: LinkRoles) -> None:
+        """End the session when this volume stops being a source for the peer (demoted, or
+        now following it): the next one asks again with the new lineage."""
+        role = roles.lineage().role
+        while True:
+            await roles.wait_changed(3600.0)
+            if roles.lineage().role is not role or roles.source() == self.consumer.peer:
+                raise ConnectionError(
+                    f"this volume's role changed ({role} -> {roles.lineage().role})"
                 )
-                # Lowered, not only skipped back: the journal must keep these records now.
-                consumer.acked_seq = received
-                self.stats.acked_seq = received
-            elif received > consumer.acked_seq:
-                self.wp.acknowledge(self.consumer_name, received)
-        elif lost:
-            # Tracking: the dirty map covers what came after the cursor; what the secondary
-            # lost before it must be copied too, from the records, or all of it.
-            if received + 1 < journal.head_seq:
-                full = True
-            else:
-                consumer.generation += 1
-                for rec in journal.records:
-                    if received < rec.seq <= consumer.acked_seq and rec.length:
-                        consumer.dirty.mark(rec.offset, rec.length)
-                log.warning(
-                    "%s -> %s:%d: the secondary lost records %d..%d; their regions are resynced",
-                    self.volume_name,
-                    self.host,
-                    self.port,
-                    received + 1,
-                    consumer.acked_seq,
-                )
-        if full:
-            log.info(
-                "%s -> %s:%d: full resync: the secondary holds %s up to %d (it acknowledged "
-                "%d); this journal holds %d..%d",
-                self.volume_name,
-                self.host,
-                self.port,
-                "this volume" if welcome.volume_id == self.volume_id else "another volume",
-                received,
-                consumer.acked_seq,
-                journal.head_seq,
-                journal.next_seq - 1,
-            )
-            consumer.dirty.mark_all()
-            consumer.set_mode(ConsumerMode.TRACKING)
-        self.stats.consistent = welcome.consistent and not full and not lost
-        self.stats.peer_applied_seq = welcome.applied_seq
-        if full or lost:
-            await self.wp.checkpoint()  # the lowered cursor or the dirty bits, durably
-        return full
 
     def next_lsn(self) -> int:
         self._lsn += 1
         return self._lsn
-
-
-def _remove_maps(consumers: list[Consumer]) -> None:
-    """Close and delete the dirty maps of cursors a checkpoint no longer holds (blocking)."""
-    for consumer in consumers:
-        path = consumer.dirty.path
-        consumer.dirty.close(sync=False)
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()

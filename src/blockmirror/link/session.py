@@ -85,8 +85,11 @@ DEFAULT_TIMEOUTS: Final = Timeouts()
 class LinkRefused(LinkError):
     """We refused the other side (or it refused us); ``code`` is the protocol's refusal code."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, refusal: Refuse | None = None) -> None:
         self.code = code
+        self.message = message
+        # The REFUSE itself when the peer sent it (version 2 carries its lineage).
+        self.refusal = refusal
         super().__init__(f"{code}: {message}")
 
 
@@ -238,18 +241,19 @@ class LinkSession:
         self.last_sent = time.monotonic()
         return sum(memoryview(b).nbytes for b in buffers)
 
-    def refuse(self, code: str, message: str) -> LinkRefused:
-        """Refuse the peer: REFUSE is sent, ``on_refuse`` told; the error to raise."""
-        self.refuse_quietly(code, message)
+    def refuse(self, code: str, message: str, *, frame: Refuse | None = None) -> LinkRefused:
+        """Refuse the peer: REFUSE is sent (``frame`` when it carries more than the code and
+        the message), ``on_refuse`` told; the error to raise."""
+        self.refuse_quietly(code, message, frame=frame)
         if self._on_refuse is not None:
             self._on_refuse(code, message)
         return LinkRefused(code, message)
 
-    def refuse_quietly(self, code: str, message: str) -> None:
+    def refuse_quietly(self, code: str, message: str, *, frame: Refuse | None = None) -> None:
         """Send REFUSE if the link still takes it (it may be gone already); nothing is read
         after it."""
         with contextlib.suppress(Exception):
-            self.send(Refuse(code, message))
+            self.send(frame if frame is not None else Refuse(code, message))
         self.order.close()
 
     def write_buffer_size(self) -> int:
@@ -277,7 +281,7 @@ class LinkSession:
                 raise
             raise self.refuse(exc.code, exc.reason) from None
         if refusal is not None:
-            raise LinkRefused(refusal.code, refusal.message)
+            raise LinkRefused(refusal.code, refusal.message, refusal)
         return message
 
     async def expect(self, kind: type[_M]) -> _M:

@@ -11,7 +11,9 @@ command, run while the unit is stopped:
    every peer ends up with the adopted content (its replica is inconsistent until then);
 3. on a secondary, forgets which source the replica came from: the source sends it all again;
 4. records the volume's identity anew (its file, and a fingerprint of its blocks), keeping the
-   volume's ``volume_id``, so peers keep accepting it.
+   volume's ``volume_id``, so peers keep accepting it;
+5. on a primary, begins a generation (``unproven-start``): nothing proves the adopted content
+   continues the old line, so peers are told it does not.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from pathlib import Path
 from blockmirror import statedir
 from blockmirror.config import Config
 from blockmirror.errors import BlockmirrorError, JournalError
-from blockmirror.journal import identity
+from blockmirror.journal import generations, identity
 from blockmirror.journal.checkpoint import CheckpointError, read_checkpoint
+from blockmirror.journal.generations import new_generation
 from blockmirror.journal.journal import Journal
 from blockmirror.journal.ring import DATA_START, Ring
 from blockmirror.journal.scan import JournalCorruptError, scan
@@ -34,6 +37,7 @@ from blockmirror.offline.lock import (
     journal_capacity,
     journal_volume,
 )
+from blockmirror.state import Role
 from blockmirror.store.volume import Volume
 
 __all__ = ["adopt_volume"]
@@ -83,9 +87,25 @@ def adopt_volume(config: Config, volume_name: str) -> list[str]:
             except (JournalError, CheckpointError) as exc:
                 raise OfflineError(str(exc)) from exc
             consumers = sorted(journal.consumers)
+            next_seq = journal.next_seq
             journal.close(clean=True)
         finally:
             volume.close()
+        role_path = statedir.role_path(state_dir, vc.name)
+        history = generations.load(role_path)
+        role = history.role if history is not None else Role(vc.role)
+        if history is not None and role is Role.PRIMARY:
+            # Nothing proves the adopted content continues the old line: a new generation
+            # begins, so a peer holding records of the old one past this point gives them up
+            # (or, holding its own writes there, reports a split brain) instead of keeping them.
+            generation = new_generation(
+                start_seq=next_seq, unit=config.unit.name, reason="unproven-start"
+            )
+            generations.store(role_path, history.begin(generation))
+            done.append(
+                f"generation {generation.id} (unproven-start) begins at seq {next_seq}: peers "
+                "follow the adopted content from there"
+            )
     done.append(
         f"volume {vc.name}: {vc.path} adopted as it is (volume id {journal.volume_id} kept); "
         "the journal's records were dropped, not replayed"
@@ -94,7 +114,7 @@ def adopt_volume(config: Config, volume_name: str) -> list[str]:
         done.append(f"every region marked dirty for {', '.join(consumers)} (full resync)")
     else:
         done.append("the volume has no consumers (no peers): no resync is needed")
-    if vc.role == "secondary":
+    if role is not Role.PRIMARY:
         done.append("the replica's source is forgotten: its source sends all of it again")
     done.append(f"`blockmirror run` serves volume {vc.name} again")
     return done

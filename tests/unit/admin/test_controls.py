@@ -15,6 +15,7 @@ from blockmirror.admin.access import AdminAccess
 from blockmirror.admin.api import MAX_REQUEST_BODY, AdminServer
 from blockmirror.admin.controls import ControlError, ControlRequest, handle, parse
 from blockmirror.admin.table import format_status_table
+from blockmirror.errors import RoleError
 from blockmirror.state import VolumeState
 
 PEER = "127.0.0.1:7800"
@@ -71,6 +72,29 @@ class FakeWritePath:
 
 
 @dataclass
+class FakeRoles:
+    """The role changes a volume offers; ``refuse`` makes the next one a RoleError."""
+
+    calls: list[tuple[str, object]] = field(default_factory=list)
+    refuse: str | None = None
+
+    def _answer(self, action: str, arg: object) -> dict[str, Any]:
+        self.calls.append((action, arg))
+        if self.refuse is not None:
+            raise RoleError(self.refuse)
+        return {"role": "primary" if action == "promote" else "secondary"}
+
+    async def promote(self, *, force: bool) -> dict[str, Any]:
+        return self._answer("promote", force)
+
+    async def demote(self, *, timeout: float) -> dict[str, Any]:
+        return self._answer("demote", timeout)
+
+    async def resolve(self, *, discard_local: bool) -> dict[str, Any]:
+        return self._answer("resolve", discard_local)
+
+
+@dataclass
 class FakeConfig:
     role: str = "primary"
 
@@ -81,6 +105,11 @@ class FakeVolume:
     problem: str | None = None
     state: VolumeState = VolumeState.SERVING
     config: FakeConfig = field(default_factory=FakeConfig)
+    roles: FakeRoles | None = None  # None: no live role to change (the actions answer 409)
+
+    @property
+    def role(self) -> str:
+        return self.config.role
 
 
 @dataclass
@@ -485,6 +514,7 @@ def test_status_table_shows_journals_consumers_and_problems() -> None:
                 "size": 1 << 30,
                 "counters": {},
                 "problem": None,
+                "split_brain": [{"peer": "site-b", "common_seq": 2048}],
                 "journal": {
                     "capacity": 1 << 20,
                     "used": 1 << 18,
@@ -530,3 +560,59 @@ def test_status_table_shows_journals_consumers_and_problems() -> None:
     other = next(line for line in lines if line.startswith("10.0.0.2:7800"))
     assert "tracking" in other and "1.0 GiB" in other
     assert any("logs: journal /s/logs.journal is corrupt" in line for line in lines)
+    assert any("db: split brain with site-b since seq 2048" in line for line in lines)
+
+
+# --- role changes (issue 9) -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "query", "expected"),
+    [
+        ("/api/volumes/db/promote", "", ControlRequest("db", "promote")),
+        ("/api/volumes/db/promote", "force=1", ControlRequest("db", "promote", force=True)),
+        ("/api/volumes/db/demote", "timeout=7.5", ControlRequest("db", "demote", timeout=7.5)),
+        (
+            "/api/volumes/db/resolve",
+            "discard_local=true",
+            ControlRequest("db", "resolve", discard_local=True),
+        ),
+    ],
+)
+def test_role_routes(path: str, query: str, expected: ControlRequest) -> None:
+    assert parse("POST", path, query) == expected
+
+
+@pytest.mark.parametrize(
+    ("path", "query", "needle"),
+    [
+        ("/api/volumes/db/promote", "force=yes", "1, true, 0 or false"),
+        ("/api/volumes/db/promote", "timeout=3", "unknown parameter"),
+        ("/api/volumes/db/demote", "timeout=-1", "seconds"),
+        ("/api/volumes/db/demote", "timeout=1e9", "seconds"),
+        ("/api/volumes/db/resolve", "discard_local=maybe", "1, true, 0 or false"),
+    ],
+)
+def test_bad_role_parameters_are_400(path: str, query: str, needle: str) -> None:
+    with pytest.raises(ControlError) as err:
+        parse("POST", path, query)
+    assert err.value.status == HTTPStatus.BAD_REQUEST and needle in err.value.message
+
+
+def test_role_actions_reach_the_roles_and_a_refusal_is_409() -> None:
+    unit, _ = make_unit()
+    roles = FakeRoles()
+    unit.volumes["db"].roles = roles
+    code, body = call(unit, "POST", "/api/volumes/db/promote?force=1")
+    assert (code, body) == (200, {"volume": "db", "role": "primary"})
+    code, body = call(unit, "POST", "/api/volumes/db/demote")
+    assert code == 200 and body["role"] == "secondary"
+    code, body = call(unit, "POST", "/api/volumes/db/resolve?discard_local=1")
+    assert code == 200
+    assert roles.calls == [("promote", True), ("demote", 60.0), ("resolve", True)]
+    roles.refuse = "volume db is not consistent: a resync is in progress"
+    code, body = call(unit, "POST", "/api/volumes/db/promote")
+    assert code == 409 and "not consistent" in body["error"]
+    # A volume without live roles (no journal) cannot change role.
+    code, body = call(unit, "POST", "/api/volumes/replica/promote")
+    assert code == 409 and "no live role" in body["error"]

@@ -77,6 +77,7 @@ identified_checkpoints = st.builds(
     checkpoints,
     volume_id=st.none() | HEX,
     volume=st.none() | volume_identities,
+    tail_stamp=st.none() | U64,
 )
 
 

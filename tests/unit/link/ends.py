@@ -18,7 +18,8 @@ from blockmirror.blockdev.journaled import JournalWritePath
 from blockmirror.journal.format import Kind, RecordHeader
 from blockmirror.journal.journal import Journal
 from blockmirror.link.protocol import LinkCodec, Message, encode, encode_records
-from blockmirror.link.receiver import ReceiverSession, ReceiverSettings, ReplicaRuntime
+from blockmirror.link.receiver import ReceiverSession, ReceiverSettings
+from blockmirror.link.replica_runtime import ReplicaRuntime
 from blockmirror.link.sender import PeerSender
 from blockmirror.link.session import Timeouts
 from blockmirror.link.session_crypto import Opener, Sealer

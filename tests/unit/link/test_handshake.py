@@ -10,8 +10,10 @@ from __future__ import annotations
 import pytest
 
 from blockmirror.journal.format import Kind, RecordHeader
+from blockmirror.journal.lineage import Lineage
 from blockmirror.link.handshake import ACCEPTS, End, HandshakeOrder, OutOfOrder
 from blockmirror.link.protocol import (
+    PROTOCOL_VERSION,
     Ack,
     AuthClient,
     AuthServer,
@@ -21,19 +23,23 @@ from blockmirror.link.protocol import (
     Record,
     Records,
     Refuse,
+    Regions,
     SyncData,
     SyncDone,
     SyncStart,
     SyncZero,
     Welcome,
 )
-from blockmirror.state import HandshakeStep, StateTransitionError
+from blockmirror.state import HandshakeStep, Role, StateTransitionError
+
+LINEAGE_A = Lineage("a", Role.PRIMARY, (("1" * 32, 1, "a"),), 0)
+LINEAGE_B = Lineage("b", Role.SECONDARY, (("1" * 32, 1, "a"),), 0)
 
 ONE_OF_EACH: list[Message] = [
-    Hello(1, "a", "vol", "1" * 32, 4096, "0" * 64, "none"),
+    Hello(PROTOCOL_VERSION, "a", "vol", "1" * 32, 4096, "0" * 64, "none", lineage=LINEAGE_A),
     AuthServer("0" * 64, "0" * 64),
     AuthClient("0" * 64),
-    Welcome(1, "b", 0, 0, True, None),
+    Welcome(PROTOCOL_VERSION, "b", 0, 0, True, None, lineage=LINEAGE_B, diverged_frames=1),
     Refuse("busy", "taken"),
     Records((Record(RecordHeader(Kind.FLUSH, 1, 0, 0, 0, 0, 0), memoryview(b"")),)),
     Ack(1, 1, 0),
@@ -42,6 +48,7 @@ ONE_OF_EACH: list[Message] = [
     SyncData(2, 0, 0, memoryview(b"x")),
     SyncDone(3, 0),
     SyncZero(2, 0, 4096, 0),
+    Regions(((0, 4096),)),
 ]
 
 # The step a taken frame leaves the link in.
@@ -107,6 +114,28 @@ def test_the_refusals_are_those_each_end_always_gave() -> None:
     # The secondary answers a REFUSE in its handshake as a frame out of place.
     assert misfit(End.SECONDARY, HandshakeStep.HELLO, Refuse("x", "y"))[0] == "bad-frame"
     assert misfit(End.SECONDARY, HandshakeStep.AUTH, Refuse("x", "y"))[0] == "auth"
+
+
+def test_regions_reach_only_a_streaming_source() -> None:
+    regions = ONE_OF_EACH[-1]
+    assert isinstance(regions, Regions)
+    # The source takes the REGIONS its WELCOME announced once it streams; they move nothing.
+    source = at(End.SOURCE, HandshakeStep.STREAM)
+    assert source.received(regions) is None
+    assert source.streaming
+    # Before it streams (the WELCOME not yet checked), they are out of place.
+    for step in (HandshakeStep.HELLO, HandshakeStep.AUTH, HandshakeStep.WELCOME):
+        with pytest.raises(OutOfOrder) as caught:
+            at(End.SOURCE, step).received(regions)
+        assert caught.value.code is None
+    # A secondary never receives one: bad-frame, as any frame out of place.
+    with pytest.raises(OutOfOrder) as caught:
+        at(End.SECONDARY, HandshakeStep.STREAM).received(regions)
+    assert (caught.value.code, caught.value.reason) == ("bad-frame", "unexpected Regions")
+    # Sending them moves neither end.
+    secondary = at(End.SECONDARY, HandshakeStep.WELCOME)
+    secondary.sent(regions)
+    assert secondary.step is HandshakeStep.WELCOME
 
 
 def steps(*orders: HandshakeOrder) -> set[HandshakeStep]:

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from blockmirror.errors import BlockmirrorError, ProtocolError
 from blockmirror.journal.format import Buffer, Kind, RecordHeader, record_iov
+from blockmirror.journal.lineage import Lineage
 from blockmirror.link.protocol import (
     AUTH_NONE,
     AUTH_PSK,
@@ -41,6 +42,7 @@ from blockmirror.link.protocol import (
     Records,
     Refuse,
     RefuseCode,
+    Regions,
     SyncData,
     SyncDone,
     SyncStart,
@@ -51,6 +53,7 @@ from blockmirror.link.protocol import (
     encode_raw_records,
     encode_records,
 )
+from blockmirror.state import Role
 
 # --- independent frame builders -------------------------------------------------------------------
 
@@ -139,26 +142,81 @@ def view(data: bytes) -> memoryview:
 DATA = st.binary(max_size=64).map(view)
 SENT_KINDS = [Kind.WRITE, Kind.ZERO, Kind.TRIM, Kind.FLUSH]
 
-hellos = st.builds(
-    Hello,
-    protocol=st.just(PROTOCOL_VERSION),
-    unit=TEXT,
-    volume=TEXT,
-    volume_id=TEXT,
-    size=U64,
-    nonce=TOKEN,
-    auth=st.sampled_from([AUTH_PSK, AUTH_NONE]),
-)
-welcomes = st.builds(
-    Welcome,
-    protocol=st.just(PROTOCOL_VERSION),
-    unit=TEXT,
-    received_seq=U64,
-    applied_seq=U64,
-    consistent=st.booleans(),
-    volume_id=st.none() | TEXT,
-)
-refuses = st.builds(Refuse, code=st.sampled_from([str(c) for c in RefuseCode]) | TEXT, message=TEXT)
+GENERATION_ID = st.binary(min_size=16, max_size=16).map(bytes.hex)
+# Hypothesis text never holds lone surrogates, which the codec refuses.
+GENERATION_UNIT = st.text(min_size=1, max_size=12)
+SEQ = st.integers(1, 2**64 - 1)
+
+
+@st.composite
+def lineages(draw: st.DrawFn, unit: str | None = None, max_generations: int = 4) -> Lineage:
+    """Lineages as the wire may carry them: unique ids, start_seq never going back (equal
+    starts are two promotes with no write between them)."""
+    ids = draw(st.lists(GENERATION_ID, unique=True, max_size=max_generations))
+    starts = sorted(draw(st.lists(SEQ, min_size=len(ids), max_size=len(ids))))
+    units = draw(st.lists(GENERATION_UNIT, min_size=len(ids), max_size=len(ids)))
+    return Lineage(
+        draw(TEXT) if unit is None else unit,
+        draw(st.sampled_from(Role)),
+        tuple(zip(ids, starts, units, strict=True)),
+        draw(U64),
+        draw(st.booleans()),
+        draw(st.just(0) | U64),  # end_stamp: 0 (unknown) is left out on the wire
+    )
+
+
+@st.composite
+def hellos(draw: st.DrawFn) -> Hello:
+    unit = draw(TEXT)
+    return Hello(
+        PROTOCOL_VERSION,
+        unit,
+        draw(TEXT),
+        draw(TEXT),
+        draw(U64),
+        draw(TOKEN),
+        draw(st.sampled_from([AUTH_PSK, AUTH_NONE])),
+        draw(st.none() | U64),
+        draw(st.none() | st.just("chacha20-poly1305")),
+        draw(lineages(unit)),
+        draw(st.none() | TEXT),
+    )
+
+
+@st.composite
+def welcomes(draw: st.DrawFn) -> Welcome:
+    unit = draw(TEXT)
+    return Welcome(
+        PROTOCOL_VERSION,
+        unit,
+        draw(U64),
+        draw(U64),
+        draw(st.booleans()),
+        draw(st.none() | TEXT),
+        draw(st.none() | U64),
+        draw(lineages(unit)),
+        draw(st.integers(0, 1_000_000)),
+    )
+
+
+@st.composite
+def refuses(draw: st.DrawFn) -> Refuse:
+    code = draw(st.sampled_from([str(c) for c in RefuseCode]) | TEXT)
+    return Refuse(
+        code,
+        draw(TEXT),
+        draw(st.none() | lineages()),
+        draw(st.none() | U64),
+        draw(st.none() | U64),
+    )
+
+
+@st.composite
+def regions_messages(draw: st.DrawFn) -> Regions:
+    """1..8 regions, ordered and apart (touching allowed), somewhere in 0..2**64-1."""
+    cuts = sorted(draw(st.lists(st.integers(0, 2**64 - 1), min_size=2, max_size=16, unique=True)))
+    pairs = [(cuts[i], cuts[i + 1] - cuts[i]) for i in range(0, len(cuts) - 1, 2)]
+    return Regions(tuple(pairs))
 
 
 @st.composite
@@ -181,11 +239,11 @@ def records_messages(draw: st.DrawFn) -> Records:
 
 
 messages: st.SearchStrategy[Message] = st.one_of(
-    hellos,
+    hellos(),
     st.builds(AuthServer, nonce=TOKEN, proof=TOKEN),
     st.builds(AuthClient, proof=TOKEN),
-    welcomes,
-    refuses,
+    welcomes(),
+    refuses(),
     records_messages(),
     st.builds(Ack, durable_seq=U64, applied_seq=U64, sync_lsn=U64),
     st.builds(Heartbeat, sent_ns=U64, echo_ns=U64),
@@ -193,7 +251,23 @@ messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(SyncData, lsn=U64, offset=U64, as_of_seq=U64, data=DATA),
     st.builds(SyncDone, lsn=U64, as_of_seq=U64),
     st.builds(SyncZero, lsn=U64, offset=U64, length=U64, as_of_seq=U64),
+    regions_messages(),
 )
+
+# A lineage for the examples below, as a Lineage of unit ``unit`` and as its JSON on the wire.
+GEN_A = "a1" * 16
+
+
+def lineage(unit: str, role: Role = Role.PRIMARY) -> Lineage:
+    return Lineage(unit, role, ((GEN_A, 1, "site-a"),), 10, False)
+
+
+LINEAGE = {
+    "role": "primary",
+    "generations": [[GEN_A, 1, "site-a"]],
+    "end_seq": 10,
+    "lost_tail": False,
+}
 
 
 # --- layout ---------------------------------------------------------------------------------------
@@ -235,23 +309,25 @@ def test_frame_types_are_numbered_as_documented() -> None:
         ("SYNC_DATA", 10),
         ("SYNC_DONE", 11),
         ("SYNC_ZERO", 12),
+        ("REGIONS", 14),
     ]
 
 
 def test_json_payloads_are_plain_utf8_objects() -> None:
-    hello = Hello(1, "site-a", "db", "j-1", 4096, "ab" * 32, AUTH_PSK)
+    hello = Hello(2, "site-a", "db", "j-1", 4096, "ab" * 32, AUTH_PSK, lineage=lineage("site-a"))
     out = join(encode(hello))
     assert out[4] == FrameType.HELLO
     assert json.loads(out[16:].decode("utf-8")) == {
-        "protocol": 1,
+        "protocol": 2,
         "unit": "site-a",
         "volume": "db",
         "volume_id": "j-1",
         "size": 4096,
         "nonce": "ab" * 32,
         "auth": "psk",
+        "lineage": LINEAGE,
     }
-    welcome = join(encode(Welcome(1, "site-b", 5, 4, False, None)))
+    welcome = join(encode(Welcome(2, "site-b", 5, 4, False, None, None, lineage("site-b"))))
     assert json.loads(welcome[16:])["volume_id"] is None
 
 
@@ -468,6 +544,11 @@ JSON_KEYS = [
     "consistent",
     "code",
     "message",
+    "lineage",
+    "source",
+    "diverged_frames",
+    "common_seq",
+    "diverged_bytes",
 ]
 json_values = st.recursive(
     st.none()
@@ -552,6 +633,11 @@ def test_bad_headers_are_refused_on_the_header_alone(data: bytes, reason: str) -
         (FrameType.SYNC_START, 24),
         (FrameType.SYNC_DONE, 0),
         (FrameType.SYNC_ZERO, 40),
+        (FrameType.REGIONS, 0),
+        (FrameType.REGIONS, 8),
+        (FrameType.REGIONS, 24),
+        (FrameType.REGIONS, 1024 * 1024 + 16),
+        (FrameType.REGIONS, MAX_PAYLOAD),
     ],
 )
 def test_impossible_lengths_are_refused_before_the_payload(frame_type: int, length: int) -> None:
@@ -578,13 +664,14 @@ def test_bad_crc_is_refused() -> None:
 # --- JSON payloads --------------------------------------------------------------------------------
 
 HELLO = {
-    "protocol": 1,
+    "protocol": 2,
     "unit": "site-a",
     "volume": "db",
     "volume_id": "j-1",
     "size": 1 << 30,
     "nonce": "0f" * 32,
     "auth": "none",
+    "lineage": LINEAGE,
 }
 
 
@@ -598,7 +685,9 @@ def without(base: dict[str, object], key: str) -> dict[str, object]:
 
 def test_unknown_keys_are_ignored() -> None:
     [hello] = decode(json_frame(FrameType.HELLO, with_(HELLO, future={"x": [1, 2.5, None]})))
-    assert hello == Hello(1, "site-a", "db", "j-1", 1 << 30, "0f" * 32, "none")
+    assert hello == Hello(
+        2, "site-a", "db", "j-1", 1 << 30, "0f" * 32, "none", lineage=lineage("site-a")
+    )
 
 
 @pytest.mark.parametrize(
@@ -659,30 +748,31 @@ def test_hello_mistyped_key_is_refused(key: str, value: object, reason: str) -> 
 
 
 def test_hello_of_another_version_is_reported_as_a_version_mismatch() -> None:
-    # Readable as version 1: decoded, so the caller can answer REFUSE "version".
-    [hello] = decode(json_frame(FrameType.HELLO, with_(HELLO, protocol=2)))
-    assert isinstance(hello, Hello) and hello.protocol == 2
-    # Not readable as version 1: a VersionError (a ProtocolError) that names the version.
-    err = refused(json_frame(FrameType.HELLO, {"protocol": 2, "something": "else"}))
-    assert isinstance(err, VersionError) and err.version == 2
-    assert "version 2" in str(err)
+    # Readable as version 2: decoded, so the caller can answer REFUSE "version".
+    [hello] = decode(json_frame(FrameType.HELLO, with_(HELLO, protocol=3)))
+    assert isinstance(hello, Hello) and hello.protocol == 3
+    # Not readable as version 2: a VersionError (a ProtocolError) that names the version.
+    err = refused(json_frame(FrameType.HELLO, {"protocol": 3, "something": "else"}))
+    assert isinstance(err, VersionError) and err.version == 3
+    assert "version 3" in str(err)
     # Without an integer version there is nothing to say but "bad frame".
     assert not isinstance(refused(json_frame(FrameType.HELLO, {"protocol": "2"})), VersionError)
 
 
 WELCOME = {
-    "protocol": 1,
+    "protocol": 2,
     "unit": "site-b",
     "received_seq": 10,
     "applied_seq": 9,
     "consistent": True,
     "volume_id": "j-1",
+    "lineage": LINEAGE,
 }
 
 
 def test_welcome_volume_id_may_be_null_but_not_missing() -> None:
     [welcome] = decode(json_frame(FrameType.WELCOME, with_(WELCOME, volume_id=None)))
-    assert welcome == Welcome(1, "site-b", 10, 9, True, None)
+    assert welcome == Welcome(2, "site-b", 10, 9, True, None, None, lineage("site-b"))
     assert "missing key 'volume_id'" in str(
         refused(json_frame(FrameType.WELCOME, without(WELCOME, "volume_id")))
     )
@@ -818,15 +908,18 @@ def test_encode_raw_records_refuses_impossible_lengths(length: int) -> None:
         encode_raw_records(memoryview(bytes(length)))
 
 
+A, B = lineage("a"), lineage("b")
+
+
 @pytest.mark.parametrize(
     ("message", "reason"),
     [
-        (Hello(1, "a", "v", "id", 1, "short", AUTH_NONE), "'nonce' must be 64"),
-        (Hello(1, "a", "v", "id", -1, "00" * 32, AUTH_NONE), "outside"),
-        (Hello(1, "a", "v", "id", True, "00" * 32, AUTH_NONE), "not bool"),
-        (Hello(1, "a", "v", "id", 1, "00" * 32, "maybe"), "'psk' or 'none'"),
-        (Hello(1, "a", "\udc80", "id", 1, "00" * 32, AUTH_NONE), "lone surrogate"),
-        (Welcome(1, "b", 0, 0, 1, None), "must be a boolean"),  # type: ignore[arg-type]
+        (Hello(2, "a", "v", "id", 1, "short", AUTH_NONE, lineage=A), "'nonce' must be 64"),
+        (Hello(2, "a", "v", "id", -1, "00" * 32, AUTH_NONE, lineage=A), "outside"),
+        (Hello(2, "a", "v", "id", True, "00" * 32, AUTH_NONE, lineage=A), "not bool"),
+        (Hello(2, "a", "v", "id", 1, "00" * 32, "maybe", lineage=A), "'psk' or 'none'"),
+        (Hello(2, "a", "\udc80", "id", 1, "00" * 32, AUTH_NONE, lineage=A), "lone surrogate"),
+        (Welcome(2, "b", 0, 0, 1, None, None, B), "must be a boolean"),  # type: ignore[arg-type]
         (AuthClient("AB" * 32), "'proof' must be 64"),
         (Refuse("internal", "x" * MAX_JSON), f"at most {MAX_JSON}"),
         (Ack(-1, 0, 0), "out of range"),
@@ -871,7 +964,7 @@ def test_a_restricted_codec_refuses_an_over_long_handshake_frame() -> None:
 
 
 def test_lifting_the_restriction_applies_from_the_next_frame() -> None:
-    hello = Hello(1, "site-a", "db", "j-1", 4096, "ab" * 32, AUTH_NONE)
+    hello = Hello(2, "site-a", "db", "j-1", 4096, "ab" * 32, AUTH_NONE, lineage=lineage("site-a"))
     records = Records((Record(RecordHeader(Kind.FLUSH, 1, 0, 0, 0, 0, 0), memoryview(b"")),))
     codec = LinkCodec()
     codec.restrict(HANDSHAKE_FRAMES, MAX_JSON)
@@ -885,15 +978,20 @@ def test_lifting_the_restriction_applies_from_the_next_frame() -> None:
 # --- the record size limit in the handshake (issue 7, point 7) ------------------------------------
 
 
+A_SITE, B_SITE = lineage("site-a"), lineage("site-b")
+
+
 def test_max_record_is_optional_in_hello_and_welcome() -> None:
-    hello = Hello(1, "site-a", "db", "j-1", 4096, "ab" * 32, AUTH_NONE, 4 * 1024 * 1024)
-    welcome = Welcome(1, "site-b", 5, 4, True, "j-1", 524224)
+    hello = Hello(
+        2, "site-a", "db", "j-1", 4096, "ab" * 32, AUTH_NONE, 4 * 1024 * 1024, None, A_SITE
+    )
+    welcome = Welcome(2, "site-b", 5, 4, True, "j-1", 524224, B_SITE)
     for message in (hello, welcome):
         out = join(encode(message))
         assert json.loads(out[16:])["max_record"] == message.max_record
         assert decode(out) == [message]
     # Without it (an older peer), nothing is sent and None comes back.
-    plain = Welcome(1, "site-b", 5, 4, True, "j-1")
+    plain = Welcome(2, "site-b", 5, 4, True, "j-1", lineage=B_SITE)
     out = join(encode(plain))
     assert "max_record" not in json.loads(out[16:])
     assert decode(out) == [plain]
@@ -902,12 +1000,13 @@ def test_max_record_is_optional_in_hello_and_welcome() -> None:
 def test_max_record_must_be_an_integer() -> None:
     body = json.dumps(
         {
-            "protocol": 1,
+            "protocol": 2,
             "unit": "b",
             "received_seq": 0,
             "applied_seq": 0,
             "consistent": False,
             "volume_id": None,
+            "lineage": LINEAGE,
             "max_record": "big",
         }
     ).encode()

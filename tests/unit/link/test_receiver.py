@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from blockmirror.blockdev.journaled import JournalWritePath
+from blockmirror.journal.lineage import fixed_lineage
 from blockmirror.link import auth
 from blockmirror.link.protocol import (
     PROTOCOL_VERSION,
@@ -38,9 +39,11 @@ from blockmirror.link.protocol import (
     Welcome,
     encode,
 )
-from blockmirror.link.receiver import ReceiverSession, ReceiverSettings, ReplicaRuntime
+from blockmirror.link.receiver import ReceiverSession, ReceiverSettings
+from blockmirror.link.replica_runtime import ReplicaRuntime
 from blockmirror.link.session import Timeouts
 from blockmirror.link.session_crypto import CHACHA20_POLY1305, Opener, Sealer, derive_keys
+from blockmirror.state import Role
 from tests.unit.link.ends import FAST, JOURNAL, VOLUME, MiB, ScriptedPeer, open_site, records, until
 from tests.unit.link.memory import duplex
 
@@ -65,6 +68,7 @@ def hello(
         "psk" if key else "none",
         JOURNAL // 4,
         CHACHA20_POLY1305 if key else None,
+        lineage=fixed_lineage("site-a", Role.PRIMARY, 0),
     )
 
 
@@ -300,7 +304,7 @@ def test_a_second_source_is_busy_and_another_version_is_refused(tmp_path: Path) 
             second.send(hello())
             assert refusal_of(await second.closed()).code == "busy"
             newer = secondary.connect()
-            newer.send(dataclasses.replace(hello(), protocol=2))
+            newer.send(dataclasses.replace(hello(), protocol=PROTOCOL_VERSION + 1))
             assert refusal_of(await newer.closed()).code == "version"
             assert secondary.runtime.source == "memory:0"
             first.writer.close()
@@ -335,7 +339,17 @@ OUT_OF_ORDER: dict[str, tuple[Callable[[], list[bytes]], bool, str, str]] = {
     "welcome-for-a-proof": (
         lambda: [
             frame(hello(key=True)),
-            frame(Welcome(PROTOCOL_VERSION, "x", 0, 0, True, None)),
+            frame(
+                Welcome(
+                    PROTOCOL_VERSION,
+                    "x",
+                    0,
+                    0,
+                    True,
+                    None,
+                    lineage=fixed_lineage("x", Role.SECONDARY, 0),
+                )
+            ),
         ],
         True,
         "auth",

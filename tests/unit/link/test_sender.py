@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+from blockmirror.journal.lineage import fixed_lineage
 from blockmirror.link.protocol import (
     PROTOCOL_VERSION,
     Ack,
@@ -27,7 +28,7 @@ from blockmirror.link.protocol import (
 )
 from blockmirror.link.sender import PeerSender
 from blockmirror.link.session_crypto import CHACHA20_POLY1305
-from blockmirror.state import LinkPhase
+from blockmirror.state import LinkPhase, Role
 from tests.unit.link.ends import (
     FAST,
     PEER,
@@ -229,7 +230,18 @@ def test_a_secondary_that_answers_heartbeats_but_acknowledges_nothing_is_dropped
         hello = await peer.receive()
         assert isinstance(hello, Hello)
         # It holds everything up to 0 of this very volume, consistently: no copy is due.
-        peer.send(Welcome(PROTOCOL_VERSION, "site-b", 0, 0, True, hello.volume_id, None))
+        peer.send(
+            Welcome(
+                PROTOCOL_VERSION,
+                "site-b",
+                0,
+                0,
+                True,
+                hello.volume_id,
+                None,
+                fixed_lineage("site-b", Role.SECONDARY, 0),
+            )
+        )
         while True:
             message = await peer.receive()
             if isinstance(message, Heartbeat):
@@ -263,7 +275,18 @@ def test_an_unasked_proof_and_a_small_journal_are_refused(tmp_path: Path) -> Non
             assert await peer.closed() == []
             return
         # A journal too small for the source's records (an older secondary's WELCOME).
-        peer.send(Welcome(PROTOCOL_VERSION, "b", 0, 0, True, hello.volume_id, hello.max_record - 8))
+        peer.send(
+            Welcome(
+                PROTOCOL_VERSION,
+                "b",
+                0,
+                0,
+                True,
+                hello.volume_id,
+                hello.max_record - 8,
+                fixed_lineage("b", Role.SECONDARY, 0),
+            )
+        )
         answer = await peer.receive()
         assert isinstance(answer, Refuse)
         refusals.append(answer)
@@ -290,8 +313,30 @@ def test_a_frame_out_of_order_from_the_secondary_drops_the_link(tmp_path: Path) 
     async def play(peer: ScriptedPeer) -> None:
         hello = await peer.receive()
         assert isinstance(hello, Hello)
-        peer.send(Welcome(PROTOCOL_VERSION, "b", 0, 0, True, hello.volume_id, None))
-        peer.send(Welcome(PROTOCOL_VERSION, "b", 0, 0, True, hello.volume_id, None))
+        peer.send(
+            Welcome(
+                PROTOCOL_VERSION,
+                "b",
+                0,
+                0,
+                True,
+                hello.volume_id,
+                None,
+                fixed_lineage("b", Role.SECONDARY, 0),
+            )
+        )
+        peer.send(
+            Welcome(
+                PROTOCOL_VERSION,
+                "b",
+                0,
+                0,
+                True,
+                hello.volume_id,
+                None,
+                fixed_lineage("b", Role.SECONDARY, 0),
+            )
+        )
         await peer.closed()
 
     async def body() -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from blockmirror.errors import LinkError, ProtocolError
+from blockmirror.journal.lineage import fixed_lineage
 from blockmirror.link.handshake import End
 from blockmirror.link.protocol import (
     Ack,
@@ -28,12 +29,12 @@ from blockmirror.link.protocol import (
 )
 from blockmirror.link.session import LinkRefused, LinkSession, ProgressWatch, Timeouts
 from blockmirror.link.session_crypto import Opener, Sealer
-from blockmirror.state import HandshakeStep
+from blockmirror.state import HandshakeStep, Role
 from tests.unit.link.ends import ScriptedPeer
 from tests.unit.link.memory import duplex
 
 QUICK = Timeouts(handshake=0.3, idle=0.3, heartbeat=0.1, progress=0.3, close=0.2)
-WELCOME = Welcome(1, "b", 0, 0, True, None)
+WELCOME = Welcome(2, "b", 0, 0, True, None, lineage=fixed_lineage("b", Role.SECONDARY, 0))
 
 
 def run(body: Callable[[], Coroutine[Any, Any, None]]) -> None:

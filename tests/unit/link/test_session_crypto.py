@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blockmirror.errors import ProtocolError
+from blockmirror.journal.lineage import Lineage
 from blockmirror.link.protocol import (
     MAGIC,
     Ack,
@@ -33,11 +34,15 @@ from blockmirror.link.session_crypto import (
     derive_keys,
     hello_digest,
 )
+from blockmirror.state import Role
 
 PSK = b"correct horse battery staple 42"
 NONCE_A = "0a" * 32
 NONCE_B = "b0" * 32
-HELLO = Hello(1, "site-a", "vol", "j-1", 1 << 30, NONCE_A, "psk", 1 << 20, CHACHA20_POLY1305)
+LINEAGE = Lineage("site-a", Role.PRIMARY, (("0123456789abcdef" * 2, 1, "site-a"),), 7)
+HELLO = Hello(
+    2, "site-a", "vol", "j-1", 1 << 30, NONCE_A, "psk", 1 << 20, CHACHA20_POLY1305, LINEAGE
+)
 
 MESSAGES = st.lists(st.binary(min_size=1, max_size=600), min_size=1, max_size=8)
 
@@ -178,6 +183,8 @@ def test_hello_digest_reads_fields_not_spelling() -> None:
     decoded = codec.next_event()
     assert decoded == HELLO and hello_digest(decoded) == hello_digest(HELLO)
     assert hello_digest(dataclasses.replace(HELLO, max_record=None)) != hello_digest(HELLO)
+    moved = dataclasses.replace(LINEAGE, end_seq=8)
+    assert hello_digest(dataclasses.replace(HELLO, lineage=moved)) != hello_digest(HELLO)
 
 
 def test_unsealed_frame_and_oversized_record_are_refused_on_the_header() -> None:
@@ -229,7 +236,7 @@ def test_keys_nonces_and_layout_are_as_documented() -> None:
         return hmac.new(prk, info + b"\x01", hashlib.sha256).digest()  # 32 bytes: one block
 
     fields = {
-        "protocol": 1,
+        "protocol": 2,
         "unit": "site-a",
         "volume": "vol",
         "volume_id": "j-1",
@@ -238,6 +245,14 @@ def test_keys_nonces_and_layout_are_as_documented() -> None:
         "auth": "psk",
         "max_record": 1 << 20,
         "crypto": "chacha20-poly1305",
+        "lineage": {
+            "unit": "site-a",
+            "role": "primary",
+            "generations": [["0123456789abcdef" * 2, 1, "site-a"]],
+            "end_seq": 7,
+            "lost_tail": False,
+        },
+        "source": None,
     }
     digest = hashlib.sha256(
         json.dumps(fields, sort_keys=True, ensure_ascii=True, separators=(",", ":")).encode()

@@ -1,0 +1,117 @@
+"""What a running unit holds for one volume, and the status it shows for it.
+
+:class:`VolumeRuntime` gathers a volume's parts as the daemon (:mod:`blockmirror.daemon`) built
+them: the volume, its block-device service and export, its journaled write path, its replica
+side (the listener's view of it), its senders and its roles (:mod:`blockmirror.failover`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from blockmirror.blockdev.journaled import JournalWritePath
+from blockmirror.blockdev.service import BlockDevice
+from blockmirror.config import VolumeConfig
+from blockmirror.counters import VolumeCounters
+from blockmirror.failover import VolumeRoles
+from blockmirror.frontend.nbd_server import NbdServer
+from blockmirror.journal.generations import VolumeHistory
+from blockmirror.link.replica_runtime import ReplicaRuntime
+from blockmirror.link.sender import PeerSender
+from blockmirror.state import Role, VolumeState, transition
+from blockmirror.store.volume import Volume
+
+__all__ = ["VolumeRuntime", "volume_status"]
+
+
+@dataclass(slots=True)
+class VolumeRuntime:
+    config: VolumeConfig
+    volume: Volume
+    export: BlockDevice
+    server: NbdServer | None = None
+    state: VolumeState = VolumeState.OPENING
+    journal: JournalWritePath | None = None
+    problem: str | None = None
+    replica: ReplicaRuntime | None = None
+    senders: list[PeerSender] = field(default_factory=list)
+    # The live role and the generations (STATE_DIR/VOLUME.role) as read at start; None if it
+    # could not be read. Once the volume runs, its roles own them.
+    history: VolumeHistory | None = None
+    roles: VolumeRoles | None = None
+
+    @property
+    def counters(self) -> VolumeCounters:
+        return self.export.counters
+
+    @property
+    def role(self) -> Role:
+        """The live role, kept in the state directory; the configuration's ``role`` is only
+        the role a new volume starts with."""
+        if self.roles is not None:
+            return self.roles.role
+        return self.history.role if self.history is not None else Role(self.config.role)
+
+    @property
+    def serving_state(self) -> VolumeState:
+        """What this volume does when nothing is wrong: serve a host, or be a replica."""
+        return VolumeState.SERVING if self.role is Role.PRIMARY else VolumeState.REPLICA
+
+    def enter(self, new: VolumeState) -> None:
+        """Change state through the transition table (staying put is not a change)."""
+        if new is not self.state:
+            self.state = transition(self.state, new, what=f"volume {self.config.name}")
+
+    @property
+    def export_address(self) -> str | None:
+        if self.server is None:
+            return None
+        host, port = self.server.address
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def volume_status(rt: VolumeRuntime) -> dict[str, Any]:
+    """The volume's entry in ``GET /api/status``."""
+    problem = rt.problem
+    if rt.journal is not None and rt.state in (
+        VolumeState.SERVING,
+        VolumeState.REPLICA,
+        VolumeState.STALLED,
+    ):
+        # The write path's condition decides between serving and stalled (and failed, for
+        # good): status never says "serving" while writes fail.
+        condition = rt.journal.condition()
+        if condition is None:
+            rt.enter(rt.serving_state)
+        else:
+            rt.enter(condition[0])
+            if condition[0] is VolumeState.FAILED:
+                rt.problem = condition[1]
+            problem = condition[1]
+    if rt.roles is not None:
+        roles: dict[str, Any] = rt.roles.status()
+    elif rt.history is not None:
+        roles = rt.history.status()
+    else:
+        roles = {}
+    return {
+        "name": rt.config.name,
+        "role": str(rt.role),
+        "configured_role": rt.config.role,
+        **roles,
+        "state": str(rt.state),
+        "size": rt.volume.size,
+        "path": str(rt.config.path),
+        "offset": rt.config.offset,
+        "read_only": rt.export.read_only,
+        "export": rt.export_address,
+        "counters": rt.counters.as_dict(),
+        "problem": problem,
+        "journal": rt.journal.status() if rt.journal is not None else None,
+        "peers": [sender.status() for sender in rt.senders],
+        # A primary has no source: what its receiving side would show says nothing.
+        "replica": (
+            rt.replica.status() if rt.replica is not None and rt.role is not Role.PRIMARY else None
+        ),
+    }
