@@ -29,7 +29,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,37 +51,15 @@ from blockmirror.journal.lineage import Lineage, Relation, compare, lineage_of
 from blockmirror.link.direction import Admission
 from blockmirror.link.protocol import Refuse, RefuseCode
 from blockmirror.link.replica_runtime import ReplicaRuntime
+from blockmirror.split_brain import SplitBrains
 from blockmirror.state import ConsumerMode, Role, VolumeState, transition
 
-__all__ = ["RoleError", "SplitBrain", "VolumeRoles"]
+__all__ = ["RoleError", "VolumeRoles"]
 
 log = logging.getLogger(__name__)
 
 # How long a demote waits for its peers to take every record, by default.
 DRAIN_TIMEOUT = 60.0
-
-
-@dataclass(frozen=True, slots=True)
-class SplitBrain:
-    """A split brain with one peer, as status shows it."""
-
-    peer: str
-    common_seq: int | None
-    local_diverged_bytes: int
-    peer_diverged_bytes: int | None
-    reason: str
-    peer_lineage: Lineage | None
-    since: float
-
-    def status(self) -> dict[str, Any]:
-        return {
-            "peer": self.peer,
-            "common_seq": self.common_seq,
-            "local_diverged_bytes": self.local_diverged_bytes,
-            "peer_diverged_bytes": self.peer_diverged_bytes,
-            "reason": self.reason,
-            "since": self.since,
-        }
 
 
 class VolumeRoles:
@@ -112,7 +89,7 @@ class VolumeRoles:
         self._read_only = read_only
         self._set_state = set_state
         self.events = AlertLog(f"volume {volume}", on_alert)
-        self.split_brains: dict[str, SplitBrain] = {}
+        self.split_brains = SplitBrains(volume, self.events)
         self._lock = asyncio.Lock()
         self._changed = asyncio.Event()
         replica.roles = self
@@ -154,12 +131,12 @@ class VolumeRoles:
 
     def linked(self, consumer: str, peer: Lineage | None) -> None:
         if peer is not None:
-            self._clear_split(peer.unit)
+            self.split_brains.clear(peer.unit)
 
     def status(self) -> dict[str, Any]:
         return {
             **self.history.status(),
-            "split_brain": [s.status() for s in self.split_brains.values()],
+            "split_brain": self.split_brains.status(),
             "events": list(self.events.events),
         }
 
@@ -193,7 +170,7 @@ class VolumeRoles:
             relation = verdict.relation
             if relation is Relation.SPLIT_BRAIN:
                 div = diverged(self.wp.journal, peer.unit, verdict.branch_seq or 1)
-                self._record_split(
+                self.split_brains.record(
                     peer.unit, verdict.common_seq, div.nbytes, None, verdict.reason, peer
                 )
                 return Admission(
@@ -233,7 +210,7 @@ class VolumeRoles:
             verdict = compare(self.lineage(), peer)
             branch = verdict.branch_seq or (refusal.common_seq or 0) + 1
             div = diverged(self.wp.journal, peer.unit, branch)
-            self._record_split(
+            self.split_brains.record(
                 peer.unit,
                 refusal.common_seq if refusal.common_seq is not None else verdict.common_seq,
                 div.nbytes,
@@ -248,7 +225,7 @@ class VolumeRoles:
             verdict = compare(self.lineage(), peer)
             if verdict.relation is Relation.SPLIT_BRAIN:
                 div = diverged(self.wp.journal, peer.unit, verdict.branch_seq or 1)
-                self._record_split(
+                self.split_brains.record(
                     peer.unit, verdict.common_seq, div.nbytes, None, verdict.reason, peer
                 )
             elif verdict.relation is Relation.FOLLOW and self.role is Role.PRIMARY:
@@ -326,12 +303,12 @@ class VolumeRoles:
                 "since the common point"
             )
         async with self._lock:
-            if not self.split_brains:
+            if not self.split_brains.peers():
                 raise RoleError(f"volume {self.volume} has no split brain to resolve")
-            if len(self.split_brains) > 1:
-                names = ", ".join(sorted(self.split_brains))
+            if len(self.split_brains.peers()) > 1:
+                names = ", ".join(self.split_brains.peers())
                 raise RoleError(f"volume {self.volume} is in split brain with {names}: resolve one")
-            split = next(iter(self.split_brains.values()))
+            split = self.split_brains.only()
             peer = split.peer_lineage
             if peer is None or split.common_seq is None:
                 raise RoleError(
@@ -347,7 +324,7 @@ class VolumeRoles:
             await self._store(VolumeHistory(self.volume, self.role, shared))
             if self.role is Role.DEMOTED:
                 await self._store(self._with_role(self.history, Role.SECONDARY))
-            self.split_brains.pop(split.peer, None)
+            self.split_brains.forget(split.peer)
             self.events.alert(
                 "split_brain_resolved",
                 f"split brain with {split.peer} resolved here: writes since seq {branch} given "
@@ -469,7 +446,7 @@ class VolumeRoles:
             self.events.alert("following", f"following {peer.unit} as its secondary")
         if history != self.history:
             await self._store(history)
-        self._clear_split(peer.unit)
+        self.split_brains.clear(peer.unit)
         self._notify()
 
     def _with_role(self, history: VolumeHistory, role: Role) -> VolumeHistory:
@@ -481,38 +458,6 @@ class VolumeRoles:
         path = statedir.role_path(self.state_dir, self.volume)
         await asyncio.to_thread(generations.store, path, history)
         self.history = history
-
-    def _record_split(
-        self,
-        peer: str,
-        common_seq: int | None,
-        local_bytes: int,
-        peer_bytes: int | None,
-        reason: str,
-        lineage: Lineage | None = None,
-    ) -> None:
-        old = self.split_brains.get(peer)
-        self.split_brains[peer] = SplitBrain(
-            peer,
-            common_seq,
-            local_bytes,
-            peer_bytes if peer_bytes is not None else (old.peer_diverged_bytes if old else None),
-            reason,
-            lineage or (old.peer_lineage if old else None),
-            old.since if old else time.time(),
-        )
-        if old is None:
-            self.events.alert(
-                "split_brain",
-                f"split brain with {peer}: {reason}; common point seq {common_seq}, "
-                f"{local_bytes} bytes written here since. Nothing is copied until an operator "
-                f"runs `blockmirror resolve {self.volume} --discard-local` on the unit that gives "
-                "up its writes",
-            )
-
-    def _clear_split(self, peer: str) -> None:
-        if self.split_brains.pop(peer, None) is not None:
-            self.events.alert("split_brain_cleared", f"split brain with {peer} is over")
 
 
 async def _gone(replica: ReplicaRuntime, timeout: float) -> None:

@@ -33,7 +33,14 @@ def test_status_shows_live_role_configured_role_and_generations(tmp_path: Path) 
         assert (first["unit"], first["reason"], first["start_seq"]) == ("site-a", "created", 1)
         replica = b.volume_status()
         assert (replica["role"], replica["configured_role"]) == ("secondary", "secondary")
-        assert replica["generations"] == [] and replica["generation"] is None
+        # The secondary took its source's line as its own (learned, so its time is unknown).
+        (received,) = replica["generations"]
+        assert replica["generation"] == first["id"] == received["id"]
+        assert (received["unit"], received["reason"], received["time_ns"]) == (
+            "site-a",
+            "received",
+            0,
+        )
         history = load(role_path(a.state, "vol"))
         assert history is not None and history.current is not None
         assert history.current.id == first["id"]

@@ -25,7 +25,7 @@ import pytest
 from crc32c import crc32c
 
 from blockmirror.journal.format import Kind, RecordHeader
-from blockmirror.journal.lineage import fixed_lineage
+from blockmirror.journal.lineage import Lineage
 from blockmirror.link.auth import new_nonce
 from blockmirror.link.protocol import (
     PROTOCOL_VERSION,
@@ -425,8 +425,16 @@ def converse(port: int, chunks: list[bytes], *, timeout: float = 5.0) -> tuple[l
     return messages, how
 
 
-def hello(volume: str, volume_id: str, size: int = VOLUME_SIZE) -> Hello:
-    lineage = fixed_lineage("mallory", Role.PRIMARY, 0)
+def hello(
+    volume: str,
+    volume_id: str,
+    size: int = VOLUME_SIZE,
+    *,
+    line: tuple[tuple[str, int, str], ...] = (),
+    end_seq: int = 0,
+) -> Hello:
+    """A HELLO of "mallory", claiming the line of generations ``line`` up to ``end_seq``."""
+    lineage = Lineage("mallory", Role.PRIMARY, line, end_seq)
     return Hello(
         PROTOCOL_VERSION, "mallory", volume, volume_id, size, new_nonce(), "none", lineage=lineage
     )
@@ -478,10 +486,12 @@ class Attack:
     volume_id: str
     received: int
     baseline: str
+    # The replica's line of generations: what a source that wants to write it claims.
+    line: tuple[tuple[str, int, str], ...] = ()
     pattern: int = 0x20
 
     def hello(self) -> bytes:
-        return frame(hello("vol", self.volume_id))
+        return frame(hello("vol", self.volume_id, line=self.line, end_seq=self.received))
 
     def refused(self, chunks: list[bytes], code: str | None = "bad-frame") -> list[Message]:
         """Nothing but a WELCOME (first) and REFUSEs came back, the last REFUSE has ``code``
@@ -526,8 +536,10 @@ def attack(tmp_path: Path) -> Iterator[Attack]:
         wait_caught_up(a, b)
         qemu_write(primary.export_url("vol"), 0, MiB, 0x11)
         wait_caught_up(a, b)
-        replica = b.volume_status()["replica"]
+        status = b.volume_status()
+        replica = status["replica"]
         assert replica["volume_id"]
+        line = tuple((g["id"], g["start_seq"], g["unit"]) for g in status["generations"])
         a.kill()  # the replica is free for another source now (no "busy")
         wait_status(
             lambda: not b.volume_status()["replica"]["connected"],
@@ -542,6 +554,7 @@ def attack(tmp_path: Path) -> Iterator[Attack]:
             replica["volume_id"],
             replica["received_seq"],
             file_hash(b.images["vol"], VOLUME_SIZE),
+            line,
         )
 
 

@@ -58,7 +58,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
     3: ("blockdev.*",),
     4: ("link.*", "frontend.*"),
     5: ("config", "config_table", "config_paths", "admin.*", "offline.*"),
-    6: ("daemon", "failover", "runtime"),
+    6: ("daemon", "failover", "runtime", "split_brain"),
     7: ("cli", "cli_roles", "demo"),
 }
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from blockmirror import statedir
 from blockmirror.journal.checkpoint import ConsumerState
-from blockmirror.journal.dirtymap import DirtyMap, DirtyMapError
+from blockmirror.journal.dirtymap import DirtyMap
 from blockmirror.journal.format import Kind
 from blockmirror.journal.record import Record
 from blockmirror.state import ConsumerMode, transition
@@ -150,15 +150,12 @@ def _attach_one(
         next_seq - 1, ConsumerMode.TRACKING, False, state.peer if state is not None else None
     )
     if path.exists():
-        try:
-            dirty = DirtyMap.open(path, volume_size=volume_size, region_size=DIRTY_REGION)
-        except DirtyMapError as exc:
-            # A damaged map cannot say what differs, so everything does: the consumer gets a
-            # full resync rather than the volume going out of service.
-            log.error("%s; recreating it with every region dirty", exc)
-            dirty = DirtyMap.create(
-                path, volume_size=volume_size, region_size=DIRTY_REGION, all_dirty=True
-            )
+        # A damaged map: the consumer gets a full resync rather than the volume going out of
+        # service.
+        dirty, damaged = DirtyMap.open_or_all_dirty(
+            path, volume_size=volume_size, region_size=DIRTY_REGION
+        )
+        if damaged:
             state = everything
     else:
         # A map the checkpoint knows of but the disk lacks (removed, or state_dir restored

@@ -26,6 +26,7 @@ few dozen lines.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import re
 import struct
@@ -38,6 +39,8 @@ from crc32c import crc32c
 from blockmirror.errors import JournalError, OutOfRangeError
 from blockmirror.io.closing import Closing
 from blockmirror.io.fileio import pread_all, pwritev_all, sync_directory
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_REGION_SIZE",
@@ -252,6 +255,21 @@ class DirtyMap(Closing):
             if isinstance(exc, OSError):
                 raise DirtyMapError(f"{path}: cannot read: {exc.strerror or exc}") from exc
             raise
+
+    @classmethod
+    def open_or_all_dirty(
+        cls, path: Path, *, volume_size: int, region_size: int = DEFAULT_REGION_SIZE
+    ) -> tuple[DirtyMap, bool]:
+        """Open an existing map; a damaged one cannot say what differs, so it is recreated
+        with every region dirty (logged). Returns the map and whether it was damaged."""
+        try:
+            return cls.open(path, volume_size=volume_size, region_size=region_size), False
+        except DirtyMapError as exc:
+            log.error("%s; recreating it with every region dirty", exc)
+            dirty = cls.create(
+                path, volume_size=volume_size, region_size=region_size, all_dirty=True
+            )
+            return dirty, True
 
     @staticmethod
     def _load(path: Path, fd: int, *, volume_size: int, region_size: int) -> bytearray:

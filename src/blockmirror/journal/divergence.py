@@ -118,16 +118,11 @@ def diverged(journal: Journal, peer_unit: str | None, branch_seq: int) -> Diverg
 
 def add_diverged_file(path: Path, volume_size: int, regions: tuple[tuple[int, int], ...]) -> None:
     """Add ``regions`` to the diverged-regions file (created if missing), durably."""
-    dmap = None
     if path.exists():
-        try:
-            dmap = DirtyMap.open(path, volume_size=volume_size, region_size=DIRTY_REGION)
-        except DirtyMapError as exc:
-            log.error("%s; recreating it with every region diverged", exc)
-            dmap = DirtyMap.create(
-                path, volume_size=volume_size, region_size=DIRTY_REGION, all_dirty=True
-            )
-    if dmap is None:
+        dmap, _ = DirtyMap.open_or_all_dirty(
+            path, volume_size=volume_size, region_size=DIRTY_REGION
+        )
+    else:
         dmap = DirtyMap.create(path, volume_size=volume_size, region_size=DIRTY_REGION)
     try:
         for offset, length in regions:

@@ -20,7 +20,6 @@ import logging
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Final
 
 from blockmirror.blockdev.journaled import JournalWritePath
@@ -47,6 +46,7 @@ from blockmirror.link.resume import (
     remove_maps,
     resume_point,
 )
+from blockmirror.link.sender_stats import SenderStats
 from blockmirror.link.session import (
     DEFAULT_TIMEOUTS,
     READ_SIZE,
@@ -73,36 +73,6 @@ _DIRECTION_CODES: Final = frozenset(
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 # The phases whose status carries the reason.
 _REASONED: Final = frozenset({LinkPhase.CONNECTING, LinkPhase.UPSTREAM, LinkPhase.SPLIT_BRAIN})
-
-
-@dataclass(slots=True)
-class SenderStats:
-    phase: LinkPhase = LinkPhase.CONNECTING
-    acked_seq: int = 0
-    peer_applied_seq: int = 0
-    bytes_sent: int = 0
-    records_sent: int = 0
-    sync_bytes_sent: int = 0
-    connects: int = 0
-    last_error: str | None = None
-    # Why the link is not replicating right now (None while it is): the last session's end.
-    reason: str | None = None
-    connected_since: float | None = None
-    consistent: bool = False
-    # The size of the last diverged-only resync's work: both sides' regions, joined.
-    diverged_union_bytes: int | None = None
-    throughput: float = 0.0  # bytes per second, smoothed
-    _rate_at: float = field(default_factory=time.monotonic)
-    _rate_bytes: int = 0
-
-    def count(self, nbytes: int) -> None:
-        self.bytes_sent += nbytes
-        self._rate_bytes += nbytes
-        now = time.monotonic()
-        elapsed = now - self._rate_at
-        if elapsed >= 1.0:
-            self.throughput = 0.5 * self.throughput + 0.5 * self._rate_bytes / elapsed
-            self._rate_at, self._rate_bytes = now, 0
 
 
 class PeerSender:

@@ -184,7 +184,8 @@ def test_a_journal_written_now_is_the_documented_layout(tmp_path: Path) -> None:
     assert raw[24 + length :] == bytes(SLOT - 24 - length)
     doc = json.loads(body)
     assert body == json.dumps(doc, sort_keys=True, separators=(",", ":")).encode("ascii")
-    assert sorted(doc) == sorted([*checkpoint_doc(), "volume_id", "volume"])
+    assert sorted(doc) == sorted([*checkpoint_doc(), "volume_id", "volume", "tail_stamp"])
+    assert type(doc["tail_stamp"]) is int and doc["tail_stamp"] > 0  # record next_seq - 1's time
     assert doc["journal_id"] == journal_id and doc["volume_id"] == volume_id
     assert (doc["capacity"], doc["volume_size"], doc["clean"]) == (CAPACITY, VOLUME, True)
     assert (doc["head_lpos"], doc["head_seq"], doc["next_seq"], doc["applied_seq"]) == (

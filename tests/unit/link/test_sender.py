@@ -51,6 +51,20 @@ def run(body: Callable[[], Coroutine[Any, Any, None]]) -> None:
     asyncio.run(body())
 
 
+def welcome(unit: str, volume_id: str, max_record: int | None = None) -> Welcome:
+    """A secondary's WELCOME: it holds this very volume up to 0, consistently."""
+    return Welcome(
+        PROTOCOL_VERSION,
+        unit,
+        0,
+        0,
+        True,
+        volume_id,
+        max_record,
+        fixed_lineage(unit, Role.SECONDARY, 0),
+    )
+
+
 def test_a_new_replica_is_copied_then_follows_the_records(tmp_path: Path) -> None:
     async def body() -> None:
         async with linked(tmp_path) as pair:
@@ -230,18 +244,7 @@ def test_a_secondary_that_answers_heartbeats_but_acknowledges_nothing_is_dropped
         hello = await peer.receive()
         assert isinstance(hello, Hello)
         # It holds everything up to 0 of this very volume, consistently: no copy is due.
-        peer.send(
-            Welcome(
-                PROTOCOL_VERSION,
-                "site-b",
-                0,
-                0,
-                True,
-                hello.volume_id,
-                None,
-                fixed_lineage("site-b", Role.SECONDARY, 0),
-            )
-        )
+        peer.send(welcome("site-b", hello.volume_id))
         while True:
             message = await peer.receive()
             if isinstance(message, Heartbeat):
@@ -275,18 +278,7 @@ def test_an_unasked_proof_and_a_small_journal_are_refused(tmp_path: Path) -> Non
             assert await peer.closed() == []
             return
         # A journal too small for the source's records (an older secondary's WELCOME).
-        peer.send(
-            Welcome(
-                PROTOCOL_VERSION,
-                "b",
-                0,
-                0,
-                True,
-                hello.volume_id,
-                hello.max_record - 8,
-                fixed_lineage("b", Role.SECONDARY, 0),
-            )
-        )
+        peer.send(welcome("b", hello.volume_id, hello.max_record - 8))
         answer = await peer.receive()
         assert isinstance(answer, Refuse)
         refusals.append(answer)
@@ -313,30 +305,8 @@ def test_a_frame_out_of_order_from_the_secondary_drops_the_link(tmp_path: Path) 
     async def play(peer: ScriptedPeer) -> None:
         hello = await peer.receive()
         assert isinstance(hello, Hello)
-        peer.send(
-            Welcome(
-                PROTOCOL_VERSION,
-                "b",
-                0,
-                0,
-                True,
-                hello.volume_id,
-                None,
-                fixed_lineage("b", Role.SECONDARY, 0),
-            )
-        )
-        peer.send(
-            Welcome(
-                PROTOCOL_VERSION,
-                "b",
-                0,
-                0,
-                True,
-                hello.volume_id,
-                None,
-                fixed_lineage("b", Role.SECONDARY, 0),
-            )
-        )
+        peer.send(welcome("b", hello.volume_id))
+        peer.send(welcome("b", hello.volume_id))
         await peer.closed()
 
     async def body() -> None:

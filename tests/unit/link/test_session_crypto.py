@@ -251,6 +251,7 @@ def test_keys_nonces_and_layout_are_as_documented() -> None:
             "generations": [["0123456789abcdef" * 2, 1, "site-a"]],
             "end_seq": 7,
             "lost_tail": False,
+            "end_stamp": 0,
         },
         "source": None,
     }
