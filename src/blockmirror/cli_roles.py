@@ -8,6 +8,7 @@ options as the other controls; :mod:`blockmirror.cli` hands in how to reach the 
 from __future__ import annotations
 
 import argparse
+import math
 import urllib.parse
 from collections.abc import Callable
 from typing import Any
@@ -43,7 +44,7 @@ def _demote(run_control: RunControl) -> Callable[[argparse.Namespace], int]:
         reply = run_control(
             args,
             _path(args.volume, "demote"),
-            {"timeout": int(args.timeout)},
+            {"timeout": math.ceil(args.timeout)},
             timeout=args.timeout + 15,
         )
         if reply is None:
