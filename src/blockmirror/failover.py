@@ -238,18 +238,7 @@ class VolumeRoles:
         async with self._lock:
             if self.role is Role.PRIMARY:
                 raise RoleError(f"volume {self.volume} is already primary")
-            state = self.wp.journal.replica
-            consistent = state is not None and state.consistent
-            if not consistent and not force:
-                why = (
-                    "it has never received from a source"
-                    if state is None
-                    else "a resync is in progress (its data is a mix of old and new regions)"
-                )
-                raise RoleError(
-                    f"volume {self.volume} is not consistent: {why}; wait for the resync to "
-                    "finish, or promote --force to serve it as it is"
-                )
+            self._consistent_or_forced(force)  # refused at once, before any wait
             if self.replica.source is not None and not force:
                 # A source that was just demoted (or died) lets go within moments.
                 await _gone(self.replica, 3.0)
@@ -261,11 +250,28 @@ class VolumeRoles:
                         "drain here), or promote --force (a split brain with it follows)"
                     )
                 await self.replica.disconnect()
+                if self.replica.source is not None:
+                    # Its records would be numbered into the new generation.
+                    raise RoleError(
+                        f"volume {self.volume}: its source {self.replica.source_unit} did not "
+                        "let go; nothing changed, try again"
+                    )
+            # What the replica is now: the source may have begun a resync while we waited.
             journal = self.wp.journal
+            state = journal.replica
+            consistent = self._consistent_or_forced(force)
             if state is not None and state.volume_id:
                 # The volume's identity carries over: peers keep recognising their replicas.
                 journal.volume_id = state.volume_id
             start = journal.next_seq
+            journal.replica = None
+            self.replica.source_unit = None
+            for consumer in journal.consumers.values():
+                if consumer.mode == ConsumerMode.JOURNAL:
+                    consumer.acked_seq = min(consumer.acked_seq, journal.next_seq - 1)
+            # The identity durable before the role: a crash in between leaves a secondary that
+            # has no source yet (a full copy later), never a primary with another identity.
+            await self.wp.checkpoint()
             # Generations learned from a source whose records never arrived are not ours.
             kept = tuple(g for g in self.history.generations if g.start_seq <= start)
             reason = "promote" if consistent else "forced-promote"
@@ -273,11 +279,6 @@ class VolumeRoles:
                 new_generation(start_seq=start, unit=self.unit, reason=reason)
             )
             await self._store(self._with_role(history, Role.PRIMARY))
-            journal.replica = None
-            for consumer in journal.consumers.values():
-                if consumer.mode == ConsumerMode.JOURNAL:
-                    consumer.acked_seq = min(consumer.acked_seq, journal.next_seq - 1)
-            await self.wp.checkpoint()
             self.export.read_only = self._read_only
             self._set_state(VolumeState.SERVING)
             current = self.history.current
@@ -288,6 +289,22 @@ class VolumeRoles:
             self.events.alert("forced_promote" if not consistent else "promoted", message)
             self._notify()
             return {"role": str(self.role), "generation": current.id, "start_seq": start}
+
+    def _consistent_or_forced(self, force: bool) -> bool:
+        """Whether the replica is consistent now; RoleError if it is not and not forced."""
+        state = self.wp.journal.replica
+        consistent = state is not None and state.consistent
+        if not consistent and not force:
+            why = (
+                "it has never received from a source"
+                if state is None
+                else "a resync is in progress (its data is a mix of old and new regions)"
+            )
+            raise RoleError(
+                f"volume {self.volume} is not consistent: {why}; wait for the resync to "
+                "finish, or promote --force to serve it as it is"
+            )
+        return consistent
 
     async def demote(self, *, timeout: float = DRAIN_TIMEOUT) -> dict[str, Any]:
         async with self._lock:

@@ -174,13 +174,7 @@ class ReceiverSession:
             raise self.refuse(
                 "size-mismatch", f"replica {hello.volume} is {replica.size} bytes, not {hello.size}"
             )
-        admission = await replica.admit_source(hello)
-        if not admission.accept:
-            assert admission.code is not None
-            raise self.refuse(admission.code, admission.message, frame=admission.refusal())
-        regions = admission.regions
-        state = replica.replica
-        lineage = hello.lineage
+        # Before the roles are asked: their answer may already change this volume's role.
         max_record = replica.write_path.journal.max_payload()
         if hello.max_record is not None and hello.max_record > max_record:
             raise self.refuse(
@@ -189,6 +183,13 @@ class ReceiverSession:
                 f"this unit's journal holds records of at most {max_record} bytes; give it a "
                 "larger journal_size",
             )
+        admission = await replica.admit_source(hello)
+        if not admission.accept:
+            assert admission.code is not None
+            raise self.refuse(admission.code, admission.message, frame=admission.refusal())
+        regions = admission.regions
+        state = replica.replica
+        lineage = hello.lineage
         self.replica = replica
         if self._on_bound is not None:
             self._on_bound()  # no longer counted against the listener's caps

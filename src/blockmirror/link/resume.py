@@ -54,8 +54,13 @@ def check_same_line(sender: PeerSender, welcome: Welcome) -> bool:
         return True
     journal = sender.wp.journal
     ours = journal.stamp_of(peer.end_seq)
-    if not ours or ours == peer.end_stamp:
-        return True  # the same record, or one we no longer hold: nothing to compare
+    if not ours:
+        # A record we no longer hold. Past what the peer acknowledged here, nothing says it
+        # is ours: copy it all rather than resume on a guess (a split brain found earlier by
+        # a stamp, once our record is freed, must not become a splice).
+        return peer.end_seq <= sender.consumer.acked_seq
+    if ours == peer.end_stamp:
+        return True
     lineage = roles.lineage()
     if lineage.lost_tail:
         log.warning(
