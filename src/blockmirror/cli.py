@@ -26,6 +26,7 @@ from blockmirror.admin.client import (
     token_for,
 )
 from blockmirror.admin.table import format_status_table
+from blockmirror.cli_history import add_history_commands
 from blockmirror.cli_roles import add_role_commands
 from blockmirror.config import Config, load_config
 from blockmirror.errors import BlockmirrorError, ConfigError
@@ -188,7 +189,7 @@ def _quote(segment: str) -> str:
 def _run_control(
     args: argparse.Namespace,
     path: str,
-    params: dict[str, int] | None = None,
+    params: dict[str, str | int] | None = None,
     *,
     timeout: float = 60.0,
 ) -> dict[str, Any] | None:
@@ -465,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     discard.set_defaults(func=cmd_consumer_discard)
 
     add_role_commands(sub, admin_arguments=_admin_arguments, run_control=_run_control)
+    add_history_commands(sub, admin_arguments=_admin_arguments, run_control=_run_control)
 
     check = sub.add_parser("check-config", help="validate a configuration file")
     check.add_argument("config")

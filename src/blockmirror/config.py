@@ -45,6 +45,7 @@ Ack = Literal["local", "remote"]
 
 SECTOR = 512
 MIN_JOURNAL_SIZE = MiB
+MIN_HISTORY_SIZE = 4 * MiB
 # Byte offsets end up in off_t; a region past this could never be addressed.
 MAX_END = (1 << 63) - 1
 # Volume names are NBD export names and also name files under state_dir, so keep them to a
@@ -107,6 +108,14 @@ class VolumeConfig:
     # Certificate names (CN or DNS subjectAltName) a source's TLS certificate must carry to
     # write this replica; empty: any certificate the CA signed.
     tls_peers: tuple[str, ...] = ()
+    # Point-in-time history (docs/history.md): how far back points are kept (seconds; 0:
+    # none), and the most space its segments may take in state_dir (None: the volume's size).
+    history: float = 0.0
+    history_size: int | None = None
+
+    @property
+    def history_cap(self) -> int:
+        return self.size if self.history_size is None else self.history_size
 
 
 @dataclass(frozen=True)
@@ -142,7 +151,7 @@ _REPLICATION_KEYS = ("listen", "psk_file", "tls_cert", "tls_key", "tls_ca")
 _VOLUME_KEYS = (
     "name", "role", "path", "offset", "size", "export", "read_only", "journal", "journal_size",
     "journal_high_water", "overflow", "ack", "ack_timeout", "peers", "description",
-    "psk_file", "tls_peers",
+    "psk_file", "tls_peers", "history", "history_size",
 )  # fmt: skip
 _ROLES: dict[str, Role] = {"primary": "primary", "secondary": "secondary"}
 _OVERFLOWS: dict[str, Overflow] = {"track": "track", "block": "block"}
@@ -204,6 +213,8 @@ def _parse_volume(
     peers = _parse_peers(t)
     psk_file = t.path("psk_file")
     tls_peers = _parse_names(t, "tls_peers")
+    history = t.duration("history")
+    history_size = t.size("history_size")
 
     if offset is not None and offset % SECTOR:
         t.fail("offset", f"{offset} is not a multiple of {SECTOR} bytes")
@@ -220,6 +231,10 @@ def _parse_volume(
         t.fail("journal_high_water", f"{high_water} must be between 0 and 1, exclusive")
     if ack_timeout is not None and not (math.isfinite(ack_timeout) and ack_timeout > 0):
         t.fail("ack_timeout", f"{ack_timeout} must be a positive number of seconds")
+    if history_size is not None and history_size < MIN_HISTORY_SIZE:
+        t.fail("history_size", f"{format_size(history_size)} is below the minimum of 4 MiB")
+    if history and journal is False:
+        t.fail("history", "needs the journal (journal = false): history is kept as it applies")
     if role == "primary" and export is None and "export" not in t.bad:
         t.fail("export", "missing; a primary needs the NBD address it serves the host on")
     if journal is False and peers and "peers" not in t.bad:
@@ -246,6 +261,8 @@ def _parse_volume(
         description=description or "",
         psk_file=psk_file,
         tls_peers=tls_peers,
+        history=history or 0.0,
+        history_size=history_size,
     )
     return _Volume(label, config, t.bad)
 

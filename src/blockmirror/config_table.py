@@ -12,7 +12,7 @@ from pathlib import Path
 
 from blockmirror.addresses import Address, address_or_reason
 from blockmirror.errors import SizeError
-from blockmirror.units import parse_size
+from blockmirror.units import parse_duration, parse_size
 
 Problem = tuple[str, str]
 
@@ -90,6 +90,16 @@ class Table:
             return None
         try:
             return parse_size(value, key=name)
+        except SizeError as exc:
+            self.fail(name, str(exc))
+            return None
+
+    def duration(self, name: str) -> float | None:
+        value = self.typed(name, (int, float, str), "a duration such as 24h", False)
+        if not isinstance(value, (int, float, str)):
+            return None
+        try:
+            return parse_duration(value, key=name)
         except SizeError as exc:
             self.fail(name, str(exc))
             return None

@@ -21,6 +21,7 @@ from typing import Any
 from blockmirror import __version__, statedir
 from blockmirror.admin.api import AdminServer
 from blockmirror.admin.controls import handle as handle_control
+from blockmirror.admin.history_controls import handle_path as handle_history_path
 from blockmirror.admin.setup import admin_access, unit_token_path
 from blockmirror.blockdev.ackmode import RemoteAck
 from blockmirror.blockdev.journaled import JournalWritePath
@@ -31,6 +32,9 @@ from blockmirror.errors import BlockmirrorError, JournalError, VolumeError
 from blockmirror.failover import VolumeRoles
 from blockmirror.frontend.nbd_limits import NbdLimits
 from blockmirror.frontend.nbd_server import NbdServer
+from blockmirror.history.capture import replay_capturing
+from blockmirror.history.log import HistoryLog
+from blockmirror.history_attach import attach_history, open_history
 from blockmirror.journal import generations
 from blockmirror.journal.checkpoint import CheckpointError
 from blockmirror.journal.dirtymap import DirtyMapError
@@ -57,6 +61,10 @@ class UnitLockedError(BlockmirrorError):
     """Another unit process already owns this state directory."""
 
 
+# How often history is expired.
+HISTORY_UPKEEP = 1.0
+
+
 class Unit:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -65,6 +73,7 @@ class Unit:
         self.replication: ReplicationServer | None = None
         self.started_at = time.monotonic()
         self._lock_fd: int | None = None
+        self._upkeep: asyncio.Task[None] | None = None
         # One budget and one connection limit for every export of the unit.
         self.nbd_limits = NbdLimits(
             reply_budget=config.unit.nbd_reply_budget,
@@ -100,7 +109,7 @@ class Unit:
                 access, admin_tls = await asyncio.to_thread(admin_access, self.config.unit)
                 self.admin = AdminServer(
                     self.status,
-                    functools.partial(handle_control, self),
+                    self._control,
                     access=access,
                     tls=admin_tls,
                 )
@@ -118,6 +127,20 @@ class Unit:
             await self.stop()
             raise
         self._write_runtime_file()
+        self._upkeep = asyncio.create_task(self._history_upkeep())
+
+    async def _history_upkeep(self) -> None:
+        """Expire history by age and size, once a second (docs/history.md, "Retention")."""
+        while True:
+            await asyncio.sleep(HISTORY_UPKEEP)
+            for rt in self.volumes:
+                history_log = rt.journal.history if rt.journal is not None else None
+                if history_log is None:
+                    continue
+                try:
+                    history_log.expire()
+                except OSError as exc:
+                    log.error("volume %s: expiring history failed: %s", rt.config.name, exc)
 
     async def _open_volume(
         self, vc: VolumeConfig, loop: asyncio.AbstractEventLoop
@@ -126,7 +149,14 @@ class Unit:
         write_path: WritePath = DirectWritePath(volume, loop)
         journal_wp: JournalWritePath | None = None
         problem = None
+        history_log: HistoryLog | None = None
         if not vc.read_only and vc.journal:
+            try:
+                history_log = await asyncio.to_thread(open_history, self.config.unit.state_dir, vc)
+            except OSError as exc:
+                problem = f"cannot open the history: {exc.filename or ''}: {exc.strerror or exc}"
+                log.error("volume %s is not served: %s", vc.name, problem)
+        if not vc.read_only and vc.journal and problem is None:
             try:
                 journal = await asyncio.to_thread(
                     Journal.open,
@@ -137,6 +167,11 @@ class Unit:
                     dirty_dir=self.config.unit.state_dir,
                     volume_name=vc.name,
                     origin=origin_id(self.config.unit.name),
+                    replayer=(
+                        functools.partial(replay_capturing, history_log)
+                        if history_log is not None
+                        else None
+                    ),
                 )
             except (
                 JournalCorruptError,
@@ -180,6 +215,8 @@ class Unit:
                         if consumer.mode == "journal":
                             remote.set_acked(str(peer), consumer.acked_seq)
                     journal_wp.remote_ack = remote
+                if history_log is not None:
+                    await attach_history(history_log, journal_wp)
                 journal_wp.start()
                 write_path = journal_wp
         history: VolumeHistory | None = None
@@ -206,11 +243,20 @@ class Unit:
             description=vc.description or f"blockmirror {role} volume {vc.name}",
             read_only=read_only,
         )
+        if journal_wp is None and history_log is not None:
+            history_log.close()
         rt = VolumeRuntime(vc, volume, export, journal=journal_wp, history=history)
         if problem is not None:
             rt.problem = problem
             rt.enter(VolumeState.FAILED)
         return rt
+
+    async def _control(self, method: str, path: str, query: str) -> tuple[int, dict[str, Any]]:
+        """Every control of the admin API: history routes, then the others."""
+        reply = await handle_history_path(self.runtime, method, path, query)
+        if reply is not None:
+            return reply
+        return await handle_control(self, method, path, query)
 
     def runtime(self, name: str) -> VolumeRuntime:
         for rt in self.volumes:
@@ -303,6 +349,9 @@ class Unit:
         # First, at once: no new connection and no new request is read from a host. Requests
         # already read are answered while the links still run (an ack = "remote" write needs
         # its peers); only then do the links stop.
+        if self._upkeep is not None:
+            self._upkeep.cancel()
+            self._upkeep = None
         servers = [rt.server for rt in self.volumes if rt.server is not None]
         for server in servers:
             server.stop_reading()
@@ -323,6 +372,13 @@ class Unit:
                     await rt.journal.close()
                 except (OSError, BlockmirrorError) as exc:
                     log.error("volume %s: closing the journal failed: %s", rt.config.name, exc)
+                history_log = rt.journal.history
+                if history_log is not None:
+                    try:
+                        await asyncio.to_thread(history_log.sync)
+                    except OSError as exc:
+                        log.error("volume %s: syncing the history failed: %s", rt.config.name, exc)
+                    history_log.close()
             if not rt.volume.read_only:
                 try:
                     await asyncio.to_thread(rt.volume.flush)

@@ -7,6 +7,7 @@ side (the listener's view of it), its senders and its roles (:mod:`blockmirror.f
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,7 @@ from blockmirror.config import VolumeConfig
 from blockmirror.counters import VolumeCounters
 from blockmirror.failover import VolumeRoles
 from blockmirror.frontend.nbd_server import NbdServer
+from blockmirror.history.log import HistoryLog, iso_time
 from blockmirror.journal.generations import VolumeHistory
 from blockmirror.link.replica_runtime import ReplicaRuntime
 from blockmirror.link.sender import PeerSender
@@ -40,6 +42,25 @@ class VolumeRuntime:
     # could not be read. Once the volume runs, its roles own them.
     history: VolumeHistory | None = None
     roles: VolumeRoles | None = None
+
+    @property
+    def history_log(self) -> HistoryLog | None:
+        """The volume's point-in-time history (docs/history.md); None without a journal."""
+        return self.journal.history if self.journal is not None else None
+
+    @property
+    def volume_store(self) -> Volume:
+        return self.volume
+
+    async def bookmark(self, name: str) -> int:
+        """Journal a bookmark on this primary; returns its sequence number once it is durable.
+        Raises OSError (errno) and BlockmirrorError when the journal cannot take it."""
+        if self.journal is None:
+            raise OSError(errno.EROFS, "the volume has no journal")
+        done = self.journal.bookmark(name)
+        seq = self.journal.journal.next_seq - 1
+        await done
+        return seq
 
     @property
     def counters(self) -> VolumeCounters:
@@ -95,6 +116,7 @@ def volume_status(rt: VolumeRuntime) -> dict[str, Any]:
         roles = rt.history.status()
     else:
         roles = {}
+    history_log = rt.journal.history if rt.journal is not None else None
     return {
         "name": rt.config.name,
         "role": str(rt.role),
@@ -109,9 +131,32 @@ def volume_status(rt: VolumeRuntime) -> dict[str, Any]:
         "counters": rt.counters.as_dict(),
         "problem": problem,
         "journal": rt.journal.status() if rt.journal is not None else None,
+        "history": history_log.status() if history_log is not None else None,
+        "consistent_point": _consistent_point(rt, history_log),
         "peers": [sender.status() for sender in rt.senders],
         # A primary has no source: what its receiving side would show says nothing.
         "replica": (
             rt.replica.status() if rt.replica is not None and rt.role is not Role.PRIMARY else None
         ),
     }
+
+
+def _consistent_point(rt: VolumeRuntime, history_log: HistoryLog | None) -> dict[str, Any] | None:
+    """On a replica: the newest point it can be brought to at once (None: there is none).
+
+    A consistent replica is its own point; one in the middle of a resync has the point before
+    the resync, if its history kept it (docs/history.md, "Consistent resync")."""
+    if rt.role is Role.PRIMARY or rt.journal is None:
+        return None
+    replica = rt.journal.journal.replica
+    if replica is not None and replica.consistent:
+        stamp = rt.journal.journal.last_stamp
+        seq = rt.journal.applied_seq
+        time_ns = stamp[1] if stamp is not None and stamp[0] == seq else 0
+        if history_log is not None and history_log.index.last_seq == seq:
+            time_ns = history_log.index.last_time or time_ns
+        return {"seq": seq, "time": iso_time(time_ns)}
+    if history_log is not None and history_log.index.resyncing and history_log.broken is None:
+        point = history_log.index.consistent_point()
+        return {"seq": point.seq, "time": iso_time(point.time_ns)}
+    return None

@@ -10,6 +10,7 @@ STATE_DIR/
   VOLUME.CONSUMER.dirty     one dirty map per consumer of that journal
   VOLUME.diverged           the regions this unit gave up after a split brain or a failover,
                             until its new source has them (a dirty map's format)
+  VOLUME.history/           the volume's history: segments of before-images (docs/history.md)
 ```
 
 Nothing here opens a journal or a map: the modules that own those formats take these paths.
@@ -31,6 +32,7 @@ JOURNAL_SUFFIX: Final = ".journal"
 DIRTY_SUFFIX: Final = ".dirty"
 ROLE_SUFFIX: Final = ".role"
 DIVERGED_SUFFIX: Final = ".diverged"
+HISTORY_SUFFIX: Final = ".history"
 
 
 def _safe(name: str) -> str:
@@ -51,6 +53,11 @@ def role_path(state_dir: Path, volume: str) -> Path:
 def diverged_path(state_dir: Path, volume: str) -> Path:
     """Where the regions ``volume`` gave up (its divergent writes) wait for its new source."""
     return state_dir / f"{volume}{DIVERGED_SUFFIX}"
+
+
+def history_path(state_dir: Path, volume: str) -> Path:
+    """The directory of ``volume``'s history segments (docs/history.md)."""
+    return state_dir / f"{volume}{HISTORY_SUFFIX}"
 
 
 def dirty_map_path(state_dir: Path, volume: str, consumer: str) -> Path:

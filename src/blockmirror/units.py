@@ -7,7 +7,7 @@ from fractions import Fraction
 
 from blockmirror.errors import SizeError
 
-__all__ = ["format_size", "parse_size"]
+__all__ = ["format_size", "parse_duration", "parse_size"]
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -116,3 +116,40 @@ def human_size(n: int) -> str:
             return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
+
+
+# Durations: "90s", "30m", "24h", "7d", "2w", "1h30m", or a plain number of seconds.
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?)\s*([smhdw])", re.ASCII)
+
+
+def parse_duration(value: str | int | float, *, key: str = "duration") -> float:
+    """Seconds that ``value`` denotes: a non-negative number of seconds, or a string of
+    number-and-unit parts (s, m, h, d, w) such as ``"24h"`` or ``"1h30m"``; ``"0"`` is zero.
+    Raises :class:`SizeError` (the units' error) for anything else."""
+    if isinstance(value, bool):
+        raise SizeError(f"invalid {key} {value!r}: expected a duration like '24h'")
+    if isinstance(value, int | float):
+        if not value >= 0 or value == float("inf"):
+            raise SizeError(f"invalid {key} {value!r}: must be a non-negative number of seconds")
+        return float(value)
+    if not isinstance(value, str):
+        raise SizeError(f"invalid {key} {value!r}: expected a duration like '24h'")
+    text = value.strip().lower()
+    if re.fullmatch(r"[0-9]+(?:\.[0-9]*)?", text):
+        return float(text)
+    pos = 0
+    total = 0.0
+    for match in _DURATION_PART.finditer(text):
+        if match.start() != pos:
+            break
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        pos = match.end()
+        while pos < len(text) and text[pos] == " ":
+            pos += 1
+    if not text or pos != len(text):
+        raise SizeError(
+            f"invalid {key} {value!r}: expected a number and a unit (s, m, h, d, w), like "
+            "'24h', '30m' or '1h30m'"
+        )
+    return total

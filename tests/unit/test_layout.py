@@ -54,12 +54,12 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "io.*",
     ),
     1: ("store.*",),
-    2: ("journal.*",),
+    2: ("journal.*", "history.*"),
     3: ("blockdev.*",),
     4: ("link.*", "frontend.*"),
     5: ("config", "config_table", "config_paths", "admin.*", "offline.*"),
-    6: ("daemon", "failover", "runtime", "split_brain"),
-    7: ("cli", "cli_roles", "demo"),
+    6: ("daemon", "failover", "runtime", "split_brain", "history_attach"),
+    7: ("cli", "cli_roles", "cli_history", "demo"),
 }
 
 CODECS = (
@@ -67,6 +67,8 @@ CODECS = (
     "journal.record",
     "journal.ring",
     "journal.lineage",
+    "history.undo_format",
+    "history.index",
     "link.protocol",
     "link.handshake",
     "frontend.nbd_protocol",

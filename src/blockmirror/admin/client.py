@@ -142,7 +142,10 @@ class ControlFailed(AdminError):
 
 
 def call_control(
-    client: AdminClient, path: str, params: dict[str, int] | None = None, timeout: float = 60.0
+    client: AdminClient,
+    path: str,
+    params: dict[str, str | int] | None = None,
+    timeout: float = 60.0,
 ) -> dict[str, Any]:
     """POST one control (``path`` already percent-encoded); its JSON answer, or ControlFailed."""
     if params:

@@ -24,12 +24,19 @@ from blockmirror.alerts import AlertLog
 from blockmirror.blockdev.ackmode import RemoteAck
 from blockmirror.blockdev.durability import Durability, Failure
 from blockmirror.errors import BlockmirrorError
-from blockmirror.journal.format import Kind
+from blockmirror.history.capture import GROUP_BYTES, DisjointRanges
+from blockmirror.history.log import HistoryLog
+from blockmirror.journal.format import EXTENT_KINDS, Kind
 from blockmirror.journal.journal import Journal
 from blockmirror.journal.record import Record
 from blockmirror.store.base import Buffer, Store
 
 __all__ = ["STALL_RETRY", "Applier", "Entry"]
+
+# Changes that may cover a large range: applied (and captured) in a thread.
+_RANGE_KINDS = frozenset({Kind.ZERO, Kind.TRIM})
+# At most this many entries share one history sync.
+_GROUP_ENTRIES = 1024
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +64,7 @@ class Entry:
     done: asyncio.Future[None] | None = None
     journaled: bool = True
     outside: bool = False
+    captured: bool = False  # its before-image is in the history (docs/history.md)
 
 
 class Applier:
@@ -106,6 +114,8 @@ class Applier:
         self.stall_retry = STALL_RETRY
         # ack = "remote": journaled host writes also wait for the peers.
         self.remote_ack: RemoteAck | None = None
+        # The volume's history: before-images of what each change overwrites.
+        self.history: HistoryLog | None = None
         failure.listen(lambda exc, first: self.answer_all(exc))
 
     def push(self, entry: Entry) -> None:
@@ -146,10 +156,23 @@ class Applier:
                 self._block_on(self.journal.sync_dirty_maps)
                 return
             entry = queue[0]
-            if entry.record.kind != Kind.WRITE and not self.volume.capabilities().fast_zero:
+            history = self.history
+            kind = entry.record.kind
+            if history is not None and not entry.captured and history.capturing:
+                if history.barrier:
+                    self._block_on(functools.partial(self._capture_group, self._group()))
+                    return
+                if kind in _RANGE_KINDS:
+                    self._block_on(
+                        functools.partial(self._capture_and_apply, entry), then=self._applied_one
+                    )
+                    return
+            if kind in _RANGE_KINDS and not self.volume.capabilities().fast_zero:
                 self._block_on(functools.partial(self._apply, entry), then=self._applied_one)
                 return
             try:
+                if history is not None and not entry.captured and history.capturing:
+                    self._capture(history, entry, self.applied_seq)
                 self._apply(entry)
             except OSError as exc:
                 self._stall(exc)
@@ -159,6 +182,66 @@ class Applier:
                 return
             self._applied_one()
         self._release_gates()
+
+    # --- before-images (docs/history.md) ---------------------------------------------------------
+
+    def _group(self) -> list[Entry]:
+        """The head entries whose before-images can be taken before any of them is applied:
+        up to the first that overlaps an earlier one (its image must include that one)."""
+        group: list[Entry] = []
+        ranges = DisjointRanges()
+        size = 0
+        for entry in self.queue:
+            rec = entry.record
+            if rec.kind in EXTENT_KINDS and rec.length:
+                if ranges.overlaps(rec.offset, rec.length) or size >= GROUP_BYTES:
+                    break
+                ranges.add(rec.offset, rec.length)
+                size += rec.length
+            group.append(entry)
+            if len(group) >= _GROUP_ENTRIES:
+                break
+        return group
+
+    def _capture(self, history: HistoryLog, entry: Entry, applied_seq: int) -> None:
+        """Keep the before-image of ``entry`` (blocking). ``applied_seq``: the newest record
+        applied before it. Raises OSError."""
+        rec = entry.record
+        entry.captured = True
+        if rec.kind in EXTENT_KINDS and rec.length and history.capturing:
+            try:
+                history.capture(
+                    self.volume,
+                    rec.kind == Kind.WRITE,
+                    rec.offset,
+                    rec.length,
+                    seq=rec.seq if entry.journaled else applied_seq,
+                    time_ns=rec.timestamp_ns,
+                    origin=rec.origin,
+                    journaled=entry.journaled,
+                )
+            except OSError as exc:
+                # The history's storage (or a read of the volume) failed: the history is
+                # given up, never the write (the host is not held by its history).
+                history.give_up(exc)
+
+    def _capture_group(self, group: list[Entry]) -> None:
+        """A thread: capture ``group`` and make the images durable before any is applied."""
+        assert self.history is not None
+        applied = self.applied_seq
+        for entry in group:
+            self._capture(self.history, entry, applied)
+            if entry.journaled:
+                applied = entry.record.seq
+        try:
+            self.history.sync()
+        except OSError as exc:
+            self.history.give_up(exc)
+
+    def _capture_and_apply(self, entry: Entry) -> None:
+        assert self.history is not None
+        self._capture(self.history, entry, self.applied_seq)
+        self._apply(entry)
 
     def _apply(self, entry: Entry) -> None:
         """Write one change to the volume. Raises OSError (errno) or the volume's VolumeError."""
@@ -187,6 +270,17 @@ class Applier:
         if entry.journaled:
             self.applied_seq += 1
             self.applied_event.set()
+            history = self.history
+            if history is not None:
+                rec = entry.record
+                if rec.kind == Kind.BOOKMARK and entry.data:
+                    name = bytes(entry.data[0]).decode("utf-8", "replace")
+                    try:
+                        history.bookmark(name, self.applied_seq, rec.timestamp_ns, rec.origin)
+                    except OSError as exc:
+                        log.error("bookmark %r not kept in the history: %s", name, exc)
+                else:
+                    history.applied(self.applied_seq, rec.timestamp_ns)
         if entry.done is not None:
             target = entry.done
             if self.remote_ack is not None and entry.journaled:

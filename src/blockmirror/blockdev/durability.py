@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable
 
 from blockmirror.alerts import AlertLog
+from blockmirror.history.log import HistoryLog
 from blockmirror.io.syncer import Syncer, settle
 from blockmirror.journal.journal import Journal
 from blockmirror.store.base import Store
@@ -85,8 +86,11 @@ class Durability:
         self._failure = failure
         self._alerts = alerts
         failure.listen(self._failed)
+        self._volume = volume
+        # The volume's history, synced before the volume on a primary (docs/history.md).
+        self.history: HistoryLog | None = None
         self._journal_syncer = Syncer(self._sync_journal, loop)
-        self._volume_syncer = Syncer(volume.flush, loop)
+        self._volume_syncer = Syncer(self._sync_volume, loop)
         # FLUSH requests waiting for the next commit.
         self._flushes: list[asyncio.Future[None]] = []
 
@@ -162,6 +166,17 @@ class Durability:
             self._failure.fail(exc)
             raise
         self.journal.volume_durable_seq = max(self.journal.volume_durable_seq, target)
+
+    def _sync_volume(self) -> None:
+        """Blocking (a worker thread): fdatasync the volume, after the before-images of what
+        it holds, so that no change is durable before its undo record is."""
+        history = self.history
+        if history is not None and history.capturing:
+            try:
+                history.sync()
+            except OSError as exc:
+                history.give_up(exc)
+        self._volume.flush()
 
     def _sync_journal(self) -> None:
         """Blocking (a worker thread): fdatasync the ring. Raises its OSError."""

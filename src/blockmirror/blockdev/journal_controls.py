@@ -9,12 +9,14 @@ whole of what :mod:`blockmirror.admin.controls` may do to a write path.
 from __future__ import annotations
 
 import asyncio
+import errno
 from collections.abc import Callable
 
+from blockmirror.blockdev.applier import Applier, Entry
 from blockmirror.blockdev.checkpointer import Checkpointer
-from blockmirror.blockdev.durability import Failure
+from blockmirror.blockdev.durability import Durability, Failure
 from blockmirror.errors import WritePathError
-from blockmirror.journal.format import Kind
+from blockmirror.journal.format import EXTENT_KINDS, MAX_BOOKMARK, Kind
 from blockmirror.journal.journal import Journal
 from blockmirror.state import ConsumerMode
 
@@ -33,14 +35,45 @@ class JournalControls:
         self,
         journal: Journal,
         checkpointer: Checkpointer,
+        applier: Applier,
+        loop: asyncio.AbstractEventLoop,
         *,
         failure: Failure,
+        durability: Durability,
         commit_quietly: Callable[[], None],
     ) -> None:
         self._journal = journal
         self._checkpointer = checkpointer
+        self._applier = applier
+        self._loop = loop
         self._failure = failure
+        self._durability = durability
         self._commit_quietly = commit_quietly
+
+    def bookmark(self, name: str) -> asyncio.Future[None]:
+        """Journal a bookmark called ``name`` (the state after every write accepted before it);
+        the future completes once it is durable in the journal. Raises the write path's
+        failure, ValueError for a name that is empty or longer than 200 bytes, the volume's
+        OSError while it is stalled, EAGAIN while enqueueing is paused and ENOSPC when the
+        journal has no room now."""
+        raw = name.encode()
+        if not 0 < len(raw) <= MAX_BOOKMARK:
+            raise ValueError(f"a bookmark name is 1 to {MAX_BOOKMARK} bytes of UTF-8")
+        self._failure.check()
+        if self._applier.stalled is not None:
+            raise self._applier.stalled
+        journal = self._journal
+        if journal.enqueue_paused:
+            raise OSError(errno.EAGAIN, "the journal's enqueueing is paused; resume it first")
+        if not journal.fits(len(raw)):
+            raise OSError(errno.ENOSPC, "the journal has no room for a bookmark now; try again")
+        done: asyncio.Future[None] = self._loop.create_future()
+        placed = journal.stage(Kind.BOOKMARK, 0, len(raw), (raw,))
+        self._applier.push(Entry(placed, (raw,)))
+        self._checkpointer.appended()
+        self._commit_quietly()
+        self._durability.then([done], volume_upto=None)
+        return done
 
     @property
     def failed(self) -> BaseException | None:
@@ -107,7 +140,7 @@ class JournalControls:
             consumer.generation += 1  # bits set behind any copy in flight
             for rec in journal.records:
                 if first_seq <= rec.seq <= last_seq and rec.seq > consumer.acked_seq:
-                    if rec.kind != Kind.FLUSH:
+                    if rec.kind in EXTENT_KINDS:
                         consumer.dirty.mark(rec.offset, rec.length)
                     count += 1
             if first_seq <= consumer.acked_seq + 1 <= last_seq:

@@ -37,6 +37,7 @@ from blockmirror.blockdev.durability import Durability, Failure, consume
 from blockmirror.blockdev.journal_controls import DiscardRangeError, JournalControls
 from blockmirror.blockdev.replica import JournalFullError, ReplicaApply
 from blockmirror.blockdev.writepath import Buffer
+from blockmirror.history.log import HistoryLog
 from blockmirror.journal.format import Kind
 from blockmirror.journal.journal import Journal
 from blockmirror.journal.record import Record
@@ -109,8 +110,15 @@ class JournalWritePath:
             commit_quietly=self._commit_quietly,
         )
         self.controls = JournalControls(
-            journal, self.checkpointer, failure=self._failure, commit_quietly=self._commit_quietly
+            journal,
+            self.checkpointer,
+            self.applier,
+            loop,
+            failure=self._failure,
+            durability=self._durability,
+            commit_quietly=self._commit_quietly,
         )
+        self.bookmark = self.controls.bookmark
         # Everyone's checkpoint, and a secondary's receiver's calls: the parts' own methods
         # (their docstrings say what they raise).
         self.checkpoint = self.checkpointer.checkpoint
@@ -211,6 +219,18 @@ class JournalWritePath:
             and not self.checkpointer.waiting
         )
         await self.checkpointer.close_journal(clean=clean)
+
+    # --- history (docs/history.md) ---------------------------------------------------------------
+
+    @property
+    def history(self) -> HistoryLog | None:
+        return self.applier.history
+
+    @history.setter
+    def history(self, history: HistoryLog | None) -> None:
+        self.applier.history = history
+        self._durability.history = history
+        self.replica.history = history
 
     # --- the WritePath interface ----------------------------------------------------------------
 

@@ -17,7 +17,8 @@ from blockmirror.blockdev.applier import Applier, Entry
 from blockmirror.blockdev.checkpointer import Checkpointer
 from blockmirror.blockdev.durability import Durability, Failure
 from blockmirror.errors import JournalError
-from blockmirror.journal.format import Buffer, Kind
+from blockmirror.history.log import HistoryLog
+from blockmirror.journal.format import EXTENT_KINDS, PAYLOAD_KINDS, Buffer, Kind
 from blockmirror.journal.journal import Journal
 from blockmirror.journal.record import Record
 from blockmirror.state import ConsumerMode
@@ -59,6 +60,20 @@ class ReplicaApply:
         self._durability = durability
         self._commit = commit
         self._commit_quietly = commit_quietly
+        self.history: HistoryLog | None = None
+
+    def begin_resync(self, *, whole: bool) -> None:
+        """A resync is about to overwrite regions. ``whole``: the replica is consistent now,
+        so its history keeps this point until the resync ends (docs/history.md). Raises
+        OSError (the history's storage)."""
+        if self.history is not None and (whole or self.history.index.resyncing):
+            self.history.begin_resync()
+
+    def end_resync(self) -> None:
+        """The resync is done and the replica consistent. Raises OSError."""
+        if self.history is not None:
+            self.history.end_resync()
+            self.history.expire()
 
     async def append_replicated(self, records: Sequence[Record]) -> asyncio.Future[None]:
         """Journal records received from a source, keeping their numbers, times and origins.
@@ -76,11 +91,12 @@ class ReplicaApply:
         journal, applier = self.journal, self._applier
         for record in records:
             kind, length = record.kind, record.length
-            while not journal.fits(length if kind == Kind.WRITE else 0):
+            while not journal.fits(length if kind in PAYLOAD_KINDS else 0):
                 await self._free_space()
-            for consumer in journal.tracking_consumers():
-                consumer.dirty.mark(record.offset, length)
-            data = record.data if kind == Kind.WRITE else ()
+            if kind in EXTENT_KINDS:
+                for consumer in journal.tracking_consumers():
+                    consumer.dirty.mark(record.offset, length)
+            data = record.data if kind in PAYLOAD_KINDS else ()
             placed = journal.stage(
                 kind,
                 record.offset,
@@ -169,6 +185,8 @@ class ReplicaApply:
         lowered = next_seq < journal.next_seq
         journal.rebase(next_seq)
         self._applier.applied_seq = next_seq - 1
+        if self.history is not None:
+            self.history.rebase(next_seq)
         if lowered:
             # Records of the old numbering past the end must never be read back as new ones.
             await asyncio.to_thread(journal.erase_renumbered)

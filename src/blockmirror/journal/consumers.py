@@ -19,7 +19,7 @@ from pathlib import Path
 from blockmirror import statedir
 from blockmirror.journal.checkpoint import ConsumerState
 from blockmirror.journal.dirtymap import DirtyMap
-from blockmirror.journal.format import Kind
+from blockmirror.journal.format import EXTENT_KINDS
 from blockmirror.journal.record import Record
 from blockmirror.state import ConsumerMode, transition
 
@@ -82,7 +82,7 @@ class Consumer:
         """
         self.generation += 1
         for rec in records:
-            if self.acked_seq < rec.seq <= last and rec.kind != Kind.FLUSH:
+            if self.acked_seq < rec.seq <= last and rec.kind in EXTENT_KINDS:
                 self.dirty.mark(rec.offset, rec.length)
         if last >= newest:
             self.set_mode(ConsumerMode.TRACKING)

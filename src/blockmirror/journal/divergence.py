@@ -27,7 +27,7 @@ from pathlib import Path
 from blockmirror.io.fileio import sync_directory
 from blockmirror.journal.consumers import DIRTY_REGION, Consumer
 from blockmirror.journal.dirtymap import DirtyMap, DirtyMapError
-from blockmirror.journal.format import Kind
+from blockmirror.journal.format import EXTENT_KINDS
 from blockmirror.journal.journal import Journal
 from blockmirror.state import ConsumerMode
 
@@ -109,7 +109,7 @@ def diverged(journal: Journal, peer_unit: str | None, branch_seq: int) -> Diverg
     extents = [
         (rec.offset, rec.length)
         for rec in journal.records
-        if rec.seq >= branch_seq and rec.kind != Kind.FLUSH and rec.length
+        if rec.seq >= branch_seq and rec.kind in EXTENT_KINDS and rec.length
     ]
     if consumer is not None and consumer.mode == ConsumerMode.TRACKING:
         extents.extend(consumer.dirty.dirty_regions())

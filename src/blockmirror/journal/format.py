@@ -25,9 +25,12 @@ from crc32c import crc32c
 from blockmirror.errors import JournalError
 
 __all__ = [
+    "EXTENT_KINDS",
     "HEADER_SIZE",
     "MAGIC",
+    "MAX_BOOKMARK",
     "MAX_PAYLOAD",
+    "PAYLOAD_KINDS",
     "RECORD_ALIGN",
     "VERSION",
     "Buffer",
@@ -76,6 +79,17 @@ class Kind(enum.IntEnum):
     TRIM = 3
     FLUSH = 4
     PADDING = 5
+    # A named point (issue 10): the payload is the UTF-8 name, ``length`` its size, ``offset``
+    # zero; it changes nothing in the volume and marks nothing dirty.
+    BOOKMARK = 6
+
+
+# Records whose payload is their ``length`` bytes, and records that change a range of the
+# volume (a bookmark and a flush change none).
+PAYLOAD_KINDS: Final = frozenset({Kind.WRITE, Kind.BOOKMARK})
+EXTENT_KINDS: Final = frozenset({Kind.WRITE, Kind.ZERO, Kind.TRIM})
+# The longest bookmark name, in bytes of UTF-8.
+MAX_BOOKMARK: Final = 200
 
 
 # A dict lookup is several times cheaper than calling the enum on the decode path.
@@ -119,9 +133,12 @@ def padding_bytes(payload_len: int) -> int:
 
 def _inconsistency(kind: int, length: int, payload_len: int) -> str | None:
     """Why ``payload_len`` cannot belong to a record of this kind, or None when it can."""
-    if kind == Kind.WRITE:
+    if kind in (Kind.WRITE, Kind.BOOKMARK):
         if payload_len != length:
-            return f"write record with payload_len {payload_len} != length {length}"
+            name = Kind(kind).name.lower()
+            return f"{name} record with payload_len {payload_len} != length {length}"
+        if kind == Kind.BOOKMARK and not 0 < length <= MAX_BOOKMARK:
+            return f"bookmark record with a name of {length} bytes (1 to {MAX_BOOKMARK})"
     elif kind != Kind.PADDING and payload_len != 0:
         return f"{Kind(kind).name.lower()} record with payload_len {payload_len}, expected 0"
     return None

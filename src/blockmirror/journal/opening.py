@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,7 +26,7 @@ from blockmirror.journal.checkpoint import (
     new_journal_id,
     read_checkpoint,
 )
-from blockmirror.journal.record import UNKNOWN_ORIGIN
+from blockmirror.journal.record import UNKNOWN_ORIGIN, Record
 from blockmirror.journal.ring import DATA_START, Ring
 from blockmirror.journal.scan import JournalCorruptError, ScanResult, erase_stale_headers, scan
 from blockmirror.journal.storage import RingFileOpener, open_journal_file
@@ -47,6 +47,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# Applies a journal's tail of live records to its volume, in order (blocking; OSError).
+Replayer = Callable[["Journal", "list[Record]"], None]
 
 
 class VolumeIdentityError(JournalError):
@@ -84,6 +87,7 @@ def open_journal(
     adopt: bool = False,
     origin: int = UNKNOWN_ORIGIN,
     open_ring: RingFileOpener | None = None,
+    replayer: Replayer | None = None,
 ) -> Journal:
     """``Journal.open``: open the journal at ``path`` (creating it if missing) and recover it,
     replaying what the volume may lack; ``cls`` is the class (``Journal.open`` passes it).
@@ -101,6 +105,9 @@ def open_journal(
     ``journal_size``; it creates the file, preallocated, when it is missing or empty. The
     default is :func:`~blockmirror.journal.storage.open_journal_file`; a test passes one that
     wraps its store in the fault-injecting store.
+
+    ``replayer``: applies the records of the tail instead of :func:`replay`'s plain loop (the
+    volume's history keeps their before-images; ``history/capture.py``).
     """
     ring = Ring(journal_size - DATA_START)
     try:
@@ -124,7 +131,7 @@ def open_journal(
             journal = cls(path, file, ring, volume, cp.journal_id)
             journal.origin = origin
             journal.restore(cp, generation, result)
-            recover(journal, cp, result, adopt=adopt, started=started)
+            recover(journal, cp, result, adopt=adopt, started=started, replayer=replayer)
             known = cp.consumers
         journal.consumers = consumers_module.attach(
             consumers,
@@ -207,7 +214,13 @@ def read_log(
 
 
 def recover(
-    journal: Journal, cp: Checkpoint, result: ScanResult, *, adopt: bool, started: float
+    journal: Journal,
+    cp: Checkpoint,
+    result: ScanResult,
+    *,
+    adopt: bool,
+    started: float,
+    replayer: Replayer | None = None,
 ) -> None:
     """Make ``journal`` (built from ``cp`` and ``result``) safe to append to and the volume
     current: erase what a crash left past the end of the log, check the volume is the
@@ -240,7 +253,7 @@ def recover(
     else:
         # Before anything is replayed: the journal's records must not go into another file.
         check_identity(journal, cp, result, lenient=journal.unclean_os_restart or erased > 0)
-    replayed = replay(journal)
+    replayed = replay(journal, replayer)
     journal.volume_durable_seq = journal.applied_seq
     journal.recovery = RecoveryReport(
         len(result.records),
@@ -287,7 +300,7 @@ def adopt_volume(journal: Journal) -> None:
     journal.replica = None
 
 
-def replay(journal: Journal) -> int:
+def replay(journal: Journal, replayer: Replayer | None = None) -> int:
     """Bring the volume up to date with every record after ``applied_seq``; then sync it.
 
     Returns how many records were applied. Raises :class:`JournalError` when the volume fails:
@@ -296,9 +309,12 @@ def replay(journal: Journal) -> int:
     count = 0
     at = journal.applied_seq
     try:
-        for rec in journal.records:
-            if rec.seq <= journal.applied_seq:
-                continue
+        todo = [rec for rec in journal.records if rec.seq > journal.applied_seq]
+        if replayer is not None and todo:
+            at = todo[0].seq
+            replayer(journal, todo)
+            count = len(todo)
+        for rec in todo if replayer is None else ():
             at = rec.seq
             journal.apply_from_ring(rec)
             count += 1

@@ -12,7 +12,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from blockmirror.journal.format import Buffer, Kind, RecordHeader
+from blockmirror.journal.format import PAYLOAD_KINDS, Buffer, Kind, RecordHeader
 
 __all__ = ["UNKNOWN_ORIGIN", "Record", "origin_id"]
 
@@ -55,7 +55,9 @@ class Record:
         cls, h: RecordHeader, payload: Buffer | None = None, *, lpos: int = -1
     ) -> Record:
         """The record a decoded header (and, for a write, its payload) describes."""
-        data: Sequence[Buffer] = (payload,) if payload is not None and h.kind == Kind.WRITE else ()
+        data: Sequence[Buffer] = (
+            (payload,) if payload is not None and h.kind in PAYLOAD_KINDS else ()
+        )
         return cls(
             kind=h.kind,
             offset=h.offset,

@@ -15,7 +15,14 @@ from pathlib import Path
 
 from blockmirror.errors import JournalError
 from blockmirror.journal import identity
-from blockmirror.journal.format import HEADER_SIZE, Kind, RecordHeader, record_iov, record_size
+from blockmirror.journal.format import (
+    HEADER_SIZE,
+    PAYLOAD_KINDS,
+    Kind,
+    RecordHeader,
+    record_iov,
+    record_size,
+)
 from blockmirror.journal.record import UNKNOWN_ORIGIN, Record
 from blockmirror.journal.ring import Ring
 from blockmirror.journal.storage import JournalFile
@@ -138,7 +145,7 @@ class RingLog:
         """
         if seq is not None and seq != self.next_seq:
             raise JournalError(f"record seq {seq} arrived, {self.next_seq} was expected")
-        payload_len = length if kind == Kind.WRITE else 0
+        payload_len = length if kind in PAYLOAD_KINDS else 0
         size = record_size(payload_len)
         placement = self.ring.place(self.tail_lpos, size)
         seq = self.next_seq

@@ -368,6 +368,12 @@ class ReceiverSession:
         assert replica is not None
         wp = replica.write_path
         journal = wp.journal
+        # The point before the resync stays restorable until it ends (docs/history.md).
+        try:
+            wp.replica.begin_resync(whole=_consistency(journal.replica) == Consistency.CONSISTENT)
+        except OSError as exc:
+            if wp.history is not None:
+                wp.history.give_up(exc)
         # Inconsistent from now on, durably, before any copied region lands on the replica.
         transition(
             _consistency(journal.replica), Consistency.INCONSISTENT, what=f"replica {replica.name}"
@@ -443,6 +449,11 @@ class ReceiverSession:
                     sync_as_of=as_of,
                     sync_done=True,
                 )
+            try:
+                wp.replica.end_resync()
+            except OSError as exc:
+                if wp.history is not None:
+                    wp.history.give_up(exc)
             asyncio.get_running_loop().create_task(self._persist_consistent())
 
     async def _persist_consistent(self) -> None:

@@ -32,7 +32,7 @@ from blockmirror.config import MIN_JOURNAL_SIZE, Config
 from blockmirror.errors import BlockmirrorError, JournalError
 from blockmirror.io.fileio import sync_directory
 from blockmirror.journal.checkpoint import CheckpointError, new_journal_id
-from blockmirror.journal.format import Kind
+from blockmirror.journal.format import PAYLOAD_KINDS
 from blockmirror.journal.journal import Journal
 from blockmirror.journal.record import Record
 from blockmirror.journal.ring import DATA_START, Ring
@@ -138,7 +138,7 @@ def _to_copy(records: list[Record], ring: Ring, max_payload: int) -> int:
     total = 0
     for i in range(len(records) - 1, -1, -1):
         rec = records[i]
-        payload = rec.length if rec.kind == Kind.WRITE else 0
+        payload = rec.length if rec.kind in PAYLOAD_KINDS else 0
         if payload > max_payload or total + rec.size > ring.capacity:
             break
         total += rec.size
@@ -173,7 +173,7 @@ def _rewrite(old: Journal, ring: Ring, old_size: int, new_size: int) -> ResizeRe
         pending = 0
         for rec in records[first:]:
             payload: list[bytes] = []
-            if rec.kind == Kind.WRITE:
+            if rec.kind in PAYLOAD_KINDS:
                 payload = [old.read_payload(rec)]
             # The same record: its number, and the origin time and unit of the host's write.
             new.stage(

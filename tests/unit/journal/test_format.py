@@ -70,8 +70,13 @@ def raw_header(
 def records(draw: st.DrawFn, kinds: list[Kind] | None = None) -> tuple[RecordHeader, bytes]:
     """A consistent header of any kind with its payload (empty for all but writes)."""
     kind = draw(st.sampled_from(kinds or list(Kind)))
-    payload = draw(st.binary(max_size=3000)) if kind == Kind.WRITE else b""
     if kind == Kind.WRITE:
+        payload = draw(st.binary(max_size=3000))
+    elif kind == Kind.BOOKMARK:
+        payload = draw(st.binary(min_size=1, max_size=200))
+    else:
+        payload = b""
+    if kind in (Kind.WRITE, Kind.BOOKMARK):
         length = len(payload)
         payload_len = len(payload)
     elif kind == Kind.PADDING:
@@ -160,6 +165,7 @@ def test_kind_values_match_the_doc() -> None:
         ("TRIM", 3),
         ("FLUSH", 4),
         ("PADDING", 5),
+        ("BOOKMARK", 6),
     ]
 
 
@@ -297,7 +303,7 @@ def test_garbage_behind_a_valid_magic_raises_only_record_error(
         ({"magic": 0x524A4D43}, "bad magic 0x524a4d43"),
         ({"version": 2}, "unknown record format version 2"),
         ({"kind": 0}, "unknown record kind 0"),
-        ({"kind": 6}, "unknown record kind 6"),
+        ({"kind": 7}, "unknown record kind 7"),
         ({"reserved": 1 << 40}, "reserved bytes are not zero"),
         ({"kind": Kind.WRITE, "length": 4, "payload_len": 3}, "payload_len 3 != length 4"),
         ({"kind": Kind.ZERO, "length": 4096, "payload_len": 8}, "zero record with payload_len 8"),
