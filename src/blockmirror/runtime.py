@@ -158,5 +158,6 @@ def _consistent_point(rt: VolumeRuntime, history_log: HistoryLog | None) -> dict
         return {"seq": seq, "time": iso_time(time_ns)}
     if history_log is not None and history_log.index.resyncing and history_log.broken is None:
         point = history_log.index.consistent_point()
-        return {"seq": point.seq, "time": iso_time(point.time_ns)}
+        if point is not None:
+            return {"seq": point.seq, "time": iso_time(point.time_ns)}
     return None

@@ -182,9 +182,11 @@ def describe(history: HistoryLog) -> dict[str, Any]:
     """The restorable range and the bookmarks (``blockmirror history``)."""
     index = history.index
     doc: dict[str, Any] = dict(history.status())
-    doc["oldest"] = point_doc(index.oldest())
+    oldest = index.oldest()
+    doc["oldest"] = point_doc(oldest) if oldest is not None else None
     doc["newest"] = point_doc(index.newest())
-    doc["consistent_point"] = point_doc(index.consistent_point())
+    point = index.consistent_point()
+    doc["consistent_point"] = point_doc(point) if point is not None else None
     doc["resyncing"] = index.resyncing
     doc["bookmark_list"] = [
         {"name": m.name, "seq": m.seq, "time": iso_time(m.time_ns)}

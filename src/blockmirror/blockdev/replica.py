@@ -66,8 +66,8 @@ class ReplicaApply:
         """A resync is about to overwrite regions. ``whole``: the replica is consistent now,
         so its history keeps this point until the resync ends (docs/history.md). Raises
         OSError (the history's storage)."""
-        if self.history is not None and (whole or self.history.index.resyncing):
-            self.history.begin_resync()
+        if self.history is not None:
+            self.history.begin_resync(whole=whole)
 
     def end_resync(self) -> None:
         """The resync is done and the replica consistent. Raises OSError."""

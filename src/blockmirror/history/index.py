@@ -115,9 +115,11 @@ class HistoryIndex:
         self.epoch_seq = next_seq - 1
         self.last_seq = next_seq - 1
 
-    def begin_resync(self) -> None:
+    def begin_resync(self, *, whole: bool = True) -> None:
+        """A resync starts here. ``whole``: the volume is consistent now (else no point
+        before the resync's end is: a first copy, or one after another was interrupted)."""
         if not self.resyncs or self.resyncs[-1][1] is not None:
-            self.resyncs.append((self.end, None))
+            self.resyncs.append((self.end if whole else -1, None))
 
     def end_resync(self) -> None:
         if self.resyncs and self.resyncs[-1][1] is None:
@@ -126,6 +128,20 @@ class HistoryIndex:
     @property
     def resyncing(self) -> bool:
         return bool(self.resyncs) and self.resyncs[-1][1] is None
+
+    @property
+    def unwhole_resync(self) -> bool:
+        """A resync runs that began on a volume that was not consistent."""
+        return self.resyncing and self.resyncs[-1][0] < 0
+
+    def unwhole_end(self) -> int:
+        """The end of the newest resync that began on an inconsistent volume (0: none)."""
+        return max((end for begin, end in self.resyncs if begin < 0 and end), default=0)
+
+    @property
+    def keeps_resync_start(self) -> bool:
+        """A resync runs and the point before it is whole (so it is kept until the end)."""
+        return self.resyncing and self.resyncs[-1][0] >= 0
 
     def bookmark(self, name: str, seq: int, time_ns: int) -> Bookmark:
         mark = Bookmark(name, seq, max(time_ns, self.last_time), self.end)
@@ -160,21 +176,36 @@ class HistoryIndex:
         """Whether the volume was a consistent image at ``pos`` (not inside a resync)."""
         return all(not (begin < pos and (end is None or pos < end)) for begin, end in self.resyncs)
 
-    def oldest(self) -> Point:
-        return self.point(min(self.floor, self.end))
+    def first_whole(self, pos: int) -> int | None:
+        """The first whole position at or after ``pos`` (None: none yet, a resync runs)."""
+        for begin, end in self.resyncs:
+            if begin < pos and (end is None or pos < end):
+                if end is None:
+                    return None
+                pos = end
+        return pos
+
+    def oldest(self) -> Point | None:
+        """The oldest point offered (None while a first resync runs: none is whole)."""
+        pos = self.first_whole(min(self.floor, self.end))
+        return self.point(pos) if pos is not None else None
 
     def newest(self) -> Point:
         return self.point(self.end)
 
-    def consistent_point(self) -> Point:
-        """The newest whole point: the current volume, or the start of a running resync."""
+    def consistent_point(self) -> Point | None:
+        """The newest whole point: the current volume, or the start of a running resync
+        (None: a resync runs and nothing before it was whole)."""
         if self.resyncing:
-            return self.point(max(self.resyncs[-1][0], self.floor))
+            begin = self.resyncs[-1][0]
+            return self.point(max(begin, self.floor)) if begin >= 0 else None
         return self.newest()
 
     def _check(self, pos: int, asked: str) -> Point:
-        if pos < self.floor:
-            old = self.oldest()
+        old = self.oldest()
+        if old is None:
+            raise PointError("the replica's first copy is still running: it has no point yet")
+        if pos < old.pos and self.whole(pos):
             raise PointError(
                 f"{asked} is older than the oldest point kept (seq {old.seq}); history was "
                 "expired there"

@@ -29,6 +29,7 @@ from blockmirror.history.segments import Segments, scan_segment
 from blockmirror.history.undo_format import (
     HEADER_SIZE,
     MAX_NAME,
+    NOT_WHOLE,
     UNJOURNALED,
     HistoryKind,
     UndoHeader,
@@ -156,7 +157,7 @@ class HistoryLog:
                 name = self.segments.read(number, off + HEADER_SIZE, h.payload_len)
                 index.bookmark(name.decode("utf-8", "replace"), h.seq, h.timestamp_ns)
             elif kind == HistoryKind.RESYNC_BEGIN:
-                index.begin_resync()
+                index.begin_resync(whole=not h.flags & NOT_WHOLE)
             elif kind == HistoryKind.RESYNC_END:
                 index.end_resync()
             elif kind == HistoryKind.REBASE:
@@ -186,7 +187,11 @@ class HistoryLog:
     @property
     def capturing(self) -> bool:
         """Whether changes are captured now: history is kept, or a resync needs its start."""
-        return self.broken is None and (self.enabled or self.index.resyncing)
+        index = self.index
+        if self.broken is not None or index.unwhole_resync:
+            # Nothing before a first copy's end will be offered: nothing to keep.
+            return False
+        return self.enabled or index.keeps_resync_start
 
     def _append(self, h: UndoHeader, payload: tuple[bytes, ...] = ()) -> tuple[int, int]:
         if self.segments.full:
@@ -217,7 +222,9 @@ class HistoryLog:
             return
         flags = 0 if journaled else UNJOURNALED
         if not journaled:
-            time_ns = max(time_ns, self.clock())
+            # A change that is not a record happens after the newest record applied: its
+            # time (never this unit's clock, which is not the origin's).
+            time_ns = self.index.last_time
         pieces: list[tuple[int, int, bool]] = []
         if kind_is_write:
             pieces.append((offset, length, True))
@@ -259,13 +266,16 @@ class HistoryLog:
             self._append(h, (raw,))
         self.index.bookmark(name, seq, time_ns)
 
-    def begin_resync(self) -> None:
-        """A resync starts overwriting regions: keep the point before it until it ends."""
+    def begin_resync(self, *, whole: bool) -> None:
+        """A resync starts overwriting regions: keep the point before it until it ends
+        (``whole``: the volume is consistent now; otherwise no point before the resync's end
+        is offered). Raises OSError."""
         if self.index.resyncing:
             return
         point = self.index.newest()
-        self._append(UndoHeader(HistoryKind.RESYNC_BEGIN, point.seq, point.time_ns))
-        self.index.begin_resync()
+        flags = 0 if whole else NOT_WHOLE
+        self._append(UndoHeader(HistoryKind.RESYNC_BEGIN, point.seq, point.time_ns, flags=flags))
+        self.index.begin_resync(whole=whole)
 
     def end_resync(self) -> None:
         """The resync is done: the volume is whole again."""
@@ -296,7 +306,7 @@ class HistoryLog:
         """The point asked for, by exactly one of the three. Raises :class:`PointError`."""
         if sum(x is not None for x in (seq, at_ns, bookmark)) != 1:
             raise PointError("give exactly one of a time, a sequence number or a bookmark")
-        if not self.enabled and not self.index.resyncing:
+        if not self.enabled and not self.index.keeps_resync_start:
             raise PointError('this volume keeps no history (history = "0")')
         if seq is not None:
             return self.index.by_seq(seq)
@@ -345,7 +355,9 @@ class HistoryLog:
                 )
         else:
             self.shortened = False
-        if index.resyncing:
+        # Points inside a first copy were never whole: their entries are not kept.
+        floor = max(floor, index.unwhole_end())
+        if index.keeps_resync_start:
             floor = min(floor, index.resyncs[-1][0])
         keep = min([floor, *self._pins.values()])
         index.raise_floor(floor, keep)
@@ -398,8 +410,8 @@ class HistoryLog:
             "failed": self.broken,
             "retention_seconds": self.settings.retention,
             "size_cap": self.settings.size_cap,
-            "oldest_seq": oldest.seq,
-            "oldest_time": iso_time(oldest.time_ns),
+            "oldest_seq": oldest.seq if oldest is not None else None,
+            "oldest_time": iso_time(oldest.time_ns) if oldest is not None else None,
             "newest_seq": newest.seq,
             "newest_time": iso_time(newest.time_ns),
             "bytes": self.segments.total,

@@ -25,6 +25,7 @@ __all__ = [
     "HEADER_SIZE",
     "MAGIC",
     "MAX_NAME",
+    "NOT_WHOLE",
     "UNJOURNALED",
     "VERSION",
     "Buffer",
@@ -49,7 +50,9 @@ MAX_NAME: Final = 200
 # a host write while the journal's enqueueing was paused); its ``seq`` is the last journal
 # record applied before it.
 UNJOURNALED: Final = 1
-_KNOWN_FLAGS: Final = UNJOURNALED
+# Flag of a RESYNC_BEGIN: the volume was not consistent when the resync began.
+NOT_WHOLE: Final = 1
+_KNOWN_FLAGS: Final = UNJOURNALED | NOT_WHOLE
 
 _BODY = struct.Struct("<IHHQQQQIIIII")
 _CRC = struct.Struct("<I")
