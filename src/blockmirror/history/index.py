@@ -248,6 +248,8 @@ class HistoryIndex:
     def floor_for_age(self, cutoff_ns: int) -> int:
         """The lowest position whose point is not older than ``cutoff_ns``."""
         j = bisect.bisect_left(self.times, cutoff_ns)
+        if j == 0 and self.time_at(self.base) >= cutoff_ns:
+            return self.base
         return min(self.base + j + 1, self.end)
 
     def raise_floor(self, pos: int, keep: int) -> None:

@@ -166,8 +166,10 @@ class HistoryLog:
     def start(self, applied_seq: int, applied_time: int) -> None:
         """The journal is open: the volume holds every record up to ``applied_seq``."""
         index = self.index
-        if applied_seq != index.last_seq:
-            index.applied(applied_seq, applied_time)
+        if applied_seq != index.last_seq or not index.last_time:
+            # The state history starts from has no change of its own to date it: it is the
+            # volume as of now.
+            index.applied(applied_seq, applied_time or self.clock())
         self.expire()
 
     # --- what is kept ---------------------------------------------------------------------------
