@@ -30,6 +30,12 @@ def _promote(run_control: RunControl) -> Callable[[argparse.Namespace], int]:
         )
         if reply is None:
             return EXIT_FAILURE
+        rolled = reply.get("rolled_back_to")
+        if rolled:
+            print(
+                f"volume {args.volume}: a resync was cut short; the replica was brought back to "
+                f"its consistent point, seq {rolled.get('seq')}"
+            )
         print(
             f"volume {args.volume}: primary now; generation {reply.get('generation')} begins at "
             f"seq {reply.get('start_seq')}{' (forced)' if args.force else ''}"

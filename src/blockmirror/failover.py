@@ -35,6 +35,7 @@ from typing import Any
 from blockmirror import statedir
 from blockmirror.alerts import AlertLog
 from blockmirror.blockdev.journaled import JournalWritePath
+from blockmirror.blockdev.rollback import can_roll_back, roll_back_resync
 from blockmirror.blockdev.service import BlockDevice
 from blockmirror.errors import RoleError
 from blockmirror.journal import generations
@@ -256,6 +257,8 @@ class VolumeRoles:
                         f"volume {self.volume}: its source {self.replica.source_unit} did not "
                         "let go; nothing changed, try again"
                     )
+            # A resync cut short: back to the point before it (docs/history.md).
+            rolled = await roll_back_resync(self.wp)
             # What the replica is now: the source may have begun a resync while we waited.
             journal = self.wp.journal
             state = journal.replica
@@ -288,12 +291,21 @@ class VolumeRoles:
             )
             self.events.alert("forced_promote" if not consistent else "promoted", message)
             self._notify()
-            return {"role": str(self.role), "generation": current.id, "start_seq": start}
+            body: dict[str, Any] = {
+                "role": str(self.role),
+                "generation": current.id,
+                "start_seq": start,
+            }
+            if rolled is not None:
+                body["rolled_back_to"] = {"seq": rolled.seq, "time_ns": rolled.time_ns}
+            return body
 
     def _consistent_or_forced(self, force: bool) -> bool:
         """Whether the replica is consistent now; RoleError if it is not and not forced."""
         state = self.wp.journal.replica
         consistent = state is not None and state.consistent
+        if not consistent and can_roll_back(self.wp):
+            return True  # promote rolls the resync back first
         if not consistent and not force:
             why = (
                 "it has never received from a source"

@@ -72,7 +72,7 @@ class ReplicaApply:
     def end_resync(self) -> None:
         """The resync is done and the replica consistent. Raises OSError."""
         if self.history is not None:
-            self.history.end_resync()
+            self.history.end_resync(self._applier.applied_seq)
             self.history.expire()
 
     async def append_replicated(self, records: Sequence[Record]) -> asyncio.Future[None]:
@@ -163,7 +163,7 @@ class ReplicaApply:
         self._commit_quietly()
         return done
 
-    async def rebase(self, next_seq: int) -> None:
+    async def rebase(self, next_seq: int, *, renumbered: bool = True) -> None:
         """Renumber an emptied journal so records from ``next_seq`` on can follow.
 
         Every journal-mode consumer goes to tracking first (its cursor belongs to the old
@@ -185,7 +185,8 @@ class ReplicaApply:
         lowered = next_seq < journal.next_seq
         journal.rebase(next_seq)
         self._applier.applied_seq = next_seq - 1
-        if self.history is not None:
+        if self.history is not None and renumbered:
+            # (Not after a rolled-back resync: the numbering then continues its own line.)
             self.history.rebase(next_seq)
         if lowered:
             # Records of the old numbering past the end must never be read back as new ones.

@@ -77,6 +77,10 @@ class HistoryIndex:
     last_time: int = 0
     # (begin, end) positions of resyncs; end is None while one runs.
     resyncs: list[tuple[int, int | None]] = field(default_factory=list)
+    # The point at a whole resync's start (its seq and time): a renumbering that skips ahead to
+    # the source's next record comes before the resync's first change, so the entries after
+    # the start cannot say it.
+    resync_points: dict[int, tuple[int, int]] = field(default_factory=dict)
     bookmarks: dict[str, Bookmark] = field(default_factory=dict)
 
     # --- adding ---------------------------------------------------------------------------------
@@ -110,20 +114,33 @@ class HistoryIndex:
         self.last_time = max(time_ns, self.last_time)
 
     def rebase(self, next_seq: int) -> None:
-        """The numbering restarts: later keys sort after every earlier one all the same."""
-        self.epoch += 1
-        self.epoch_seq = next_seq - 1
-        self.last_seq = next_seq - 1
+        """The numbering goes on from ``next_seq``. Going back (another source's line) starts
+        an epoch, so that later keys still sort after every earlier one; skipping ahead (a
+        resync that replaces the records in between) needs nothing."""
+        if next_seq - 1 < self.last_seq:
+            self.epoch += 1
+            self.epoch_seq = next_seq - 1
+            self.last_seq = next_seq - 1
 
-    def begin_resync(self, *, whole: bool = True) -> None:
+    def begin_resync(
+        self, *, whole: bool = True, seq: int | None = None, time_ns: int | None = None
+    ) -> None:
         """A resync starts here. ``whole``: the volume is consistent now (else no point
         before the resync's end is: a first copy, or one after another was interrupted)."""
         if not self.resyncs or self.resyncs[-1][1] is not None:
             self.resyncs.append((self.end if whole else -1, None))
+            if whole:
+                self.resync_points[self.end] = (
+                    self.last_seq if seq is None else seq,
+                    self.last_time if time_ns is None else time_ns,
+                )
 
-    def end_resync(self) -> None:
+    def end_resync(self, seq: int | None = None) -> None:
+        """The resync is done; the volume now holds every record up to ``seq``."""
         if self.resyncs and self.resyncs[-1][1] is None:
             self.resyncs[-1] = (self.resyncs[-1][0], self.end)
+        if seq is not None and seq > self.last_seq:
+            self.last_seq = seq
 
     @property
     def resyncing(self) -> bool:
@@ -170,6 +187,9 @@ class HistoryIndex:
         return self.floor_time
 
     def point(self, pos: int) -> Point:
+        known = self.resync_points.get(pos)
+        if known is not None:
+            return Point(pos, *known)
         return Point(pos, self.seq_at(pos), self.time_at(pos))
 
     def whole(self, pos: int) -> bool:
@@ -242,6 +262,17 @@ class HistoryIndex:
             raise PointError(f"no bookmark {name!r} in this history")
         point = self._check(mark.pos, f"bookmark {name!r}")
         return Point(point.pos, mark.seq, mark.time_ns)
+
+    def truncate(self, pos: int) -> None:
+        """Forget every entry from ``pos`` on: the volume was brought back to that point."""
+        point = self.point(pos)
+        lo = pos - self.base
+        for column in (self.keys, self.times, self.segs, self.offs, self.voffs, self.vlens):
+            del column[lo:]
+        self.last_seq, self.last_time = point.seq, point.time_ns
+        self.bookmarks = {n: m for n, m in self.bookmarks.items() if m.pos <= pos}
+        self.resyncs = [r for r in self.resyncs if r[1] is not None and r[1] <= pos]
+        self.resync_points = {p: v for p, v in self.resync_points.items() if p <= pos}
 
     # --- expiry ---------------------------------------------------------------------------------
 

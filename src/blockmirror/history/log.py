@@ -157,9 +157,9 @@ class HistoryLog:
                 name = self.segments.read(number, off + HEADER_SIZE, h.payload_len)
                 index.bookmark(name.decode("utf-8", "replace"), h.seq, h.timestamp_ns)
             elif kind == HistoryKind.RESYNC_BEGIN:
-                index.begin_resync(whole=not h.flags & NOT_WHOLE)
+                index.begin_resync(whole=not h.flags & NOT_WHOLE, seq=h.seq, time_ns=h.timestamp_ns)
             elif kind == HistoryKind.RESYNC_END:
-                index.end_resync()
+                index.end_resync(h.seq)
             elif kind == HistoryKind.REBASE:
                 index.rebase(h.seq + 1)
 
@@ -279,19 +279,35 @@ class HistoryLog:
         self._append(UndoHeader(HistoryKind.RESYNC_BEGIN, point.seq, point.time_ns, flags=flags))
         self.index.begin_resync(whole=whole)
 
-    def end_resync(self) -> None:
-        """The resync is done: the volume is whole again."""
+    def end_resync(self, seq: int | None = None) -> None:
+        """The resync is done: the volume is whole again, holding every record up to ``seq``."""
         if not self.index.resyncing:
             return
+        self.index.end_resync(seq)
         point = self.index.newest()
         self._append(UndoHeader(HistoryKind.RESYNC_END, point.seq, point.time_ns))
-        self.index.end_resync()
 
     def rebase(self, next_seq: int) -> None:
         """The volume's records are numbered from ``next_seq`` on from now."""
+        if next_seq - 1 >= self.index.last_seq:
+            return  # skipping ahead: the keys stay in order
         point = self.index.newest()
         self._append(UndoHeader(HistoryKind.REBASE, next_seq - 1, point.time_ns))
         self.index.rebase(next_seq)
+
+    def truncate(self, point: Point) -> None:
+        """Blocking: the volume was brought back to ``point`` (a rolled-back resync): every
+        entry after it is dropped, from the index and from the segments, durably. Raises
+        OSError."""
+        index = self.index
+        if point.pos < index.end:
+            seg = index.segs[point.pos - index.base]
+            off = index.offs[point.pos - index.base] & ~1
+            self.segments.cut(seg, off)
+        index.truncate(point.pos)
+        self.captured_seq = point.seq
+        self._append(UndoHeader(HistoryKind.RESYNC_END, point.seq, point.time_ns))
+        self.sync()
 
     def sync(self) -> None:
         """Blocking: make every record appended so far durable. Raises OSError."""

@@ -24,7 +24,16 @@ from blockmirror.history.undo_format import HEADER_SIZE
 from blockmirror.io.fileio import pwritev_all
 from blockmirror.store.base import Store
 
-__all__ = ["COPY_CHUNK", "RestoreResult", "UndoPlan", "apply_undo", "copy_volume", "restore"]
+__all__ = [
+    "COPY_CHUNK",
+    "RestoreResult",
+    "UndoPlan",
+    "apply_undo",
+    "apply_undo_to",
+    "copy_volume",
+    "plan",
+    "restore",
+]
 
 COPY_CHUNK = 8 << 20
 _ZEROS = bytes(COPY_CHUNK)
@@ -85,6 +94,17 @@ def apply_undo(segments: Segments, undo: UndoPlan, fd: int) -> None:
                 pos += n
         else:
             pwritev_all(fd, [segments.read(undo.segs[i], off + HEADER_SIZE, vlen)], voff)
+
+
+def apply_undo_to(segments: Segments, undo: UndoPlan, store: Store) -> None:
+    """Blocking: write the before-images of ``undo`` into ``store`` (the volume itself, when
+    a resync is rolled back), newest first."""
+    for i in range(len(undo) - 1, -1, -1):
+        off, voff, vlen = undo.offs[i], undo.voffs[i], undo.vlens[i]
+        if off & 1:
+            store.write_zeroes(voff, vlen, may_trim=False)
+        else:
+            store.pwrite(voff, segments.read(undo.segs[i], off + HEADER_SIZE, vlen))
 
 
 def _create(path: Path, size: int) -> int:

@@ -186,6 +186,27 @@ class Segments:
         for old in closed:
             os.close(old)
 
+    def cut(self, number: int, size: int) -> None:
+        """Drop everything from byte ``size`` of segment ``number`` on, and every later
+        segment; appends continue at the cut. Raises OSError."""
+        for later in [n for n in self.sizes if n > number]:
+            if later == self.active:
+                with self._lock:
+                    if self._fd >= 0:
+                        self._unsynced.append(self._fd)
+                    self._fd = -1
+                self.active = -1
+            self.delete(later)
+        if number != self.active:
+            with self._lock:
+                if self._fd >= 0:
+                    self._unsynced.append(self._fd)
+                self._fd = -1
+            self.resume(number)
+        self.truncate(number, size)
+        with self._lock:
+            self._dir_dirty = True
+
     def retire_active(self) -> None:
         """Remove the active segment too (nothing in it is needed any more); the next record
         starts a new one. Its descriptor is closed by the next sync. Raises OSError."""
