@@ -160,6 +160,20 @@ def _admin_client(args: argparse.Namespace) -> AdminClient | None:
         return None
 
 
+def _fetch_status_or_say(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The unit's status for a command that shows part of it (None: the error was printed)."""
+    client = _admin_client(args)
+    if client is None:
+        return None
+    try:
+        return fetch_status(client)
+    except urllib.error.HTTPError as exc:
+        print(f"blockmirror: {client.refusal(exc)}", file=sys.stderr)
+    except (OSError, urllib.error.URLError, ValueError, BlockmirrorError) as exc:
+        print(f"cannot reach the unit's admin API at {client.address}: {exc}", file=sys.stderr)
+    return None
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     client = _admin_client(args)
     if client is None:
@@ -466,7 +480,12 @@ def build_parser() -> argparse.ArgumentParser:
     discard.set_defaults(func=cmd_consumer_discard)
 
     add_role_commands(sub, admin_arguments=_admin_arguments, run_control=_run_control)
-    add_history_commands(sub, admin_arguments=_admin_arguments, run_control=_run_control)
+    add_history_commands(
+        sub,
+        admin_arguments=_admin_arguments,
+        run_control=_run_control,
+        fetch_status=_fetch_status_or_say,
+    )
 
     check = sub.add_parser("check-config", help="validate a configuration file")
     check.add_argument("config")

@@ -19,6 +19,7 @@ __all__ = ["add_history_commands"]
 
 EXIT_FAILURE = 1
 RunControl = Callable[..., "dict[str, Any] | None"]
+FetchStatus = Callable[[argparse.Namespace], "dict[str, Any] | None"]
 
 
 def _path(volume: str, action: str) -> str:
@@ -96,6 +97,70 @@ def _restore(run_control: RunControl) -> Callable[[argparse.Namespace], int]:
     return command
 
 
+def _drill(
+    run_control: RunControl, fetch_status: FetchStatus
+) -> Callable[[argparse.Namespace], int]:
+    def command(args: argparse.Namespace) -> int:
+        if args.drill_action == "start":
+            params: dict[str, str | int] = {}
+            if args.seq is not None:
+                params["seq"] = args.seq
+            elif args.at is not None:
+                params["at"] = args.at
+            else:
+                params["bookmark"] = args.bookmark
+            if args.writable:
+                params["writable"] = 1
+            if args.name:
+                params["name"] = args.name
+            reply = run_control(args, _path(args.volume, "drill/start"), params)
+            if reply is None:
+                return EXIT_FAILURE
+            kind = "writable (copy-on-write)" if reply.get("writable") else "read-only"
+            print(reply.get("url"))
+            print(
+                f"drill {reply.get('name')} of {args.volume}: {kind}, seq {reply.get('seq')} "
+                f"({reply.get('time') or 'time unknown'}), started in "
+                f"{reply.get('start_seconds')} s; replication goes on"
+            )
+            return 0
+        if args.drill_action == "stop":
+            params = {"name": args.name} if args.name else {}
+            reply = run_control(args, _path(args.volume, "drill/stop"), params)
+            if reply is None:
+                return EXIT_FAILURE
+            stopped = reply.get("stopped") or []
+            print(f"{args.volume}: stopped {', '.join(stopped) if stopped else 'no drill'}")
+            return 0
+        drills: list[dict[str, Any]] = []
+        if args.volume is not None:
+            reply = run_control(args, _path(args.volume, "drills"))
+            if reply is None:
+                return EXIT_FAILURE
+            drills = [{"volume": args.volume, **d} for d in reply.get("drills") or []]
+        else:
+            status = fetch_status(args)
+            if status is None:
+                return EXIT_FAILURE
+            for vol in status.get("volumes") or []:
+                drills.extend({"volume": vol.get("name"), **d} for d in vol.get("drills") or [])
+        if args.json:
+            print(json.dumps(drills, indent=2))
+            return 0
+        if not drills:
+            print("no drills")
+        for d in drills:
+            print(
+                f"{d.get('volume')}  {d.get('name')}  {d.get('url')}  seq {d.get('seq')}  "
+                f"{'writable' if d.get('writable') else 'read-only'}  "
+                f"{d.get('connections')} connections  "
+                f"{human_size(int(d.get('cow_bytes') or 0))} written"
+            )
+        return 0
+
+    return command
+
+
 def add_point_arguments(parser: argparse.ArgumentParser) -> None:
     """``--at TIME | --seq N | --bookmark NAME``, exactly one."""
     which = parser.add_mutually_exclusive_group(required=True)
@@ -109,6 +174,7 @@ def add_history_commands(
     *,
     admin_arguments: Callable[[argparse.ArgumentParser], None],
     run_control: RunControl,
+    fetch_status: FetchStatus,
 ) -> None:
     """Add ``history``, ``bookmark`` and ``restore`` to the ``blockmirror`` subcommands."""
     history = sub.add_parser("history", help="a volume's restorable points and bookmarks")
@@ -131,3 +197,26 @@ def add_history_commands(
     restore.add_argument("--to", required=True, help="the new image file (on the unit's machine)")
     admin_arguments(restore)
     restore.set_defaults(func=_restore(run_control))
+
+    drill = sub.add_parser("drill", help="serve a past point as an NBD export (a failover test)")
+    actions = drill.add_subparsers(dest="drill_action", required=True, metavar="ACTION")
+    start = actions.add_parser("start", help="start a drill; prints its nbd:// URL")
+    start.add_argument("volume")
+    add_point_arguments(start)
+    start.add_argument(
+        "--writable",
+        action="store_true",
+        help="take writes into a copy-on-write file (never into the volume or its replica)",
+    )
+    start.add_argument("--name", help="the drill's export name (default VOLUME-SEQ)")
+    admin_arguments(start)
+    listing = actions.add_parser("list", help="the drills of every volume (or of one)")
+    listing.add_argument("volume", nargs="?")
+    listing.add_argument("--json", action="store_true")
+    admin_arguments(listing)
+    stop = actions.add_parser("stop", help="stop a drill (or every drill of the volume)")
+    stop.add_argument("volume")
+    stop.add_argument("name", nargs="?")
+    admin_arguments(stop)
+    for parser in (start, listing, stop):
+        parser.set_defaults(func=_drill(run_control, fetch_status))

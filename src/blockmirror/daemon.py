@@ -21,13 +21,14 @@ from typing import Any
 from blockmirror import __version__, statedir
 from blockmirror.admin.api import AdminServer
 from blockmirror.admin.controls import handle as handle_control
-from blockmirror.admin.history_controls import handle_path as handle_history_path
+from blockmirror.admin.history_routes import handle_path as handle_history_path
 from blockmirror.admin.setup import admin_access, unit_token_path
 from blockmirror.blockdev.ackmode import RemoteAck
 from blockmirror.blockdev.journaled import JournalWritePath
 from blockmirror.blockdev.service import BlockDevice
 from blockmirror.blockdev.writepath import DirectWritePath, WritePath
 from blockmirror.config import Config, ReplicationConfig, VolumeConfig
+from blockmirror.drills import VolumeDrills, clear_leftovers
 from blockmirror.errors import BlockmirrorError, JournalError, VolumeError
 from blockmirror.failover import VolumeRoles
 from blockmirror.frontend.nbd_limits import NbdLimits
@@ -89,6 +90,7 @@ class Unit:
         state_dir.mkdir(parents=True, exist_ok=True)
         self._lock(state_dir)
         try:
+            await asyncio.to_thread(clear_leftovers, state_dir)
             for vc in self.config.volumes:
                 self.volumes.append(await self._open_volume(vc, loop))
             for rt in self.volumes:
@@ -246,6 +248,16 @@ class Unit:
         if journal_wp is None and history_log is not None:
             history_log.close()
         rt = VolumeRuntime(vc, volume, export, journal=journal_wp, history=history)
+        if journal_wp is not None and journal_wp.history is not None:
+            rt.drills = VolumeDrills(
+                vc.name,
+                journal_wp.history,
+                volume,
+                state_dir=self.config.unit.state_dir,
+                # A drill is served where the volume is (or only on this machine).
+                host=vc.export.host if vc.export is not None else "127.0.0.1",
+                limits=self.nbd_limits,
+            )
         if problem is not None:
             rt.problem = problem
             rt.enter(VolumeState.FAILED)
@@ -352,6 +364,9 @@ class Unit:
         if self._upkeep is not None:
             self._upkeep.cancel()
             self._upkeep = None
+        for rt in self.volumes:
+            if rt.drills is not None:
+                await rt.drills.stop()
         servers = [rt.server for rt in self.volumes if rt.server is not None]
         for server in servers:
             server.stop_reading()

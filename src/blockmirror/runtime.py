@@ -15,6 +15,7 @@ from blockmirror.blockdev.journaled import JournalWritePath
 from blockmirror.blockdev.service import BlockDevice
 from blockmirror.config import VolumeConfig
 from blockmirror.counters import VolumeCounters
+from blockmirror.drills import VolumeDrills
 from blockmirror.failover import VolumeRoles
 from blockmirror.frontend.nbd_server import NbdServer
 from blockmirror.history.log import HistoryLog, iso_time
@@ -42,6 +43,8 @@ class VolumeRuntime:
     # could not be read. Once the volume runs, its roles own them.
     history: VolumeHistory | None = None
     roles: VolumeRoles | None = None
+    # Past points served as NBD exports (drills.py); None without a history.
+    drills: VolumeDrills | None = None
 
     @property
     def history_log(self) -> HistoryLog | None:
@@ -133,6 +136,7 @@ def volume_status(rt: VolumeRuntime) -> dict[str, Any]:
         "journal": rt.journal.status() if rt.journal is not None else None,
         "history": history_log.status() if history_log is not None else None,
         "consistent_point": _consistent_point(rt, history_log),
+        "drills": rt.drills.status() if rt.drills is not None else [],
         "peers": [sender.status() for sender in rt.senders],
         # A primary has no source: what its receiving side would show says nothing.
         "replica": (

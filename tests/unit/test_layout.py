@@ -57,7 +57,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
     2: ("journal.*", "history.*"),
     3: ("blockdev.*",),
     4: ("link.*", "frontend.*"),
-    5: ("config", "config_table", "config_paths", "admin.*", "offline.*"),
+    5: ("config", "config_table", "config_paths", "admin.*", "offline.*", "drills"),
     6: ("daemon", "failover", "runtime", "split_brain", "history_attach"),
     7: ("cli", "cli_roles", "cli_history", "demo"),
 }

@@ -20,16 +20,18 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, Literal, Protocol
-from urllib.parse import parse_qsl, unquote
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+from urllib.parse import parse_qsl
 
-from blockmirror.errors import AdminError, BlockmirrorError, SizeError
+from blockmirror.errors import AdminError, SizeError
 from blockmirror.history.index import Point, PointError
 from blockmirror.history.log import HistoryLog, iso_time
+
+if TYPE_CHECKING:
+    from blockmirror.drills import VolumeDrills
 from blockmirror.history.restore import restore
 from blockmirror.journal.format import MAX_BOOKMARK
 from blockmirror.store.base import Store
@@ -39,7 +41,6 @@ __all__ = [
     "HistoryControlError",
     "HistoryRequest",
     "handle_history",
-    "handle_path",
     "parse",
     "parse_time",
 ]
@@ -101,6 +102,10 @@ def route(segments: list[str]) -> tuple[str, HistoryAction] | None:
     return None
 
 
+def bad_request(message: str) -> HistoryControlError:
+    return _bad(message)
+
+
 def _bad(message: str) -> HistoryControlError:
     return HistoryControlError(HTTPStatus.BAD_REQUEST, message)
 
@@ -112,17 +117,7 @@ def parse(method: str, volume: str, action: HistoryAction, query: str) -> Histor
     if method not in ("GET", "POST"):
         raise HistoryControlError(HTTPStatus.METHOD_NOT_ALLOWED, f"{action} takes GET or POST")
     allowed = {"history": (), "bookmark": ("name",), "restore": ("seq", "at", "bookmark", "to")}
-    try:
-        pairs = parse_qsl(query, keep_blank_values=True, errors="strict")
-    except (UnicodeDecodeError, ValueError):
-        raise _bad("the query string is malformed") from None
-    params: dict[str, str] = {}
-    for key, value in pairs:
-        if key not in allowed[action]:
-            raise _bad(f"unknown parameter {key!r} (allowed: {', '.join(allowed[action])})")
-        if key in params:
-            raise _bad(f"parameter {key!r} is given twice")
-        params[key] = value
+    params = query_params(query, allowed[action])
     if action == "history":
         return HistoryRequest(volume, action)
     if action == "bookmark":
@@ -133,6 +128,38 @@ def parse(method: str, volume: str, action: HistoryAction, query: str) -> Histor
                 f"(starting with a letter or digit), not {name!r}"
             )
         return HistoryRequest(volume, action, bookmark=name)
+    seq, at_ns, bookmark = point_params(params)
+    to = params.get("to")
+    if not to or not os.path.isabs(to):
+        raise _bad("to must be an absolute path on the unit's machine for the new image")
+    path = Path(to)
+    if path.exists():
+        raise HistoryControlError(
+            HTTPStatus.CONFLICT, f"{path} exists; an image is written only to a new file"
+        )
+    if not path.parent.is_dir():
+        raise _bad(f"{path.parent} is not a directory")
+    return HistoryRequest(volume, action, seq, at_ns, bookmark, path)
+
+
+def query_params(query: str, allowed: tuple[str, ...]) -> dict[str, str]:
+    """The query's parameters, each allowed and given once; raises HistoryControlError."""
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, errors="strict")
+    except (UnicodeDecodeError, ValueError):
+        raise _bad("the query string is malformed") from None
+    params: dict[str, str] = {}
+    for key, value in pairs:
+        if key not in allowed:
+            raise _bad(f"unknown parameter {key!r} (allowed: {', '.join(allowed) or 'none'})")
+        if key in params:
+            raise _bad(f"parameter {key!r} is given twice")
+        params[key] = value
+    return params
+
+
+def point_params(params: dict[str, str]) -> tuple[int | None, int | None, str | None]:
+    """(seq, time in ns, bookmark) from ``seq=``, ``at=`` or ``bookmark=``: exactly one."""
     chosen = [k for k in ("seq", "at", "bookmark") if k in params]
     if len(chosen) != 1:
         raise _bad("give exactly one of seq, at or bookmark")
@@ -146,17 +173,7 @@ def parse(method: str, volume: str, action: HistoryAction, query: str) -> Histor
             at_ns = parse_time(params["at"])
         except ValueError as exc:
             raise _bad(str(exc)) from None
-    to = params.get("to")
-    if not to or not os.path.isabs(to):
-        raise _bad("to must be an absolute path on the unit's machine for the new image")
-    path = Path(to)
-    if path.exists():
-        raise HistoryControlError(
-            HTTPStatus.CONFLICT, f"{path} exists; an image is written only to a new file"
-        )
-    if not path.parent.is_dir():
-        raise _bad(f"{path.parent} is not a directory")
-    return HistoryRequest(volume, action, seq, at_ns, params.get("bookmark"), path)
+    return seq, at_ns, params.get("bookmark")
 
 
 class HistoryVolume(Protocol):
@@ -170,6 +187,9 @@ class HistoryVolume(Protocol):
 
     @property
     def role(self) -> str: ...
+
+    @property
+    def drills(self) -> VolumeDrills | None: ...
 
     async def bookmark(self, name: str) -> int: ...
 
@@ -233,30 +253,3 @@ async def handle_history(rt: HistoryVolume, req: HistoryRequest) -> Reply:
         "undone": result.entries,
         "seconds": round(result.seconds, 3),
     }
-
-
-async def handle_path(
-    runtime: Callable[[str], HistoryVolume], method: str, path: str, query: str
-) -> Reply | None:
-    """Answer ``path`` if it is a history route (None if it is not one of these)."""
-    if not path.startswith(PREFIX):
-        return None
-    try:
-        segments = [unquote(seg, errors="strict") for seg in path[len(PREFIX) :].split("/")]
-    except UnicodeDecodeError:
-        return None
-    found = route(segments)
-    if found is None:
-        return None
-    volume, action = found
-    try:
-        try:
-            rt = runtime(volume)
-        except KeyError:
-            raise HistoryControlError(HTTPStatus.NOT_FOUND, f"no volume named {volume!r}") from None
-        return await handle_history(rt, parse(method, volume, action, query))
-    except HistoryControlError as exc:
-        return exc.status, {"error": exc.message}
-    except (OSError, BlockmirrorError) as exc:
-        log.error("history control %s %s failed: %s", method, path, exc)
-        return HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"the control failed: {exc}"}

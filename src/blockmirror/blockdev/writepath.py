@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from blockmirror.io.syncer import Syncer
-from blockmirror.store.base import MAX_WRITE
+from blockmirror.store.base import MAX_WRITE, Store
 from blockmirror.store.volume import Volume
 
 Buffer = bytes | bytearray | memoryview
@@ -78,7 +78,7 @@ class DirectWritePath:
     acknowledged on every connection, which is what NBD's CAN_MULTI_CONN promises.
     """
 
-    def __init__(self, volume: Volume, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, volume: Volume | Store, loop: asyncio.AbstractEventLoop) -> None:
         self.volume = volume
         self._loop = loop
         self.syncer = Syncer(volume.flush, loop)
@@ -108,7 +108,9 @@ class DirectWritePath:
         return self.syncer.sync()
 
     def can_fast_zero(self) -> bool:
-        return self.volume.can_fast_zero()
+        if isinstance(self.volume, Volume):
+            return self.volume.can_fast_zero()
+        return self.volume.capabilities().fast_zero
 
     def max_write(self) -> int:
         return MAX_WRITE

@@ -91,6 +91,9 @@ class HistoryLog:
         self.damage: str | None = None
         self.broken: str | None = None  # why capturing stopped, until a restart
         self.captured_seq = 0  # the newest journal record with an undo record here
+        # Told of every entry as it is indexed, before its change reaches the volume (drills):
+        # (position, segment, offset, volume offset, length).
+        self.listeners: list[Callable[[int, int, int, int, int], None]] = []
 
     # --- opening --------------------------------------------------------------------------------
 
@@ -250,7 +253,9 @@ class HistoryLog:
                     h = UndoHeader(HistoryKind.UNDO_ZERO, seq, time_ns, at, n, origin, flags)
                     seg, off = self._append(h)
                     off |= 1
-                index.add(seq, time_ns, journaled, seg, off, at, n)
+                pos = index.add(seq, time_ns, journaled, seg, off, at, n)
+                for listener in self.listeners:
+                    listener(pos, seg, off, at, n)
                 at += n
                 size -= n
         if journaled:

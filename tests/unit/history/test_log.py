@@ -250,3 +250,30 @@ def test_give_up_drops_every_point_and_stops_capturing(tmp_path: Path) -> None:
     assert rig.history.segments.numbers() == []
     assert rig.history.status()["failed"]
     rig.volume.close()
+
+
+def test_a_drill_store_reads_the_point_while_the_volume_changes(tmp_path: Path) -> None:
+    from blockmirror.history.drill_store import DrillStore
+
+    rig = Rig(tmp_path)
+    for i in range(30):
+        rig.change("write" if i % 5 else "zero", (i % 7) * 8192, 12288, i + 1)
+    point_seq = 20
+    point = rig.history.find(seq=point_seq)
+    cow = tmp_path / "drill.cow"
+    drill = DrillStore(rig.history, rig.volume, point.pos, cow)
+    drill.build()
+    assert drill.pread(0, SIZE) == rig.snapshots[point_seq]
+    # The volume goes on changing: the drill still reads the point.
+    for i in range(30, 50):
+        rig.change("write", (i % 9) * 4096, 8192, i + 1)
+    assert drill.pread(0, SIZE) == rig.snapshots[point_seq]
+    # Its own writes stay its own.
+    drill.pwrite(4096, b"\xee" * 4096)
+    want = bytearray(rig.snapshots[point_seq])
+    want[4096:8192] = b"\xee" * 4096
+    assert drill.pread(0, SIZE) == bytes(want)
+    assert rig.volume.pread(0, SIZE) == rig.snapshots[rig.seq]
+    drill.close()
+    assert not cow.exists() and drill.entry_added not in rig.history.listeners
+    rig.volume.close()

@@ -1,0 +1,56 @@
+"""Routing of the history and drill controls (:mod:`.history_controls`, :mod:`.drill_controls`)
+ahead of the other controls: a request for one of their paths is answered here."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from http import HTTPStatus
+from urllib.parse import unquote
+
+from blockmirror.admin.drill_controls import drill_route, handle_drill
+from blockmirror.admin.history_controls import (
+    PREFIX,
+    HistoryControlError,
+    HistoryVolume,
+    Reply,
+    handle_history,
+    parse,
+    route,
+)
+from blockmirror.errors import BlockmirrorError
+
+__all__ = ["handle_path"]
+
+log = logging.getLogger(__name__)
+
+
+async def handle_path(
+    runtime: Callable[[str], HistoryVolume], method: str, path: str, query: str
+) -> Reply | None:
+    """Answer ``path`` if it is a history route (None if it is not one of these)."""
+    if not path.startswith(PREFIX):
+        return None
+    try:
+        segments = [unquote(seg, errors="strict") for seg in path[len(PREFIX) :].split("/")]
+    except UnicodeDecodeError:
+        return None
+    drill = drill_route(segments)
+    found = route(segments)
+    if found is None and drill is None:
+        return None
+    volume = drill[0] if drill is not None else found[0] if found is not None else ""
+    try:
+        try:
+            rt = runtime(volume)
+        except KeyError:
+            raise HistoryControlError(HTTPStatus.NOT_FOUND, f"no volume named {volume!r}") from None
+        if drill is not None:
+            return await handle_drill(rt, method, drill[0], drill[1], query)
+        assert found is not None
+        return await handle_history(rt, parse(method, volume, found[1], query))
+    except HistoryControlError as exc:
+        return exc.status, {"error": exc.message}
+    except (OSError, BlockmirrorError) as exc:
+        log.error("history control %s %s failed: %s", method, path, exc)
+        return HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"the control failed: {exc}"}
