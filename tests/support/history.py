@@ -71,7 +71,12 @@ def bookmark(site: Site, name: str) -> int:
 
 
 async def _write_all(
-    site: Site, log: WriteLog, count: int, blocks: int, rng: random.Random, marks: dict[int, str]
+    site: Site,
+    log: WriteLog,
+    count: int,
+    blocks: tuple[int, int],
+    rng: random.Random,
+    marks: dict[int, str],
 ) -> None:
     assert site.unit is not None
     host, port = site.unit.export_address("vol")
@@ -86,7 +91,7 @@ async def _write_all(
                 assert mark_seq == seq, (mark_seq, seq)
                 log.marks.append(Mark(marks[i], mark_seq, len(log.writes)))
             n = rng.randint(1, 4)
-            block = rng.randrange(0, blocks - n)
+            block = rng.randrange(blocks[0], blocks[1] - n)
             submitted = time.time_ns()
             index = len(log.writes)  # across every run appended to this log
             await client.write(block * BLOCK, stamps(log.run_id, index, block, n))
@@ -108,14 +113,17 @@ def logged_workload(
     size: int,
     count: int = 300,
     blocks: int = 512,
+    first_block: int = 0,
     seed: int = 10,
     marks: dict[int, str] | None = None,
     log: WriteLog | None = None,
 ) -> WriteLog:
-    """``count`` logged writes to the site's volume ``vol`` (appended to ``log`` if given)."""
+    """``count`` logged writes to blocks ``first_block`` to ``first_block + blocks`` of the
+    site's volume ``vol`` (appended to ``log`` if given)."""
     rng = random.Random(seed)
     log = log or WriteLog(run_id=rng.getrandbits(32), size=size)
-    asyncio.run(_write_all(site, log, count, blocks, rng, marks or {}))
+    span = (first_block, first_block + blocks)
+    asyncio.run(_write_all(site, log, count, span, rng, marks or {}))
     return log
 
 
