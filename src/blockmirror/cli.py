@@ -161,9 +161,10 @@ def _admin_client(args: argparse.Namespace) -> AdminClient | None:
 
 
 def _fetch_status_or_say(args: argparse.Namespace) -> dict[str, Any] | None:
-    """The unit's status for a command that shows part of it (None: the error was printed)."""
+    """The unit's status (None: the error was printed; no client: ``args.no_client`` set)."""
     client = _admin_client(args)
     if client is None:
+        args.no_client = True
         return None
     try:
         return fetch_status(client)
@@ -175,17 +176,9 @@ def _fetch_status_or_say(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    client = _admin_client(args)
-    if client is None:
-        return EXIT_CONFIG
-    try:
-        status = fetch_status(client)
-    except urllib.error.HTTPError as exc:
-        print(f"blockmirror: {client.refusal(exc)}", file=sys.stderr)
-        return EXIT_FAILURE
-    except (OSError, urllib.error.URLError, ValueError, BlockmirrorError) as exc:
-        print(f"cannot reach the unit's admin API at {client.address}: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+    status = _fetch_status_or_say(args)
+    if status is None:
+        return EXIT_CONFIG if getattr(args, "no_client", False) else EXIT_FAILURE
     if args.json:
         print(json.dumps(status, indent=2))
     else:

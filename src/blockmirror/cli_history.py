@@ -161,6 +161,42 @@ def _drill(
     return command
 
 
+EXIT_DIFFERS = 3
+
+
+def _verify(run_control: RunControl) -> Callable[[argparse.Namespace], int]:
+    def command(args: argparse.Namespace) -> int:
+        params: dict[str, str | int] = {}
+        if args.peer:
+            params["peer"] = args.peer
+        if args.repair:
+            params["repair"] = 1
+        reply = run_control(args, _path(args.volume, "verify"), params, timeout=24 * 3600.0)
+        if reply is None:
+            return EXIT_FAILURE
+        if args.json:
+            print(json.dumps(reply, indent=2))
+        differs = False
+        for peer in reply.get("peers") or []:
+            regions = peer.get("differing") or []
+            differs = differs or bool(regions)
+            if args.json:
+                continue
+            print(
+                f"{args.volume} -> {peer.get('peer')}: {len(regions)} of {peer.get('regions')} "
+                f"regions of {human_size(int(peer.get('region_size') or 0))} differ"
+                + (" (marked for resync)" if peer.get("repaired") else "")
+                + f", {peer.get('seconds')} s"
+            )
+            for region in regions:
+                print(f"  differs: offset {region['offset']} length {region['length']}")
+            for region in peer.get("unsettled") or []:
+                print(f"  kept changing, not compared: offset {region['offset']}")
+        return EXIT_DIFFERS if differs else 0
+
+    return command
+
+
 def add_point_arguments(parser: argparse.ArgumentParser) -> None:
     """``--at TIME | --seq N | --bookmark NAME``, exactly one."""
     which = parser.add_mutually_exclusive_group(required=True)
@@ -197,6 +233,18 @@ def add_history_commands(
     restore.add_argument("--to", required=True, help="the new image file (on the unit's machine)")
     admin_arguments(restore)
     restore.set_defaults(func=_restore(run_control))
+
+    verify = sub.add_parser(
+        "verify", help="compare a volume with its peers' replicas, region by region"
+    )
+    verify.add_argument("volume")
+    verify.add_argument("--peer", help="only this peer (its address as in peers)")
+    verify.add_argument(
+        "--repair", action="store_true", help="mark the regions that differ for resync"
+    )
+    verify.add_argument("--json", action="store_true")
+    admin_arguments(verify)
+    verify.set_defaults(func=_verify(run_control))
 
     drill = sub.add_parser("drill", help="serve a past point as an NBD export (a failover test)")
     actions = drill.add_subparsers(dest="drill_action", required=True, metavar="ACTION")

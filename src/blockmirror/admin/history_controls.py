@@ -1,5 +1,7 @@
 """The admin API's history controls: list points, bookmark, restore (docs/history.md).
 
+(Routed with the drill and verify controls by :mod:`.history_routes`.)
+
 Routes (parameters in the query string; the same token as every control):
 
 - ``GET|POST /api/volumes/{volume}/history``: the restorable range and the bookmarks.

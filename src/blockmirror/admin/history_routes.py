@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from http import HTTPStatus
+from typing import Protocol
 from urllib.parse import unquote
 
 from blockmirror.admin.drill_controls import drill_route, handle_drill
@@ -18,15 +19,21 @@ from blockmirror.admin.history_controls import (
     parse,
     route,
 )
+from blockmirror.admin.verify_controls import VerifiedVolume, handle_verify, is_verify_route
 from blockmirror.errors import BlockmirrorError
 
-__all__ = ["handle_path"]
+__all__ = ["RoutedVolume", "handle_path"]
+
+
+class RoutedVolume(HistoryVolume, VerifiedVolume, Protocol):
+    """What these routes need of a volume."""
+
 
 log = logging.getLogger(__name__)
 
 
 async def handle_path(
-    runtime: Callable[[str], HistoryVolume], method: str, path: str, query: str
+    runtime: Callable[[str], RoutedVolume], method: str, path: str, query: str
 ) -> Reply | None:
     """Answer ``path`` if it is a history route (None if it is not one of these)."""
     if not path.startswith(PREFIX):
@@ -37,14 +44,17 @@ async def handle_path(
         return None
     drill = drill_route(segments)
     found = route(segments)
-    if found is None and drill is None:
+    verify = is_verify_route(segments)
+    if found is None and drill is None and verify is None:
         return None
-    volume = drill[0] if drill is not None else found[0] if found is not None else ""
+    volume = drill[0] if drill is not None else found[0] if found is not None else verify or ""
     try:
         try:
             rt = runtime(volume)
         except KeyError:
             raise HistoryControlError(HTTPStatus.NOT_FOUND, f"no volume named {volume!r}") from None
+        if verify is not None:
+            return await handle_verify(rt, method, volume, query)
         if drill is not None:
             return await handle_drill(rt, method, drill[0], drill[1], query)
         assert found is not None

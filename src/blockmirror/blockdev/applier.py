@@ -53,7 +53,8 @@ class Entry:
     parts of a write. ``may_trim``: a zeroing may deallocate (the host allowed it). ``fua``:
     ``done`` completes only once the change is durable. ``done``: the future the request waits
     on (None: nobody waits). ``journaled``: the change is a journal record (it advances
-    ``applied_seq``). ``outside``: a host write made while enqueueing is paused, which peers
+    ``applied_seq``). ``outside``: a change made outside the journal (a host write while
+    enqueueing is paused, or a region a resync copied here), which peers
     learn of from their dirty maps.
     """
 
@@ -267,6 +268,7 @@ class Applier:
             self.unjournaled_count += 1
             for consumer in self.journal.consumers.values():
                 consumer.generation += 1
+
         if entry.journaled:
             self.applied_seq += 1
             self.applied_event.set()

@@ -153,12 +153,16 @@ class ReplicaApply:
                 journal.switch_to_tracking(consumer)
         journal.mark_dirty_everywhere(offset, length)
         done: asyncio.Future[None] = self._loop.create_future()
+        # Outside the journal, like a host write while enqueueing is paused: a copy to a
+        # relayed peer read before it reaches the replica lacks it, and must not count (its
+        # apply may wait behind a history sync or a thread).
+        self._applier.unjournaled_pending += 1
         if data is None:
             record = Record(kind=Kind.ZERO, offset=offset, length=length)
-            entry = Entry(record, may_trim=True, fua=True, done=done, journaled=False)
+            entry = Entry(record, may_trim=True, fua=True, done=done, journaled=False, outside=True)
         else:
             record = Record(kind=Kind.WRITE, offset=offset, length=length)
-            entry = Entry(record, (data,), fua=True, done=done, journaled=False)
+            entry = Entry(record, (data,), fua=True, done=done, journaled=False, outside=True)
         self._applier.push(entry)
         self._commit_quietly()
         return done

@@ -27,6 +27,8 @@ from blockmirror.link.protocol import (
     Ack,
     AuthClient,
     AuthServer,
+    DigestRequest,
+    Digests,
     Heartbeat,
     Hello,
     Message,
@@ -83,7 +85,9 @@ class Accepts:
         return OutOfOrder(self.code, self.reason.format(name=type(message).__name__))
 
 
-_STREAM_IN: Final = frozenset({Records, SyncStart, SyncData, SyncZero, SyncDone, Heartbeat})
+_STREAM_IN: Final = frozenset(
+    {Records, SyncStart, SyncData, SyncZero, SyncDone, Heartbeat, DigestRequest}
+)
 
 ACCEPTS: Final[dict[End, dict[HandshakeStep, Accepts]]] = {
     End.SECONDARY: {
@@ -104,7 +108,10 @@ ACCEPTS: Final[dict[End, dict[HandshakeStep, Accepts]]] = {
         # the source streams; the sender counts them. The secondary never takes one: its
         # STREAM step answers it bad-frame like any other frame out of place.
         HandshakeStep.STREAM: Accepts(
-            frozenset({Ack, Heartbeat, Regions}), True, None, "unexpected {name} from secondary"
+            frozenset({Ack, Heartbeat, Regions, Digests}),
+            True,
+            None,
+            "unexpected {name} from secondary",
         ),
     },
 }

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Final
 from blockmirror.errors import ProtocolError
 from blockmirror.journal.journal import RecordsGone
 from blockmirror.link.copier import Copier
-from blockmirror.link.protocol import Ack, Heartbeat, encode_raw_records
+from blockmirror.link.protocol import Ack, DigestRequest, Digests, Heartbeat, encode_raw_records
 from blockmirror.link.session import LinkSession, ProgressWatch
 from blockmirror.state import ConsumerMode, LinkPhase
 
@@ -56,6 +56,8 @@ class OutboundStream:
         self.failed: BaseException | None = None
         self.copier = Copier(self)
         self._watch = ProgressWatch(link.timeouts.progress)
+        # DIGEST_REQUESTs waiting for their answer, by request id (online verify).
+        self.digest_waiters: dict[int, asyncio.Future[Digests]] = {}
 
     @property
     def window_full(self) -> bool:
@@ -159,6 +161,10 @@ class OutboundStream:
                 message = await self.link.receive()  # only ACK and HEARTBEAT get through
                 if isinstance(message, Ack):
                     self._on_ack(message)
+                elif isinstance(message, Digests):
+                    waiter = self.digest_waiters.pop(message.request_id, None)
+                    if waiter is not None and not waiter.done():
+                        waiter.set_result(message)
                 elif not isinstance(message, Heartbeat):  # pragma: no cover - the order says
                     raise ProtocolError(f"unexpected {type(message).__name__} from secondary")
         except BaseException as exc:
@@ -181,7 +187,13 @@ class OutboundStream:
             # The secondary holds this copy durably, and every write since it was read is in
             # the stream, unless bits were set behind it (the generation moved): then the
             # region must be copied again, so its bit stays.
-            if consumer.mode == ConsumerMode.JOURNAL and consumer.generation == generation:
+            if (
+                consumer.mode == ConsumerMode.JOURNAL
+                and consumer.generation == generation
+                and not self.wp.unjournaled_pending
+            ):
+                # (With a change outside the journal still on its way to the volume, the copy
+                # may lack it: the bit stays, and the region is copied again.)
                 consumer.dirty.clear(offset, length)
         while self.sent_bytes_at:
             key, cumulative = self.sent_bytes_at[0]
@@ -197,6 +209,24 @@ class OutboundStream:
             and consumer.dirty.is_clean()
         )
         self.progress.set()
+
+    async def request_digests(self, request: DigestRequest, timeout: float) -> Digests:
+        """Send a DIGEST_REQUEST after what was sent so far and wait for its answer. Raises
+        TimeoutError, or ConnectionError when the session ends first."""
+        waiter: asyncio.Future[Digests] = asyncio.get_running_loop().create_future()
+        self.digest_waiters[request.request_id] = waiter
+        self.link.send(request)
+        try:
+            return await asyncio.wait_for(waiter, timeout)
+        finally:
+            self.digest_waiters.pop(request.request_id, None)
+
+    def fail_digest_requests(self) -> None:
+        """The session ended: every request waiting for digests fails. Never raises."""
+        for waiter in self.digest_waiters.values():
+            if not waiter.done():
+                waiter.set_exception(ConnectionError("the link to the peer went down"))
+        self.digest_waiters.clear()
 
     async def heartbeats(self) -> None:
         """Heartbeats while idle, and the no-progress deadline on what is in flight."""

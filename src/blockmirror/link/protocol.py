@@ -59,9 +59,11 @@ from blockmirror.state import Role
 __all__ = [
     "AUTH_NONE",
     "AUTH_PSK",
+    "DIGEST_SIZE",
     "FRAME_HEADER_SIZE",
     "HANDSHAKE_FRAMES",
     "MAGIC",
+    "MAX_DIGESTS",
     "MAX_DIVERGED_FRAMES",
     "MAX_JSON",
     "MAX_PAYLOAD",
@@ -72,6 +74,8 @@ __all__ = [
     "Ack",
     "AuthClient",
     "AuthServer",
+    "DigestRequest",
+    "Digests",
     "FrameType",
     "Heartbeat",
     "Hello",
@@ -125,6 +129,9 @@ class FrameType(enum.IntEnum):
     SYNC_ZERO = 12
     # 13 is the type byte of a sealed record's envelope (session_crypto), never a frame.
     REGIONS = 14
+    # Online verify and checksum sync (issue 10): region digests.
+    DIGEST_REQUEST = 15
+    DIGESTS = 16
 
 
 class RefuseCode(enum.StrEnum):
@@ -186,6 +193,10 @@ _SYNC_DATA = struct.Struct("<QQQ")
 _SYNC_DONE = struct.Struct("<QQ")
 _SYNC_ZERO = struct.Struct("<QQQQ")
 _REGION = struct.Struct("<QQ")
+_DIGEST_REQUEST = struct.Struct("<QQII")  # id, offset, region size, count
+_DIGESTS = struct.Struct("<QQIIQ")  # id, offset, region size, count, applied seq
+DIGEST_SIZE: Final = 16  # BLAKE2b-128 per region
+MAX_DIGESTS: Final = 4096  # regions per request
 assert _SYNC_START.size == 25
 
 MAX_SYNC_DATA: Final = MAX_PAYLOAD - _SYNC_DATA.size
@@ -217,6 +228,8 @@ _LENGTHS: Final[dict[int, tuple[int, int]]] = {
     FrameType.SYNC_DONE: (_SYNC_DONE.size, _SYNC_DONE.size),
     FrameType.SYNC_ZERO: (_SYNC_ZERO.size, _SYNC_ZERO.size),
     FrameType.REGIONS: (_REGION.size, _MAX_REGIONS_PAYLOAD),
+    FrameType.DIGEST_REQUEST: (_DIGEST_REQUEST.size, _DIGEST_REQUEST.size),
+    FrameType.DIGESTS: (_DIGESTS.size + DIGEST_SIZE, _DIGESTS.size + MAX_DIGESTS * DIGEST_SIZE),
 }
 _NAMES: Final = {int(t): t.name for t in FrameType}
 
@@ -414,6 +427,30 @@ class Regions:
     extents: tuple[tuple[int, int], ...]
 
 
+@dataclass(frozen=True, slots=True)
+class DigestRequest:
+    """Source → secondary: the digests of ``count`` regions of ``region`` bytes from
+    ``offset`` (the last one clipped at the end of the volume), taken once every record sent
+    before this frame is applied (online verify, checksum sync)."""
+
+    request_id: int
+    offset: int
+    region: int
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Digests:
+    """Secondary → source: the answer to a DIGEST_REQUEST; ``applied_seq`` is the newest
+    record the replica held when it read them, ``digests`` BLAKE2b-128 of each region."""
+
+    request_id: int
+    offset: int
+    region: int
+    applied_seq: int
+    digests: tuple[bytes, ...]
+
+
 Message: TypeAlias = (
     Hello
     | AuthServer
@@ -428,6 +465,8 @@ Message: TypeAlias = (
     | SyncDone
     | SyncZero
     | Regions
+    | DigestRequest
+    | Digests
 )
 
 
@@ -890,6 +929,31 @@ def _regions_from(payload: memoryview) -> Regions:
     return Regions(tuple(extents))
 
 
+def _digest_request_from(payload: memoryview) -> DigestRequest:
+    request_id, offset, region, count = _DIGEST_REQUEST.unpack(payload)
+    _check_digest_span(offset, region, count)
+    return DigestRequest(request_id, offset, region, count)
+
+
+def _digests_from(payload: memoryview) -> Digests:
+    request_id, offset, region, count, applied = _DIGESTS.unpack_from(payload)
+    _check_digest_span(offset, region, count)
+    body = payload[_DIGESTS.size :]
+    if len(body) != count * DIGEST_SIZE:
+        raise ProtocolError(f"DIGESTS announces {count} digests but carries {len(body)} bytes")
+    digests = tuple(bytes(body[i : i + DIGEST_SIZE]) for i in range(0, len(body), DIGEST_SIZE))
+    return Digests(request_id, offset, region, applied, digests)
+
+
+def _check_digest_span(offset: int, region: int, count: int) -> None:
+    if not 1 <= count <= MAX_DIGESTS:
+        raise ProtocolError(f"{count} regions asked for; 1 to {MAX_DIGESTS} allowed")
+    if region == 0 or region % 512:
+        raise ProtocolError(f"a region of {region} bytes is not a positive multiple of 512")
+    if offset % 512 or offset + region * count > _U64_MAX:
+        raise ProtocolError(f"regions from {offset} ({count} of {region} bytes) are out of range")
+
+
 def _json_decoder(frame_type: int) -> Callable[[memoryview], Message]:
     decode_object = _JSON_DECODERS[frame_type]
 
@@ -909,6 +973,8 @@ _DECODERS: Final[dict[int, Callable[[memoryview], Message]]] = {
     FrameType.SYNC_DONE: _sync_done_from,
     FrameType.SYNC_ZERO: _sync_zero_from,
     FrameType.REGIONS: _regions_from,
+    FrameType.DIGEST_REQUEST: _digest_request_from,
+    FrameType.DIGESTS: _digests_from,
 }
 assert _DECODERS.keys() == _LENGTHS.keys() == set(FrameType)
 
@@ -1155,7 +1221,33 @@ def encode(message: Message) -> list[Buffer]:
             return _fixed_frame(FrameType.SYNC_ZERO, body)
         case Regions():
             return _encode_regions(message)
+        case DigestRequest():
+            body = _pack(
+                _DIGEST_REQUEST, message.request_id, message.offset, message.region, message.count
+            )
+            _as_encodable(_digest_request_from, body)
+            return _fixed_frame(FrameType.DIGEST_REQUEST, body)
+        case Digests():
+            head = _pack(
+                _DIGESTS,
+                message.request_id,
+                message.offset,
+                message.region,
+                len(message.digests),
+                message.applied_seq,
+            )
+            payload = head + b"".join(message.digests)
+            _as_encodable(_digests_from, payload)
+            return [_header(int(FrameType.DIGESTS), len(payload), (payload,)) + payload]
     return _encode_json(message)
+
+
+def _as_encodable(decoder: Callable[[memoryview], Message], payload: bytes) -> None:
+    """Run the decoder's checks on a frame about to be sent (ValueError, as the JSON frames)."""
+    try:
+        decoder(memoryview(payload))
+    except (ProtocolError, struct.error) as exc:
+        raise ValueError(f"cannot encode: {exc}") from None
 
 
 def _encode_regions(message: Regions) -> list[Buffer]:

@@ -28,6 +28,7 @@ from blockmirror.link.protocol import (
     Ack,
     AuthClient,
     AuthServer,
+    DigestRequest,
     Heartbeat,
     Hello,
     Records,
@@ -43,6 +44,7 @@ from blockmirror.link.protocol import (
 from blockmirror.link.replica_runtime import ReplicaRuntime
 from blockmirror.link.session import DEFAULT_TIMEOUTS, LinkRefused, LinkSession, Timeouts
 from blockmirror.link.session_crypto import CHACHA20_POLY1305, Opener, Sealer, derive_keys
+from blockmirror.link.verify import answer_digests
 from blockmirror.state import Consistency, Role, transition
 
 log = logging.getLogger(__name__)
@@ -327,12 +329,23 @@ class ReceiverSession:
                     syncing = False
                     replica.sync_done = (message.lsn, message.as_of_seq)
                     self._check_consistent()
+                elif isinstance(message, DigestRequest):
+                    await self._digests(message)
                 elif isinstance(message, Heartbeat):
                     self.link.send(Heartbeat(time.time_ns(), message.sent_ns))
                 else:  # pragma: no cover - handshake.ACCEPTS lets nothing else through
                     raise self.refuse("bad-frame", f"unexpected {type(message).__name__}")
         finally:
             heartbeat.cancel()
+
+    async def _digests(self, message: DigestRequest) -> None:
+        replica = self.replica
+        assert replica is not None
+        self._check_range(message.offset, 1, f"digest request {message.request_id}")
+        try:
+            self.link.send(await answer_digests(replica.write_path, message))
+        except BlockmirrorError as exc:
+            raise self.refuse("internal", str(exc)) from exc
 
     def _check_range(self, offset: int, length: int, what: str) -> None:
         replica = self.replica

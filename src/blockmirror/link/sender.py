@@ -116,6 +116,8 @@ class PeerSender:
         self._lsn = 0
         self._stopping = False
         self.roles = roles
+        # The connected session (None between sessions): online verify asks through it.
+        self.stream: OutboundStream | None = None
 
     @property
     def consumer(self) -> Consumer:
@@ -132,6 +134,11 @@ class PeerSender:
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def wake(self) -> None:
+        """Look at the consumer again now (its dirty map changed: a repair). Never raises."""
+        if self.stream is not None:
+            self.stream.progress.set()
 
     async def stop(self) -> None:
         self._stopping = True
@@ -436,6 +443,7 @@ class PeerSender:
         stream = OutboundStream(
             self, link, start=consumer.acked_seq + 1, peer_consistent=welcome.consistent
         )
+        self.stream = stream
         # Sending, reading ACKs and heartbeats run side by side; the first to fail ends the
         # session whatever the others are waiting on (a drain towards a peer that stopped
         # reading, say): the idle deadline always applies.
@@ -453,6 +461,8 @@ class PeerSender:
                     raise error
             raise ConnectionError("the session ended")  # pragma: no cover - they run forever
         finally:
+            self.stream = None
+            stream.fail_digest_requests()
             for task in tasks:
                 task.cancel()
             for task in tasks:

@@ -23,9 +23,11 @@ from blockmirror.journal.lineage import Lineage
 from blockmirror.link.protocol import (
     AUTH_NONE,
     AUTH_PSK,
+    DIGEST_SIZE,
     FRAME_HEADER_SIZE,
     HANDSHAKE_FRAMES,
     MAGIC,
+    MAX_DIGESTS,
     MAX_JSON,
     MAX_PAYLOAD,
     MAX_SYNC_DATA,
@@ -33,6 +35,8 @@ from blockmirror.link.protocol import (
     Ack,
     AuthClient,
     AuthServer,
+    DigestRequest,
+    Digests,
     FrameType,
     Heartbeat,
     Hello,
@@ -238,6 +242,24 @@ def records_messages(draw: st.DrawFn) -> Records:
     return Records(tuple(records))
 
 
+@st.composite
+def digest_requests(draw: st.DrawFn) -> DigestRequest:
+    region = draw(st.integers(1, 2048)) * 512
+    count = draw(st.integers(1, MAX_DIGESTS))
+    offset = draw(st.integers(0, (2**64 - 1 - region * count) // 512)) * 512
+    return DigestRequest(draw(U64), offset, region, count)
+
+
+@st.composite
+def digests_messages(draw: st.DrawFn) -> Digests:
+    request = draw(digest_requests())
+    count = draw(st.integers(1, 8))
+    digests = tuple(
+        draw(st.binary(min_size=DIGEST_SIZE, max_size=DIGEST_SIZE)) for _ in range(count)
+    )
+    return Digests(request.request_id, request.offset, request.region, draw(U64), digests)
+
+
 messages: st.SearchStrategy[Message] = st.one_of(
     hellos(),
     st.builds(AuthServer, nonce=TOKEN, proof=TOKEN),
@@ -252,6 +274,8 @@ messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(SyncDone, lsn=U64, as_of_seq=U64),
     st.builds(SyncZero, lsn=U64, offset=U64, length=U64, as_of_seq=U64),
     regions_messages(),
+    digest_requests(),
+    digests_messages(),
 )
 
 # A lineage for the examples below, as a Lineage of unit ``unit`` and as its JSON on the wire.
@@ -310,6 +334,8 @@ def test_frame_types_are_numbered_as_documented() -> None:
         ("SYNC_DONE", 11),
         ("SYNC_ZERO", 12),
         ("REGIONS", 14),
+        ("DIGEST_REQUEST", 15),
+        ("DIGESTS", 16),
     ]
 
 
@@ -1016,3 +1042,14 @@ def test_max_record_must_be_an_integer() -> None:
 
 def test_journal_too_small_is_a_refusal_code() -> None:
     assert str(RefuseCode.JOURNAL_TOO_SMALL) == "journal-too-small"
+
+
+def test_digest_frames_refuse_what_they_cannot_mean() -> None:
+    with pytest.raises(ValueError, match="regions asked for"):
+        encode(DigestRequest(1, 0, 65536, 0))
+    with pytest.raises(ValueError, match="multiple of 512"):
+        encode(DigestRequest(1, 0, 1000, 1))
+    with pytest.raises(ValueError, match="out of range"):
+        encode(DigestRequest(1, 2**64 - 512, 65536, 4))
+    bad = frame(FrameType.DIGESTS, struct.pack("<QQIIQ", 1, 0, 512, 2, 0) + bytes(DIGEST_SIZE))
+    assert_refused(bad, "announces 2 digests")
