@@ -14,6 +14,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Final
 
+from blockmirror.link.checksum_sync import skip_equal_regions
 from blockmirror.link.protocol import SyncData, SyncDone, SyncStart, SyncZero
 from blockmirror.state import ConsumerMode, LinkPhase
 
@@ -70,6 +71,9 @@ class Copier:
             total,
         )
         stream.link.send(SyncStart(sender.next_lsn(), full, total, base))
+        if full:
+            # A full copy to a replica that may hold most of it already (docs/link-protocol.md).
+            await skip_equal_regions(stream)
         if not await self._copy_regions():
             return  # overflowed again mid-copy; the stream starts over from the dirty map
         # A relay vouches for a copy only once its own replica is consistent: until then the

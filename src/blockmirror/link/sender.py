@@ -190,6 +190,7 @@ class PeerSender:
             "dirty_bytes": consumer.dirty.dirty_bytes(),
             "bytes_sent": self.stats.bytes_sent,
             "sync_bytes_sent": self.stats.sync_bytes_sent,
+            "sync_bytes_skipped": self.stats.sync_bytes_skipped,
             "records_sent": self.stats.records_sent,
             "throughput_bytes_per_second": round(self.stats.throughput),
             "consistent": self.stats.consistent,

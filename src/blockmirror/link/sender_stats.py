@@ -18,6 +18,7 @@ class SenderStats:
     bytes_sent: int = 0
     records_sent: int = 0
     sync_bytes_sent: int = 0
+    sync_bytes_skipped: int = 0  # checksum sync: regions the replica already held
     connects: int = 0
     last_error: str | None = None
     # Why the link is not replicating right now (None while it is): the last session's end.

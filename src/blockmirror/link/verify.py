@@ -29,7 +29,16 @@ from blockmirror.store.digests import region_digests
 if TYPE_CHECKING:
     from blockmirror.link.sender import PeerSender
 
-__all__ = ["REGION", "VerifyError", "VerifyResult", "answer_digests", "verify_peer"]
+__all__ = [
+    "BATCH",
+    "REGION",
+    "VerifyError",
+    "VerifyResult",
+    "answer_digests",
+    "next_request_id",
+    "touched_regions",
+    "verify_peer",
+]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +48,10 @@ BATCH = 256  # regions per request (16 MiB)
 RECHECKS = 8
 REPLY_TIMEOUT = 60.0
 _ids = itertools.count(1)
+
+
+def next_request_id() -> int:
+    return next(_ids)
 
 
 class VerifyError(LinkError):
@@ -89,7 +102,9 @@ class VerifyResult:
         }
 
 
-def _touched(wp: JournalWritePath, lo: int, hi: int, offset: int, end: int) -> set[int] | None:
+def touched_regions(
+    wp: JournalWritePath, lo: int, hi: int, offset: int, end: int
+) -> set[int] | None:
     """Indexes of the regions in ``[offset, end)`` that records ``lo+1 .. hi`` wrote; None when
     those records are no longer all in the journal (nothing can be concluded)."""
     if hi <= lo:
@@ -119,12 +134,14 @@ async def _compare(sender: PeerSender, offset: int, count: int, result: VerifyRe
     local = await asyncio.to_thread(region_digests, wp.volume, offset, REGION, count)
     s1 = wp.applied_seq
     remote = await stream.request_digests(
-        DigestRequest(next(_ids), offset, REGION, count), REPLY_TIMEOUT
+        DigestRequest(next_request_id(), offset, REGION, count), REPLY_TIMEOUT
     )
     if len(remote.digests) != len(local):
         raise VerifyError("the peer answered for another number of regions")
     end = min(wp.volume.size, offset + REGION * count)
-    touched = _touched(wp, min(s0, remote.applied_seq), max(s1, remote.applied_seq), offset, end)
+    touched = touched_regions(
+        wp, min(s0, remote.applied_seq), max(s1, remote.applied_seq), offset, end
+    )
     again: list[int] = []
     for i, (mine, theirs) in enumerate(zip(local, remote.digests, strict=True)):
         if mine == theirs:
