@@ -25,9 +25,10 @@ def _path(volume: str, action: str) -> str:
 
 def _promote(run_control: RunControl) -> Callable[[argparse.Namespace], int]:
     def command(args: argparse.Namespace) -> int:
-        reply = run_control(
-            args, _path(args.volume, "promote"), {"force": 1} if args.force else None
-        )
+        params: dict[str, str | int] = {"force": 1} if args.force else {}
+        if args.apply_delayed or args.discard_delayed:
+            params["delayed"] = "apply" if args.apply_delayed else "discard"
+        reply = run_control(args, _path(args.volume, "promote"), params)
         if reply is None:
             return EXIT_FAILURE
         rolled = reply.get("rolled_back_to")
@@ -103,6 +104,17 @@ def add_role_commands(
         "--force",
         action="store_true",
         help="promote although the replica is not consistent or a source is connected",
+    )
+    delayed = promote.add_mutually_exclusive_group()
+    delayed.add_argument(
+        "--apply-delayed",
+        action="store_true",
+        help="with replay_delay: apply the records still held back, then promote",
+    )
+    delayed.add_argument(
+        "--discard-delayed",
+        action="store_true",
+        help="with replay_delay: give up the records held back; serve the replica as it is",
     )
     admin_arguments(promote)
     promote.set_defaults(func=_promote(run_control))

@@ -112,6 +112,8 @@ class VolumeConfig:
     # none), and the most space its segments may take in state_dir (None: the volume's size).
     history: float = 0.0
     history_size: int | None = None
+    # On a secondary: how long received records wait before they reach the replica.
+    replay_delay: float = 0.0
 
     @property
     def history_cap(self) -> int:
@@ -151,7 +153,7 @@ _REPLICATION_KEYS = ("listen", "psk_file", "tls_cert", "tls_key", "tls_ca")
 _VOLUME_KEYS = (
     "name", "role", "path", "offset", "size", "export", "read_only", "journal", "journal_size",
     "journal_high_water", "overflow", "ack", "ack_timeout", "peers", "description",
-    "psk_file", "tls_peers", "history", "history_size",
+    "psk_file", "tls_peers", "history", "history_size", "replay_delay",
 )  # fmt: skip
 _ROLES: dict[str, Role] = {"primary": "primary", "secondary": "secondary"}
 _OVERFLOWS: dict[str, Overflow] = {"track": "track", "block": "block"}
@@ -215,6 +217,7 @@ def _parse_volume(
     tls_peers = _parse_names(t, "tls_peers")
     history = t.duration("history")
     history_size = t.size("history_size")
+    replay_delay = t.duration("replay_delay")
 
     if offset is not None and offset % SECTOR:
         t.fail("offset", f"{offset} is not a multiple of {SECTOR} bytes")
@@ -233,6 +236,8 @@ def _parse_volume(
         t.fail("ack_timeout", f"{ack_timeout} must be a positive number of seconds")
     if history_size is not None and history_size < MIN_HISTORY_SIZE:
         t.fail("history_size", f"{format_size(history_size)} is below the minimum of 4 MiB")
+    if replay_delay and journal is False:
+        t.fail("replay_delay", "needs the journal (journal = false): delayed records wait there")
     if history and journal is False:
         t.fail("history", "needs the journal (journal = false): history is kept as it applies")
     if role == "primary" and export is None and "export" not in t.bad:
@@ -263,6 +268,7 @@ def _parse_volume(
         tls_peers=tls_peers,
         history=history or 0.0,
         history_size=history_size,
+        replay_delay=replay_delay or 0.0,
     )
     return _Volume(label, config, t.bad)
 

@@ -170,7 +170,7 @@ class Unit:
                     volume_name=vc.name,
                     origin=origin_id(self.config.unit.name),
                     replayer=(
-                        functools.partial(replay_capturing, history_log)
+                        functools.partial(replay_capturing, history_log, delay=vc.replay_delay)
                         if history_log is not None
                         else None
                     ),
@@ -219,6 +219,10 @@ class Unit:
                     journal_wp.remote_ack = remote
                 if history_log is not None:
                     await attach_history(history_log, journal_wp)
+                delay = journal_wp.replica.delay
+                delay.seconds = vc.replay_delay
+                delay.on_shortened = functools.partial(journal_wp.alert, "replay_delay_shortened")
+                journal_wp.replica.hold_unapplied()
                 journal_wp.start()
                 write_path = journal_wp
         history: VolumeHistory | None = None

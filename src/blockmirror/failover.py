@@ -35,7 +35,7 @@ from typing import Any
 from blockmirror import statedir
 from blockmirror.alerts import AlertLog
 from blockmirror.blockdev.journaled import JournalWritePath
-from blockmirror.blockdev.rollback import can_roll_back, roll_back_resync
+from blockmirror.blockdev.rollback import can_roll_back, roll_back_resync, settle_delayed
 from blockmirror.blockdev.service import BlockDevice
 from blockmirror.errors import RoleError
 from blockmirror.journal import generations
@@ -235,7 +235,7 @@ class VolumeRoles:
 
     # --- operator actions ----------------------------------------------------------------------
 
-    async def promote(self, *, force: bool) -> dict[str, Any]:
+    async def promote(self, *, force: bool, delayed: str = "") -> dict[str, Any]:
         async with self._lock:
             if self.role is Role.PRIMARY:
                 raise RoleError(f"volume {self.volume} is already primary")
@@ -257,8 +257,10 @@ class VolumeRoles:
                         f"volume {self.volume}: its source {self.replica.source_unit} did not "
                         "let go; nothing changed, try again"
                     )
-            # A resync cut short: back to the point before it (docs/history.md).
+            # A resync cut short: back to the point before it (docs/history.md); records held
+            # by replay_delay applied or given up, as the operator said.
             rolled = await roll_back_resync(self.wp)
+            settled = await settle_delayed(self.wp, delayed)
             # What the replica is now: the source may have begun a resync while we waited.
             journal = self.wp.journal
             state = journal.replica
@@ -298,7 +300,7 @@ class VolumeRoles:
             }
             if rolled is not None:
                 body["rolled_back_to"] = {"seq": rolled.seq, "time_ns": rolled.time_ns}
-            return body
+            return body | (settled or {})
 
     def _consistent_or_forced(self, force: bool) -> bool:
         """Whether the replica is consistent now; RoleError if it is not and not forced."""

@@ -100,7 +100,7 @@ class RoleControls(Protocol):
     """A volume's role changes (:class:`blockmirror.failover.VolumeRoles`); each raises
     :class:`~blockmirror.errors.RoleError` when it cannot be made now."""
 
-    async def promote(self, *, force: bool) -> dict[str, Any]: ...
+    async def promote(self, *, force: bool, delayed: str = "") -> dict[str, Any]: ...
 
     async def demote(self, *, timeout: float) -> dict[str, Any]: ...
 
@@ -153,6 +153,7 @@ class ControlRequest:
     force: bool = False
     discard_local: bool = False
     timeout: float | None = None
+    delayed: str = ""  # promote: "apply" or "discard" the records replay_delay holds
 
 
 def is_control_path(path: str) -> bool:
@@ -255,7 +256,11 @@ def _flag(params: dict[str, str], key: str) -> bool:
 
 
 def _role_request(volume: str, action: Action, query: str) -> ControlRequest:
-    allowed = {"promote": ("force",), "demote": ("timeout",), "resolve": ("discard_local",)}
+    allowed = {
+        "promote": ("force", "delayed"),
+        "demote": ("timeout",),
+        "resolve": ("discard_local",),
+    }
     params = _params(query, allowed[action])
     timeout = None
     if "timeout" in params:
@@ -272,7 +277,17 @@ def _role_request(volume: str, action: Action, query: str) -> ControlRequest:
         force=_flag(params, "force"),
         discard_local=_flag(params, "discard_local"),
         timeout=timeout,
+        delayed=_delayed(params),
     )
+
+
+def _delayed(params: dict[str, str]) -> str:
+    value = params.get("delayed", "")
+    if value not in ("", "apply", "discard"):
+        raise ControlError(
+            HTTPStatus.BAD_REQUEST, f"parameter 'delayed' is apply or discard, not {value!r}"
+        )
+    return value
 
 
 async def _execute_role(rt: ControlledVolume, req: ControlRequest) -> Reply:
@@ -286,7 +301,7 @@ async def _execute_role(rt: ControlledVolume, req: ControlRequest) -> Reply:
         raise ControlError(HTTPStatus.SERVICE_UNAVAILABLE, "the unit is stopping")
     try:
         if req.action == "promote":
-            body = await roles.promote(force=req.force)
+            body = await roles.promote(force=req.force, delayed=req.delayed)
         elif req.action == "demote":
             body = await roles.demote(timeout=60.0 if req.timeout is None else req.timeout)
         else:

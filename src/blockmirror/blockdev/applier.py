@@ -66,6 +66,7 @@ class Entry:
     journaled: bool = True
     outside: bool = False
     captured: bool = False  # its before-image is in the history (docs/history.md)
+    from_ring: bool = False  # a delayed record: its payload is read back from the journal
 
 
 class Applier:
@@ -98,8 +99,9 @@ class Applier:
         self.queued_index = 0
         self._gated_index = 0  # queued_index when the last gate was asked for
         self._gates: deque[tuple[int, asyncio.Future[None]]] = deque()
-        # Every journal record up to this one is in the volume (its page cache).
-        self.applied_seq = journal.next_seq - 1
+        # Every journal record up to this one is in the volume (its page cache): all of them
+        # after the start-up replay, but a lagged replica's (replay_delay) newest wait.
+        self.applied_seq = journal.applied_seq
         # Set whenever records reach the volume: senders wait on it for more to stream.
         self.applied_event = asyncio.Event()
         # Writes made outside the journal that reached the volume so far (a resync compares it
@@ -168,7 +170,9 @@ class Applier:
                         functools.partial(self._capture_and_apply, entry), then=self._applied_one
                     )
                     return
-            if kind in _RANGE_KINDS and not self.volume.capabilities().fast_zero:
+            if entry.from_ring or (
+                kind in _RANGE_KINDS and not self.volume.capabilities().fast_zero
+            ):
                 self._block_on(functools.partial(self._apply, entry), then=self._applied_one)
                 return
             try:
@@ -247,7 +251,9 @@ class Applier:
     def _apply(self, entry: Entry) -> None:
         """Write one change to the volume. Raises OSError (errno) or the volume's VolumeError."""
         rec = entry.record
-        if rec.kind == Kind.WRITE:
+        if entry.from_ring:
+            self.journal.apply_from_ring(rec)
+        elif rec.kind == Kind.WRITE:
             if len(entry.data) == 1:
                 self.volume.pwrite(rec.offset, entry.data[0])
             else:
@@ -275,8 +281,9 @@ class Applier:
             history = self.history
             if history is not None:
                 rec = entry.record
-                if rec.kind == Kind.BOOKMARK and entry.data:
-                    name = bytes(entry.data[0]).decode("utf-8", "replace")
+                if rec.kind == Kind.BOOKMARK and (entry.data or entry.from_ring):
+                    raw = entry.data[0] if entry.data else self.journal.read_payload(rec)
+                    name = bytes(raw).decode("utf-8", "replace")
                     try:
                         history.bookmark(name, self.applied_seq, rec.timestamp_ns, rec.origin)
                     except OSError as exc:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from blockmirror.blockdev.applier import Applier, Entry
 from blockmirror.blockdev.checkpointer import Checkpointer
 from blockmirror.blockdev.durability import Durability, Failure
+from blockmirror.blockdev.replay_delay import ReplayDelay
 from blockmirror.errors import JournalError
 from blockmirror.history.log import HistoryLog
 from blockmirror.journal.format import EXTENT_KINDS, PAYLOAD_KINDS, Buffer, Kind
@@ -61,16 +62,23 @@ class ReplicaApply:
         self._commit = commit
         self._commit_quietly = commit_quietly
         self.history: HistoryLog | None = None
+        # replay_delay (docs/operations.md, "A lagged replica"): records held back from the
+        # replica, durable in the journal meanwhile.
+        self.delay = ReplayDelay(applier, loop, commit_quietly)
+        self._resyncing = False
 
     def begin_resync(self, *, whole: bool) -> None:
         """A resync is about to overwrite regions. ``whole``: the replica is consistent now,
         so its history keeps this point until the resync ends (docs/history.md). Raises
         OSError (the history's storage)."""
+        self._resyncing = True
+        self.delay.release_all()
         if self.history is not None:
             self.history.begin_resync(whole=whole)
 
     def end_resync(self) -> None:
         """The resync is done and the replica consistent. Raises OSError."""
+        self._resyncing = False
         if self.history is not None:
             self.history.end_resync(self._applier.applied_seq)
             self.history.expire()
@@ -106,14 +114,30 @@ class ReplicaApply:
                 timestamp_ns=record.timestamp_ns,
                 origin=record.origin,
             )
-            applier.push(Entry(placed, data, kind != Kind.WRITE))
+            if self.delay.held or (self.delay.seconds > 0 and not self._resyncing):
+                # Held without its data (read back from the ring when due): a delay of
+                # minutes must not keep minutes of writes in memory.
+                self.delay.hold(Entry(placed, (), kind != Kind.WRITE, from_ring=True))
+            else:
+                applier.push(Entry(placed, data, kind != Kind.WRITE))
         self._checkpointer.appended()
         self._commit_quietly()
         done: asyncio.Future[None] = self._loop.create_future()
         self._durability.then([done], volume_upto=None)
         return done
 
+    def hold_unapplied(self) -> None:
+        """At start: the journal's records the start-up replay left for later (not due yet
+        under replay_delay) are held again, in order."""
+        for rec in self.journal.records:
+            if rec.seq > self._applier.applied_seq:
+                self.delay.hold(Entry(rec, (), rec.kind != Kind.WRITE, from_ring=True))
+
     async def _free_space(self) -> None:
+        if self.delay.held:
+            # The journal holds the delayed records and nothing else can free it: apply the
+            # oldest now rather than stop the link (the delay is shortened, and said so).
+            self.delay.release_early()
         applier = self._applier
         if applier.stalled is not None:
             # Nothing frees while the replica cannot be written: hold the link until it can.
@@ -145,6 +169,8 @@ class ReplicaApply:
         Raises the write path's failure.
         """
         self._failure.check()
+        # A resync overwrites regions in the stream's order: nothing may stay held behind it.
+        self.delay.release_all()
         journal = self.journal
         for consumer in journal.consumers.values():
             if consumer.mode == ConsumerMode.JOURNAL:

@@ -1,4 +1,4 @@
-"""Bringing a replica back to its consistent point when a resync cannot finish.
+"""What promote does to a replica first: a cut-short resync rolled back, delayed records settled.
 
 A resync overwrites regions out of order, so until it is done the replica is a mix of old and
 new regions. Its history keeps the before-image of everything the resync (and the records in
@@ -14,10 +14,11 @@ import dataclasses
 import logging
 
 from blockmirror.blockdev.journaled import JournalWritePath
+from blockmirror.errors import RoleError
 from blockmirror.history.index import Point
 from blockmirror.history.restore import apply_undo_to, plan
 
-__all__ = ["can_roll_back", "roll_back_resync"]
+__all__ = ["can_roll_back", "roll_back_resync", "settle_delayed"]
 
 log = logging.getLogger(__name__)
 
@@ -70,3 +71,35 @@ async def roll_back_resync(wp: JournalWritePath) -> Point | None:
         len(undo),
     )
     return point
+
+
+async def settle_delayed(wp: JournalWritePath, choice: str) -> dict[str, int] | None:
+    """Before a lagged replica (replay_delay) is promoted: apply its held records (``choice``
+    ``"apply"``) or give them up (``"discard"``: they are cut from the journal, and the replica
+    is served as it is). None when nothing is held. Raises RoleError when records are held and
+    no choice was made, OSError when the journal cannot be written."""
+    delay = wp.replica.delay
+    if not delay.held:
+        return None
+    held = delay.status()
+    if choice not in ("apply", "discard"):
+        raise RoleError(
+            f"{len(delay.held)} records (seq {held['delayed_from_seq']} to "
+            f"{held['delayed_to_seq']}) are held back by replay_delay: promote "
+            "--apply-delayed to apply them first, or --discard-delayed to serve the replica "
+            "as it is and give them up"
+        )
+    count = len(delay.held)
+    if choice == "apply":
+        delay.release_all()
+        gate = wp.commit()
+        if gate is not None:
+            await gate
+        return {"delayed_applied": count}
+    delay.discard()
+    journal = wp.journal
+    journal.discard_after(wp.applied_seq)
+    await asyncio.to_thread(journal.erase_renumbered)
+    await wp.checkpoint()
+    log.warning("%s: %d delayed records given up at promote", journal.path.name, count)
+    return {"delayed_discarded": count}

@@ -12,6 +12,7 @@ applier (``blockdev/applier.py``) forms its groups with the same :class:`Disjoin
 from __future__ import annotations
 
 import bisect
+import time
 from collections.abc import Sequence
 
 from blockmirror.history.log import HistoryLog
@@ -68,13 +69,23 @@ def capture_record(
         )
 
 
-def replay_capturing(history: HistoryLog, journal: Journal, records: Sequence[Record]) -> None:
-    """Replay ``records`` (live in the journal's ring) into its volume, keeping before-images.
+def replay_capturing(
+    history: HistoryLog, journal: Journal, records: Sequence[Record], *, delay: float = 0.0
+) -> int:
+    """Replay ``records`` (live in the journal's ring) into its volume, keeping before-images;
+    returns the newest record applied.
 
     A record already captured before the restart (``seq`` up to the history's newest) is
     applied again without a new capture: the volume may hold it already, and its before-image
-    was taken before that. Blocking; raises OSError.
+    was taken before that. On a replica with ``replay_delay`` (``delay`` seconds), records
+    younger than the delay are left for the write path to apply when due. Blocking; raises
+    OSError.
     """
+    if delay > 0 and journal.replica is not None:
+        due = time.time_ns() - int(delay * 1e9)
+        # Up to the first one not due yet: order is never broken.
+        cut = next((i for i, rec in enumerate(records) if rec.timestamp_ns > due), len(records))
+        records = records[:cut]
     group: list[Record] = []
     ranges = DisjointRanges()
     pending = 0
@@ -109,3 +120,4 @@ def replay_capturing(history: HistoryLog, journal: Journal, records: Sequence[Re
         group.append(rec)
     apply_group()
     history.sync()
+    return records[-1].seq if records else journal.applied_seq

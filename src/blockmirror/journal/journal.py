@@ -262,6 +262,30 @@ class Journal(RingLog):
             consumer.set_mode(ConsumerMode.TRACKING)
             consumer.acked_seq = next_seq - 1
 
+    def discard_after(self, seq: int) -> int:
+        """Drop the records after ``seq`` that never reached the volume (a replica's delayed
+        records given up at promote): the log ends after ``seq`` from now on. Returns how many
+        were dropped. The caller erases their headers (:meth:`erase_renumbered`, in a thread)
+        and writes a checkpoint before anything new is appended. Raises JournalError while a
+        batch is staged or when ``seq`` is before the volume's newest record."""
+        if self._batch:
+            raise JournalError("cannot cut the log while a batch is staged")
+        if seq < self.applied_seq:
+            raise JournalError(f"records up to {self.applied_seq} are in the volume already")
+        dropped = 0
+        while self.records and self.records[-1].seq > seq:
+            self.tail_lpos = self.records.pop().lpos
+            dropped += 1
+        self.next_seq = seq + 1
+        self.written_seq = min(self.written_seq, seq)
+        self.durable_seq = min(self.durable_seq, seq)
+        if self.records:
+            newest = self.records[-1]
+            self.last_stamp = (newest.seq, newest.timestamp_ns)
+        for consumer in self.consumers.values():
+            consumer.acked_seq = min(consumer.acked_seq, seq)
+        return dropped
+
     def erase_renumbered(self) -> None:
         """After a :meth:`rebase` to a lower number: zero the headers past the log's end that
         carry numbers it will reuse, and sync (blocking; run it in a thread).

@@ -48,8 +48,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Applies a journal's tail of live records to its volume, in order (blocking; OSError).
-Replayer = Callable[["Journal", "list[Record]"], None]
+# Applies a journal's tail of live records to its volume, in order (blocking; OSError);
+# returns the newest record applied (a lagged replica leaves its newest for later).
+Replayer = Callable[["Journal", "list[Record]"], int]
 
 
 class VolumeIdentityError(JournalError):
@@ -145,7 +146,7 @@ def open_journal(
         )
         journal.needs_full_resync = False
         try:
-            journal.write_checkpoint_now(clean=False)
+            journal.write_checkpoint_now(clean=False, applied_seq=journal.applied_seq)
             if volume.sync_error is not None:
                 # Not served on a disk that already fails its syncs; the checkpoint just
                 # written keeps every record for the next start to replay.
@@ -310,10 +311,11 @@ def replay(journal: Journal, replayer: Replayer | None = None) -> int:
     at = journal.applied_seq
     try:
         todo = [rec for rec in journal.records if rec.seq > journal.applied_seq]
+        newest = journal.next_seq - 1
         if replayer is not None and todo:
             at = todo[0].seq
-            replayer(journal, todo)
-            count = len(todo)
+            newest = replayer(journal, todo)
+            count = sum(1 for rec in todo if rec.seq <= newest)
         for rec in todo if replayer is None else ():
             at = rec.seq
             journal.apply_from_ring(rec)
@@ -326,5 +328,5 @@ def replay(journal: Journal, replayer: Replayer | None = None) -> int:
             f"record {at}: {exc.strerror or exc}; the journal keeps every record, fix the "
             "volume's storage (free space, a failing disk) and start again"
         ) from exc
-    journal.applied_seq = journal.next_seq - 1
+    journal.applied_seq = newest
     return count

@@ -135,6 +135,7 @@ class ReplicaRuntime:
             "records_received": self.records_received,
             "connected": self.source is not None,
             "last_refusal": self.last_refusal,
+            **self.write_path.replica.delay.status(),
         }
 
 

@@ -190,9 +190,11 @@ def _rewrite(old: Journal, ring: Ring, old_size: int, new_size: int) -> ResizeRe
                 new.write_batch()
                 pending = 0
         assert new.next_seq == old.next_seq
-        new.applied_seq = new.volume_durable_seq = old.next_seq - 1
+        # The volume holds what the old journal says it holds (a lagged replica's delayed
+        # records are still to be applied).
+        new.applied_seq = new.volume_durable_seq = old.applied_seq
         # Syncs the ring, the volume and the dirty maps, then writes a clean checkpoint.
-        new.write_checkpoint_now(clean=True)
+        new.write_checkpoint_now(clean=True, applied_seq=old.applied_seq)
         file.flush()
         os.replace(tmp, old.path)
         renamed = True

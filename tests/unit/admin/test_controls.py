@@ -84,7 +84,7 @@ class FakeRoles:
             raise RoleError(self.refuse)
         return {"role": "primary" if action == "promote" else "secondary"}
 
-    async def promote(self, *, force: bool) -> dict[str, Any]:
+    async def promote(self, *, force: bool, delayed: str = "") -> dict[str, Any]:
         return self._answer("promote", force)
 
     async def demote(self, *, timeout: float) -> dict[str, Any]:
