@@ -75,15 +75,18 @@ def _bookmark(run_control: RunControl) -> Callable[[argparse.Namespace], int]:
     return command
 
 
+def _point_query(args: argparse.Namespace) -> dict[str, str | int]:
+    """The query parameter of ``--seq``, ``--at`` or ``--bookmark`` (exactly one is given)."""
+    if args.seq is not None:
+        return {"seq": args.seq}
+    if args.at is not None:
+        return {"at": args.at}
+    return {"bookmark": args.bookmark}
+
+
 def _restore(run_control: RunControl) -> Callable[[argparse.Namespace], int]:
     def command(args: argparse.Namespace) -> int:
-        params: dict[str, str | int] = {"to": os.path.abspath(args.to)}
-        if args.seq is not None:
-            params["seq"] = args.seq
-        elif args.at is not None:
-            params["at"] = args.at
-        else:
-            params["bookmark"] = args.bookmark
+        params = _point_query(args) | {"to": os.path.abspath(args.to)}
         reply = run_control(args, _path(args.volume, "restore"), params, timeout=24 * 3600.0)
         if reply is None:
             return EXIT_FAILURE
@@ -102,13 +105,7 @@ def _drill(
 ) -> Callable[[argparse.Namespace], int]:
     def command(args: argparse.Namespace) -> int:
         if args.drill_action == "start":
-            params: dict[str, str | int] = {}
-            if args.seq is not None:
-                params["seq"] = args.seq
-            elif args.at is not None:
-                params["at"] = args.at
-            else:
-                params["bookmark"] = args.bookmark
+            params = _point_query(args)
             if args.writable:
                 params["writable"] = 1
             if args.name:

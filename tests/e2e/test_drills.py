@@ -17,12 +17,11 @@ import pytest
 from tests.e2e.conftest import BlockStack, run
 from tests.e2e.test_replica_filesystem import verify_tree, write_tree
 from tests.support.failover import cli
-from tests.support.history import WriteLog, bookmark, logged_workload, restore
+from tests.support.history import WriteLog, bookmark, history_pair, logged_workload, restore
 from tests.support.pair import (
     MiB,
     Site,
     file_hash,
-    peer_address,
     qemu_img_compare,
     topology,
     wait_caught_up,
@@ -51,13 +50,7 @@ def test_read_only_drill_is_the_restored_point_while_writes_go_on(tmp_path: Path
     require_commands("qemu-img")
     size = 16 * MiB
     with topology(tmp_path) as topo:
-        b = topo.add_secondary(
-            "site-b", volumes={"vol": size}, volume_extra={"vol": {"history": "1h"}}
-        )
-        a = topo.add_primary("site-a", peers=[peer_address(b)], size=size, extra={"history": "1h"})
-        b.start()
-        a.start()
-        wait_caught_up(a, b)
+        a, b = history_pair(topo, size)
         log = logged_workload(a, size=size, count=200, blocks=2048)
         wait_caught_up(a, b)
         seq = log.writes[79].seq
@@ -90,16 +83,11 @@ def test_writable_drill_takes_ext4_and_leaves_volume_and_replica_alone(
     size = 128 * MiB
     fs_size = 96 * MiB
     with topology(tmp_path) as topo:
-        b = topo.add_secondary(
-            "site-b", volumes={"vol": size}, volume_extra={"vol": {"history": "1h"}}
-        )
-        a = topo.add_primary("site-a", peers=[peer_address(b)], size=size, extra={"history": "1h"})
-        b.start()
-        primary = a.start()
-        wait_caught_up(a, b)
+        a, b = history_pair(topo, size)
         # The host: ext4 on the first 96 MiB of the volume.
         host_fs = tmp_path / "host-fs"
-        loop = block_stack.attach(primary.export_url("vol"))
+        assert a.unit is not None
+        loop = block_stack.attach(a.unit.export_url("vol"))
         run(["mkfs.ext4", "-q", "-F", loop, str(fs_size // 1024)], check=True)
         block_stack.mount(loop, host_fs)
         sums = write_tree(host_fs, seed=3)

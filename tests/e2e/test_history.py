@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.failover import cli
-from tests.support.history import WriteLog, history, logged_workload, restore
+from tests.support.history import WriteLog, history, history_pair, logged_workload, restore
 from tests.support.pair import MiB, peer_address, topology, wait_caught_up, wait_status
 
 pytestmark = pytest.mark.e2e
@@ -41,13 +41,7 @@ def _check(image: Path, log: WriteLog, k: int, what: str) -> None:
 
 def test_random_points_restore_exactly_on_primary_and_replica(tmp_path: Path) -> None:
     with topology(tmp_path) as topo:
-        b = topo.add_secondary(
-            "site-b", volumes={"vol": SIZE}, volume_extra={"vol": {"history": "1h"}}
-        )
-        a = topo.add_primary("site-a", peers=[peer_address(b)], size=SIZE, extra={"history": "1h"})
-        b.start()
-        a.start()
-        wait_caught_up(a, b)
+        a, b = history_pair(topo, SIZE)
         log = logged_workload(a, size=SIZE, count=300, marks={90: "before-upgrade", 210: "ckpt"})
         wait_caught_up(a, b)
         for site in (a, b):
@@ -92,6 +86,9 @@ def test_random_points_restore_exactly_on_primary_and_replica(tmp_path: Path) ->
             _check(out, log, k, f"cli {args}")
         proc = cli("history", "vol", "--config", str(a.config))
         assert proc.returncode == 0 and "bookmark ckpt" in proc.stdout, proc.stdout + proc.stderr
+        proc = cli("status", "--config", str(b.config))
+        assert proc.returncode == 0, proc.stderr
+        assert f"seq {log.writes[-1].seq}" in proc.stdout and "consistent point" in proc.stdout
 
         # Refusals change nothing and say why.
         status, body = restore(a, tmp_path / "x.img", seq=log.writes[-1].seq + 5)
@@ -201,15 +198,9 @@ def test_kill_9_keeps_every_point_on_primary_and_replica(tmp_path: Path) -> None
     """``kill -9`` of the replica in the middle of the workload and of the primary right
     after it: the journals replay their tails at the restart (capturing what was not yet
     captured) and every point still restores exactly on both. (A kill keeps the page cache;
-    power cuts are tests/unit/history's and docs/history.md's "Crash safety".)"""
+    what a power cut does to history is docs/history.md's "Crash safety".)"""
     with topology(tmp_path) as topo:
-        b = topo.add_secondary(
-            "site-b", volumes={"vol": SIZE}, volume_extra={"vol": {"history": "1h"}}
-        )
-        a = topo.add_primary("site-a", peers=[peer_address(b)], size=SIZE, extra={"history": "1h"})
-        b.start()
-        a.start()
-        wait_caught_up(a, b)
+        a, b = history_pair(topo, SIZE)
         log = logged_workload(a, size=SIZE, count=100)
         b.kill()
         log = logged_workload(a, size=SIZE, count=100, seed=12, log=log)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from blockmirror.frontend.nbd_client import NbdClient
-from tests.support.pair import Site
+from tests.support.pair import Site, Topology, peer_address, wait_caught_up
 from tests.support.stamps import BLOCK, stamps
 from tests.support.unit_process import admin_request
 
@@ -139,3 +139,18 @@ def history(site: Site) -> dict[str, Any]:
     status, body = admin_request(site.unit, "GET", "/api/volumes/vol/history")
     assert status == 200, body
     return body
+
+
+def history_pair(topo: Topology, size: int, history_value: str = "1h") -> tuple[Site, Site]:
+    """A primary ``site-a`` and its secondary ``site-b``, both keeping ``history_value`` of
+    history, started and caught up; returns (a, b)."""
+    b = topo.add_secondary(
+        "site-b", volumes={"vol": size}, volume_extra={"vol": {"history": history_value}}
+    )
+    a = topo.add_primary(
+        "site-a", peers=[peer_address(b)], size=size, extra={"history": history_value}
+    )
+    b.start()
+    a.start()
+    wait_caught_up(a, b)
+    return a, b

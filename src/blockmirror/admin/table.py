@@ -169,6 +169,27 @@ def replica_rows(status: dict[str, Any]) -> tuple[tuple[str, ...], list[list[str
     return REPLICA_HEADERS, rows
 
 
+def history_rows(status: dict[str, Any]) -> tuple[tuple[str, ...], list[list[str]]]:
+    """One row per volume keeping history, or with a consistent point a resync holds on to."""
+    headers = ("history", "oldest point", "newest point", "space", "consistent point")
+    rows: list[list[str]] = []
+    for vol in status.get("volumes", []):
+        h = vol.get("history") or {}
+        point = vol.get("consistent_point")
+        if not h.get("enabled") and not h.get("failed") and not point:
+            continue
+        oldest = f"seq {h.get('oldest_seq')} {h.get('oldest_time') or ''}".strip()
+        newest = f"seq {h.get('newest_seq')} {h.get('newest_time') or ''}".strip()
+        space = human_size(_int(h.get("bytes"))) + (
+            " (cap shortens it)" if h.get("shortened") else ""
+        )
+        shown = f"seq {point.get('seq')} {point.get('time') or ''}".strip() if point else "-"
+        if h.get("failed"):
+            oldest, newest = "FAILED", str(h["failed"])
+        rows.append([str(vol.get("name", "?")), oldest, newest, space, shown])
+    return headers, rows
+
+
 def _table(headers: tuple[str, ...], rows: list[list[str]]) -> list[str]:
     widths = [len(h) for h in headers]
     for row in rows:
@@ -211,7 +232,7 @@ def format_status_table(status: dict[str, Any]) -> str:
     cheaders, crows = consumer_rows(status)
     if crows:
         lines += ["", *_table(cheaders, crows)]
-    for table_rows in (peer_rows(status), replica_rows(status)):
+    for table_rows in (peer_rows(status), replica_rows(status), history_rows(status)):
         theaders, trows = table_rows
         if trows:
             lines += ["", *_table(theaders, trows)]

@@ -60,7 +60,9 @@ class VerifyError(LinkError):
 
 async def answer_digests(wp: JournalWritePath, message: DigestRequest) -> Digests:
     """The secondary's answer: digests once every record received so far is applied."""
-    target = wp.journal.next_seq - 1
+    # A lagged replica (replay_delay) answers as it is: its held records are not due (the
+    # source then finds the regions they write "changed meanwhile", never "different").
+    target = wp.applied_seq if wp.replica.delay.held else wp.journal.next_seq - 1
     gate = wp.commit()
     if gate is not None:
         await gate
