@@ -19,6 +19,7 @@ on a threshold; it prints the figures and the ratios.
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import subprocess
 import sys
@@ -43,6 +44,7 @@ def main() -> None:
     parser.add_argument("--runtime", type=int, default=10, help="seconds per fio run")
     parser.add_argument("--repeat", type=int, default=3, help="interleaved runs per job")
     parser.add_argument("--dir", type=Path, default=None, help="work directory (default /tmp)")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
     size = args.size * MiB
     root = Path(tempfile.mkdtemp(prefix="bench-history-", dir=args.dir))
@@ -157,6 +159,8 @@ def main() -> None:
             f"with nbdcopy {read_s:.2f} s ({size / MiB / read_s:.0f} MiB/s)"
         )
         cli("drill", "stop", "vol", "--config", str(hsite.config))
+    if not args.keep:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -153,31 +153,29 @@ class Applier:
         """Apply what can be applied now, in order. Never raises: a volume's OSError stalls the
         queue, any other error of ours fails the write path."""
         queue = self.queue
+        history = self.history
+        # Whether changes are captured is decided between drains (a resync starts or ends on
+        # the event loop, never inside one): once here, not per entry.
+        capturing = history is not None and history.capturing
         while queue and not self._blocked and self.stalled is None:
             if self.journal.dirty_pending():
                 # A dirty bit is durable before the write it covers reaches the volume.
                 self._block_on(self.journal.sync_dirty_maps)
                 return
             entry = queue[0]
-            history = self.history
             kind = entry.record.kind
-            if history is not None and not entry.captured and history.capturing:
-                if history.barrier:
-                    self._block_on(functools.partial(self._capture_group, self._group()))
-                    return
-                if kind in _RANGE_KINDS:
-                    self._block_on(
-                        functools.partial(self._capture_and_apply, entry), then=self._applied_one
-                    )
-                    return
+            if capturing and not entry.captured:
+                # Before-images are read and written in a thread, a group at a time: two
+                # more copies of every write must not run on the event loop. On a secondary
+                # (barrier) they are synced before any of the group is applied.
+                self._block_on(functools.partial(self._capture_group, self._group()))
+                return
             if entry.from_ring or (
                 kind in _RANGE_KINDS and not self.volume.capabilities().fast_zero
             ):
                 self._block_on(functools.partial(self._apply, entry), then=self._applied_one)
                 return
             try:
-                if history is not None and not entry.captured and history.capturing:
-                    self._capture(history, entry, self.applied_seq)
                 self._apply(entry)
             except OSError as exc:
                 self._stall(exc)
@@ -231,22 +229,19 @@ class Applier:
                 history.give_up(exc)
 
     def _capture_group(self, group: list[Entry]) -> None:
-        """A thread: capture ``group`` and make the images durable before any is applied."""
+        """A thread: capture ``group``; with a barrier, durably before any of it is applied."""
         assert self.history is not None
         applied = self.applied_seq
         for entry in group:
             self._capture(self.history, entry, applied)
             if entry.journaled:
                 applied = entry.record.seq
+        if not self.history.barrier:
+            return
         try:
             self.history.sync()
         except OSError as exc:
             self.history.give_up(exc)
-
-    def _capture_and_apply(self, entry: Entry) -> None:
-        assert self.history is not None
-        self._capture(self.history, entry, self.applied_seq)
-        self._apply(entry)
 
     def _apply(self, entry: Entry) -> None:
         """Write one change to the volume. Raises OSError (errno) or the volume's VolumeError."""
