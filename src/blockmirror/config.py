@@ -432,6 +432,15 @@ def _space_warnings(state_dir: Path, volumes: Sequence[_Volume]) -> list[Problem
                     "journal",
                 )
             )
+        if vc.journal and vc.history:
+            needs.append(
+                config_paths.SpaceNeed(
+                    f"{v.label}.history_size",
+                    statedir.history_path(state_dir, vc.name),
+                    vc.history_cap,
+                    "history",
+                )
+            )
         needs.append(
             config_paths.SpaceNeed(f"{v.label}.path", vc.path, vc.offset + vc.size, "volume")
         )

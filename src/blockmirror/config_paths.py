@@ -236,7 +236,7 @@ class SpaceNeed:
     key: str
     path: Path
     size: int
-    kind: str  # "journal" or "volume"
+    kind: str  # "journal", "history" (a directory of segments) or "volume"
 
 
 def _allocated(path: Path) -> int | None:
@@ -250,6 +250,14 @@ def _allocated(path: Path) -> int | None:
     return st.st_blocks * 512 if stat.S_ISREG(st.st_mode) else None
 
 
+def _allocated_dir(path: Path) -> int:
+    """Bytes allocated to the regular files in the directory ``path`` (0 if missing)."""
+    try:
+        return sum(p.stat().st_blocks * 512 for p in path.iterdir() if p.is_file())
+    except OSError:
+        return 0
+
+
 def check_free_space(needs: Sequence[SpaceNeed]) -> list[tuple[str, str]]:
     """Warnings for files that will not fit in the free space of their filesystem.
 
@@ -259,8 +267,9 @@ def check_free_space(needs: Sequence[SpaceNeed]) -> list[tuple[str, str]]:
     """
     claimed: dict[int, int] = {}  # st_dev -> bytes still to be allocated there
     warnings: list[tuple[str, str]] = []
-    for need in sorted(needs, key=lambda n: n.kind != "journal"):
-        allocated = _allocated(need.path)
+    order = {"journal": 0, "history": 1}
+    for need in sorted(needs, key=lambda n: order.get(n.kind, 2)):
+        allocated = _allocated_dir(need.path) if need.kind == "history" else _allocated(need.path)
         if allocated is None:
             continue  # a block device or something else check_volume_path reports on
         missing = max(0, need.size - allocated)
@@ -278,7 +287,13 @@ def check_free_space(needs: Sequence[SpaceNeed]) -> list[tuple[str, str]]:
         if before + missing <= free:
             continue
         shared = f" (after {format_size(before)} for other files there)" if before else ""
-        if need.kind == "journal":
+        if need.kind == "history":
+            message = (
+                f"history_size lets {need.path} grow by {format_size(missing)}, but its"
+                f" filesystem has {format_size(free)} free{shared}; once it is full the history"
+                " is given up (host writes go on): lower history_size or free space"
+            )
+        elif need.kind == "journal":
             message = (
                 f"the journal {need.path} needs {format_size(missing)} more, but its filesystem"
                 f" has {format_size(free)} free{shared}; preallocating it will fail with ENOSPC"
