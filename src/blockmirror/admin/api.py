@@ -41,6 +41,7 @@ from typing import Any
 
 from blockmirror.admin.access import AdminAccess, bearer, cookie_value, split_host, token_matches
 from blockmirror.admin.controls import is_control_path
+from blockmirror.admin.metrics import CONTENT_TYPE, render_metrics
 from blockmirror.admin.page import SCRIPT, render_page, render_sign_in
 
 log = logging.getLogger(__name__)
@@ -335,6 +336,9 @@ class AdminServer:
             return response
         if path == "/api/status":
             return self._refuse_read(caller) or _json(HTTPStatus.OK, self._status())
+        if path == "/metrics":
+            refused = self._refuse_read(caller)
+            return refused or _Response(HTTPStatus.OK, CONTENT_TYPE, render_metrics(self._status()))
         if path in ("/", "/index.html"):
             return self._page(caller)
         if path == SCRIPT_PATH:

@@ -1,0 +1,256 @@
+"""``GET /metrics``: the unit's status in Prometheus' text format (issue 11, first part).
+
+Every value is read from the same status document ``GET /api/status`` returns, in the same
+request, so the two never disagree. Names follow Prometheus' conventions: the ``blockmirror_``
+prefix, base units in the name (``_bytes``, ``_seconds``), ``_total`` on counters; the labels
+are ``volume`` and ``peer`` only (``blockmirror_info`` carries ``version``, as ``_info`` metrics
+do).
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+__all__ = ["CONTENT_TYPE", "render_metrics"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# (metric name without prefix, help, key in volumes[].counters)
+_VOLUME_COUNTERS = (
+    ("reads_total", "Read requests served.", "reads"),
+    ("writes_total", "Write requests served.", "writes"),
+    ("read_bytes_total", "Bytes read by hosts.", "bytes_read"),
+    ("written_bytes_total", "Bytes written by hosts.", "bytes_written"),
+    ("flushes_total", "Flush requests served.", "flushes"),
+    ("trims_total", "Trim requests served.", "trims"),
+    ("request_errors_total", "Requests answered with an error.", "errors"),
+    ("connections_total", "Host connections accepted.", "connections_total"),
+)
+# (name, help, key in volumes[].peers[], kind)
+_PEER_VALUES = (
+    (
+        "peer_lag_bytes",
+        "Bytes the peer lacks (journal backlog and dirty regions).",
+        "lag_bytes",
+        "g",
+    ),
+    ("peer_lag_records", "Journal records the peer lacks.", "lag_records", "g"),
+    ("peer_lag_seconds", "Age of the oldest record the peer lacks.", "lag_seconds", "g"),
+    ("peer_dirty_bytes", "Bytes marked in the peer's dirty map.", "dirty_bytes", "g"),
+    ("peer_acked_seq", "Newest record the peer holds durably.", "acked_seq", "g"),
+    (
+        "peer_throughput_bytes_per_second",
+        "Smoothed rate sent to the peer.",
+        "throughput_bytes_per_second",
+        "g",
+    ),
+    ("peer_sent_bytes_total", "Bytes sent to the peer.", "bytes_sent", "c"),
+    ("peer_sync_sent_bytes_total", "Resync bytes sent to the peer.", "sync_bytes_sent", "c"),
+    (
+        "peer_sync_skipped_bytes_total",
+        "Bytes a full copy found on the peer already (checksum sync).",
+        "sync_bytes_skipped",
+        "c",
+    ),
+    ("peer_records_sent_total", "Records sent to the peer.", "records_sent", "c"),
+    ("peer_connects_total", "Sessions the link opened.", "connects", "c"),
+)
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return 1.0 if value else 0.0
+    if isinstance(value, int | float):
+        return float(value)
+    return None
+
+
+def _in(section: str, key: str, only_if: str | None = None) -> Callable[[dict[str, Any]], Any]:
+    """A volume's ``section[key]`` (None without the section, or unless ``section[only_if]``)."""
+
+    def get(vol: dict[str, Any]) -> Any:
+        part = vol.get(section)
+        if not isinstance(part, dict) or (only_if is not None and not part.get(only_if)):
+            return None
+        return part.get(key)
+
+    return get
+
+
+def _alerts(vol: dict[str, Any]) -> int | None:
+    journal = vol.get("journal")
+    return len(journal.get("alerts") or []) if isinstance(journal, dict) else None
+
+
+def _age(iso: Any, now: float) -> float | None:
+    if not isinstance(iso, str):
+        return None
+    try:
+        when = datetime.datetime.fromisoformat(iso.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return max(0.0, now - when.timestamp())
+
+
+class _StatusCollector(Collector):
+    def __init__(self, status: dict[str, Any]) -> None:
+        self.status = status
+
+    def collect(self) -> Iterator[Metric]:
+        status = self.status
+        now = time.time()
+        info = GaugeMetricFamily(
+            "blockmirror_info", "The unit's version (always 1).", labels=["version"]
+        )
+        info.add_metric([str(status.get("version", ""))], 1.0)
+        yield info
+        uptime = _number(status.get("uptime_seconds"))
+        if uptime is not None:
+            yield GaugeMetricFamily("blockmirror_uptime_seconds", "Seconds since start.", uptime)
+        volumes = list(status.get("volumes") or [])
+        yield from self._volumes(volumes, now)
+        yield from self._peers(volumes)
+
+    def _gauge(
+        self, volumes: list[dict[str, Any]], name: str, help_text: str, get: Callable[..., Any]
+    ) -> GaugeMetricFamily:
+        family = GaugeMetricFamily(f"blockmirror_{name}", help_text, labels=["volume"])
+        for vol in volumes:
+            value = _number(get(vol))
+            if value is not None:
+                family.add_metric([str(vol.get("name"))], value)
+        return family
+
+    def _volumes(self, volumes: list[dict[str, Any]], now: float) -> Iterator[Metric]:
+        g = self._gauge
+        yield g(volumes, "volume_size_bytes", "The volume's size.", lambda v: v.get("size"))
+        yield g(
+            volumes,
+            "volume_up",
+            "1 while the volume serves (primary) or replicates (secondary), else 0.",
+            lambda v: v.get("state") in ("serving", "replica"),
+        )
+        yield g(
+            volumes,
+            "volume_primary",
+            "1 while the volume's live role is primary.",
+            lambda v: v.get("role") == "primary",
+        )
+        for name, help_text, key in _VOLUME_COUNTERS:
+            family = CounterMetricFamily(
+                f"blockmirror_{name.removesuffix('_total')}", help_text, labels=["volume"]
+            )
+            for vol in volumes:
+                value = _number((vol.get("counters") or {}).get(key))
+                if value is not None:
+                    family.add_metric([str(vol.get("name"))], value)
+            yield family
+
+        yield g(
+            volumes, "journal_capacity_bytes", "The journal's ring.", _in("journal", "capacity")
+        )
+        yield g(volumes, "journal_used_bytes", "Bytes of the ring in use.", _in("journal", "used"))
+        yield g(volumes, "journal_records", "Records in the journal.", _in("journal", "records"))
+        yield g(
+            volumes,
+            "journal_oldest_age_seconds",
+            "Age of the journal's oldest record.",
+            _in("journal", "oldest_age_seconds"),
+        )
+        yield g(
+            volumes,
+            "journal_newest_seq",
+            "The newest record's number.",
+            _in("journal", "newest_seq"),
+        )
+        yield g(
+            volumes,
+            "journal_alerts",
+            "Alerts in the journal's recent list.",
+            lambda v: (
+                len((v.get("journal") or {}).get("alerts") or []) if v.get("journal") else None
+            ),
+        )
+        yield g(
+            volumes,
+            "history_bytes",
+            "Space the history's segments take.",
+            lambda v: (
+                (v.get("history") or {}).get("bytes")
+                if (v.get("history") or {}).get("enabled")
+                else None
+            ),
+        )
+        yield g(
+            volumes,
+            "history_oldest_age_seconds",
+            "Age of the oldest point the history keeps.",
+            lambda v: (
+                _age((v.get("history") or {}).get("oldest_time"), now)
+                if (v.get("history") or {}).get("enabled")
+                else None
+            ),
+        )
+        yield g(
+            volumes,
+            "replica_consistent",
+            "On a replica: 1 while it equals a prefix of its source's writes.",
+            _in("replica", "consistent"),
+        )
+        yield g(
+            volumes,
+            "replica_applied_seq",
+            "On a replica: the newest record applied.",
+            _in("replica", "applied_seq"),
+        )
+        yield g(
+            volumes,
+            "replica_delayed_records",
+            "On a lagged replica: records held back by replay_delay.",
+            _in("replica", "delayed_records"),
+        )
+
+    def _peers(self, volumes: list[dict[str, Any]]) -> Iterator[Metric]:
+        peers = [(str(v.get("name")), p) for v in volumes for p in v.get("peers") or []]
+        labels = ["volume", "peer"]
+        for name, help_text, key, kind in _PEER_VALUES:
+            family: Metric
+            if kind == "c":
+                family = CounterMetricFamily(
+                    f"blockmirror_{name.removesuffix('_total')}", help_text, labels=labels
+                )
+            else:
+                family = GaugeMetricFamily(f"blockmirror_{name}", help_text, labels=labels)
+            for volume, peer in peers:
+                value = _number(peer.get(key))
+                if value is not None:
+                    family.add_metric([volume, str(peer.get("address"))], value)
+            yield family
+        up = GaugeMetricFamily(
+            "blockmirror_peer_replicating", "1 while the link replicates.", labels=labels
+        )
+        consistent = GaugeMetricFamily(
+            "blockmirror_peer_consistent",
+            "1 while the peer's replica is consistent.",
+            labels=labels,
+        )
+        for volume, peer in peers:
+            address = str(peer.get("address"))
+            up.add_metric([volume, address], 1.0 if peer.get("state") == "replicating" else 0.0)
+            consistent.add_metric([volume, address], 1.0 if peer.get("consistent") else 0.0)
+        yield up
+        yield consistent
+
+
+def render_metrics(status: dict[str, Any]) -> bytes:
+    """The exposition text of ``status`` (a ``GET /api/status`` document)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_StatusCollector(status))
+    return generate_latest(registry)
