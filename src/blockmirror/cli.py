@@ -25,13 +25,14 @@ from blockmirror.admin.client import (
     tls_for,
     token_for,
 )
-from blockmirror.admin.table import format_status_table
+from blockmirror.admin.table import format_status_table, status_problems
+from blockmirror.cli_controls import ControlCommands
 from blockmirror.cli_history import add_history_commands
 from blockmirror.cli_roles import add_role_commands
 from blockmirror.config import Config, load_config
 from blockmirror.errors import BlockmirrorError, ConfigError
 from blockmirror.io.allocator import tune_malloc
-from blockmirror.units import format_size, human_size
+from blockmirror.units import format_size
 
 EXIT_CONFIG = 2
 EXIT_FAILURE = 1
@@ -179,18 +180,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     status = _fetch_status_or_say(args)
     if status is None:
         return EXIT_CONFIG if getattr(args, "no_client", False) else EXIT_FAILURE
-    if args.json:
-        print(json.dumps(status, indent=2))
-    else:
-        print(format_status_table(status))
+    if args.problems_only:
+        problems = status_problems(status)
+        print("\n".join(problems) if problems else "all volumes are healthy")
+        return EXIT_FAILURE if problems else 0
+    print(json.dumps(status, indent=2) if args.json else format_status_table(status))
     return 0
 
 
 # --- operator controls (through the admin API) -------------------------------------------------
-
-
-def _quote(segment: str) -> str:
-    return urllib.parse.quote(segment, safe="")
 
 
 def _run_control(
@@ -208,59 +206,6 @@ def _run_control(
     except (ControlFailed, ConfigError) as exc:
         print(f"blockmirror: {exc}", file=sys.stderr)
         return None
-
-
-def _consumer_summary(reply: dict[str, Any]) -> str:
-    return (
-        f"mode {reply.get('mode', '?')}, acked seq {reply.get('acked_seq', '?')}, "
-        f"backlog {reply.get('backlog_records', '?')} records, "
-        f"{human_size(int(reply.get('dirty_bytes') or 0))} dirty"
-    )
-
-
-def cmd_journal_pause(args: argparse.Namespace) -> int:
-    action = "pause" if args.pause else "resume"
-    reply = _run_control(args, f"/api/volumes/{_quote(args.volume)}/journal/{action}")
-    if reply is None:
-        return EXIT_FAILURE
-    again = "" if reply.get("changed", True) else " (it already was)"
-    if args.pause:
-        print(
-            f"volume {args.volume}: journal enqueueing paused{again}; writes are served and "
-            "recorded in every consumer's dirty map"
-        )
-    else:
-        print(
-            f"volume {args.volume}: journal enqueueing resumed{again} "
-            f"(newest seq {reply.get('newest_seq', '?')})"
-        )
-    return 0
-
-
-def cmd_consumer_pause(args: argparse.Namespace) -> int:
-    action = "pause" if args.pause else "resume"
-    path = f"/api/volumes/{_quote(args.volume)}/consumers/{_quote(args.consumer)}/{action}"
-    reply = _run_control(args, path)
-    if reply is None:
-        return EXIT_FAILURE
-    again = "" if reply.get("changed", True) else " (it already was)"
-    done = "paused" if args.pause else "resumed"
-    print(
-        f"volume {args.volume}: consumer {args.consumer} {done}{again} ({_consumer_summary(reply)})"
-    )
-    return 0
-
-
-def cmd_consumer_discard(args: argparse.Namespace) -> int:
-    path = f"/api/volumes/{_quote(args.volume)}/consumers/{_quote(args.consumer)}/discard"
-    reply = _run_control(args, path, {"from": args.first, "to": args.last})
-    if reply is None:
-        return EXIT_FAILURE
-    print(
-        f"volume {args.volume}: consumer {args.consumer}: {reply.get('discarded', '?')} records "
-        f"in seq {args.first}..{args.last} turned into dirty bits ({_consumer_summary(reply)})"
-    )
-    return 0
 
 
 def cmd_journal_recover(args: argparse.Namespace) -> int:
@@ -394,7 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="blockmirror",
         description="Remote block-level data mirroring over NBD and TCP.",
     )
+    parser.add_argument("--version", action="version", version=f"blockmirror {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    controls = ControlCommands(_run_control)
 
     run = sub.add_parser("run", help="run one unit in the foreground until SIGTERM/SIGINT")
     run.add_argument("config", help="the unit's TOML configuration")
@@ -416,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show every volume of a running unit")
     _admin_arguments(status)
     status.add_argument("--json", action="store_true", help="print the raw JSON")
+    status.add_argument(
+        "-x", dest="problems_only", action="store_true", help="problems only; exit 1 if any"
+    )
     status.set_defaults(func=cmd_status)
 
     journal = sub.add_parser("journal", help="pause, resume, recover or resize a volume's journal")
@@ -427,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = jsub.add_parser(action, help=text)
         p.add_argument("volume")
         _admin_arguments(p)
-        p.set_defaults(func=cmd_journal_pause, pause=action == "pause")
+        p.set_defaults(func=controls.journal_pause, pause=action == "pause")
     recover = jsub.add_parser(
         "recover", help="offline: replay what can be, rewrite a corrupt journal, full resync"
     )
@@ -461,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("volume")
         p.add_argument("consumer", help="the consumer's name: the peer address, HOST:PORT")
         _admin_arguments(p)
-        p.set_defaults(func=cmd_consumer_pause, pause=action == "pause")
+        p.set_defaults(func=controls.consumer_pause, pause=action == "pause")
     discard = csub.add_parser(
         "discard", help="turn the consumer's records in a seq range into dirty bits"
     )
@@ -470,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     discard.add_argument("--from", dest="first", type=_seq_arg, required=True, metavar="SEQ")
     discard.add_argument("--to", dest="last", type=_seq_arg, required=True, metavar="SEQ")
     _admin_arguments(discard)
-    discard.set_defaults(func=cmd_consumer_discard)
+    discard.set_defaults(func=controls.consumer_discard)
 
     add_role_commands(sub, admin_arguments=_admin_arguments, run_control=_run_control)
     add_history_commands(

@@ -236,19 +236,45 @@ def format_status_table(status: dict[str, Any]) -> str:
         theaders, trows = table_rows
         if trows:
             lines += ["", *_table(theaders, trows)]
-    problems = [
-        f"{vol.get('name', '?')}: {vol['problem']}"
-        for vol in status.get("volumes", [])
-        if vol.get("problem")
-    ]
-    # A split brain is a problem an operator must resolve: it is never left to the JSON.
-    problems += [
-        f"{vol.get('name', '?')}: split brain with {split.get('peer')} since seq "
-        f"{split.get('common_seq')} (run `blockmirror resolve {vol.get('name', '?')} "
-        "--discard-local` on the unit that gives up its writes)"
-        for vol in status.get("volumes", [])
-        for split in vol.get("split_brain") or []
-    ]
+    problems = status_problems(status, degraded=False)
     if problems:
         lines += ["", "problems:", *(f"  {p}" for p in problems)]
     return "\n".join(lines)
+
+
+def status_problems(status: dict[str, Any], *, degraded: bool = True) -> list[str]:
+    """What needs an operator, one line each: volumes not served, split brains and, with
+    ``degraded``, also volumes stalled or failed, peers not replicating a consistent replica,
+    replicas not consistent and histories given up (``blockmirror status -x``)."""
+    problems: list[str] = []
+    for vol in status.get("volumes", []):
+        name = vol.get("name", "?")
+        if vol.get("problem"):
+            problems.append(f"{name}: {vol['problem']}")
+        # A split brain is a problem an operator must resolve: it is never left to the JSON.
+        problems += [
+            f"{name}: split brain with {split.get('peer')} since seq "
+            f"{split.get('common_seq')} (run `blockmirror resolve {name} "
+            "--discard-local` on the unit that gives up its writes)"
+            for split in vol.get("split_brain") or []
+        ]
+        if not degraded:
+            continue
+        state = vol.get("state")
+        if state not in ("serving", "replica") and not vol.get("problem"):
+            problems.append(f"{name}: {state}")
+        for peer in vol.get("peers") or []:
+            if peer.get("state") != "replicating" or not peer.get("consistent"):
+                why = peer.get("last_error") or peer.get("reason") or ""
+                problems.append(
+                    f"{name} -> {peer.get('address')}: {peer.get('state')}"
+                    + ("" if peer.get("consistent") else ", replica not consistent")
+                    + (f" ({why})" if why else "")
+                )
+        replica = vol.get("replica")
+        if replica and not replica.get("consistent"):
+            problems.append(f"{name}: replica not consistent (a copy or resync runs)")
+        history = vol.get("history") or {}
+        if history.get("failed"):
+            problems.append(f"{name}: history given up: {history['failed']}")
+    return problems
