@@ -109,7 +109,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG
-    from blockmirror.daemon import run_unit
+    from blockmirror.lifecycle import run_unit
 
     try:
         return run_async(run_unit(config))

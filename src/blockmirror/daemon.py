@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import io
 import logging
 import os
 import resource
-import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -459,39 +457,6 @@ def raise_fd_limit() -> None:
                 log.info("descriptor limit raised from %d to %d", soft, target)
     except (OSError, ValueError) as exc:
         log.warning("could not raise the descriptor limit: %s", exc)
-
-
-async def run_unit(config: Config) -> int:
-    """Run until SIGTERM or SIGINT; returns the process exit code."""
-    unit = Unit(config)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    # Handlers go in before start(): a signal during start-up must still stop gracefully.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGUSR2, dump_tasks, unit)
-    try:
-        await unit.start()
-        log.info("unit %s running (pid %d)", config.unit.name, os.getpid())
-        await stop.wait()
-        log.info("unit %s stopping", config.unit.name)
-        await unit.stop()
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
-            loop.remove_signal_handler(sig)
-    log.info("unit %s stopped cleanly", config.unit.name)
-    return 0
-
-
-def dump_tasks(unit: Unit) -> None:
-    """SIGUSR2: write every task's stack to the log, to see where a stuck unit waits."""
-    buffer = io.StringIO()
-    for task in asyncio.all_tasks():
-        task.print_stack(file=buffer)
-    for rt in unit.volumes:
-        for sender in rt.senders:
-            buffer.write(f"sender {sender.host}:{sender.port}: {sender.describe_task()}\n")
-    log.warning("task dump on SIGUSR2:\n%s", buffer.getvalue())
 
 
 def _tls_files(rc: ReplicationConfig) -> TlsFiles:

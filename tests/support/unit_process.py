@@ -116,13 +116,19 @@ def write_config(
     return path
 
 
-def start_unit(config_path: Path, state_dir: Path, *, timeout: float = 20.0) -> UnitProcess:
+def start_unit(
+    config_path: Path,
+    state_dir: Path,
+    *,
+    timeout: float = 20.0,
+    env_extra: dict[str, str] | None = None,
+) -> UnitProcess:
     log_path = config_path.with_suffix(".log")
     log = open(log_path, "wb")  # noqa: SIM115 - handed to the child; closed when we return
     runtime_file = state_dir / "unit.json"
     if runtime_file.exists():
         runtime_file.unlink()
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
     proc = subprocess.Popen(
         [*BLOCKMIRROR, "run", str(config_path)], stdout=log, stderr=subprocess.STDOUT, env=env
     )

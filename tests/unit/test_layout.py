@@ -59,7 +59,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
     4: ("link.*", "frontend.*"),
     5: ("config", "config_table", "config_paths", "admin.*", "offline.*", "drills"),
     6: ("daemon", "failover", "runtime", "split_brain", "history_attach"),
-    7: ("cli", "cli_roles", "cli_history", "cli_controls", "demo"),
+    7: ("cli", "cli_roles", "cli_history", "cli_controls", "demo", "lifecycle"),
 }
 
 CODECS = (
