@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -249,10 +249,6 @@ class Segments:
                 fd = os.open(self.path(number), os.O_RDONLY | os.O_CLOEXEC)
                 self._readers[number] = fd
         return pread_all(fd, length, offset)
-
-    def records(self, number: int) -> Iterator[tuple[int, UndoHeader]]:
-        """The valid records of segment ``number`` (a scan). Raises OSError."""
-        yield from scan_segment(self.path(number)).records
 
     def close(self) -> None:
         """Close every descriptor (without syncing). Never raises."""
