@@ -106,13 +106,17 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     _setup_logging(args.verbose)
+    try:
+        text = Path(args.config).read_bytes()
+    except OSError:
+        text = None  # _load says why
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG
     from blockmirror.lifecycle import run_unit
 
     try:
-        return run_async(run_unit(config))
+        return run_async(run_unit(config, text=text))
     except BlockmirrorError as exc:
         logging.getLogger("blockmirror").error("cannot start: %s", exc)
         return EXIT_FAILURE
@@ -206,6 +210,23 @@ def _run_control(
     except (ControlFailed, ConfigError) as exc:
         print(f"blockmirror: {exc}", file=sys.stderr)
         return None
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Ask the running unit to read its configuration file again and apply it."""
+    reply = _run_control(args, "/api/reload")
+    if reply is None:
+        return EXIT_FAILURE
+    version = reply.get("config_version")
+    if not reply.get("changed"):
+        print(f"configuration version {version}: nothing to change")
+    else:
+        print(f"configuration version {version} applied:")
+        for change in reply.get("changes") or []:
+            print(f"  {change.get('description')}")
+    for note in reply.get("notes") or []:
+        print(f"note: {note}")
+    return 0
 
 
 def cmd_journal_recover(args: argparse.Namespace) -> int:
@@ -367,6 +388,13 @@ def build_parser() -> argparse.ArgumentParser:
         "-x", dest="problems_only", action="store_true", help="problems only; exit 1 if any"
     )
     status.set_defaults(func=cmd_status)
+
+    reload = sub.add_parser(
+        "reload",
+        help="make a running unit read its configuration file again and apply it live",
+    )
+    _admin_arguments(reload)
+    reload.set_defaults(func=cmd_reload)
 
     journal = sub.add_parser("journal", help="pause, resume, recover or resize a volume's journal")
     jsub = journal.add_subparsers(dest="journal_command", required=True)

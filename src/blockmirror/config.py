@@ -22,6 +22,7 @@ from typing import Literal
 from blockmirror import config_paths, statedir
 from blockmirror.addresses import Address, clashes, parse_address, valid_host
 from blockmirror.admin.access import check_token_file
+from blockmirror.config_alerts import AlertsConfig, parse_alerts
 from blockmirror.config_table import Problem, Table, type_name
 from blockmirror.errors import ConfigError
 from blockmirror.link.auth import AuthError, load_psk
@@ -29,6 +30,7 @@ from blockmirror.units import GiB, MiB, format_size
 
 __all__ = [
     "Address",
+    "AlertsConfig",
     "Config",
     "ReplicationConfig",
     "UnitConfig",
@@ -130,6 +132,7 @@ class Config:
     source: Path | None = None
     # ``(key, message)`` about things that are valid but look bad (check-config prints them).
     warnings: tuple[Problem, ...] = ()
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
 
     def volume(self, name: str) -> VolumeConfig:
         """The volume called ``name``; raises KeyError if there is none."""
@@ -144,7 +147,7 @@ def format_problems(problems: Iterable[Problem]) -> str:
     return "\n".join(f"{key}: {message}" for key, message in problems)
 
 
-_TOP_KEYS = ("unit", "replication", "volume")
+_TOP_KEYS = ("unit", "replication", "volume", "alerts")
 _UNIT_KEYS = (
     "name", "state_dir", "admin", "admin_token_file", "admin_public_status", "admin_hosts",
     "admin_tls_cert", "admin_tls_key", "admin_tls_ca", "nbd_reply_budget", "nbd_max_connections",
@@ -366,6 +369,7 @@ def parse_config(
                 )
 
     volumes = _parse_volume_list(data.get("volume"), problems, base_dir)
+    alerts = parse_alerts(data.get("alerts"), problems, base_dir, check_paths=check_paths)
     _check_volume_set(volumes, replication, rt, problems)
 
     listeners: list[tuple[str, Address]] = []
@@ -410,6 +414,7 @@ def parse_config(
             nbd_max_connections=nbd_max_connections,
         ),
         replication=replication,
+        alerts=alerts,
         volumes=tuple(v.config for v in volumes),
         source=source,
         warnings=tuple(warnings),
@@ -581,6 +586,11 @@ def load_config(path: Path, *, check_paths: bool = True) -> Config:
         raw = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError([("file", f"cannot read {path}: {exc.strerror}")]) from exc
+    return config_from_bytes(raw, path, check_paths=check_paths)
+
+
+def config_from_bytes(raw: bytes, path: Path, *, check_paths: bool = True) -> Config:
+    """Validate the TOML text ``raw`` read from ``path``; raises ConfigError like load_config."""
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:

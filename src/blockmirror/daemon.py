@@ -7,48 +7,40 @@ stops accepting, lets requests in flight finish, makes every volume durable and 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import resource
+import ssl
 import time
 from collections.abc import Callable
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
-from blockmirror import __version__, statedir
+from blockmirror import __version__, reconfigure, statedir
 from blockmirror.admin.api import AdminServer
 from blockmirror.admin.controls import handle as handle_control
+from blockmirror.admin.event_routes import LogBuffer, events_route, lag_history_route, log_route
 from blockmirror.admin.history_routes import handle_path as handle_history_path
 from blockmirror.admin.setup import admin_access, unit_token_path
-from blockmirror.blockdev.ackmode import RemoteAck
-from blockmirror.blockdev.journaled import JournalWritePath
-from blockmirror.blockdev.service import BlockDevice
-from blockmirror.blockdev.writepath import DirectWritePath, WritePath
-from blockmirror.config import Config, ReplicationConfig, VolumeConfig
-from blockmirror.drills import VolumeDrills, clear_leftovers
-from blockmirror.errors import BlockmirrorError, JournalError, VolumeError
+from blockmirror.config import Address, Config, ReplicationConfig, VolumeConfig, config_from_bytes
+from blockmirror.config_store import ConfigRecord, record_applied
+from blockmirror.drills import clear_leftovers
+from blockmirror.errors import BlockmirrorError, ConfigError
+from blockmirror.events import EventLog
 from blockmirror.failover import VolumeRoles
 from blockmirror.frontend.nbd_limits import NbdLimits
 from blockmirror.frontend.nbd_server import NbdServer
-from blockmirror.history.capture import replay_capturing
-from blockmirror.history.log import HistoryLog
-from blockmirror.history_attach import attach_history, open_history
-from blockmirror.journal import generations
-from blockmirror.journal.checkpoint import CheckpointError
-from blockmirror.journal.dirtymap import DirtyMapError
-from blockmirror.journal.generations import GenerationsError, VolumeHistory
-from blockmirror.journal.journal import Journal
-from blockmirror.journal.record import origin_id
-from blockmirror.journal.scan import JournalCorruptError
 from blockmirror.link.auth import AuthError, load_psk
 from blockmirror.link.listener import ReplicationServer
 from blockmirror.link.replica_runtime import ReplicaRuntime
 from blockmirror.link.sender import PeerSender
 from blockmirror.link.tls import TlsFiles, client_ssl_context, server_ssl_context
+from blockmirror.monitor import UnitMonitor
+from blockmirror.reconfigure import ReloadRefused, ReloadResult
 from blockmirror.runtime import VolumeRuntime, volume_status
 from blockmirror.state import Role, VolumeState
-from blockmirror.store.volume import Volume
+from blockmirror.volume_open import open_volume
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +57,33 @@ HISTORY_UPKEEP = 1.0
 
 
 class Unit:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, text: bytes | None = None) -> None:
         self.config = config
+        # The configuration's text as read (None: built in memory, as tests do) and the record
+        # of its version (config_store) once the unit has started.
+        self.config_text = text
+        self.config_record: ConfigRecord | None = None
+        self._reloading: asyncio.Lock | None = None
+        self.started = False
         self.volumes: list[VolumeRuntime] = []
         self.admin: AdminServer | None = None
         self.replication: ReplicationServer | None = None
         self.started_at = time.monotonic()
         self._lock_fd: int | None = None
         self._upkeep: asyncio.Task[None] | None = None
+        # What the unit saw: events for /api/events and the alert targets, log lines for the
+        # log dump, and the loop that turns status into events.
+        self.events = EventLog(config.unit.name)
+        self.log_buffer = LogBuffer()
+        self.monitor = UnitMonitor(
+            self.status,
+            self.events,
+            rpo_seconds=config.alerts.rpo_seconds,
+            link_down_seconds=config.alerts.link_down_seconds,
+        )
+        # The links' unit-wide key and client TLS (a volume's own key overrides the first).
+        self.psk: bytes | None = None
+        self.client_ssl: ssl.SSLContext | None = None
         # One budget and one connection limit for every export of the unit.
         self.nbd_limits = NbdLimits(
             reply_budget=config.unit.nbd_reply_budget,
@@ -82,28 +93,21 @@ class Unit:
     # --- life cycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
         raise_fd_limit()
         state_dir = self.config.unit.state_dir
         state_dir.mkdir(parents=True, exist_ok=True)
         self._lock(state_dir)
+        logging.getLogger("blockmirror").addHandler(self.log_buffer)
+        if self.config_text is not None:
+            self.config_record = await asyncio.to_thread(
+                record_applied, state_dir, self.config_text
+            )
         try:
             await asyncio.to_thread(clear_leftovers, state_dir)
             for vc in self.config.volumes:
-                self.volumes.append(await self._open_volume(vc, loop))
+                self.volumes.append(await self.open_volume(vc))
             for rt in self.volumes:
-                if rt.problem is not None:
-                    continue
-                if rt.config.export is not None:
-                    rt.server = NbdServer({rt.config.name: rt.export}, self.nbd_limits)
-                    await rt.server.start(rt.config.export.host, rt.config.export.port)
-                    log.info(
-                        "volume %s exported on nbd://%s/%s",
-                        rt.config.name,
-                        rt.export_address,
-                        rt.config.name,
-                    )
-                rt.enter(rt.serving_state)
+                await self.serve_volume(rt)
             await self._start_replication()
             if self.config.unit.admin is not None:
                 access, admin_tls = await asyncio.to_thread(admin_access, self.config.unit)
@@ -112,6 +116,12 @@ class Unit:
                     self._control,
                     access=access,
                     tls=admin_tls,
+                    reads={
+                        "/api/events": (events_route(self.events), True),
+                        "/api/lag-history": (lag_history_route(self.lag_history), True),
+                        # Log lines name files and addresses: never public.
+                        "/api/log": (log_route(self.log_buffer, self.config.unit.name), False),
+                    },
                 )
                 host, port = await self.admin.start(
                     self.config.unit.admin.host, self.config.unit.admin.port
@@ -126,8 +136,13 @@ class Unit:
         except BaseException:
             await self.stop()
             raise
-        self._write_runtime_file()
+        self.write_runtime_file()
         self._upkeep = asyncio.create_task(self._history_upkeep())
+        for rt in self.volumes:
+            if rt.journal is not None:
+                rt.journal.alerts.on_alert = self.monitor.poke
+        self.monitor.start()
+        self.started = True
 
     async def _history_upkeep(self) -> None:
         """Expire history by age and size, once a second (docs/history.md, "Retention")."""
@@ -142,135 +157,46 @@ class Unit:
                 except OSError as exc:
                     log.error("volume %s: expiring history failed: %s", rt.config.name, exc)
 
-    async def _open_volume(
-        self, vc: VolumeConfig, loop: asyncio.AbstractEventLoop
-    ) -> VolumeRuntime:
-        volume = Volume.open(vc.path, size=vc.size, offset=vc.offset, read_only=vc.read_only)
-        write_path: WritePath = DirectWritePath(volume, loop)
-        journal_wp: JournalWritePath | None = None
-        problem = None
-        history_log: HistoryLog | None = None
-        if not vc.read_only and vc.journal:
-            try:
-                history_log = await asyncio.to_thread(open_history, self.config.unit.state_dir, vc)
-            except OSError as exc:
-                problem = f"cannot open the history: {exc.filename or ''}: {exc.strerror or exc}"
-                log.error("volume %s is not served: %s", vc.name, problem)
-        if not vc.read_only and vc.journal and problem is None:
-            try:
-                journal = await asyncio.to_thread(
-                    Journal.open,
-                    statedir.journal_path(self.config.unit.state_dir, vc.name),
-                    volume=volume,
-                    journal_size=vc.journal_size,
-                    consumers=[str(peer) for peer in vc.peers],
-                    dirty_dir=self.config.unit.state_dir,
-                    volume_name=vc.name,
-                    origin=origin_id(self.config.unit.name),
-                    replayer=(
-                        functools.partial(replay_capturing, history_log, delay=vc.replay_delay)
-                        if history_log is not None
-                        else None
-                    ),
-                )
-            except (
-                JournalCorruptError,
-                JournalError,
-                CheckpointError,
-                DirtyMapError,
-                VolumeError,
-            ) as exc:
-                # This volume is not served; the others are. Status and the log say why.
-                problem = str(exc)
-                log.error("volume %s is not served: %s", vc.name, exc)
-            except OSError as exc:
-                # ENOSPC preallocating it, say: name the file, the errno alone says not where.
-                where = exc.filename or statedir.journal_path(self.config.unit.state_dir, vc.name)
-                problem = f"cannot open the journal: {where}: {exc.strerror or exc}"
-                log.error("volume %s is not served: %s", vc.name, problem)
-            else:
-                if journal.recovery is not None:
-                    r = journal.recovery
-                    log.info(
-                        "volume %s: journal recovered: %d records, %d replayed in %.3f s%s",
-                        vc.name,
-                        r.records,
-                        r.replayed,
-                        r.seconds,
-                        f", torn tail cut ({r.torn_tail})" if r.torn_tail else "",
-                    )
-                journal_wp = JournalWritePath(
-                    journal,
-                    volume,
-                    loop,
-                    overflow=vc.overflow,
-                    high_water=vc.journal_high_water,
-                )
-                if vc.ack == "remote" and vc.peers:
-                    remote = RemoteAck(
-                        loop, [str(p) for p in vc.peers], vc.ack_timeout, journal_wp.alert
-                    )
-                    for peer in vc.peers:
-                        consumer = journal.consumers[str(peer)]
-                        if consumer.mode == "journal":
-                            remote.set_acked(str(peer), consumer.acked_seq)
-                    journal_wp.remote_ack = remote
-                if history_log is not None:
-                    await attach_history(history_log, journal_wp)
-                delay = journal_wp.replica.delay
-                delay.seconds = vc.replay_delay
-                delay.on_shortened = functools.partial(journal_wp.alert, "replay_delay_shortened")
-                journal_wp.replica.hold_unapplied()
-                journal_wp.start()
-                write_path = journal_wp
-        history: VolumeHistory | None = None
-        if problem is None:
-            try:
-                history = await asyncio.to_thread(
-                    generations.load_or_create,
-                    statedir.role_path(self.config.unit.state_dir, vc.name),
-                    volume=vc.name,
-                    configured=Role(vc.role),
-                    unit=self.config.unit.name,
-                    next_seq=journal_wp.journal.next_seq if journal_wp else 1,
-                )
-            except (GenerationsError, OSError) as exc:
-                problem = f"cannot use the role file: {exc}"
-                log.error("volume %s is not served: %s", vc.name, problem)
-        role = history.role if history is not None else Role(vc.role)
-        # A replica is written only by replication: whenever it is exported, it is read-only.
-        read_only = vc.read_only or role is not Role.PRIMARY
-        export = BlockDevice(
-            vc.name,
-            volume,
-            write_path,
-            description=vc.description or f"blockmirror {role} volume {vc.name}",
-            read_only=read_only,
+    async def serve_volume(self, rt: VolumeRuntime) -> None:
+        """Start the volume's export (if it has one) and enter its serving state. Raises
+        OSError when the export's address cannot be bound."""
+        if rt.problem is not None:
+            return
+        if rt.config.export is not None:
+            rt.server = await self.start_export(rt, rt.config.export.host, rt.config.export.port)
+        rt.enter(rt.serving_state)
+
+    async def start_export(self, rt: VolumeRuntime, host: str, port: int) -> NbdServer:
+        server = NbdServer({rt.config.name: rt.export}, self.nbd_limits)
+        await server.start(host, port)
+        log.info(
+            "volume %s exported on nbd://%s/%s", rt.config.name, rt.export_address, rt.config.name
         )
-        if journal_wp is None and history_log is not None:
-            history_log.close()
-        rt = VolumeRuntime(vc, volume, export, journal=journal_wp, history=history)
-        if journal_wp is not None and journal_wp.history is not None:
-            rt.drills = VolumeDrills(
-                vc.name,
-                journal_wp.history,
-                volume,
-                state_dir=self.config.unit.state_dir,
-                # A drill is served where the volume is (or only on this machine).
-                host=vc.export.host if vc.export is not None else "127.0.0.1",
-                limits=self.nbd_limits,
-            )
-        if problem is not None:
-            rt.problem = problem
-            rt.enter(VolumeState.FAILED)
-        return rt
+        return server
+
+    async def open_volume(self, vc: VolumeConfig) -> VolumeRuntime:
+        return await open_volume(self.config.unit, vc, self.nbd_limits)
 
     async def _control(self, method: str, path: str, query: str) -> tuple[int, dict[str, Any]]:
         """Every control of the admin API: history routes, then the others."""
+        if path == "/api/reload":
+            return await self._reload_control(method)
         reply = await handle_history_path(self.runtime, method, path, query)
         if reply is not None:
             return reply
         return await handle_control(self, method, path, query)
+
+    async def _reload_control(self, method: str) -> tuple[int, dict[str, Any]]:
+        if method != "POST":
+            return HTTPStatus.METHOD_NOT_ALLOWED, {"error": "/api/reload takes POST"}
+        try:
+            result = await self.reload()
+        except ReloadRefused as exc:
+            return HTTPStatus.CONFLICT, {
+                "error": "the configuration was not applied; nothing was changed",
+                "problems": [{"key": key, "message": message} for key, message in exc.problems],
+            }
+        return HTTPStatus.OK, result.to_json()
 
     def runtime(self, name: str) -> VolumeRuntime:
         for rt in self.volumes:
@@ -281,63 +207,72 @@ class Unit:
     async def _start_replication(self) -> None:
         """The listener for sources (secondaries here) and one sender per peer of each volume."""
         rc = self.config.replication
-        psk = load_psk(rc.psk_file) if rc.psk_file is not None else None
+        self.psk = load_psk(rc.psk_file) if rc.psk_file is not None else None
         if rc.listen is not None:
             self.replication = ReplicationServer(
                 self.config.unit.name,
                 self._replica_runtime,
-                psk=psk,
+                psk=self.psk,
                 ssl_context=server_ssl_context(_tls_files(rc)),
             )
             host, port = await self.replication.start(rc.listen.host, rc.listen.port)
             log.info("accepting links on %s:%d", host, port)
-        client_ssl = client_ssl_context(_tls_files(rc))
+        self.client_ssl = client_ssl_context(_tls_files(rc))
         for rt in self.volumes:
-            if rt.journal is None or rt.problem is not None:
-                continue
-            try:
-                own_key = load_psk(rt.config.psk_file) if rt.config.psk_file else None
-            except AuthError as exc:
-                rt.problem = str(exc)
-                rt.enter(VolumeState.FAILED)
-                log.error("volume %s: %s", rt.config.name, exc)
-                continue
-            # Every journaled volume can receive: its role decides, link by link, whether a
-            # peer may send to it (peers are symmetric).
-            rt.replica = ReplicaRuntime(
-                rt.config.name,
-                rt.volume.size,
-                rt.journal,
-                psk=own_key,
-                tls_peers=rt.config.tls_peers,
+            self.link_volume(rt)
+
+    def link_volume(self, rt: VolumeRuntime) -> None:
+        """The volume's replication: its receiving side, its roles and one sender per peer."""
+        if rt.journal is None or rt.problem is not None:
+            return
+        try:
+            own_key = load_psk(rt.config.psk_file) if rt.config.psk_file else None
+        except AuthError as exc:
+            rt.problem = str(exc)
+            rt.enter(VolumeState.FAILED)
+            log.error("volume %s: %s", rt.config.name, exc)
+            return
+        # Every journaled volume can receive: its role decides, link by link, whether a
+        # peer may send to it (peers are symmetric).
+        rt.replica = ReplicaRuntime(
+            rt.config.name,
+            rt.volume.size,
+            rt.journal,
+            psk=own_key,
+            tls_peers=rt.config.tls_peers,
+        )
+        if rt.history is not None:
+            rt.roles = VolumeRoles(
+                unit=self.config.unit.name,
+                volume=rt.config.name,
+                state_dir=self.config.unit.state_dir,
+                history=rt.history,
+                write_path=rt.journal,
+                export=rt.export,
+                replica=rt.replica,
+                read_only=rt.config.read_only,
+                set_state=rt.enter,
             )
-            if rt.history is not None:
-                rt.roles = VolumeRoles(
-                    unit=self.config.unit.name,
-                    volume=rt.config.name,
-                    state_dir=self.config.unit.state_dir,
-                    history=rt.history,
-                    write_path=rt.journal,
-                    export=rt.export,
-                    replica=rt.replica,
-                    read_only=rt.config.read_only,
-                    set_state=rt.enter,
-                )
-            for peer in rt.config.peers:
-                sender = PeerSender(
-                    unit_name=self.config.unit.name,
-                    volume_name=rt.config.name,
-                    write_path=rt.journal,
-                    consumer=str(peer),
-                    host=peer.host,
-                    port=peer.port,
-                    volume_id=self._volume_id(rt),
-                    psk=own_key if own_key is not None else psk,
-                    ssl_context=client_ssl,
-                    roles=rt.roles,
-                )
-                rt.senders.append(sender)
-                sender.start()
+        for peer in rt.config.peers:
+            self.start_sender(rt, peer, own_key)
+
+    def start_sender(self, rt: VolumeRuntime, peer: Address, own_key: bytes | None) -> None:
+        """A sender to ``peer`` over the consumer of its name (which the journal has)."""
+        assert rt.journal is not None
+        sender = PeerSender(
+            unit_name=self.config.unit.name,
+            volume_name=rt.config.name,
+            write_path=rt.journal,
+            consumer=str(peer),
+            host=peer.host,
+            port=peer.port,
+            volume_id=self._volume_id(rt),
+            psk=own_key if own_key is not None else self.psk,
+            ssl_context=self.client_ssl,
+            roles=rt.roles,
+        )
+        rt.senders.append(sender)
+        sender.start()
 
     def _volume_id(self, rt: VolumeRuntime) -> Callable[[], str | None]:
         assert rt.journal is not None
@@ -366,6 +301,7 @@ class Unit:
         if self._upkeep is not None:
             self._upkeep.cancel()
             self._upkeep = None
+        await self.monitor.stop()
         for rt in self.volumes:
             if rt.drills is not None:
                 await rt.drills.stop()
@@ -383,30 +319,51 @@ class Unit:
             await self.admin.close()
             self.admin = None
         for rt in self.volumes:
-            rt.enter(VolumeState.STOPPED)
-            if rt.journal is not None:
-                try:
-                    await rt.journal.close()
-                except (OSError, BlockmirrorError) as exc:
-                    log.error("volume %s: closing the journal failed: %s", rt.config.name, exc)
-                history_log = rt.journal.history
-                if history_log is not None:
-                    try:
-                        await asyncio.to_thread(history_log.sync)
-                    except OSError as exc:
-                        log.error("volume %s: syncing the history failed: %s", rt.config.name, exc)
-                    history_log.close()
-            if not rt.volume.read_only:
-                try:
-                    await asyncio.to_thread(rt.volume.flush)
-                except OSError as exc:
-                    log.error("volume %s: final flush failed: %s", rt.config.name, exc)
-            rt.volume.close()
+            await self.release_volume(rt)
         self.volumes.clear()
         statedir.remove_runtime_file(self.config.unit.state_dir)
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+        logging.getLogger("blockmirror").removeHandler(self.log_buffer)
+
+    async def close_volume(self, rt: VolumeRuntime) -> None:
+        """Take one volume out of a running unit (a reload removed it): no new link or host
+        connection finds it, requests in flight are answered, and it is closed durably."""
+        self.volumes.remove(rt)
+        if rt.drills is not None:
+            await rt.drills.stop()
+        if rt.server is not None:
+            rt.server.stop_reading()
+            await rt.server.shutdown()
+        for sender in rt.senders:
+            await sender.stop()
+        if rt.replica is not None:
+            await rt.replica.disconnect()
+        self.events.forget(rt.config.name)
+        await self.release_volume(rt)
+
+    async def release_volume(self, rt: VolumeRuntime) -> None:
+        """Close a stopped volume's journal, history and file, durably. Never raises."""
+        rt.enter(VolumeState.STOPPED)
+        if rt.journal is not None:
+            try:
+                await rt.journal.close()
+            except (OSError, BlockmirrorError) as exc:
+                log.error("volume %s: closing the journal failed: %s", rt.config.name, exc)
+            history_log = rt.journal.history
+            if history_log is not None:
+                try:
+                    await asyncio.to_thread(history_log.sync)
+                except OSError as exc:
+                    log.error("volume %s: syncing the history failed: %s", rt.config.name, exc)
+                history_log.close()
+        if not rt.volume.read_only:
+            try:
+                await asyncio.to_thread(rt.volume.flush)
+            except OSError as exc:
+                log.error("volume %s: final flush failed: %s", rt.config.name, exc)
+        rt.volume.close()
 
     def _lock(self, state_dir: Path) -> None:
         fd = statedir.try_lock(state_dir)
@@ -416,7 +373,7 @@ class Unit:
             )
         self._lock_fd = fd
 
-    def _write_runtime_file(self) -> None:
+    def write_runtime_file(self) -> None:
         info = {
             "pid": os.getpid(),
             "unit": self.config.unit.name,
@@ -433,15 +390,50 @@ class Unit:
 
     # --- status ---------------------------------------------------------------------------------
 
+    def lag_history(self) -> dict[str, Any]:
+        return {}
+
+    # --- reconfiguration ------------------------------------------------------------------------
+
+    async def reload(self) -> ReloadResult:
+        """Read the configuration file again and apply it (:mod:`blockmirror.reconfigure`).
+        Raises ReloadRefused, with every problem, when nothing was changed. One at a time."""
+        if self._reloading is None:
+            self._reloading = asyncio.Lock()
+        async with self._reloading:
+            source = self.config.source
+            if source is None:
+                raise ReloadRefused([("file", "this unit was not started from a file")])
+            try:
+                raw = await asyncio.to_thread(source.read_bytes)
+                new = await asyncio.to_thread(config_from_bytes, raw, source)
+            except OSError as exc:
+                raise ReloadRefused([("file", f"cannot read {source}: {exc.strerror}")]) from exc
+            except ConfigError as exc:
+                raise ReloadRefused(exc.problems) from exc
+            return await reconfigure.reload(self, new, raw)
+
+    def apply_alerts(self, new: Config) -> None:
+        """New alert thresholds (and targets) from a reload."""
+        alerts = new.alerts
+        self.monitor.reconfigure(
+            rpo_seconds=alerts.rpo_seconds, link_down_seconds=alerts.link_down_seconds
+        )
+
     def status(self) -> dict[str, Any]:
         return {
             "unit": self.config.unit.name,
             "version": __version__,
+            "config_version": (
+                self.config_record.version if self.config_record is not None else None
+            ),
             "pid": os.getpid(),
             "uptime_seconds": round(time.monotonic() - self.started_at, 3),
             "nbd": self.nbd_limits.status(),
             "replication": self.replication.status() if self.replication is not None else None,
             "volumes": [volume_status(rt) for rt in self.volumes],
+            # The open episodes (docs/operations.md, "Monitoring and alerts").
+            "events": [event.to_json() for event in self.events.active()],
         }
 
 

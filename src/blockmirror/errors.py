@@ -13,7 +13,8 @@ BlockmirrorError
 ├── LinkError                                 a link cannot be used: refused, bad key (link/)
 ├── StateTransitionError                      a change of state the table does not allow
 ├── AdminError                                the admin API and its token (admin/)
-└── OfflineError                              an offline command cannot run (offline/)
+├── OfflineError                              an offline command cannot run (offline/)
+└── NotifyError                               an alert target refused or failed (notify/)
 ```
 
 I/O failures are not wrapped: they stay :class:`OSError` with the kernel's errno, because the
@@ -73,6 +74,11 @@ class AdminError(BlockmirrorError):
 
 class OfflineError(BlockmirrorError):
     """An offline command (repair, resize, adopt) cannot run; nothing was changed."""
+
+
+class NotifyError(BlockmirrorError):
+    """An alert could not be delivered to a target (a refusal, a bad reply) or its secret file
+    cannot be used. Delivery retries; the unit goes on."""
 
 
 class RoleError(BlockmirrorError):

@@ -1,7 +1,8 @@
 """A unit as a process: run until SIGTERM or SIGINT, and tell systemd how it goes.
 
 ``blockmirror run`` calls :func:`run_unit`. Signals: SIGTERM and SIGINT stop gracefully,
-SIGUSR2 writes every task's stack to the log. Under a ``Type=notify`` service it sends READY=1
+SIGUSR2 writes every task's stack to the log, SIGHUP reloads the configuration
+(:mod:`blockmirror.reconfigure`). Under a ``Type=notify`` service it sends READY=1
 once the unit serves, STOPPING=1 when it begins to stop, and WATCHDOG=1 while its event loop
 runs (:mod:`blockmirror.io.sdnotify`).
 """
@@ -13,26 +14,37 @@ import io
 import logging
 import os
 import signal
+import time
 
 from blockmirror.config import Config
 from blockmirror.daemon import Unit
 from blockmirror.io.sdnotify import Notifier
+from blockmirror.reconfigure import ReloadRefused
 
 __all__ = ["dump_tasks", "run_unit"]
 
 log = logging.getLogger("blockmirror.daemon")
 
 
-async def run_unit(config: Config) -> int:
-    """Run until SIGTERM or SIGINT; returns the process exit code."""
-    unit = Unit(config)
+async def run_unit(config: Config, *, text: bytes | None = None) -> int:
+    """Run until SIGTERM or SIGINT; returns the process exit code. ``text``: the configuration
+    file's bytes, as parsed (its version is recorded)."""
+    unit = Unit(config, text=text)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    notifier = Notifier()
+    reloads: set[asyncio.Task[None]] = set()
+
+    def hangup() -> None:
+        task = loop.create_task(_reload(unit, notifier))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
     # Handlers go in before start(): a signal during start-up must still stop gracefully.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGUSR2, dump_tasks, unit)
-    notifier = Notifier()
+    loop.add_signal_handler(signal.SIGHUP, hangup)
     watchdog: asyncio.Task[None] | None = None
     try:
         await unit.start()
@@ -50,10 +62,34 @@ async def run_unit(config: Config) -> int:
     finally:
         if watchdog is not None:
             watchdog.cancel()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+        for task in list(reloads):
+            task.cancel()
     log.info("unit %s stopped cleanly", config.unit.name)
     return 0
+
+
+async def _reload(unit: Unit, notifier: Notifier) -> None:
+    """SIGHUP: read the configuration again and apply it. A refused reload is logged with
+    every problem and changes nothing; the unit runs on either way."""
+    if not unit.started:
+        log.warning("SIGHUP during start-up ignored: reload once the unit serves")
+        return
+    # systemd wants the monotonic clock with RELOADING=1 (sd_notify(3)).
+    notifier.send(reloading="1", monotonic_usec=str(time.monotonic_ns() // 1000))
+    try:
+        result = await unit.reload()
+    except ReloadRefused as exc:
+        log.error(
+            "reload refused; nothing was changed:\n%s",
+            "\n".join(f"  {key}: {message}" for key, message in exc.problems),
+        )
+    except Exception:
+        log.exception("reload failed")
+    else:
+        log.info("reload: configuration version %d", result.record.version)
+    notifier.send(ready="1", status=f"unit {unit.config.unit.name} serving")
 
 
 async def _watchdog(notifier: Notifier, interval: float) -> None:

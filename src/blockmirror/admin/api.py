@@ -31,16 +31,18 @@ of the page: it sets an HttpOnly, SameSite=Strict cookie and answers the CSRF to
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import ssl
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
 from blockmirror.admin.access import AdminAccess, bearer, cookie_value, split_host, token_matches
 from blockmirror.admin.controls import is_control_path
+from blockmirror.admin.http import Request, Response, json_response
 from blockmirror.admin.metrics import CONTENT_TYPE, render_metrics
 from blockmirror.admin.page import SCRIPT, render_page, render_sign_in
 
@@ -66,26 +68,10 @@ StatusProvider = Callable[[], dict[str, Any]]
 # (method, path, query) -> (HTTP status, JSON body): blockmirror.admin.controls.handle, bound to
 # the unit.
 ControlHandler = Callable[[str, str, str], Awaitable[tuple[int, dict[str, Any]]]]
-
-
-@dataclass(slots=True)
-class _Response:
-    status: HTTPStatus
-    ctype: str
-    body: bytes
-    headers: list[tuple[str, str]] = field(default_factory=list)
-
-
-@dataclass(frozen=True, slots=True)
-class _Request:
-    method: str
-    path: str
-    query: str
-    headers: dict[str, str]
-    body: bytes
-
-    def header(self, name: str) -> str | None:
-        return self.headers.get(name)
+# More GET pages the unit serves (events, the log, the lag history): path -> (route, whether
+# admin_public_status opens it to callers without credentials).
+ReadRoute = Callable[[Request], Response]
+ReadRoutes = Mapping[str, tuple[ReadRoute, bool]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,10 +99,6 @@ class _BadRequest(Exception):
         self.message = message
 
 
-def _json(status: HTTPStatus, doc: dict[str, Any]) -> _Response:
-    return _Response(status, "application/json", json.dumps(doc, indent=2).encode() + b"\n")
-
-
 class AdminServer:
     def __init__(
         self,
@@ -125,13 +107,22 @@ class AdminServer:
         *,
         access: AdminAccess,
         tls: ssl.SSLContext | None = None,
+        reads: ReadRoutes | None = None,
     ) -> None:
         self._status = status
         self._controls = controls
+        self._reads = dict(reads or {})
         self._access = access
         self._tls = tls
         self._server: asyncio.Server | None = None
         self._clients: set[asyncio.Task[None]] = set()
+
+    def set_access(self, access: AdminAccess) -> None:
+        """New access rules (a reload). Sessions of the page survive unless the token changed:
+        a new token is how an operator signs everyone out."""
+        if access.token == self._access.token:
+            access = dataclasses.replace(access, sessions=self._access.sessions)
+        self._access = access
 
     @property
     def address(self) -> tuple[str, int]:
@@ -181,21 +172,25 @@ class AdminServer:
             # would leave the operator guessing whether it took effect.
             response = await self._respond(request)
         except (asyncio.LimitOverrunError, asyncio.IncompleteReadError, TimeoutError, ValueError):
-            response = _Response(HTTPStatus.BAD_REQUEST, "text/plain", b"bad request\n")
+            response = Response(HTTPStatus.BAD_REQUEST, "text/plain", b"bad request\n")
         except (ConnectionError, ssl.SSLError):
             self._clients.discard(task)
             writer.close()
             return
         extra = "".join(f"{name}: {value}\r\n" for name, value in response.headers)
+        # A stream has no length: its end is the connection's close.
+        length = "" if response.stream else f"Content-Length: {len(response.body)}\r\n"
         try:
             writer.write(
                 f"HTTP/1.1 {response.status.value} {response.status.phrase}\r\n"
-                f"Content-Type: {response.ctype}\r\nContent-Length: {len(response.body)}\r\n"
+                f"Content-Type: {response.ctype}\r\n{length}"
                 f"{extra}X-Content-Type-Options: nosniff\r\n"
                 "Cache-Control: no-store\r\nConnection: close\r\n\r\n".encode()
                 + response.body
             )
             await writer.drain()
+            if response.stream is not None:
+                await response.stream(writer)
         except (ConnectionError, ssl.SSLError):
             pass
         finally:
@@ -204,21 +199,21 @@ class AdminServer:
 
     async def _read(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> _Request | _Response:
+    ) -> Request | Response:
         """The request, or the answer to a malformed one."""
         head = await reader.readuntil(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
         parts = lines[0].split(" ")
         if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-            return _Response(HTTPStatus.BAD_REQUEST, "text/plain", b"bad request line\n")
+            return Response(HTTPStatus.BAD_REQUEST, "text/plain", b"bad request line\n")
         method, target, _ = parts
         path, _, query = target.partition("?")
         try:
             headers = self._headers(lines[1:])
             body = await self._read_body(headers, reader, writer)
         except _BadRequest as exc:
-            return _json(exc.status, {"error": exc.message})
-        return _Request(method, path, query, headers, body)
+            return json_response(exc.status, {"error": exc.message})
+        return Request(method, path, query, headers, body)
 
     @staticmethod
     def _headers(lines: list[str]) -> dict[str, str]:
@@ -235,14 +230,14 @@ class AdminServer:
 
     # --- who is asking ------------------------------------------------------------------------
 
-    def _check_host_and_origin(self, request: _Request) -> _Response | None:
+    def _check_host_and_origin(self, request: Request) -> Response | None:
         host_header = request.header("host")
         if host_header is None:
-            return _json(HTTPStatus.BAD_REQUEST, {"error": "a Host header is required"})
+            return json_response(HTTPStatus.BAD_REQUEST, {"error": "a Host header is required"})
         parsed = split_host(host_header)
         if parsed is None or not self._access.host_allowed(parsed[0]):
             log.warning("admin API: refused a request for Host %r", host_header[:100])
-            return _json(
+            return json_response(
                 HTTPStatus.MISDIRECTED_REQUEST,
                 {
                     "error": f"this unit does not answer to Host {host_header[:100]!r}; "
@@ -254,15 +249,15 @@ class AdminServer:
         origin = request.header("origin")
         if origin is not None and not self._access.origin_matches(origin, host_header):
             log.warning("admin API: refused a %s from origin %r", request.method, origin[:100])
-            return _json(
+            return json_response(
                 HTTPStatus.FORBIDDEN,
                 {"error": f"cross-origin request refused (Origin {origin[:100]!r})"},
             )
         if request.header("sec-fetch-site") in ("cross-site", "same-site"):
-            return _json(HTTPStatus.FORBIDDEN, {"error": "cross-site request refused"})
+            return json_response(HTTPStatus.FORBIDDEN, {"error": "cross-site request refused"})
         return None
 
-    def _caller(self, request: _Request) -> _Caller | _Response:
+    def _caller(self, request: Request) -> _Caller | Response:
         authorization = request.header("authorization")
         if authorization is not None:
             offered = bearer(authorization)
@@ -278,19 +273,19 @@ class AdminServer:
         return _Caller(session=sid, csrf=csrf, csrf_ok=ok)
 
     @staticmethod
-    def _unauthorized(message: str, *, invalid: bool = False) -> _Response:
-        response = _json(HTTPStatus.UNAUTHORIZED, {"error": message})
+    def _unauthorized(message: str, *, invalid: bool = False) -> Response:
+        response = json_response(HTTPStatus.UNAUTHORIZED, {"error": message})
         challenge = 'Bearer realm="blockmirror"'
         if invalid:
             challenge += ', error="invalid_token"'
         response.headers.append(("WWW-Authenticate", challenge))
         return response
 
-    def _refuse_action(self, caller: _Caller) -> _Response | None:
+    def _refuse_action(self, caller: _Caller) -> Response | None:
         if caller.can_act:
             return None
         if caller.session is not None:
-            return _json(
+            return json_response(
                 HTTPStatus.FORBIDDEN,
                 {"error": "a session needs its CSRF token in the X-CSRF-Token header"},
             )
@@ -299,7 +294,7 @@ class AdminServer:
             "(the token is in the unit's admin_token_file, or STATE_DIR/admin.token)"
         )
 
-    def _refuse_read(self, caller: _Caller) -> _Response | None:
+    def _refuse_read(self, caller: _Caller) -> Response | None:
         if caller.can_read or self._access.public_status:
             return None
         return self._unauthorized(
@@ -309,14 +304,14 @@ class AdminServer:
 
     # --- routing -----------------------------------------------------------------------------
 
-    async def _respond(self, request: _Request | _Response) -> _Response:
-        if not isinstance(request, _Request):
+    async def _respond(self, request: Request | Response) -> Response:
+        if not isinstance(request, Request):
             return request
         refused = self._check_host_and_origin(request)
         if refused is not None:
             return refused
         caller = self._caller(request)
-        if isinstance(caller, _Response):
+        if isinstance(caller, Response):
             return caller
         method, path = request.method, request.path
         if is_control_path(path):
@@ -325,34 +320,43 @@ class AdminServer:
             return self._session(request, caller)
         if method != "GET":
             if path.startswith("/api/"):
-                response = _json(
+                response = json_response(
                     HTTPStatus.METHOD_NOT_ALLOWED, {"error": f"{path} takes GET, not {method}"}
                 )
             else:
-                response = _Response(
+                response = Response(
                     HTTPStatus.METHOD_NOT_ALLOWED, "text/plain", b"only GET is supported\n"
                 )
             response.headers.append(("Allow", "GET"))
             return response
         if path == "/api/status":
-            return self._refuse_read(caller) or _json(HTTPStatus.OK, self._status())
+            return self._refuse_read(caller) or json_response(HTTPStatus.OK, self._status())
         if path == "/metrics":
             refused = self._refuse_read(caller)
-            return refused or _Response(HTTPStatus.OK, CONTENT_TYPE, render_metrics(self._status()))
+            return refused or Response(HTTPStatus.OK, CONTENT_TYPE, render_metrics(self._status()))
+        route = self._reads.get(path)
+        if route is not None:
+            handler, public = route
+            refused = (
+                self._refuse_read(caller)
+                if public
+                else (None if caller.can_read else self._refuse_action(caller))
+            )
+            return refused or handler(request)
         if path in ("/", "/index.html"):
             return self._page(caller)
         if path == SCRIPT_PATH:
-            return _Response(HTTPStatus.OK, "text/javascript; charset=utf-8", SCRIPT.encode())
+            return Response(HTTPStatus.OK, "text/javascript; charset=utf-8", SCRIPT.encode())
         if path.startswith("/api/"):
-            return _json(HTTPStatus.NOT_FOUND, {"error": f"no such API: {path}"})
-        return _Response(HTTPStatus.NOT_FOUND, "text/plain", b"not found\n")
+            return json_response(HTTPStatus.NOT_FOUND, {"error": f"no such API: {path}"})
+        return Response(HTTPStatus.NOT_FOUND, "text/plain", b"not found\n")
 
-    def _page(self, caller: _Caller) -> _Response:
+    def _page(self, caller: _Caller) -> Response:
         if caller.can_read or self._access.public_status:
             text = render_page(self._status(), csrf=caller.csrf if caller.session else None)
         else:
             text = render_sign_in()
-        response = _Response(HTTPStatus.OK, "text/html; charset=utf-8", text.encode())
+        response = Response(HTTPStatus.OK, "text/html; charset=utf-8", text.encode())
         response.headers += [
             ("Content-Security-Policy", _PAGE_POLICY),
             ("X-Frame-Options", "DENY"),
@@ -360,7 +364,7 @@ class AdminServer:
         ]
         return response
 
-    def _session(self, request: _Request, caller: _Caller) -> _Response:
+    def _session(self, request: Request, caller: _Caller) -> Response:
         if request.method == "POST":
             return self._sign_in(request, caller)
         if request.method == "DELETE":
@@ -369,16 +373,16 @@ class AdminServer:
                 return refused
             if caller.session is not None:
                 self._access.sessions.drop(caller.session)
-            response = _json(HTTPStatus.OK, {"signed_out": True})
+            response = json_response(HTTPStatus.OK, {"signed_out": True})
             response.headers.append(("Set-Cookie", self._cookie("", max_age=0)))
             return response
-        response = _json(
+        response = json_response(
             HTTPStatus.METHOD_NOT_ALLOWED, {"error": f"{SESSION_PATH} takes POST or DELETE"}
         )
         response.headers.append(("Allow", "POST, DELETE"))
         return response
 
-    def _sign_in(self, request: _Request, caller: _Caller) -> _Response:
+    def _sign_in(self, request: Request, caller: _Caller) -> Response:
         if not caller.token:
             ctype = (request.header("content-type") or "").split(";")[0].strip().lower()
             if ctype != "application/json":
@@ -390,7 +394,7 @@ class AdminServer:
             try:
                 doc = json.loads(request.body)
             except ValueError:
-                return _json(HTTPStatus.BAD_REQUEST, {"error": "the body is not JSON"})
+                return json_response(HTTPStatus.BAD_REQUEST, {"error": "the body is not JSON"})
             offered = doc.get("token") if isinstance(doc, dict) else None
             if not isinstance(offered, str) or not token_matches(
                 offered.strip(), self._access.token
@@ -398,7 +402,7 @@ class AdminServer:
                 log.warning("admin API: a sign-in with a wrong token was refused")
                 return self._unauthorized("the admin token is wrong", invalid=True)
         sid, csrf = self._access.sessions.create()
-        response = _json(HTTPStatus.OK, {"csrf_token": csrf})
+        response = json_response(HTTPStatus.OK, {"csrf_token": csrf})
         response.headers.append(("Set-Cookie", self._cookie(sid)))
         return response
 
@@ -435,16 +439,18 @@ class AdminServer:
             await writer.drain()
         return await reader.readexactly(length)
 
-    async def _control(self, method: str, path: str, query: str) -> _Response:
+    async def _control(self, method: str, path: str, query: str) -> Response:
         if self._controls is None:
-            return _json(HTTPStatus.NOT_FOUND, {"error": "this server has no controls"})
+            return json_response(HTTPStatus.NOT_FOUND, {"error": "this server has no controls"})
         try:
             code, doc = await self._controls(method, path, query)
         except Exception as exc:
             # A bug in a control must not take the admin API (or the unit) down with it.
             log.exception("control %s %s failed", method, path)
-            return _json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"internal error: {exc}"})
-        response = _json(HTTPStatus(code), doc)
+            return json_response(
+                HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"internal error: {exc}"}
+            )
+        response = json_response(HTTPStatus(code), doc)
         if code == HTTPStatus.METHOD_NOT_ALLOWED:
             response.headers.append(("Allow", "POST"))
         return response

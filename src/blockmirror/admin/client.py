@@ -78,8 +78,12 @@ class AdminClient:
     def refusal(self, exc: urllib.error.HTTPError) -> str:
         """What to tell the operator when the API answered with an error status."""
         try:
-            message = str(json.loads(exc.read())["error"])
-        except (ValueError, KeyError, TypeError, OSError):
+            doc = json.loads(exc.read())
+            message = str(doc["error"])
+            # A refused reload names each problem: one line per key.
+            for problem in doc.get("problems") or []:
+                message += f"\n  {problem.get('key')}: {problem.get('message')}"
+        except (ValueError, KeyError, TypeError, AttributeError, OSError):
             message = exc.reason if isinstance(exc.reason, str) else str(exc)
         if exc.code != 401:
             return f"the unit refused ({exc.code}): {message}"

@@ -156,8 +156,12 @@ class ControlRequest:
     delayed: str = ""  # promote: "apply" or "discard" the records replay_delay holds
 
 
+# Controls of the unit as a whole (the daemon routes them; see daemon._control).
+UNIT_CONTROLS = frozenset({"/api/reload"})
+
+
 def is_control_path(path: str) -> bool:
-    return path.startswith(PREFIX)
+    return path.startswith(PREFIX) or path in UNIT_CONTROLS
 
 
 def _segments(path: str) -> list[str]:

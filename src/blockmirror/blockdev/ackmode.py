@@ -46,6 +46,17 @@ class RemoteAck:
         """Where a peer stands at start (from its journal cursor)."""
         self.acked[peer] = max(self.acked.get(peer, 0), seq)
 
+    def add_peer(self, peer: str) -> None:
+        """A peer added by a reload: writes from now on wait for it too (until it is degraded
+        by ``ack_timeout``, like a peer that was down at start)."""
+        self.acked.setdefault(peer, 0)
+
+    def remove_peer(self, peer: str) -> None:
+        """A peer removed by a reload: nothing waits for it any more."""
+        self.acked.pop(peer, None)
+        self.degraded.discard(peer)
+        self._release()
+
     @property
     def mode(self) -> str:
         return "remote-degraded" if self.degraded else "remote"

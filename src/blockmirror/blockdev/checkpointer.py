@@ -68,6 +68,8 @@ class Checkpointer:
         self._durability = durability
         self._alerts = alerts
         self.high_water = HighWater(alerts, high_water)
+        # Times the ring was full and a consumer went to dirty tracking (status, journal-full).
+        self.overflows = 0
         self.interval = interval
         self._lock = asyncio.Lock()
         self._wanted = asyncio.Event()
@@ -202,6 +204,7 @@ class Checkpointer:
             return False
         slowest = min(holders, key=lambda c: c.acked_seq)
         self.journal.switch_to_tracking(slowest)
+        self.overflows += 1
         self._alerts.alert(
             "consumer_tracking",
             f"consumer {slowest.name} fell behind the journal; tracking dirty regions",

@@ -464,6 +464,8 @@ class JournalWritePath:
         out["failed"] = str(self.failed) if self.failed is not None else None
         out["stalled"] = str(self.stalled) if self.stalled is not None else None
         out["stalls"] = self.applier.stalls
+        out["waiting_for_room"] = len(self.checkpointer.waiting)
+        out["overflows"] = self.checkpointer.overflows
         out["alerts"] = list(self.alerts.events)
         remote = self.remote_ack
         out["ack"] = remote.status() if remote is not None else {"mode": "local"}

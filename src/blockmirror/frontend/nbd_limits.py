@@ -52,15 +52,20 @@ class NbdLimits:
     ) -> None:
         if reply_budget <= 0 or max_connections <= 0:
             raise ValueError("the reply budget and the connection limit must be positive")
-        self.reply_budget = reply_budget
-        self.max_connections = max_connections
-        self.piece = max(MIN_PIECE, min(MAX_PIECE, reply_budget // max_connections))
+        self.resize(reply_budget, max_connections)
         self.connections = 0
         self.reply_bytes_in_flight = 0
         self.refused_connections = 0
         self.budget_waits = 0
         self._waiters: deque[BudgetHolder] = deque()
         self._poll: asyncio.TimerHandle | None = None
+
+    def resize(self, reply_budget: int, max_connections: int) -> None:
+        """New bounds (at start, or by a reload): connections over a lowered limit stay, and
+        no new one is admitted until they are under it."""
+        self.reply_budget = reply_budget
+        self.max_connections = max_connections
+        self.piece = max(MIN_PIECE, min(MAX_PIECE, reply_budget // max_connections))
 
     def admit(self) -> bool:
         """Count a new connection, or say it is one too many."""

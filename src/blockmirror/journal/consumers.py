@@ -135,6 +135,21 @@ def attach(
     return consumers
 
 
+def create(
+    name: str, *, state_dir: Path, volume_name: str, volume_size: int, next_seq: int
+) -> Consumer:
+    """A consumer new to a running journal (a peer added by a reload): every region dirty,
+    so the peer gets a full resync, and its map durable. Blocking; run in a thread. The caller
+    adds it to the journal's consumers on the event loop."""
+    consumer = _attach_one(name, state_dir, volume_name, volume_size, {}, next_seq)
+    try:
+        consumer.dirty.sync()
+    except BaseException:
+        consumer.dirty.close(sync=False)
+        raise
+    return consumer
+
+
 def _attach_one(
     name: str,
     state_dir: Path,

@@ -11,6 +11,7 @@ memory, and a real source, which sends its HELLO as soon as it is connected, sti
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import socket
 import ssl
@@ -63,6 +64,10 @@ class ReplicationServer:
         self.max_unauthenticated_per_address = max_unauthenticated_per_address
         self.refusals = 0
         self.evictions = 0
+
+    def set_psk(self, psk: bytes | None) -> None:
+        """The listener's key from now on (a reload): sessions already open keep theirs."""
+        self._settings = dataclasses.replace(self._settings, psk=psk)
 
     @property
     def address(self) -> tuple[str, int]:

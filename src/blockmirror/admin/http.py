@@ -1,0 +1,44 @@
+"""The admin server's response type, shared by the server and the routes that add pages to it.
+
+A :class:`Response` is a whole body, or a ``stream``: a coroutine that writes the body itself
+after the head (server-sent events), for as long as the client listens. The server still owns
+the connection: it closes it when the stream returns or the server stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any
+
+__all__ = ["Request", "Response", "Stream", "json_response"]
+
+Stream = Callable[[asyncio.StreamWriter], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class Response:
+    status: HTTPStatus
+    ctype: str
+    body: bytes
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    stream: Stream | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name)
+
+
+def json_response(status: HTTPStatus, doc: dict[str, Any]) -> Response:
+    return Response(status, "application/json", json.dumps(doc, indent=2).encode() + b"\n")
