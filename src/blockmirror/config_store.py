@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,15 @@ from typing import Any
 
 from blockmirror.io.fileio import sync_directory
 
-__all__ = ["ConfigRecord", "cached_text", "load_record", "record_applied"]
+__all__ = [
+    "ConfigRecord",
+    "cached_text",
+    "keep_peer_copy",
+    "load_record",
+    "peer_copies",
+    "peer_copy",
+    "record_applied",
+]
 
 RECORD_FILE = "config.json"
 COPY_FILE = "config.toml"
@@ -88,3 +97,73 @@ def _replace(path: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+# --- the copies peers hand over (PEER_CONFIG) -------------------------------------------------
+
+PEERS_DIR = "peers"
+# Unit names are file names here: the same rule the config applies to names.
+_UNIT_NAME = re.compile(r"[A-Za-z0-9._-]{1,255}", re.ASCII)
+
+
+def _peer_paths(state_dir: Path, unit: str) -> tuple[Path, Path]:
+    if not _UNIT_NAME.fullmatch(unit) or unit in (".", ".."):
+        raise ValueError(f"{unit!r} is not a unit name")
+    directory = state_dir / PEERS_DIR
+    return directory / f"{unit}.toml", directory / f"{unit}.json"
+
+
+def keep_peer_copy(state_dir: Path, unit: str, version: int, text: bytes, source: str) -> bool:
+    """Keep what unit ``unit`` says is its configuration; False when that copy is kept already.
+    Raises ValueError for a name that cannot be a unit's, OSError when it cannot be written."""
+    text_path, meta_path = _peer_paths(state_dir, unit)
+    digest = hashlib.sha256(text).hexdigest()
+    old = peer_copy_meta(state_dir, unit)
+    if old is not None and old.get("sha256") == digest and old.get("config_version") == version:
+        return False
+    text_path.parent.mkdir(mode=0o700, exist_ok=True)
+    meta = {
+        "unit": unit,
+        "config_version": version,
+        "sha256": digest,
+        "received": time.time(),
+        "from": source,
+    }
+    _replace(text_path, text)
+    _replace(meta_path, (json.dumps(meta, indent=2) + "\n").encode())
+    sync_directory(text_path.parent)
+    return True
+
+
+def peer_copy_meta(state_dir: Path, unit: str) -> dict[str, Any] | None:
+    try:
+        _, meta_path = _peer_paths(state_dir, unit)
+        doc = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def peer_copy(state_dir: Path, unit: str) -> tuple[dict[str, Any], bytes] | None:
+    """The kept configuration of ``unit`` and what is known of it; None if none is kept."""
+    meta = peer_copy_meta(state_dir, unit)
+    if meta is None:
+        return None
+    text_path, _ = _peer_paths(state_dir, unit)
+    try:
+        text = text_path.read_bytes()
+    except OSError:
+        return None
+    if hashlib.sha256(text).hexdigest() != meta.get("sha256"):
+        return None  # torn or tampered: never hand out a copy that is not what was received
+    return meta, text
+
+
+def peer_copies(state_dir: Path) -> list[dict[str, Any]]:
+    """What is known of every kept copy, by unit name."""
+    directory = state_dir / PEERS_DIR
+    try:
+        names = sorted(p.stem for p in directory.glob("*.json"))
+    except OSError:
+        return []
+    return [meta for name in names if (meta := peer_copy_meta(state_dir, name)) is not None]

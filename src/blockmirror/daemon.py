@@ -22,8 +22,10 @@ from blockmirror.admin.api import AdminServer
 from blockmirror.admin.controls import handle as handle_control
 from blockmirror.admin.event_routes import LogBuffer, events_route, lag_history_route, log_route
 from blockmirror.admin.history_routes import handle_path as handle_history_path
+from blockmirror.admin.lag_history import LagHistory
 from blockmirror.admin.setup import admin_access, unit_token_path
 from blockmirror.config import Address, Config, ReplicationConfig, VolumeConfig, config_from_bytes
+from blockmirror.config_sharing import UnitConfigShare
 from blockmirror.config_store import ConfigRecord, record_applied
 from blockmirror.drills import clear_leftovers
 from blockmirror.errors import BlockmirrorError, ConfigError
@@ -75,11 +77,18 @@ class Unit:
         # log dump, and the loop that turns status into events.
         self.events = EventLog(config.unit.name)
         self.log_buffer = LogBuffer()
+        self._lag = LagHistory()
         self.monitor = UnitMonitor(
             self.status,
             self.events,
             rpo_seconds=config.alerts.rpo_seconds,
             link_down_seconds=config.alerts.link_down_seconds,
+            samplers=[self._lag.sample],
+        )
+        self.configs = UnitConfigShare(
+            config.unit.name,
+            config.unit.state_dir,
+            lambda: (self.config_record, self.config_text),
         )
         # The links' unit-wide key and client TLS (a volume's own key overrides the first).
         self.psk: bytes | None = None
@@ -121,6 +130,7 @@ class Unit:
                         "/api/lag-history": (lag_history_route(self.lag_history), True),
                         # Log lines name files and addresses: never public.
                         "/api/log": (log_route(self.log_buffer, self.config.unit.name), False),
+                        "/api/peer-configs": (self.configs.route, False),
                     },
                 )
                 host, port = await self.admin.start(
@@ -214,6 +224,7 @@ class Unit:
                 self._replica_runtime,
                 psk=self.psk,
                 ssl_context=server_ssl_context(_tls_files(rc)),
+                configs=self.configs.share,
             )
             host, port = await self.replication.start(rc.listen.host, rc.listen.port)
             log.info("accepting links on %s:%d", host, port)
@@ -268,6 +279,7 @@ class Unit:
             port=peer.port,
             volume_id=self._volume_id(rt),
             psk=own_key if own_key is not None else self.psk,
+            configs=self.configs.share,
             ssl_context=self.client_ssl,
             roles=rt.roles,
         )
@@ -318,6 +330,7 @@ class Unit:
         if self.admin is not None:
             await self.admin.close()
             self.admin = None
+        await self.configs.wait()
         for rt in self.volumes:
             await self.release_volume(rt)
         self.volumes.clear()
@@ -391,7 +404,15 @@ class Unit:
     # --- status ---------------------------------------------------------------------------------
 
     def lag_history(self) -> dict[str, Any]:
-        return {}
+        return self._lag.to_json()
+
+    def share_config(self) -> None:
+        """Hand the configuration applied now to every connected peer (after a reload)."""
+        for rt in self.volumes:
+            for sender in rt.senders:
+                sender.share_config()
+            if rt.replica is not None and rt.replica.session is not None:
+                rt.replica.session.share_config()
 
     # --- reconfiguration ------------------------------------------------------------------------
 

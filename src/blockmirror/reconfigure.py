@@ -83,6 +83,7 @@ class _Prepared:
 async def reload(unit: Unit, new: Config, text: bytes) -> ReloadResult:
     """Apply ``new`` to the running ``unit``; raises ReloadRefused (nothing changed)."""
     changes = diff(unit.config, new)
+    old_version = unit.config_record.version if unit.config_record is not None else None
     if changes.refused:
         raise ReloadRefused(changes.refused)
     prepared = _Prepared()
@@ -94,8 +95,10 @@ async def reload(unit: Unit, new: Config, text: bytes) -> ReloadResult:
     await _commit(unit, new, changes, prepared)
     unit.config = new
     record = await asyncio.to_thread(record_applied, new.unit.state_dir, text)
-    unit.config_record = record
+    unit.config_record, unit.config_text = record, text
     unit.write_runtime_file()
+    if record.version != (old_version or 0):
+        unit.share_config()
     for change in changes.changes:
         log.info("reload: %s", change.describe())
     for note in changes.notes:

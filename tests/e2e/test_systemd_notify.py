@@ -48,7 +48,7 @@ def test_ready_watchdog_and_stopping_reach_the_notify_socket(tmp_path: Path) -> 
             # SIGHUP: RELOADING=1 (with the monotonic clock systemd asks for), then READY=1.
             config.write_text(config.read_text().replace('"2MiB"', '"2MiB"\ndescription = "v2"'))
             os.kill(unit.pid, signal.SIGHUP)
-            reload_messages = []
+            reload_messages: list[str] = []
             while not any("READY=1" in m.splitlines() for m in reload_messages):
                 message = sock.recv(4096).decode()
                 if message != "WATCHDOG=1":

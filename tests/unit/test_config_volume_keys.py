@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from blockmirror.config import parse_config
-from blockmirror.link.receiver import certificate_names
+from blockmirror.link.receiver_auth import certificate_names
 from tests.unit.test_config import keys_of, minimal, problems_of
 
 

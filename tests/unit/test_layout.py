@@ -80,6 +80,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "volume_open",
         "reconfigure",
         "config_store",
+        "config_sharing",
     ),
     7: ("cli", "cli_roles", "cli_history", "cli_controls", "demo", "lifecycle"),
 }

@@ -32,6 +32,7 @@ from blockmirror.link.protocol import (
     Heartbeat,
     Hello,
     Message,
+    PeerConfig,
     Records,
     Refuse,
     Regions,
@@ -86,7 +87,7 @@ class Accepts:
 
 
 _STREAM_IN: Final = frozenset(
-    {Records, SyncStart, SyncData, SyncZero, SyncDone, Heartbeat, DigestRequest}
+    {Records, SyncStart, SyncData, SyncZero, SyncDone, Heartbeat, DigestRequest, PeerConfig}
 )
 
 ACCEPTS: Final[dict[End, dict[HandshakeStep, Accepts]]] = {
@@ -108,7 +109,7 @@ ACCEPTS: Final[dict[End, dict[HandshakeStep, Accepts]]] = {
         # the source streams; the sender counts them. The secondary never takes one: its
         # STREAM step answers it bad-frame like any other frame out of place.
         HandshakeStep.STREAM: Accepts(
-            frozenset({Ack, Heartbeat, Regions, Digests}),
+            frozenset({Ack, Heartbeat, Regions, Digests, PeerConfig}),
             True,
             None,
             "unexpected {name} from secondary",

@@ -19,6 +19,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Final
 
+from blockmirror.link.peer_configs import ConfigShare
 from blockmirror.link.receiver import ReceiverSession, ReceiverSettings
 from blockmirror.link.replica_runtime import ReplicaRuntime
 from blockmirror.link.session import DEFAULT_TIMEOUTS, READ_SIZE, Timeouts, tune_socket
@@ -44,12 +45,15 @@ class ReplicationServer:
         *,
         psk: bytes | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        configs: ConfigShare | None = None,
         max_unauthenticated: int = MAX_UNAUTHENTICATED,
         max_unauthenticated_per_address: int = MAX_UNAUTHENTICATED_PER_ADDRESS,
         timeouts: Timeouts = DEFAULT_TIMEOUTS,
     ) -> None:
         self.unit_name = unit_name
-        self._settings = ReceiverSettings(unit_name, replicas, psk, tls=ssl_context is not None)
+        self._settings = ReceiverSettings(
+            unit_name, replicas, psk, tls=ssl_context is not None, configs=configs
+        )
         self._ssl = ssl_context
         self.timeouts = timeouts
         self._listeners: list[socket.socket] = []

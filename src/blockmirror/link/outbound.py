@@ -17,7 +17,15 @@ from typing import TYPE_CHECKING, Final
 from blockmirror.errors import ProtocolError
 from blockmirror.journal.journal import RecordsGone
 from blockmirror.link.copier import Copier
-from blockmirror.link.protocol import Ack, DigestRequest, Digests, Heartbeat, encode_raw_records
+from blockmirror.link.peer_configs import take
+from blockmirror.link.protocol import (
+    Ack,
+    DigestRequest,
+    Digests,
+    Heartbeat,
+    PeerConfig,
+    encode_raw_records,
+)
 from blockmirror.link.session import LinkSession, ProgressWatch
 from blockmirror.state import ConsumerMode, LinkPhase
 
@@ -165,6 +173,16 @@ class OutboundStream:
                     waiter = self.digest_waiters.pop(message.request_id, None)
                     if waiter is not None and not waiter.done():
                         waiter.set_result(message)
+                elif isinstance(message, PeerConfig):
+                    try:
+                        take(
+                            self.sender.configs,
+                            message,
+                            peer_unit=str(self.sender.peer_unit),
+                            where=self.sender.describe(),
+                        )
+                    except ValueError as exc:
+                        raise ProtocolError(str(exc)) from None
                 elif not isinstance(message, Heartbeat):  # pragma: no cover - the order says
                     raise ProtocolError(f"unexpected {type(message).__name__} from secondary")
         except BaseException as exc:

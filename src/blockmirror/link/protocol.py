@@ -63,6 +63,7 @@ __all__ = [
     "FRAME_HEADER_SIZE",
     "HANDSHAKE_FRAMES",
     "MAGIC",
+    "MAX_CONFIG_TEXT",
     "MAX_DIGESTS",
     "MAX_DIVERGED_FRAMES",
     "MAX_JSON",
@@ -81,6 +82,7 @@ __all__ = [
     "Hello",
     "LinkCodec",
     "Message",
+    "PeerConfig",
     "Record",
     "Records",
     "Refuse",
@@ -106,6 +108,9 @@ PROTOCOL_VERSION: Final = 2
 FRAME_HEADER_SIZE: Final = 16
 MAX_PAYLOAD: Final = 64 * 1024 * 1024
 MAX_JSON: Final = 64 * 1024
+MAX_CONFIG_TEXT: Final = 48 * 1024
+"""The longest configuration text a PEER_CONFIG carries, in characters (JSON escaping must
+still fit :data:`MAX_JSON`)."""
 
 AUTH_PSK: Final = "psk"
 AUTH_NONE: Final = "none"
@@ -132,6 +137,8 @@ class FrameType(enum.IntEnum):
     # Online verify and checksum sync (issue 10): region digests.
     DIGEST_REQUEST = 15
     DIGESTS = 16
+    # Configuration exchange (issue 11): each end's configuration, kept by the other.
+    PEER_CONFIG = 17
 
 
 class RefuseCode(enum.StrEnum):
@@ -220,6 +227,7 @@ _LENGTHS: Final[dict[int, tuple[int, int]]] = {
     FrameType.AUTH_CLIENT: (0, MAX_JSON),
     FrameType.WELCOME: (0, MAX_JSON),
     FrameType.REFUSE: (0, MAX_JSON),
+    FrameType.PEER_CONFIG: (0, MAX_JSON),
     FrameType.RECORDS: (HEADER_SIZE, MAX_PAYLOAD),
     FrameType.ACK: (_ACK.size, _ACK.size),
     FrameType.HEARTBEAT: (_HEARTBEAT.size, _HEARTBEAT.size),
@@ -289,6 +297,8 @@ class Hello:
     # volume from (None: none, it is the primary or has no source).
     lineage: Lineage | None = None
     source: str | None = None
+    # The source takes PEER_CONFIG frames (optional on the wire; absent: false).
+    configs: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,6 +332,18 @@ class Welcome:
     # How many REGIONS frames follow this WELCOME at once: the regions the secondary gave up
     # to follow this source (its records past the branch point), for the source's resync.
     diverged_frames: int = 0
+    # The secondary takes PEER_CONFIG frames (optional on the wire; absent: false).
+    configs: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PeerConfig:
+    """Either end, once streaming, to a peer that said it takes them: this unit's configuration
+    (its ``config_version`` and text), for the peer to keep (docs/link-protocol.md)."""
+
+    unit: str
+    config_version: int
+    text: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -467,6 +489,7 @@ Message: TypeAlias = (
     | Regions
     | DigestRequest
     | Digests
+    | PeerConfig
 )
 
 
@@ -565,6 +588,12 @@ def _get_bool(obj: _JsonObject, key: str) -> bool:
     if key not in obj:
         raise _missing(key)
     return _as_bool(obj[key], repr(key))
+
+
+def _get_optional_bool(obj: _JsonObject, key: str) -> bool:
+    if obj.get(key) is None:
+        return False
+    return _get_bool(obj, key)
 
 
 def _get_optional_int(obj: _JsonObject, key: str) -> int | None:
@@ -704,6 +733,7 @@ def _hello_from(obj: _JsonObject) -> Hello:
             # volume flows (a version-1 HELLO lacks it, and is refused "version" for that).
             _get_lineage(obj, "lineage", unit),
             _get_optional_str(obj, "source"),
+            _get_optional_bool(obj, "configs"),
         )
     except ProtocolError as exc:
         if protocol != PROTOCOL_VERSION:
@@ -733,6 +763,7 @@ def _welcome_from(obj: _JsonObject) -> Welcome:
             _get_optional_int(obj, "max_record"),
             _get_lineage(obj, "lineage", unit),
             diverged,
+            _get_optional_bool(obj, "configs"),
         )
     except ProtocolError as exc:
         if protocol != PROTOCOL_VERSION:
@@ -765,12 +796,23 @@ def _refuse_from(obj: _JsonObject) -> Refuse:
     )
 
 
+def _peer_config_from(obj: _JsonObject) -> PeerConfig:
+    unit = _get_str(obj, "unit")
+    if not 1 <= len(unit) <= MAX_UNIT_NAME:
+        raise ProtocolError(f"'unit' must be 1 to {MAX_UNIT_NAME} characters")
+    text = _get_str(obj, "text")
+    if len(text) > MAX_CONFIG_TEXT:
+        raise ProtocolError(f"'text' is over {MAX_CONFIG_TEXT} characters")
+    return PeerConfig(unit, _get_int(obj, "config_version"), text)
+
+
 _JSON_DECODERS: Final[dict[int, Callable[[_JsonObject], Message]]] = {
     FrameType.HELLO: _hello_from,
     FrameType.AUTH_SERVER: _auth_server_from,
     FrameType.AUTH_CLIENT: _auth_client_from,
     FrameType.WELCOME: _welcome_from,
     FrameType.REFUSE: _refuse_from,
+    FrameType.PEER_CONFIG: _peer_config_from,
 }
 
 
@@ -795,6 +837,8 @@ def _json_fields(message: Message) -> tuple[FrameType, _JsonObject]:
                 hello["lineage"] = _lineage_fields(message.lineage)
             if message.source is not None:
                 hello["source"] = message.source
+            if message.configs:
+                hello["configs"] = True
             return FrameType.HELLO, hello
         case AuthServer():
             server: _JsonObject = {"nonce": message.nonce, "proof": message.proof}
@@ -821,7 +865,15 @@ def _json_fields(message: Message) -> tuple[FrameType, _JsonObject]:
             # refused by the decoder's checks, which encode runs).
             if message.diverged_frames != 0:
                 welcome["diverged_frames"] = message.diverged_frames
+            if message.configs:
+                welcome["configs"] = True
             return FrameType.WELCOME, welcome
+        case PeerConfig():
+            return FrameType.PEER_CONFIG, {
+                "unit": message.unit,
+                "config_version": message.config_version,
+                "text": message.text,
+            }
         case Refuse():
             refuse: _JsonObject = {"code": message.code, "message": message.message}
             if message.lineage is not None:

@@ -13,9 +13,8 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from blockmirror.errors import BlockmirrorError, ProtocolError
 from blockmirror.journal.checkpoint import ReplicaState
@@ -23,14 +22,14 @@ from blockmirror.journal.lineage import fixed_lineage
 from blockmirror.journal.record import Record
 from blockmirror.link import auth
 from blockmirror.link.handshake import End
+from blockmirror.link.peer_configs import ConfigShare, offer, take
 from blockmirror.link.protocol import (
     PROTOCOL_VERSION,
     Ack,
-    AuthClient,
-    AuthServer,
     DigestRequest,
     Heartbeat,
     Hello,
+    PeerConfig,
     Records,
     Refuse,
     RefuseCode,
@@ -41,26 +40,13 @@ from blockmirror.link.protocol import (
     Welcome,
     regions_frames,
 )
+from blockmirror.link.receiver_auth import authenticate_source
 from blockmirror.link.replica_runtime import ReplicaRuntime
 from blockmirror.link.session import DEFAULT_TIMEOUTS, LinkRefused, LinkSession, Timeouts
-from blockmirror.link.session_crypto import CHACHA20_POLY1305, Opener, Sealer, derive_keys
 from blockmirror.link.verify import answer_digests
 from blockmirror.state import Consistency, Role, transition
 
 log = logging.getLogger(__name__)
-
-
-def certificate_names(cert: Mapping[str, Any]) -> set[str]:
-    """The subject common names and DNS subjectAltNames of a peer certificate (getpeercert)."""
-    names: set[str] = set()
-    for rdn in cert.get("subject", ()):
-        for key, value in rdn:
-            if key == "commonName":
-                names.add(str(value))
-    for kind, value in cert.get("subjectAltName", ()):
-        if kind == "DNS":
-            names.add(str(value))
-    return names
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +58,7 @@ class ReceiverSettings:
     replicas: Callable[[str], ReplicaRuntime | None]
     psk: bytes | None = None  # the listener's key (a replica may have its own)
     tls: bool = False  # the connections are TLS: keys authenticate but frames are not sealed
+    configs: ConfigShare | None = None  # the configuration exchange (peer_configs)
 
 
 class ReceiverSession:
@@ -100,6 +87,7 @@ class ReceiverSession:
         self._target: ReplicaRuntime | None = None
         self._owns_replica = False
         self._ack_scheduled = False
+        self._hello: Hello | None = None  # once streaming
         self._on_frame = on_frame
         self._on_bound = on_bound
         self.link = LinkSession(
@@ -153,6 +141,17 @@ class ReceiverSession:
 
     def refuse(self, code: str, message: str, *, frame: Refuse | None = None) -> LinkRefused:
         return self.link.refuse(code, message, frame=frame)
+
+    def share_config(self) -> None:
+        """Send our configuration to the source, if it takes it (once streaming, and after a
+        reload)."""
+        hello = self._hello
+        if hello is None:
+            return
+        try:
+            offer(self.settings.configs, self.link, accepted=hello.configs, what=self.where)
+        except (OSError, ValueError) as exc:
+            log.warning("link from %s: cannot send the configuration: %s", self.where, exc)
 
     def release(self) -> None:
         if self.replica is not None and self._owns_replica:
@@ -227,12 +226,15 @@ class ReceiverSession:
                     )
                 ),
                 diverged_frames=len(frames),
+                configs=self.settings.configs is not None,
             )
         )
         for frame in frames:
             self.link.send(frame)
         self.link.stream()
         log.info("link from %s (%s) carries volume %s", self.where, hello.unit, hello.volume)
+        self._hello = hello
+        self.share_config()
         try:
             await self._stream(hello)
         except LinkRefused as exc:
@@ -242,52 +244,7 @@ class ReceiverSession:
             raise
 
     async def _authenticate(self, hello: Hello) -> None:
-        target = self._target
-        if target is not None and target.tls_peers:
-            self._check_certificate_names(target)
-        # A replica with a key of its own accepts only that key: one tenant's key does not
-        # open another tenant's replica on a shared secondary.
-        key = target.psk if target is not None and target.psk is not None else self.settings.psk
-        if key is None:
-            return  # a source that expects a proof refuses us itself
-        if hello.auth != "psk":
-            raise self.refuse("auth", "this unit requires a pre-shared key")
-        # Sealed frames (session_crypto) whenever the source offers them; required with a key
-        # and no TLS, since the key alone protects only the handshake.
-        sealed = hello.crypto == CHACHA20_POLY1305
-        if not sealed and not self.settings.tls:
-            offered = "nothing" if hello.crypto is None else repr(hello.crypto)
-            raise self.refuse(
-                "crypto-required",
-                f"a pre-shared key without TLS needs sealed frames ({CHACHA20_POLY1305}); the "
-                f"source offers {offered} (an older unit, or the offer was stripped on the way)",
-            )
-        nonce = auth.new_nonce()
-        proof = auth.server_proof(key, hello.nonce, nonce, hello.volume)
-        self.link.send(AuthServer(nonce, proof, CHACHA20_POLY1305 if sealed else None))
-        answer = await self.link.expect(AuthClient)
-        expected = auth.client_proof(key, nonce, hello.nonce, hello.volume)
-        if not auth.verify(expected, answer.proof):
-            raise self.refuse("auth", "wrong pre-shared key")
-        if sealed:
-            if self.link.codec.buffered:
-                raise self.refuse("bad-frame", "frames after AUTH_CLIENT before the WELCOME")
-            keys = derive_keys(key, hello.nonce, nonce, hello)
-            self.link.seal(Sealer(keys.secondary), Opener(keys.source))
-
-    def _check_certificate_names(self, target: ReplicaRuntime) -> None:
-        cert = self.link.extra("peercert")
-        if not cert:
-            raise self.refuse(
-                "auth", f"replica {target.name} takes only TLS sources with a named certificate"
-            )
-        names = certificate_names(cert)
-        if not names & set(target.tls_peers):
-            shown = ", ".join(sorted(names)) or "none"
-            raise self.refuse(
-                "auth",
-                f"a certificate naming {shown} may not write replica {target.name}",
-            )
+        await authenticate_source(self, hello, self._target)
 
     # --- streaming ------------------------------------------------------------------------------
 
@@ -333,6 +290,11 @@ class ReceiverSession:
                     await self._digests(message)
                 elif isinstance(message, Heartbeat):
                     self.link.send(Heartbeat(time.time_ns(), message.sent_ns))
+                elif isinstance(message, PeerConfig):
+                    try:
+                        take(self.settings.configs, message, peer_unit=hello.unit, where=self.where)
+                    except ValueError as exc:
+                        raise self.refuse("bad-frame", str(exc)) from None
                 else:  # pragma: no cover - handshake.ACCEPTS lets nothing else through
                     raise self.refuse("bad-frame", f"unexpected {type(message).__name__}")
         finally:

@@ -25,18 +25,12 @@ from typing import Final
 from blockmirror.blockdev.journaled import JournalWritePath
 from blockmirror.errors import BlockmirrorError, ProtocolError
 from blockmirror.journal.journal import Consumer
-from blockmirror.journal.lineage import fixed_lineage
-from blockmirror.link import auth
 from blockmirror.link.direction import LinkRoles
 from blockmirror.link.handshake import End
 from blockmirror.link.outbound import OutboundStream
+from blockmirror.link.peer_configs import ConfigShare, offer
 from blockmirror.link.protocol import (
-    PROTOCOL_VERSION,
-    AuthClient,
-    AuthServer,
-    Hello,
     RefuseCode,
-    Regions,
     Welcome,
 )
 from blockmirror.link.resume import (
@@ -55,7 +49,7 @@ from blockmirror.link.session import (
     Timeouts,
     tune_socket,
 )
-from blockmirror.link.session_crypto import CHACHA20_POLY1305, Opener, Sealer, derive_keys
+from blockmirror.link.source_handshake import source_handshake
 from blockmirror.state import ConsumerMode, LinkPhase, Role, transition
 
 log = logging.getLogger(__name__)
@@ -94,6 +88,7 @@ class PeerSender:
         port: int,
         volume_id: Callable[[], str | None],
         psk: bytes | None = None,
+        configs: ConfigShare | None = None,
         ssl_context: ssl.SSLContext | None = None,
         timeouts: Timeouts = DEFAULT_TIMEOUTS,
         connect: Callable[[], Awaitable[Streams]] | None = None,
@@ -108,6 +103,11 @@ class PeerSender:
         self._volume_id = volume_id
         self.volume_id = ""
         self.psk = psk
+        # The configuration exchange (peer_configs); what the peer's WELCOME said of it.
+        self.configs = configs
+        self._peer_takes_configs = False
+        self._link: LinkSession | None = None
+        self.peer_unit: str | None = None
         self.ssl_context = ssl_context
         self.timeouts = timeouts
         self._connect = connect or self._open_connection
@@ -199,6 +199,20 @@ class PeerSender:
             "last_error": self.stats.last_error,
             "reason": self.stats.reason if phase in _REASONED else None,
         }
+
+    def share_config(self) -> None:
+        """Send our configuration to the peer now, if it is connected and takes it (at the
+        start of each session, and after a reload)."""
+        link = self._link
+        if link is None:
+            return
+        try:
+            offer(self.configs, link, accepted=self._peer_takes_configs, what=self.describe())
+        except (OSError, ValueError) as exc:
+            log.warning("%s: cannot send the configuration: %s", self.describe(), exc)
+
+    def describe(self) -> str:
+        return f"{self.volume_name} -> {self.host}:{self.port}"
 
     # --- connection life cycle ------------------------------------------------------------------
 
@@ -348,84 +362,7 @@ class PeerSender:
         await roles.wait_changed(SPLIT_BRAIN_RECHECK if split else UPSTREAM_RECHECK)
 
     async def _handshake(self, link: LinkSession) -> tuple[Welcome, list[tuple[int, int]]]:
-        """HELLO, the proofs both ways when a key is set, and the WELCOME; the link streams
-        after it. The order is :mod:`blockmirror.link.handshake`'s: whatever else arrives is
-        refused there."""
-        identity = self._volume_id()
-        if identity is None:
-            # A relay with nothing received yet has no data to pass on.
-            raise BlockmirrorError("this replica has no source data yet; nothing to relay")
-        self.volume_id = identity
-        nonce = auth.new_nonce()
-        # A key without TLS: every frame after the handshake is sealed (session_crypto).
-        # With TLS, TLS already protects the stream and frames go as they are.
-        offer = CHACHA20_POLY1305 if self.psk is not None and self.ssl_context is None else None
-        hello = Hello(
-            PROTOCOL_VERSION,
-            self.unit_name,
-            self.volume_name,
-            self.volume_id,
-            self.wp.volume.size,
-            nonce,
-            "psk" if self.psk else "none",
-            self.wp.journal.max_payload(),
-            offer,
-            lineage=(
-                self.roles.lineage()
-                if self.roles is not None
-                else fixed_lineage(self.unit_name, Role.PRIMARY, self.wp.journal.next_seq - 1)
-            ),
-            source=self.roles.source() if self.roles is not None else None,
-        )
-        link.send(hello)
-        reply = await link.receive()  # AUTH_SERVER or WELCOME
-        if isinstance(reply, AuthServer):
-            if self.psk is None:
-                raise LinkRefused("auth", "the secondary requires a pre-shared key; none set")
-            expected = auth.server_proof(self.psk, nonce, reply.nonce, self.volume_name)
-            if not auth.verify(expected, reply.proof):
-                link.refuse_quietly("auth", "the secondary does not know the pre-shared key")
-                raise LinkRefused("auth", "the secondary failed to prove the pre-shared key")
-            if reply.crypto != offer:
-                if offer is None:
-                    raise ProtocolError(f"the secondary seals with {reply.crypto!r}, not offered")
-                raise link.refuse(
-                    "crypto-required",
-                    f"a pre-shared key without TLS needs sealed frames ({offer}); the secondary "
-                    "does not seal (an older unit, or the offer was stripped on the way)",
-                )
-            link.send(AuthClient(auth.client_proof(self.psk, reply.nonce, nonce, self.volume_name)))
-            if offer is not None:
-                keys = derive_keys(self.psk, nonce, reply.nonce, hello)
-                link.seal(Sealer(keys.source), Opener(keys.secondary))
-            reply = await link.receive()  # the WELCOME
-        elif self.psk is not None:
-            link.refuse_quietly("auth", "a pre-shared key is configured here; prove it")
-            raise LinkRefused("auth", "the secondary did not ask for the pre-shared key")
-        if not isinstance(reply, Welcome):  # pragma: no cover - the handshake order says so
-            raise ProtocolError(f"expected WELCOME, got {type(reply).__name__}")
-        ours = self.wp.journal.max_payload()
-        if reply.max_record is not None and reply.max_record < ours:
-            # An older secondary that did not check the HELLO's max_record itself.
-            raise link.refuse(
-                "journal-too-small",
-                f"the secondary's journal holds records of at most {reply.max_record} bytes, "
-                f"this volume's records may carry {ours}; give it a larger journal_size",
-            )
-        link.stream()
-        # The regions the secondary gave up to follow us (its writes past the branch point).
-        regions: list[tuple[int, int]] = []
-        for _ in range(reply.diverged_frames):
-            frame = await link.receive()
-            if not isinstance(frame, Regions):
-                raise ProtocolError(f"expected REGIONS, got {type(frame).__name__}")
-            for offset, length in frame.extents:
-                if offset + length > self.wp.volume.size:
-                    raise link.refuse(
-                        "bad-frame", f"diverged region {offset}+{length} is past the volume's end"
-                    )
-            regions.extend(frame.extents)
-        return reply, regions
+        return await source_handshake(self, link)
 
     # --- replication ----------------------------------------------------------------------------
 
@@ -445,6 +382,9 @@ class PeerSender:
             self, link, start=consumer.acked_seq + 1, peer_consistent=welcome.consistent
         )
         self.stream = stream
+        self._link, self.peer_unit = link, welcome.unit
+        self._peer_takes_configs = welcome.configs
+        self.share_config()
         # Sending, reading ACKs and heartbeats run side by side; the first to fail ends the
         # session whatever the others are waiting on (a drain towards a peer that stopped
         # reading, say): the idle deadline always applies.
@@ -463,6 +403,7 @@ class PeerSender:
             raise ConnectionError("the session ended")  # pragma: no cover - they run forever
         finally:
             self.stream = None
+            self._link = None
             stream.fail_digest_requests()
             for task in tasks:
                 task.cancel()

@@ -83,6 +83,9 @@ class IntegrityError(ProtocolError):
     record arrived where one belongs. The session cannot go on."""
 
 
+_NOT_DIGESTED = ("configs",)
+
+
 def hello_digest(hello: Hello) -> bytes:
     """SHA-256 of the HELLO's fields in one canonical spelling (JSON, sorted keys).
 
@@ -92,7 +95,13 @@ def hello_digest(hello: Hello) -> bytes:
     Computed from the decoded fields, not the bytes: unknown keys a peer adds do not count,
     and both ends agree whatever JSON spelling the sender used.
     """
-    canonical = json.dumps(asdict(hello), sort_keys=True, ensure_ascii=True, separators=(",", ":"))
+    fields = asdict(hello)
+    # Capabilities added after this digest was defined are left out, so that an older peer
+    # (which ignores their keys) derives the same keys. A changed flag only turns an optional
+    # exchange on or off; what it enables travels sealed.
+    for late in _NOT_DIGESTED:
+        fields.pop(late, None)
+    canonical = json.dumps(fields, sort_keys=True, ensure_ascii=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("ascii")).digest()
 
 

@@ -27,6 +27,7 @@ from blockmirror.link.protocol import (
     FRAME_HEADER_SIZE,
     HANDSHAKE_FRAMES,
     MAGIC,
+    MAX_CONFIG_TEXT,
     MAX_DIGESTS,
     MAX_JSON,
     MAX_PAYLOAD,
@@ -42,6 +43,7 @@ from blockmirror.link.protocol import (
     Hello,
     LinkCodec,
     Message,
+    PeerConfig,
     Record,
     Records,
     Refuse,
@@ -184,6 +186,7 @@ def hellos(draw: st.DrawFn) -> Hello:
         draw(st.none() | st.just("chacha20-poly1305")),
         draw(lineages(unit)),
         draw(st.none() | TEXT),
+        draw(st.booleans()),
     )
 
 
@@ -200,6 +203,7 @@ def welcomes(draw: st.DrawFn) -> Welcome:
         draw(st.none() | U64),
         draw(lineages(unit)),
         draw(st.integers(0, 1_000_000)),
+        draw(st.booleans()),
     )
 
 
@@ -253,7 +257,8 @@ def digest_requests(draw: st.DrawFn) -> DigestRequest:
 @st.composite
 def digests_messages(draw: st.DrawFn) -> Digests:
     request = draw(digest_requests())
-    count = draw(st.integers(1, 8))
+    # No more digests than the request's regions: its offset was drawn to fit those.
+    count = draw(st.integers(1, min(8, request.count)))
     digests = tuple(
         draw(st.binary(min_size=DIGEST_SIZE, max_size=DIGEST_SIZE)) for _ in range(count)
     )
@@ -276,6 +281,12 @@ messages: st.SearchStrategy[Message] = st.one_of(
     regions_messages(),
     digest_requests(),
     digests_messages(),
+    st.builds(
+        PeerConfig,
+        unit=st.text(min_size=1, max_size=40),
+        config_version=U64,
+        text=st.text(max_size=2000),
+    ),
 )
 
 # A lineage for the examples below, as a Lineage of unit ``unit`` and as its JSON on the wire.
@@ -336,6 +347,7 @@ def test_frame_types_are_numbered_as_documented() -> None:
         ("REGIONS", 14),
         ("DIGEST_REQUEST", 15),
         ("DIGESTS", 16),
+        ("PEER_CONFIG", 17),
     ]
 
 
@@ -1053,3 +1065,13 @@ def test_digest_frames_refuse_what_they_cannot_mean() -> None:
         encode(DigestRequest(1, 2**64 - 512, 65536, 4))
     bad = frame(FrameType.DIGESTS, struct.pack("<QQIIQ", 1, 0, 512, 2, 0) + bytes(DIGEST_SIZE))
     assert_refused(bad, "announces 2 digests")
+
+
+def test_peer_config_bounds() -> None:
+    big = PeerConfig("site-a", 1, "x" * (MAX_CONFIG_TEXT + 1))
+    with pytest.raises(ValueError, match="over"):
+        encode(big)
+    with pytest.raises(ValueError, match="unit"):
+        encode(PeerConfig("", 1, "[unit]"))
+    ok = PeerConfig("site-a", 3, '[unit]\nname = "site-a"\n' + "é" * 100)
+    assert decode(join(encode(ok))) == [ok]
