@@ -26,6 +26,7 @@ from blockmirror.admin.client import (
     token_for,
 )
 from blockmirror.admin.table import format_status_table, status_problems
+from blockmirror.cli_config import add_config_commands, read_for_run
 from blockmirror.cli_controls import ControlCommands
 from blockmirror.cli_history import add_history_commands
 from blockmirror.cli_roles import add_role_commands
@@ -106,17 +107,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     _setup_logging(args.verbose)
-    try:
-        text = Path(args.config).read_bytes()
-    except OSError:
-        text = None  # _load says why
-    config = _load(args.config)
-    if config is None:
-        return EXIT_CONFIG
+    loaded = read_for_run(Path(args.config), args.state_dir)
+    if isinstance(loaded, int):
+        return loaded
+    config, text, lost = loaded
     from blockmirror.lifecycle import run_unit
 
     try:
-        return run_async(run_unit(config, text=text))
+        return run_async(run_unit(config, text=text, lost=lost))
     except BlockmirrorError as exc:
         logging.getLogger("blockmirror").error("cannot start: %s", exc)
         return EXIT_FAILURE
@@ -341,6 +339,10 @@ def _admin_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help=f"the admin token (default: ${TOKEN_ENV}, or the token file of --config)",
     )
+    _admin_ca_argument(parser)
+
+
+def _admin_ca_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--admin-ca",
         default=None,
@@ -367,6 +369,13 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run one unit in the foreground until SIGTERM/SIGINT")
     run.add_argument("config", help="the unit's TOML configuration")
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    run.add_argument(
+        "--state-dir",
+        default=None,
+        metavar="DIR",
+        help="the unit's state_dir: if the configuration is lost, stay up (serving nothing) "
+        "with what DIR remembers of it",
+    )
     run.set_defaults(func=cmd_run)
 
     demo = sub.add_parser("demo", help="run the embedded demo on loopback")
@@ -451,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     discard.set_defaults(func=controls.consumer_discard)
 
     add_role_commands(sub, admin_arguments=_admin_arguments, run_control=_run_control)
+    add_config_commands(sub, admin_tls_argument=_admin_ca_argument)
     add_history_commands(
         sub,
         admin_arguments=_admin_arguments,

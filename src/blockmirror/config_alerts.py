@@ -33,6 +33,7 @@ __all__ = [
     "parse_alerts",
     "parse_engine_id",
     "read_secret",
+    "webhook_target",
 ]
 
 # SNMPv3 protocols by the names the configuration uses. AES192/AES256 are the key extension of
@@ -134,9 +135,11 @@ def read_secret(path: Path, what: str, *, min_chars: int = 1, token: bool = Fals
     printable ASCII without spaces (it goes into an HTTP header as is).
     """
     try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            raw = f.read(MAX_SECRET_BYTES + 1)
+        # O_NONBLOCK: a FIFO at the path must be refused below, not wait for a writer.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(fd)
+            raw = f.read(MAX_SECRET_BYTES + 1) if stat.S_ISREG(st.st_mode) else b""
     except OSError as exc:
         raise NotifyError(f"cannot read the {what} file {path}: {exc.strerror or exc}") from exc
     if not stat.S_ISREG(st.st_mode):
@@ -418,21 +421,35 @@ def _parse_webhook(parent: Table, secrets: _Secrets) -> WebhookTarget | None:
     return WebhookTarget(url, https, host, port, target, token_file, tls_ca)
 
 
+def webhook_target(
+    url: str, *, token_file: Path | None = None, tls_ca: Path | None = None
+) -> WebhookTarget:
+    """The target of ``url`` (for code and tests that build one without a file); raises
+    ValueError saying why a URL is refused, as ``check-config`` would."""
+    parsed = _parse_url(url)
+    if isinstance(parsed, str):
+        raise ValueError(parsed)
+    return WebhookTarget(url, *parsed, token_file=token_file, tls_ca=tls_ca)
+
+
 def _parse_url(url: str) -> tuple[bool, str, int, str] | str:
     """``(https, host, port, request target)`` of an http(s) URL, or why it is refused."""
     if not _URL_CHARS_RE.fullmatch(url):
         return f"{url!r} is not a URL: no spaces or non-ASCII characters (percent-encode them)"
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+    except ValueError:  # urlsplit checks what is in brackets itself
+        return f"{url!r} has a host in brackets that is not an IPv6 address"
     if parts.scheme not in ("http", "https"):
         return f"{url!r} is not an http:// or https:// URL"
     if "@" in parts.netloc:
         return "credentials in the URL are refused: put a bearer token in token_file"
-    host = parts.hostname or ""
     bracketed = parts.netloc.startswith("[")
     if not host or (not bracketed and not valid_host(host)):
         return f"{url!r} has no valid host"
     if bracketed and isinstance(address_or_reason(f"[{host}]:1", False), str):
-        return f"{host!r} in brackets is not an IPv6 address"
+        return f"{url!r} has a host in brackets that is not an IPv6 address"
     try:
         port = parts.port
     except ValueError:

@@ -14,6 +14,7 @@ blocking, so callers run these in a thread.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -23,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from blockmirror.config import Config, UnitConfig, config_from_bytes
+from blockmirror.errors import ConfigError
 from blockmirror.io.fileio import sync_directory
 
 __all__ = [
@@ -65,6 +68,27 @@ def cached_text(state_dir: Path) -> bytes | None:
         return (state_dir / COPY_FILE).read_bytes()
     except OSError:
         return None
+
+
+def lost_config(path: Path, state_dir: Path) -> Config:
+    """What a unit whose file ``path`` is lost runs with: its last applied configuration's
+    ``[unit]`` and ``[alerts]`` (so its admin API and alert targets are where they were), with
+    no volume and no link, in ``state_dir``. Without a usable copy, a unit named after the file
+    with no admin API: the log (and the exit of nothing) is then all that says so."""
+    cached = cached_text(state_dir)
+    remembered: Config | None = None
+    if cached is not None:
+        try:
+            remembered = config_from_bytes(cached, path, check_paths=False)
+        except ConfigError:
+            remembered = None
+    if remembered is None:
+        return Config(unit=UnitConfig(name=path.stem or "unit", state_dir=state_dir), source=path)
+    return Config(
+        unit=dataclasses.replace(remembered.unit, state_dir=state_dir),
+        alerts=remembered.alerts,
+        source=path,
+    )
 
 
 def record_applied(state_dir: Path, text: bytes) -> ConfigRecord:

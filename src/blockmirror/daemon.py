@@ -24,12 +24,12 @@ from blockmirror.admin.event_routes import LogBuffer, events_route, lag_history_
 from blockmirror.admin.history_routes import handle_path as handle_history_path
 from blockmirror.admin.lag_history import LagHistory
 from blockmirror.admin.setup import admin_access, unit_token_path
-from blockmirror.config import Address, Config, ReplicationConfig, VolumeConfig, config_from_bytes
+from blockmirror.config import Address, Config, ReplicationConfig, VolumeConfig
 from blockmirror.config_sharing import UnitConfigShare
 from blockmirror.config_store import ConfigRecord, record_applied
 from blockmirror.drills import clear_leftovers
-from blockmirror.errors import BlockmirrorError, ConfigError
-from blockmirror.events import EventLog
+from blockmirror.errors import BlockmirrorError
+from blockmirror.events import EventLog, EventName, Subject
 from blockmirror.failover import VolumeRoles
 from blockmirror.frontend.nbd_limits import NbdLimits
 from blockmirror.frontend.nbd_server import NbdServer
@@ -39,6 +39,7 @@ from blockmirror.link.replica_runtime import ReplicaRuntime
 from blockmirror.link.sender import PeerSender
 from blockmirror.link.tls import TlsFiles, client_ssl_context, server_ssl_context
 from blockmirror.monitor import UnitMonitor
+from blockmirror.notify.dispatch import AlertDispatcher
 from blockmirror.reconfigure import ReloadRefused, ReloadResult
 from blockmirror.runtime import VolumeRuntime, volume_status
 from blockmirror.state import Role, VolumeState
@@ -56,11 +57,20 @@ class UnitLockedError(BlockmirrorError):
 
 # How often history is expired.
 HISTORY_UPKEEP = 1.0
+# How long a stopping unit waits for alerts still queued for their targets.
+ALERT_DRAIN = 3.0
 
 
 class Unit:
-    def __init__(self, config: Config, *, text: bytes | None = None) -> None:
+    def __init__(
+        self, config: Config, *, text: bytes | None = None, lost: str | None = None
+    ) -> None:
         self.config = config
+        # Why the configuration file could not be read, when it could not: the unit then
+        # serves nothing but its admin API, and a reload of a restored file restarts it.
+        self.lost = lost
+        self.restart_requested = asyncio.Event()
+        self.restart_with: tuple[Config, bytes] | None = None
         # The configuration's text as read (None: built in memory, as tests do) and the record
         # of its version (config_store) once the unit has started.
         self.config_text = text
@@ -78,6 +88,10 @@ class Unit:
         self.events = EventLog(config.unit.name)
         self.log_buffer = LogBuffer()
         self._lag = LagHistory()
+        # Every event goes to the configured targets (SNMP, e-mail, webhook), off the data
+        # path: the dispatcher queues and retries on its own tasks.
+        self.alerts = AlertDispatcher(config.unit.name, config.alerts, version=__version__)
+        self.events.listeners.append(self.alerts.submit)
         self.monitor = UnitMonitor(
             self.status,
             self.events,
@@ -107,6 +121,7 @@ class Unit:
         state_dir.mkdir(parents=True, exist_ok=True)
         self._lock(state_dir)
         logging.getLogger("blockmirror").addHandler(self.log_buffer)
+        self.alerts.start()
         if self.config_text is not None:
             self.config_record = await asyncio.to_thread(
                 record_applied, state_dir, self.config_text
@@ -153,6 +168,13 @@ class Unit:
                 rt.journal.alerts.on_alert = self.monitor.poke
         self.monitor.start()
         self.started = True
+        if self.lost is not None:
+            self.events.raise_event(
+                EventName.CONFIG_LOST,
+                Subject(),
+                f"{self.lost}; serving nothing until it is restored "
+                "(blockmirror config fetch) and reloaded",
+            )
 
     async def _history_upkeep(self) -> None:
         """Expire history by age and size, once a second (docs/history.md, "Retention")."""
@@ -331,6 +353,8 @@ class Unit:
             await self.admin.close()
             self.admin = None
         await self.configs.wait()
+        # Alerts raised until now (a stop after a failure, say) get a moment to go out.
+        await self.alerts.close(drain=ALERT_DRAIN)
         for rt in self.volumes:
             await self.release_volume(rt)
         self.volumes.clear()
@@ -422,21 +446,12 @@ class Unit:
         if self._reloading is None:
             self._reloading = asyncio.Lock()
         async with self._reloading:
-            source = self.config.source
-            if source is None:
-                raise ReloadRefused([("file", "this unit was not started from a file")])
-            try:
-                raw = await asyncio.to_thread(source.read_bytes)
-                new = await asyncio.to_thread(config_from_bytes, raw, source)
-            except OSError as exc:
-                raise ReloadRefused([("file", f"cannot read {source}: {exc.strerror}")]) from exc
-            except ConfigError as exc:
-                raise ReloadRefused(exc.problems) from exc
-            return await reconfigure.reload(self, new, raw)
+            return await reconfigure.reload_file(self)
 
     def apply_alerts(self, new: Config) -> None:
         """New alert thresholds (and targets) from a reload."""
         alerts = new.alerts
+        self.alerts.reconfigure(alerts)
         self.monitor.reconfigure(
             rpo_seconds=alerts.rpo_seconds, link_down_seconds=alerts.link_down_seconds
         )
@@ -448,6 +463,7 @@ class Unit:
             "config_version": (
                 self.config_record.version if self.config_record is not None else None
             ),
+            "config_lost": self.lost,
             "pid": os.getpid(),
             "uptime_seconds": round(time.monotonic() - self.started_at, 3),
             "nbd": self.nbd_limits.status(),
@@ -455,6 +471,7 @@ class Unit:
             "volumes": [volume_status(rt) for rt in self.volumes],
             # The open episodes (docs/operations.md, "Monitoring and alerts").
             "events": [event.to_json() for event in self.events.active()],
+            "alert_targets": self.alerts.status(),
         }
 
 

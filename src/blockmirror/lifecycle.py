@@ -26,14 +26,16 @@ __all__ = ["dump_tasks", "run_unit"]
 log = logging.getLogger("blockmirror.daemon")
 
 
-async def run_unit(config: Config, *, text: bytes | None = None) -> int:
+async def run_unit(config: Config, *, text: bytes | None = None, lost: str | None = None) -> int:
     """Run until SIGTERM or SIGINT; returns the process exit code. ``text``: the configuration
-    file's bytes, as parsed (its version is recorded)."""
-    unit = Unit(config, text=text)
+    file's bytes, as parsed (its version is recorded). ``lost``: the file could not be read
+    (why); ``config`` is then what the state directory remembers of it, the unit serves nothing
+    and raises ``config-lost``, and a reload of a restored file starts it for real."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     notifier = Notifier()
     reloads: set[asyncio.Task[None]] = set()
+    unit = Unit(config, text=text, lost=lost)
 
     def hangup() -> None:
         task = loop.create_task(_reload(unit, notifier))
@@ -43,20 +45,32 @@ async def run_unit(config: Config, *, text: bytes | None = None) -> int:
     # Handlers go in before start(): a signal during start-up must still stop gracefully.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGUSR2, dump_tasks, unit)
+    loop.add_signal_handler(signal.SIGUSR2, lambda: dump_tasks(unit))
     loop.add_signal_handler(signal.SIGHUP, hangup)
     watchdog: asyncio.Task[None] | None = None
     try:
-        await unit.start()
-        log.info("unit %s running (pid %d)", config.unit.name, os.getpid())
-        notifier.send(
-            ready="1", status=f"unit {config.unit.name} serving", mainpid=str(os.getpid())
-        )
-        interval = notifier.watchdog_interval()
-        if interval is not None:
-            watchdog = asyncio.create_task(_watchdog(notifier, interval))
-        await stop.wait()
-        log.info("unit %s stopping", config.unit.name)
+        while True:
+            await unit.start()
+            name = unit.config.unit.name
+            log.info("unit %s running (pid %d)", name, os.getpid())
+            state = "serving nothing: its configuration is lost" if unit.lost else "serving"
+            notifier.send(ready="1", status=f"unit {name} {state}", mainpid=str(os.getpid()))
+            interval = notifier.watchdog_interval()
+            if interval is not None and watchdog is None:
+                watchdog = asyncio.create_task(_watchdog(notifier, interval))
+            restart = asyncio.ensure_future(unit.restart_requested.wait())
+            stopping = asyncio.ensure_future(stop.wait())
+            await asyncio.wait([restart, stopping], return_when=asyncio.FIRST_COMPLETED)
+            restart.cancel()
+            stopping.cancel()
+            if stop.is_set() or unit.restart_with is None:
+                break
+            # A unit whose configuration was lost got it back: start it for real.
+            new_config, new_text = unit.restart_with
+            log.info("unit %s: starting with the restored configuration", name)
+            await unit.stop()
+            unit = Unit(new_config, text=new_text)
+        log.info("unit %s stopping", unit.config.unit.name)
         notifier.send(stopping="1")
         await unit.stop()
     finally:
@@ -66,7 +80,7 @@ async def run_unit(config: Config, *, text: bytes | None = None) -> int:
             loop.remove_signal_handler(sig)
         for task in list(reloads):
             task.cancel()
-    log.info("unit %s stopped cleanly", config.unit.name)
+    log.info("unit %s stopped cleanly", unit.config.unit.name)
     return 0
 
 
@@ -88,7 +102,8 @@ async def _reload(unit: Unit, notifier: Notifier) -> None:
     except Exception:
         log.exception("reload failed")
     else:
-        log.info("reload: configuration version %d", result.record.version)
+        if result.record is not None:
+            log.info("reload: configuration version %d", result.record.version)
     notifier.send(ready="1", status=f"unit {unit.config.unit.name} serving")
 
 

@@ -28,11 +28,12 @@ from typing import TYPE_CHECKING, Any
 
 from blockmirror.admin.access import AdminAccess
 from blockmirror.admin.setup import admin_access
-from blockmirror.config import Address, Config, VolumeConfig
+from blockmirror.config import Address, Config, VolumeConfig, config_from_bytes
 from blockmirror.config_diff import Change, ChangeKind, ConfigDiff, diff
 from blockmirror.config_store import ConfigRecord, record_applied
 from blockmirror.config_table import Problem
 from blockmirror.errors import BlockmirrorError, ConfigError
+from blockmirror.events import EventName, Subject
 from blockmirror.frontend.nbd_server import NbdServer
 from blockmirror.history.log import HistorySettings
 from blockmirror.journal import consumers as consumers_module
@@ -44,7 +45,7 @@ from blockmirror.runtime import VolumeRuntime
 if TYPE_CHECKING:
     from blockmirror.daemon import Unit
 
-__all__ = ["ReloadRefused", "ReloadResult", "reload"]
+__all__ = ["ReloadRefused", "ReloadResult", "reload", "reload_file"]
 
 log = logging.getLogger(__name__)
 
@@ -55,16 +56,19 @@ class ReloadRefused(ConfigError):
 
 @dataclass
 class ReloadResult:
-    record: ConfigRecord
+    # None when the unit restarts to apply it (a unit whose configuration was lost).
+    record: ConfigRecord | None
     changes: list[Change]
     notes: list[str]
+    restarting: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "config_version": self.record.version,
-            "changed": bool(self.changes),
+            "config_version": self.record.version if self.record is not None else None,
+            "changed": bool(self.changes) or self.restarting,
             "changes": [c.to_json() for c in self.changes],
             "notes": self.notes,
+            "restarting": self.restarting,
         }
 
 
@@ -78,6 +82,27 @@ class _Prepared:
     unit_psk: tuple[bytes | None] | None = None
     volume_keys: dict[str, bytes | None] = field(default_factory=dict)
     access: AdminAccess | None = None
+
+
+async def reload_file(unit: Unit) -> ReloadResult:
+    """Read the unit's configuration file and apply it; a unit whose configuration was lost is
+    restarted with it instead (lifecycle.run_unit starts the new one). Raises ReloadRefused."""
+    source = unit.config.source
+    if source is None:
+        raise ReloadRefused([("file", "this unit was not started from a file")])
+    try:
+        raw = await asyncio.to_thread(source.read_bytes)
+        new = await asyncio.to_thread(config_from_bytes, raw, source)
+    except OSError as exc:
+        raise ReloadRefused([("file", f"cannot read {source}: {exc.strerror}")]) from exc
+    except ConfigError as exc:
+        raise ReloadRefused(exc.problems) from exc
+    if unit.lost is None:
+        return await reload(unit, new, raw)
+    unit.events.clear(EventName.CONFIG_LOST, Subject(), f"{source} restored")
+    unit.restart_with = (new, raw)
+    unit.restart_requested.set()
+    return ReloadResult(None, [], [f"the unit restarts with {source}"], restarting=True)
 
 
 async def reload(unit: Unit, new: Config, text: bytes) -> ReloadResult:

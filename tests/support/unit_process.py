@@ -122,6 +122,7 @@ def start_unit(
     *,
     timeout: float = 20.0,
     env_extra: dict[str, str] | None = None,
+    extra_args: list[str] | None = None,
 ) -> UnitProcess:
     log_path = config_path.with_suffix(".log")
     log = open(log_path, "wb")  # noqa: SIM115 - handed to the child; closed when we return
@@ -130,7 +131,10 @@ def start_unit(
         runtime_file.unlink()
     env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
     proc = subprocess.Popen(
-        [*BLOCKMIRROR, "run", str(config_path)], stdout=log, stderr=subprocess.STDOUT, env=env
+        [*BLOCKMIRROR, "run", str(config_path), *(extra_args or [])],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
     )
     log.close()
     deadline = time.monotonic() + timeout

@@ -82,7 +82,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "config_store",
         "config_sharing",
     ),
-    7: ("cli", "cli_roles", "cli_history", "cli_controls", "demo", "lifecycle"),
+    7: ("cli", "cli_roles", "cli_history", "cli_controls", "cli_config", "demo", "lifecycle"),
 }
 
 CODECS = (

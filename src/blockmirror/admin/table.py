@@ -247,6 +247,11 @@ def status_problems(status: dict[str, Any], *, degraded: bool = True) -> list[st
     ``degraded``, also volumes stalled or failed, peers not replicating a consistent replica,
     replicas not consistent and histories given up (``blockmirror status -x``)."""
     problems: list[str] = []
+    if status.get("config_lost"):
+        problems.append(
+            f"configuration lost: {status['config_lost']} (serving nothing; restore it with "
+            "`blockmirror config fetch` and reload)"
+        )
     for vol in status.get("volumes", []):
         name = vol.get("name", "?")
         if vol.get("problem"):
