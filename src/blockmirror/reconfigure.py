@@ -151,18 +151,6 @@ async def _prepare(unit: Unit, new: Config, changes: ConfigDiff, prepared: _Prep
             problem = await _prepare_peer(unit, new, change, prepared)
             if problem is not None:
                 problems.append((change.key, problem))
-        elif change.key == "replication.psk_file":
-            try:
-                path = new.replication.psk_file
-                prepared.unit_psk = (load_psk(path) if path is not None else None,)
-            except AuthError as exc:
-                problems.append((change.key, str(exc)))
-        elif change.key.endswith(".psk_file") and change.volume is not None:
-            path = new.volume(change.volume).psk_file
-            try:
-                prepared.volume_keys[change.volume] = load_psk(path) if path else None
-            except AuthError as exc:
-                problems.append((change.key, str(exc)))
         elif change.key.startswith("unit.admin_") and unit.admin is not None:
             try:
                 access, _ = await asyncio.to_thread(admin_access, new.unit)
@@ -170,8 +158,41 @@ async def _prepare(unit: Unit, new: Config, changes: ConfigDiff, prepared: _Prep
                 problems.append((change.key, str(exc)))
             else:
                 prepared.access = access
+    problems += _prepare_keys(unit, new, changes, prepared)
     if problems:
         raise ReloadRefused(problems)
+
+
+def _prepare_keys(
+    unit: Unit, new: Config, changes: ConfigDiff, prepared: _Prepared
+) -> list[Problem]:
+    """Key files are read again at every reload, whether or not their path changed: rotating a
+    key is rewriting its file. Only keys that differ are applied (from the next connection)."""
+    problems: list[Problem] = []
+    path = new.replication.psk_file
+    try:
+        key = load_psk(path) if path is not None else None
+    except AuthError as exc:
+        problems.append(("replication.psk_file", str(exc)))
+    else:
+        if key != unit.psk:
+            prepared.unit_psk = (key,)
+            changes.notes.append("replication.psk_file: a new key, used from the next connection")
+    removed = {c.volume for c in changes.of(ChangeKind.VOLUME_REMOVED)}
+    for rt in unit.volumes:
+        if rt.config.name in removed or rt.replica is None:
+            continue
+        own = new.volume(rt.config.name).psk_file
+        label = f"volume[{rt.config.name}].psk_file"
+        try:
+            key = load_psk(own) if own is not None else None
+        except AuthError as exc:
+            problems.append((label, str(exc)))
+            continue
+        if key != rt.replica.psk:
+            prepared.volume_keys[rt.config.name] = key
+            changes.notes.append(f"{label}: a new key, used from the next connection")
+    return problems
 
 
 async def _prepare_volume(unit: Unit, vc: VolumeConfig, prepared: _Prepared) -> str | None:
@@ -251,7 +272,15 @@ async def _commit(unit: Unit, new: Config, changes: ConfigDiff, prepared: _Prepa
             await unit.close_volume(rt)
     for change in changes.of(ChangeKind.PEER_REMOVED):
         await _remove_peer(unit, change)
-    # Settings before additions: an added peer starts with the volume's new keys.
+    # Keys and settings before additions: an added peer starts with the volume's new keys.
+    if prepared.unit_psk is not None:
+        _set_unit_psk(unit, prepared.unit_psk[0])
+    for name, own_key in prepared.volume_keys.items():
+        rt = _runtime(unit, name)
+        if rt is not None and rt.replica is not None:
+            rt.replica.psk = own_key
+            for sender in rt.senders:
+                sender.psk = own_key if own_key is not None else unit.psk
     for change in changes.changes:
         if change.kind is ChangeKind.SETTING:
             await _setting(unit, new, change, prepared)
@@ -325,9 +354,7 @@ async def _setting(unit: Unit, new: Config, change: Change, prepared: _Prepared)
             unit.admin.set_access(prepared.access)
         return
     if key == "replication.psk_file":
-        assert prepared.unit_psk is not None
-        _set_unit_psk(unit, prepared.unit_psk[0])
-        return
+        return  # keys: see _prepare_keys
     rt = _runtime(unit, change.volume)
     if rt is None:
         return
@@ -348,11 +375,7 @@ async def _setting(unit: Unit, new: Config, change: Change, prepared: _Prepared)
         case "tls_peers" if rt.replica is not None:
             rt.replica.tls_peers = vc.tls_peers
         case "psk_file":
-            own_key = prepared.volume_keys.get(rt.config.name)
-            if rt.replica is not None:
-                rt.replica.psk = own_key
-            for sender in rt.senders:
-                sender.psk = own_key if own_key is not None else unit.psk
+            pass  # keys: see _prepare_keys
         case "history" | "history_size" if wp is not None and wp.history is not None:
             wp.history.settings = HistorySettings(vc.history, vc.history_cap)
         case "replay_delay" if wp is not None:

@@ -46,6 +46,12 @@ _PEER_VALUES = (
     ("peer_dirty_bytes", "Bytes marked in the peer's dirty map.", "dirty_bytes", "g"),
     ("peer_acked_seq", "Newest record the peer holds durably.", "acked_seq", "g"),
     (
+        "peer_last_ack_timestamp_seconds",
+        "When the peer last acknowledged (Unix time).",
+        "last_ack_time",
+        "g",
+    ),
+    (
         "peer_throughput_bytes_per_second",
         "Smoothed rate sent to the peer.",
         "throughput_bytes_per_second",
@@ -114,9 +120,15 @@ class _StatusCollector(Collector):
         uptime = _number(status.get("uptime_seconds"))
         if uptime is not None:
             yield GaugeMetricFamily("blockmirror_uptime_seconds", "Seconds since start.", uptime)
+        version = _number(status.get("config_version"))
+        if version is not None:
+            yield GaugeMetricFamily(
+                "blockmirror_config_version", "The applied configuration's version.", version
+            )
         volumes = list(status.get("volumes") or [])
         yield from self._volumes(volumes, now)
         yield from self._peers(volumes)
+        yield from _events(status)
 
     def _gauge(
         self, volumes: list[dict[str, Any]], name: str, help_text: str, get: Callable[..., Any]
@@ -247,6 +259,33 @@ class _StatusCollector(Collector):
             consistent.add_metric([volume, address], 1.0 if peer.get("consistent") else 0.0)
         yield up
         yield consistent
+
+
+def _events(status: dict[str, Any]) -> Iterator[Metric]:
+    """Alert state: one gauge per event name, 1 for each open episode (a rule fires on it
+    without parsing messages), and the delivery counters summed over the targets."""
+    events = list(status.get("events") or [])
+    for name in sorted({str(e.get("event")) for e in events}):
+        family = GaugeMetricFamily(
+            f"blockmirror_event_{name.replace('-', '_')}",
+            f"1 while a {name} episode is open.",
+            labels=["volume", "peer"],
+        )
+        for event in events:
+            if event.get("event") == name:
+                family.add_metric([str(event.get("volume") or ""), str(event.get("peer") or "")], 1)
+        yield family
+    yield GaugeMetricFamily("blockmirror_events_open", "Open event episodes.", len(events))
+    targets = list((status.get("alert_targets") or {}).values())
+    for name, help_text, key in (
+        ("alerts_sent", "Alerts delivered to their targets.", "sent"),
+        ("alert_delivery_failures", "Failed alert deliveries (each is retried).", "failed"),
+        ("alerts_dropped", "Alerts dropped from a full target queue.", "dropped"),
+    ):
+        total = sum(_number(t.get(key)) or 0 for t in targets)
+        yield CounterMetricFamily(f"blockmirror_{name}", help_text, total)
+    queued = sum(_number(t.get("queued")) or 0 for t in targets)
+    yield GaugeMetricFamily("blockmirror_alerts_queued", "Alerts waiting for a target.", queued)
 
 
 def render_metrics(status: dict[str, Any]) -> bytes:

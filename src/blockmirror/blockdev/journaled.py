@@ -466,6 +466,7 @@ class JournalWritePath:
         out["stalls"] = self.applier.stalls
         out["waiting_for_room"] = len(self.checkpointer.waiting)
         out["overflows"] = self.checkpointer.overflows
+        out["overflow"] = self.checkpointer.overflow
         out["alerts"] = list(self.alerts.events)
         remote = self.remote_ack
         out["ack"] = remote.status() if remote is not None else {"mode": "local"}

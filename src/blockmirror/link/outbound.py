@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from typing import TYPE_CHECKING, Final
 
@@ -195,6 +196,7 @@ class OutboundStream:
         sender = self.sender
         consumer = sender.consumer
         sender.stats.peer_applied_seq = ack.applied_seq
+        sender.stats.last_ack_time = time.time()
         if ack.durable_seq > self.acked:
             self.acked = ack.durable_seq
             if consumer.mode == ConsumerMode.JOURNAL:

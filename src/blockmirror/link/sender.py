@@ -197,6 +197,7 @@ class PeerSender:
             "connects": self.stats.connects,
             "diverged_union_bytes": self.stats.diverged_union_bytes,
             "last_error": self.stats.last_error,
+            "last_ack_time": self.stats.last_ack_time,
             "reason": self.stats.reason if phase in _REASONED else None,
         }
 

@@ -28,6 +28,7 @@ class SenderStats:
     # The size of the last diverged-only resync's work: both sides' regions, joined.
     diverged_union_bytes: int | None = None
     throughput: float = 0.0  # bytes per second, smoothed
+    last_ack_time: float | None = None  # wall clock of the last ACK the peer sent
     _rate_at: float = field(default_factory=time.monotonic)
     _rate_bytes: int = 0
 
