@@ -11,7 +11,9 @@ and :func:`attach` (blocking: run them in a thread).
 
 from __future__ import annotations
 
+import itertools
 import logging
+import operator
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,13 +68,17 @@ class Consumer:
         """(bytes, records) of ``records`` (the live ones, oldest first) not yet acknowledged."""
         if self.mode != ConsumerMode.JOURNAL:
             return 0, 0
-        nbytes = count = 0
-        for rec in reversed(records):
-            if rec.seq <= self.acked_seq:
-                break
-            nbytes += rec.size
-            count += 1
-        return nbytes, count
+        start = first_after(records, self.acked_seq)
+        if start is None:
+            return 0, 0
+        # Status asks this about once a second per peer, for backlogs of 100 000s of records:
+        # a difference of the running totals; records not numbered into a journal's list
+        # (cum 0) are summed, in C.
+        count = len(records) - start
+        first, last = records[start], records[-1]
+        if first.cum and last.cum:
+            return last.cum - first.cum + first.size, count
+        return sum(map(_SIZE, itertools.islice(records, start, None))), count
 
     def track(self, records: Iterable[Record], last: int, *, newest: int) -> None:
         """Turn the records after the cursor, up to ``last``, into dirty bits.
@@ -94,6 +100,23 @@ class Consumer:
         self.generation += 1
         self.dirty.mark_all()
         self.set_mode(ConsumerMode.TRACKING)
+
+
+_SIZE = operator.attrgetter("size")
+
+
+def first_after(records: Sequence[Record], seq: int) -> int | None:
+    """The index of the first of ``records`` (oldest first) numbered after ``seq``; None if
+    there is none. Live records are numbered without gaps, so this is arithmetic; a gap (which
+    should not happen) falls back to a search."""
+    if not records or records[-1].seq <= seq:
+        return None
+    first = records[0].seq
+    if first > seq:
+        return 0
+    if records[-1].seq - first == len(records) - 1:
+        return seq + 1 - first
+    return next(i for i, rec in enumerate(records) if rec.seq > seq)  # pragma: no cover
 
 
 def attach(

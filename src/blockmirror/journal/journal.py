@@ -107,6 +107,10 @@ class Journal(RingLog):
         self.needs_full_resync = cp.needs_full_resync
         self.replica = cp.replica
         self.unclean_os_restart = not cp.clean and cp.boot_id != boot_id()
+        cum = 0
+        for rec in result.records:
+            cum += rec.size
+            rec.cum = cum
         self.records.extend(result.records)
         if self.records:
             newest = self.records[-1]
@@ -376,12 +380,13 @@ class Journal(RingLog):
                     "mode": str(c.mode),
                     "paused": c.paused,
                     "acked_seq": c.acked_seq,
-                    "backlog_bytes": self.backlog(c)[0],
-                    "backlog_records": self.backlog(c)[1],
+                    "backlog_bytes": backlog[0],
+                    "backlog_records": backlog[1],
                     "dirty_bytes": c.dirty.dirty_bytes(),
                     "peer": c.peer,
                     "detached": c.detached,
                 }
                 for name, c in self.consumers.items()
+                for backlog in (self.backlog(c),)
             },
         }

@@ -49,6 +49,9 @@ class Record:
     origin: int = UNKNOWN_ORIGIN
     lpos: int = -1
     size: int = 0
+    # Ring bytes of every live record up to this one, counted since the journal opened (0
+    # until it is in the journal's list): backlogs are differences of two, not sums.
+    cum: int = 0
 
     @classmethod
     def from_header(

@@ -168,6 +168,7 @@ class RingLog:
             lpos=placement.record_lpos,
             size=size,
         )
+        rec.cum = (self.records[-1].cum if self.records else 0) + size
         self.records.append(rec)
         self.last_stamp = (seq, now)
         if kind == Kind.WRITE:

@@ -24,6 +24,7 @@ from typing import Final
 
 from blockmirror.blockdev.journaled import JournalWritePath
 from blockmirror.errors import BlockmirrorError, ProtocolError
+from blockmirror.journal.consumers import first_after
 from blockmirror.journal.journal import Consumer
 from blockmirror.link.direction import LinkRoles
 from blockmirror.link.handshake import End
@@ -163,7 +164,8 @@ class PeerSender:
         journal = self.wp.journal
         consumer = self.consumer
         backlog, records = journal.backlog(consumer)
-        oldest = next((r for r in journal.records if r.seq > consumer.acked_seq), None)
+        start = first_after(journal.records, consumer.acked_seq)
+        oldest = journal.records[start] if start is not None else None
         lag_seconds = (time.time_ns() - oldest.timestamp_ns) / 1e9 if oldest else 0.0
         phase = self.stats.phase
         # A split brain (or a peer we must not send to) says more than a pause does.

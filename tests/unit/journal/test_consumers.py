@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections import deque
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from blockmirror.journal.checkpoint import Checkpoint, ConsumerState, encode_slot
 from blockmirror.journal.checkpoint import decode_slot as decode
-from blockmirror.journal.consumers import DIRTY_REGION, Consumer, attach, bind
+from blockmirror.journal.consumers import DIRTY_REGION, Consumer, attach, bind, first_after
 from blockmirror.journal.dirtymap import DirtyMap
 from blockmirror.journal.format import Kind
 from blockmirror.journal.record import Record
@@ -79,6 +82,36 @@ def test_acknowledge_and_backlog_count_only_in_journal_mode(consumer: Consumer) 
     assert consumer.backlog(live) == (3 * 4160, 3)
     consumer.acknowledge(9, 3)  # never past the newest record
     assert consumer.acked_seq == 3 and consumer.backlog(live) == (0, 0)
+
+
+@given(
+    st.lists(st.integers(1, 1 << 20), min_size=1, max_size=60),
+    st.integers(0, 70),
+    st.integers(0, 59),
+    st.booleans(),
+)
+def test_backlog_by_running_totals_equals_the_sum(
+    sizes: list[int], acked: int, freed: int, totals: bool
+) -> None:
+    """The backlog from the records' running totals (as the journal numbers them) is the sum
+    of the sizes after the cursor, whatever was freed from the front; so is the fallback."""
+    live: deque[Record] = deque()
+    cum = 0
+    for i, size in enumerate(sizes):
+        cum += size
+        live.append(Record(kind=Kind.WRITE, offset=0, length=1, seq=i + 1, size=size))
+        if totals:
+            live[-1].cum = cum
+    for _ in range(min(freed, len(live) - 1)):
+        live.popleft()
+    dirty = DirtyMap.__new__(DirtyMap)  # backlog never touches the map
+    c = Consumer("peer", acked, ConsumerMode.JOURNAL, False, dirty)
+    after = [r for r in live if r.seq > acked]
+    assert c.backlog(live) == (sum(r.size for r in after), len(after))
+    start = first_after(live, acked)
+    assert (start is None) == (not after)
+    if start is not None:
+        assert live[start] is after[0]
 
 
 def test_tracking_turns_the_records_it_lacks_into_dirty_bits(consumer: Consumer) -> None:
