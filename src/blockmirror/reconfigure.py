@@ -14,8 +14,8 @@ that a reload either happens or leaves the unit as it was:
    cursor is released (the next checkpoint frees its records). A removed volume is drained and
    closed like at a stop.
 
-Then the new configuration is recorded with its ``config_version``
-(:mod:`blockmirror.config_store`).
+Between the two, the new configuration is recorded, durably, with its ``config_version``
+(:mod:`blockmirror.config_store`); a failure to record it refuses the reload too.
 """
 
 from __future__ import annotations
@@ -114,13 +114,20 @@ async def reload(unit: Unit, new: Config, text: bytes) -> ReloadResult:
     prepared = _Prepared()
     try:
         await _prepare(unit, new, changes, prepared)
+        # The version is durable before anything of it is applied, and status shows it from
+        # the first change on.
+        try:
+            record = await asyncio.to_thread(record_applied, new.unit.state_dir, text)
+        except OSError as exc:
+            raise ReloadRefused(
+                [("file", f"cannot record the configuration in {new.unit.state_dir}: {exc}")]
+            ) from exc
     except ReloadRefused:
         await _undo(unit, prepared)
         raise
+    unit.config_record, unit.config_text = record, text
     await _commit(unit, new, changes, prepared)
     unit.config = new
-    record = await asyncio.to_thread(record_applied, new.unit.state_dir, text)
-    unit.config_record, unit.config_text = record, text
     unit.write_runtime_file()
     if record.version != (old_version or 0):
         unit.share_config()

@@ -22,11 +22,10 @@ from blockmirror.notify.traps import CLEARED, OBJECTS, RAISED
 from tests.support.alerting import alerts_table, hooks, receivers, set_alerts, until
 from tests.support.pair import (
     MiB,
-    Site,
     fio_args,
     frozen,
     peer_address,
-    run_client,
+    qemu_write,
     topology,
     wait_caught_up,
 )
@@ -43,15 +42,6 @@ pytestmark = [
 
 SIZE = 32 * MiB
 NAME, STATE, VERSION = OBJECTS["bmEventName"], OBJECTS["bmEventState"], OBJECTS["bmVersion"]
-
-
-def write(site: Site, pattern: int, offset: int, length: str) -> None:
-    assert site.unit is not None
-    done = run_client(
-        ["qemu-io", "-f", "raw", "-c", f"write -P {pattern} {offset} {length}",
-         site.unit.export_url("vol")]
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
 
 
 def test_link_down_high_water_and_rpo_reach_every_target_once(tmp_path: Path) -> None:
@@ -74,9 +64,9 @@ def test_link_down_high_water_and_rpo_reach_every_target_once(tmp_path: Path) ->
         until(lambda: r.trap_events("link-down", "raised"), "a link-down trap")
         until(lambda: r.mails("link-down", "raised"), "a link-down mail")
         until(lambda: hooks(r.hook, "link-down", "raised"), "a link-down webhook")
-        write(a, 0x41, 0, "9M")
+        qemu_write(a, 0x41, 0, "9M")
         until(lambda: r.trap_events("journal-high-water", "raised"), "a high-water trap")
-        write(a, 0x42, 9 * MiB, "1M")
+        qemu_write(a, 0x42, 9 * MiB, "1M")
         time.sleep(3)  # several looks of the watch loop, and time for duplicates to arrive
         assert len(r.trap_events("link-down", "raised")) == 1
         assert len(r.mails("link-down", "raised")) == 1
@@ -112,7 +102,7 @@ def test_link_down_high_water_and_rpo_reach_every_target_once(tmp_path: Path) ->
             assert done.returncode == 0 and "alerts" in done.stdout, done.stdout + done.stderr
             before_old = len(r.hook.requests)
             with frozen(b):
-                write(a, 0x43, 0, "64k")
+                qemu_write(a, 0x43, 0, "64k")
                 until(lambda: hooks(new_hook, "rpo-exceeded", "raised"), "rpo on the new hook")
                 until(lambda: r.trap_events("rpo-exceeded", "raised"), "an rpo-exceeded trap")
             until(lambda: hooks(new_hook, "rpo-exceeded", "cleared"), "the rpo clear")

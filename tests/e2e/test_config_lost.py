@@ -9,7 +9,6 @@ serves its volume again and its replica catches up, identical.
 
 from __future__ import annotations
 
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import pytest
 from tests.support.alerting import alerts_table, receivers, set_alerts, until
 from tests.support.config_file import edit_config, volume_entry
 from tests.support.events import recent_events
+from tests.support.failover import cli
 from tests.support.pair import (
     MiB,
     Site,
@@ -29,7 +29,7 @@ from tests.support.pair import (
     wait_caught_up,
     wait_status,
 )
-from tests.support.unit_process import BLOCKMIRROR, admin_request, start_unit
+from tests.support.unit_process import admin_request, start_unit
 
 pytestmark = [
     pytest.mark.e2e,
@@ -51,17 +51,6 @@ def wait_kept(site: Site, unit: str, version: int) -> dict[str, Any]:
         return doc if doc is not None and doc["config_version"] == version else None
 
     return wait_status(check, timeout=30, what=f"{site.name} to keep {unit} version {version}")
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*BLOCKMIRROR, *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        stdin=subprocess.DEVNULL,
-    )
 
 
 def test_copies_are_kept_and_a_lost_config_comes_back_from_a_peer(tmp_path: Path) -> None:

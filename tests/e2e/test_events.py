@@ -17,7 +17,15 @@ import pytest
 
 from tests.support.config_file import Document, edit_config
 from tests.support.events import EventStream, recent_events
-from tests.support.pair import MiB, Site, frozen, peer_address, run_client, topology, wait_caught_up
+from tests.support.pair import (
+    MiB,
+    Site,
+    frozen,
+    peer_address,
+    qemu_write,
+    topology,
+    wait_caught_up,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -29,21 +37,6 @@ def with_alerts(site: Site, **alerts: Any) -> None:
         doc["alerts"] = alerts
 
     edit_config(site.config, change)
-
-
-def write(site: Site, pattern: int, offset: int, length: str) -> None:
-    assert site.unit is not None
-    done = run_client(
-        [
-            "qemu-io",
-            "-f",
-            "raw",
-            "-c",
-            f"write -P {pattern} {offset} {length}",
-            site.unit.export_url("vol"),
-        ]
-    )
-    assert done.returncode == 0, done.stderr
 
 
 def named(events: list[dict[str, Any]], name: str, state: str | None = None) -> list[Any]:
@@ -73,11 +66,11 @@ def test_link_down_and_high_water_once_per_episode(tmp_path: Path) -> None:
             assert "unreachable" in down["message"]
             assert [e["event"] for e in a.status()["events"]] == ["link-down"]
             # Past the mark, while the peer holds every record: one high-water event.
-            write(a, 0x21, 0, "9M")
+            qemu_write(a, 0x21, 0, "9M")
             high, _ = stream.wait_for("journal-high-water", "raised")
             assert high["volume"] == "vol" and high["peer"] is None
             assert "full" in high["message"]
-            write(a, 0x22, 9 * MiB, "1M")
+            qemu_write(a, 0x22, 9 * MiB, "1M")
             time.sleep(3)  # several looks of the watch loop: none may raise again
             quiet = stream.drain()
             assert named(quiet, "link-down", "raised") == [], quiet
@@ -125,7 +118,7 @@ def test_rpo_exceeded_by_a_stalled_peer(tmp_path: Path) -> None:
         stream = EventStream(a.unit)
         try:
             with frozen(b):
-                write(a, 0x31, 0, "64k")
+                qemu_write(a, 0x31, 0, "64k")
                 late, before = stream.wait_for("rpo-exceeded", "raised", timeout=20)
                 assert late["peer"] == peer_address(b) and "behind" in late["message"]
                 # A stall is not an outage: the connection is up, so no link-down.

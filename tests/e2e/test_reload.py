@@ -22,6 +22,7 @@ import pytest
 
 from blockmirror.statedir import dirty_map_path
 from tests.support.config_file import Document, edit_config, volume_entry
+from tests.support.failover import cli
 from tests.support.pair import (
     MiB,
     Site,
@@ -33,7 +34,7 @@ from tests.support.pair import (
     wait_caught_up,
     wait_status,
 )
-from tests.support.unit_process import BLOCKMIRROR, free_port, require_commands
+from tests.support.unit_process import free_port, require_commands
 
 pytestmark = pytest.mark.e2e
 
@@ -48,15 +49,7 @@ def _clients() -> None:
 def reload_cli(site: Site, *how: str) -> subprocess.CompletedProcess[str]:
     """``blockmirror reload`` against the site's unit (by --config unless ``how`` says)."""
     assert site.unit is not None
-    where = list(how) or ["--config", str(site.config)]
-    return subprocess.run(
-        [*BLOCKMIRROR, "reload", *where],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        stdin=subprocess.DEVNULL,
-    )
+    return cli("reload", *(how or ("--config", str(site.config))))
 
 
 def by_admin(site: Site) -> list[str]:

@@ -17,17 +17,18 @@ from pathlib import Path
 import pytest
 
 from tests.support.config_file import Document, edit_config, volume_entry
+from tests.support.failover import cli
 from tests.support.pair import (
     MiB,
     Site,
     peer_address,
     qemu_img_compare,
+    qemu_write,
     run_client,
     topology,
     wait_caught_up,
     wait_status,
 )
-from tests.support.unit_process import BLOCKMIRROR
 
 pytestmark = pytest.mark.e2e
 
@@ -35,13 +36,7 @@ SIZE = 16 * MiB
 
 
 def reload(site: Site) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(
-        [*BLOCKMIRROR, "reload", "--config", str(site.config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = cli("reload", "--config", str(site.config))
     assert done.returncode == 0, done.stdout + done.stderr
     return done
 
@@ -49,15 +44,6 @@ def reload(site: Site) -> subprocess.CompletedProcess[str]:
 def write_key(path: Path) -> None:
     path.write_text(secrets.token_hex(32) + "\n")
     os.chmod(path, 0o600)
-
-
-def write(site: Site, pattern: int, offset: int, length: str) -> None:
-    assert site.unit is not None
-    done = run_client(
-        ["qemu-io", "-f", "raw", "-c", f"write -P {pattern} {offset} {length}",
-         site.unit.export_url("vol")]
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
 
 
 def test_keys_are_rotated_by_rewriting_their_file(tmp_path: Path) -> None:
@@ -77,13 +63,13 @@ def test_keys_are_rotated_by_rewriting_their_file(tmp_path: Path) -> None:
             done = reload(site)
             assert "replication.psk_file: a new key" in done.stdout, done.stdout
         # The open link keeps its session: no reconnect, and records still flow.
-        write(a, 0x61, 0, "1M")
+        qemu_write(a, 0x61, 0, "1M")
         wait_caught_up(a, b)
         assert a.volume_status()["peers"][0]["connects"] == connects
         # The next connection authenticates with the new key, on both ends.
         b.kill()
         b.start()
-        write(a, 0x62, MiB, "1M")
+        qemu_write(a, 0x62, MiB, "1M")
         wait_caught_up(a, b)
         assert a.volume_status()["peers"][0]["connects"] == connects + 1
         qemu_img_compare(a.images["vol"], b.images["vol"])
@@ -127,7 +113,7 @@ def test_live_settings_take_effect(tmp_path: Path) -> None:
         # A replica's replay delay, by a reload of the secondary.
         edit_config(b.config, lambda doc: volume_entry(doc).__setitem__("replay_delay", "1h"))
         assert "replay_delay" in reload(b).stdout
-        write(a, 0x71, 0, "64k")
+        qemu_write(a, 0x71, 0, "64k")
         wait_status(
             lambda: (b.volume_status()["replica"].get("delayed_records") or 0) > 0 or None,
             timeout=30,

@@ -348,3 +348,12 @@ def qemu_img_compare(a: Path, b: Path) -> None:
     """Byte-for-byte comparison of two raw images (qemu-img compare exits 0 when identical)."""
     proc = run_client(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", str(a), str(b)])
     assert proc.returncode == 0, f"{a} and {b} differ: {proc.stdout}{proc.stderr}"
+
+
+def qemu_write(site: Site, pattern: int, offset: int, length: str, volume: str = "vol") -> None:
+    """Write ``length`` bytes of ``pattern`` at ``offset`` through the site's export (qemu-io),
+    and fail unless it succeeded."""
+    assert site.unit is not None
+    command = f"write -P {pattern} {offset} {length}"
+    done = run_client(["qemu-io", "-f", "raw", "-c", command, site.unit.export_url(volume)])
+    assert done.returncode == 0, done.stderr
