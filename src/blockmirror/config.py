@@ -83,6 +83,8 @@ class ReplicationConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None
+    # Every link's default rate limit, in bits per second (None: none); a peer may override it.
+    bandwidth: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,12 +112,22 @@ class VolumeConfig:
     # Certificate names (CN or DNS subjectAltName) a source's TLS certificate must carry to
     # write this replica; empty: any certificate the CA signed.
     tls_peers: tuple[str, ...] = ()
+    # The peers written as inline tables with a bandwidth of their own: (address, bits per
+    # second or None for "none"), overriding [replication] bandwidth.
+    peer_bandwidth: tuple[tuple[str, int | None], ...] = ()
     # Point-in-time history (docs/history.md): how far back points are kept (seconds; 0:
     # none), and the most space its segments may take in state_dir (None: the volume's size).
     history: float = 0.0
     history_size: int | None = None
     # On a secondary: how long received records wait before they reach the replica.
     replay_delay: float = 0.0
+
+    def bandwidth_of(self, peer: str, default: int | None) -> int | None:
+        """The rate limit of the link to ``peer`` (bits per second; None: none)."""
+        for address, bits in self.peer_bandwidth:
+            if address == peer:
+                return bits
+        return default
 
     @property
     def history_cap(self) -> int:
@@ -152,7 +164,8 @@ _UNIT_KEYS = (
     "name", "state_dir", "admin", "admin_token_file", "admin_public_status", "admin_hosts",
     "admin_tls_cert", "admin_tls_key", "admin_tls_ca", "nbd_reply_budget", "nbd_max_connections",
 )  # fmt: skip
-_REPLICATION_KEYS = ("listen", "psk_file", "tls_cert", "tls_key", "tls_ca")
+_REPLICATION_KEYS = ("listen", "psk_file", "tls_cert", "tls_key", "tls_ca", "bandwidth")
+_PEER_KEYS = ("address", "bandwidth")
 _VOLUME_KEYS = (
     "name", "role", "path", "offset", "size", "export", "read_only", "journal", "journal_size",
     "journal_high_water", "overflow", "ack", "ack_timeout", "peers", "description",
@@ -215,7 +228,7 @@ def _parse_volume(
     ack = t.choice("ack", tuple(_ACKS))
     ack_timeout = t.number("ack_timeout")
     description = t.text("description")
-    peers = _parse_peers(t)
+    peers, peer_bandwidth = _parse_peers(t, base_dir)
     psk_file = t.path("psk_file")
     tls_peers = _parse_names(t, "tls_peers")
     history = t.duration("history")
@@ -269,6 +282,7 @@ def _parse_volume(
         description=description or "",
         psk_file=psk_file,
         tls_peers=tls_peers,
+        peer_bandwidth=peer_bandwidth,
         history=history or 0.0,
         history_size=history_size,
         replay_delay=replay_delay or 0.0,
@@ -292,15 +306,32 @@ def _parse_names(t: Table, key: str) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _parse_peers(t: Table) -> tuple[Address, ...]:
-    value = t.typed("peers", (list,), "an array of HOST:PORT strings", False)
+def _parse_peers(
+    t: Table, base_dir: Path
+) -> tuple[tuple[Address, ...], tuple[tuple[str, int | None], ...]]:
+    """``peers``: each an address string, or an inline table ``{ address = ..., bandwidth =
+    ... }`` whose keys override the [replication] defaults for that link."""
+    value = t.typed("peers", (list,), "an array of HOST:PORT strings or inline tables", False)
     if not isinstance(value, list):
-        return ()
+        return (), ()
     peers: list[Address] = []
-    for i, item in enumerate(value):
+    bandwidths: list[tuple[str, int | None]] = []
+    for i, raw in enumerate(value):
         name = f"peers[{i}]"
+        present, bits = False, None
+        item: object = raw
+        if isinstance(raw, dict):
+            entry = Table(raw, t.key(name), _PEER_KEYS, t.problems, base_dir)
+            item = entry.text("address", required=True)
+            present, bits = entry.rate("bandwidth")
+            if item is None:
+                t.bad.add("peers")
+                continue
         if not isinstance(item, str):
-            t.fail(name, f"expected a HOST:PORT string, got {type_name(item)} ({item!r})")
+            t.fail(
+                name,
+                f"expected a HOST:PORT string or an inline table, got {type_name(item)} ({item!r})",
+            )
             t.bad.add("peers")
             continue
         peer = t.address_value(name, item, allow_zero=False)
@@ -310,7 +341,9 @@ def _parse_peers(t: Table) -> tuple[Address, ...]:
             t.fail(name, f"{peer} is listed twice")
         else:
             peers.append(peer)
-    return tuple(peers)
+            if present:
+                bandwidths.append((str(peer), bits))
+    return tuple(peers), tuple(bandwidths)
 
 
 def _check_listeners(listeners: Sequence[tuple[str, Address]], problems: list[Problem]) -> None:
@@ -354,6 +387,7 @@ def parse_config(
         tls_cert=rt.path("tls_cert"),
         tls_key=rt.path("tls_key"),
         tls_ca=rt.path("tls_ca"),
+        bandwidth=rt.rate("bandwidth")[1],
     )
     # TLS is all or nothing: a certificate without a CA would accept any client (or trust the
     # system's public CAs), a CA without a certificate would leave a listener in plain TCP.

@@ -60,6 +60,7 @@ TABLE: dict[str, dict[str, tuple[Live, str]]] = {
         "tls_cert": (Live.RESTART, "the links' TLS is set up at start"),
         "tls_key": (Live.RESTART, "the links' TLS is set up at start"),
         "tls_ca": (Live.RESTART, "the links' TLS is set up at start"),
+        "bandwidth": (Live.LIVE, ""),
     },
     "volume": {
         "name": (Live.LIVE, ""),  # a volume's name is its identity: another name, another one
@@ -84,6 +85,7 @@ TABLE: dict[str, dict[str, tuple[Live, str]]] = {
         "description": (Live.LIVE, ""),
         "psk_file": (Live.LIVE, ""),
         "tls_peers": (Live.LIVE, ""),
+        "peer_bandwidth": (Live.LIVE, ""),
         "history": (Live.LIVE, ""),  # but not on or off: see _volume_settings
         "history_size": (Live.LIVE, ""),
         "replay_delay": (Live.LIVE, ""),

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from blockmirror.addresses import Address, address_or_reason
 from blockmirror.errors import SizeError
-from blockmirror.units import parse_duration, parse_size
+from blockmirror.units import parse_duration, parse_rate, parse_size
 
 Problem = tuple[str, str]
 
@@ -93,6 +93,22 @@ class Table:
         except SizeError as exc:
             self.fail(name, str(exc))
             return None
+
+    def rate(self, name: str) -> tuple[bool, int | None]:
+        """(present, bits per second): a rate such as ``"10Mbit"``, or ``"none"`` (no limit,
+        which a per-peer value uses to undo a default)."""
+        value = self.typed(name, (int, str), "a rate such as 10Mbit, or 'none'", False)
+        if value is None:
+            return False, None
+        if isinstance(value, str) and value.strip().lower() == "none":
+            return True, None
+        if not isinstance(value, (int, str)):
+            return True, None
+        try:
+            return True, parse_rate(value, key=name)
+        except SizeError as exc:
+            self.fail(name, str(exc))
+            return True, None
 
     def duration(self, name: str) -> float | None:
         value = self.typed(name, (int, float, str), "a duration such as 24h", False)

@@ -305,6 +305,7 @@ class Unit:
             ssl_context=self.client_ssl,
             roles=rt.roles,
         )
+        sender.set_rate(rt.config.bandwidth_of(str(peer), self.config.replication.bandwidth))
         rt.senders.append(sender)
         sender.start()
 

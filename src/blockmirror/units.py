@@ -7,7 +7,7 @@ from fractions import Fraction
 
 from blockmirror.errors import SizeError
 
-__all__ = ["format_size", "parse_duration", "parse_size"]
+__all__ = ["format_rate", "format_size", "parse_duration", "parse_rate", "parse_size"]
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -153,3 +153,42 @@ def parse_duration(value: str | int | float, *, key: str = "duration") -> float:
             "'24h', '30m' or '1h30m'"
         )
     return total
+
+
+# Rates: link bandwidths in bits per second, decimal prefixes as networks count them
+# ("1544kbit" is a T1, "10Mbit" ten million bits a second).
+_RATE_UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9, "tbit": 10**12}
+_RATE_RE = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]+)(?:/s)?", re.ASCII)
+
+
+def parse_rate(value: str | int, *, key: str = "bandwidth") -> int:
+    """Bits per second that ``value`` denotes: a positive whole number of bits per second, or a
+    string such as ``"1544kbit"``, ``"10Mbit"``, ``"1Gbit"`` (also ``"10Mbit/s"``, ``"10Mbps"``).
+    Raises :class:`SizeError` for anything else, including zero (say ``"none"`` for no limit)."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise SizeError(f"invalid {key} {value!r}: expected a rate like '10Mbit'")
+    if isinstance(value, int):
+        bits = Fraction(value)
+    else:
+        match = _RATE_RE.fullmatch(value.strip())
+        name = match.group(2).lower() if match else ""
+        if name.endswith("bps"):  # "10Mbps" is "10Mbit/s"
+            name = name[:-3] + "bit"
+        unit = _RATE_UNITS.get(name)
+        if match is None or unit is None:
+            raise SizeError(
+                f"invalid {key} {value!r}: expected a number and bit, kbit, Mbit or Gbit (per "
+                "second), like '1544kbit' or '10Mbit'"
+            )
+        bits = Fraction(match.group(1)) * unit
+    if bits < 1 or bits.denominator != 1:
+        raise SizeError(f"invalid {key} {value!r}: must be a whole number of bits per second > 0")
+    return int(bits)
+
+
+def format_rate(bits_per_second: int) -> str:
+    """``"10 Mbit/s"``, ``"1.544 Mbit/s"``, ``"800 bit/s"``."""
+    for unit, name in ((10**9, "Gbit"), (10**6, "Mbit"), (10**3, "kbit")):
+        if bits_per_second >= unit:
+            return f"{bits_per_second / unit:g} {name}/s"
+    return f"{bits_per_second} bit/s"

@@ -11,6 +11,7 @@ import json
 import os
 import secrets
 import subprocess
+import time
 import urllib.request
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from tests.support.failover import cli
 from tests.support.pair import (
     MiB,
     Site,
+    fio_write,
     peer_address,
     qemu_img_compare,
     qemu_write,
@@ -120,3 +122,53 @@ def test_live_settings_take_effect(tmp_path: Path) -> None:
             what="records held back by the new replay_delay",
         )
         assert b.volume_status()["replica"]["replay_delay_seconds"] == 3600
+
+
+def test_a_bandwidth_limit_paces_the_link_and_a_reload_changes_it(tmp_path: Path) -> None:
+    with topology(tmp_path) as topo:
+        b = topo.add_secondary("site-b", volumes={"vol": SIZE})
+        a = topo.add_primary(
+            "site-a",
+            peers=[peer_address(b)],
+            size=SIZE,
+            replication={"bandwidth": "4Mbit"},
+        )
+        # The peer's own limit overrides the default.
+        edit_config(
+            a.config,
+            lambda doc: volume_entry(doc).__setitem__(
+                "peers", [{"address": peer_address(b), "bandwidth": "16Mbit"}]
+            ),
+        )
+        b.start()
+        a.start()
+        wait_caught_up(a, b)
+        assert a.volume_status()["peers"][0]["rate_limit"] == 16_000_000
+        started = time.monotonic()
+        # Writes of 64 KiB: the limit paces whole records, so small ones show it closely.
+        assert a.unit is not None
+        fio_write(a.unit.export_url("vol"), tmp_path, size="8MiB", bs="64k", iodepth=4)
+        wait_caught_up(a, b)
+        paced = time.monotonic() - started
+        # 8 MiB at 2 MB/s (less one burst) take at least about 4 s; only a lower bound is
+        # asserted: a slow machine can only take longer.
+        assert paced >= 3.0, paced
+        # No limit for this peer now, by a reload: the same amount goes at the link's speed.
+        edit_config(
+            a.config,
+            lambda doc: volume_entry(doc).__setitem__(
+                "peers", [{"address": peer_address(b), "bandwidth": "none"}]
+            ),
+        )
+        done = reload(a)
+        assert "peer_bandwidth" in done.stdout, done.stdout
+        assert a.volume_status()["peers"][0]["rate_limit"] is None
+        started = time.monotonic()
+        fio_write(a.unit.export_url("vol"), tmp_path, size="8MiB", bs="64k", iodepth=4, seed=2)
+        wait_caught_up(a, b)
+        print(f"8 MiB at 16 Mbit/s: {paced:.1f} s; unlimited: {time.monotonic() - started:.1f} s")
+        # Back to the default, which the unit applies to a peer without its own limit.
+        edit_config(a.config, lambda doc: volume_entry(doc).__setitem__("peers", [peer_address(b)]))
+        reload(a)
+        assert a.volume_status()["peers"][0]["rate_limit"] == 4_000_000
+        qemu_img_compare(a.images["vol"], b.images["vol"])

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from blockmirror.errors import BlockmirrorError, SizeError
-from blockmirror.units import GiB, KiB, MiB, TiB, format_size, parse_size
+from blockmirror.units import GiB, KiB, MiB, TiB, format_rate, format_size, parse_rate, parse_size
 
 MULTIPLIERS = {
     "": 1,
@@ -184,3 +184,30 @@ def test_quarter_fractions_parse_exactly(quarters: int, unit: str) -> None:
         format_size(parse_size(text))
         == f"{whole}.{part * 25:02d}".rstrip("0").rstrip(".") + f" {unit}"
     )
+
+
+@pytest.mark.parametrize(
+    ("text", "bits"),
+    [
+        ("1544kbit", 1_544_000),
+        ("10Mbit", 10_000_000),
+        ("1Gbit", 10**9),
+        ("1.5 Mbit/s", 1_500_000),
+        ("100Mbps", 10**8),
+        ("800bit", 800),
+        (9600, 9600),
+    ],
+)
+def test_rates(text: str | int, bits: int) -> None:
+    assert parse_rate(text) == bits
+
+
+@pytest.mark.parametrize("text", ["", "fast", "10MB", "0", 0, -5, "1.5bit", "10 Mbit per s", True])
+def test_bad_rates(text: object) -> None:
+    with pytest.raises(SizeError, match="bandwidth"):
+        parse_rate(text)  # type: ignore[arg-type]
+
+
+def test_format_rate() -> None:
+    assert format_rate(1_544_000) == "1.544 Mbit/s" and format_rate(800) == "800 bit/s"
+    assert format_rate(10**9) == "1 Gbit/s"

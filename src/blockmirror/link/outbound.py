@@ -98,7 +98,7 @@ class OutboundStream:
             if consumer.paused:
                 await self.wait(1.0)
                 continue
-            if not self.send_records():
+            if not self.send_records() and sender.bucket.ready:
                 await self.wait(self.link.timeouts.heartbeat)
 
     async def wait(self, seconds: float) -> None:
@@ -121,6 +121,7 @@ class OutboundStream:
             raise self.failed
         if self.link.write_buffer_size() > WINDOW_BYTES:
             await self.link.drain()
+        await self.sender.bucket.pace()  # the link's bandwidth limit
 
     def sent(self, key: int, nbytes: int) -> None:
         """Account for a frame of ``nbytes`` in flight until ``key`` is acknowledged (a record
@@ -128,6 +129,7 @@ class OutboundStream:
         self.cumulative += nbytes
         self.sent_bytes_at.append((key, self.cumulative))
         self.sender.stats.count(nbytes)
+        self.sender.bucket.charge(nbytes)
 
     def send_records(self) -> bool:
         """Send what the volume holds and the window allows; False when nothing could go."""
@@ -136,12 +138,20 @@ class OutboundStream:
         if sender.consumer.paused:
             return False
         limit = self.wp.applied_seq
-        while self.next_seq <= limit and self.cumulative - self.acked_bytes < WINDOW_BYTES:
+        bucket = sender.bucket
+        # Under a bandwidth limit, frames of about one burst: the limit then holds over any
+        # second, not just on average over a few large frames.
+        frame = FRAME_BYTES if bucket.rate is None else min(FRAME_BYTES, int(bucket.burst))
+        while (
+            self.next_seq <= limit
+            and self.cumulative - self.acked_bytes < WINDOW_BYTES
+            and bucket.ready
+        ):
             consumer = sender.consumer
             if consumer.mode != ConsumerMode.JOURNAL:
                 return sent_any
             try:
-                run, raw = self.journal.read_run(self.next_seq, limit, FRAME_BYTES)
+                run, raw = self.journal.read_run(self.next_seq, limit, frame)
             except RecordsGone:
                 # Records this consumer needs are gone (should not happen in journal mode):
                 # fall back to copying everything rather than leave the replica short.

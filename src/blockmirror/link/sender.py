@@ -34,6 +34,7 @@ from blockmirror.link.protocol import (
     RefuseCode,
     Welcome,
 )
+from blockmirror.link.ratelimit import TokenBucket
 from blockmirror.link.resume import (
     SplitBrainFound,
     add_diverged,
@@ -104,6 +105,9 @@ class PeerSender:
         self._volume_id = volume_id
         self.volume_id = ""
         self.psk = psk
+        # The link's bandwidth limit (set_rate), charged by the outbound stream.
+        self.bucket = TokenBucket()
+        self.rate_limit: int | None = None
         # The configuration exchange (peer_configs); what the peer's WELCOME said of it.
         self.configs = configs
         self._peer_takes_configs = False
@@ -200,8 +204,14 @@ class PeerSender:
             "diverged_union_bytes": self.stats.diverged_union_bytes,
             "last_error": self.stats.last_error,
             "last_ack_time": self.stats.last_ack_time,
+            "rate_limit": self.rate_limit,
             "reason": self.stats.reason if phase in _REASONED else None,
         }
+
+    def set_rate(self, bits_per_second: int | None) -> None:
+        """The link's bandwidth limit from now on (None: none); at start and by a reload."""
+        self.rate_limit = bits_per_second
+        self.bucket.set_rate(bits_per_second / 8 if bits_per_second else None)
 
     def share_config(self) -> None:
         """Send our configuration to the peer now, if it is connected and takes it (at the
