@@ -27,7 +27,7 @@ from blockmirror.admin.client import (
 )
 from blockmirror.admin.table import format_status_table, status_problems
 from blockmirror.cli_config import add_config_commands, read_for_run
-from blockmirror.cli_controls import ControlCommands
+from blockmirror.cli_controls import ControlCommands, add_link_commands
 from blockmirror.cli_history import add_history_commands
 from blockmirror.cli_roles import add_role_commands
 from blockmirror.config import Config, load_config
@@ -461,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_role_commands(sub, admin_arguments=_admin_arguments, run_control=_run_control)
     add_config_commands(sub, admin_tls_argument=_admin_ca_argument)
+    add_link_commands(sub, admin_arguments=_admin_arguments, run_control=_run_control)
     add_history_commands(
         sub,
         admin_arguments=_admin_arguments,

@@ -9,9 +9,9 @@ import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
-from blockmirror.units import human_size
+from blockmirror.units import format_rate, human_size
 
-__all__ = ["ControlCommands", "consumer_summary"]
+__all__ = ["ControlCommands", "add_link_commands", "consumer_summary"]
 
 EXIT_FAILURE = 1
 RunControl = Callable[..., "dict[str, Any] | None"]
@@ -78,3 +78,37 @@ class ControlCommands:
             f"into dirty bits ({consumer_summary(reply)})"
         )
         return 0
+
+
+def add_link_commands(
+    sub: Any,
+    *,
+    admin_arguments: Callable[[argparse.ArgumentParser], None],
+    run_control: RunControl,
+) -> None:
+    """``blockmirror link set VOLUME PEER --bandwidth RATE``: change a live link."""
+    link = sub.add_parser("link", help="change a live link's settings")
+    lsub = link.add_subparsers(dest="link_command", required=True)
+    change = lsub.add_parser(
+        "set",
+        help="change a link now, without a reconnect (until the next reload or restart, "
+        "which apply the file's values)",
+    )
+    change.add_argument("volume")
+    change.add_argument("peer", help="the peer's address, HOST:PORT, as in the volume's peers")
+    change.add_argument(
+        "--bandwidth", required=True, help="a rate such as 10Mbit or 1544kbit, or none"
+    )
+    admin_arguments(change)
+
+    def run(args: argparse.Namespace) -> int:
+        path = f"/api/volumes/{_quote(args.volume)}/peers/{_quote(args.peer)}/link"
+        reply = run_control(args, path, {"bandwidth": args.bandwidth})
+        if reply is None:
+            return EXIT_FAILURE
+        limit = reply.get("rate_limit")
+        shown = "none" if limit is None else format_rate(int(limit))
+        print(f"volume {args.volume} -> {args.peer}: bandwidth limit {shown}")
+        return 0
+
+    change.set_defaults(func=run)

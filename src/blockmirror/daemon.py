@@ -23,6 +23,7 @@ from blockmirror.admin.controls import handle as handle_control
 from blockmirror.admin.event_routes import LogBuffer, events_route, lag_history_route, log_route
 from blockmirror.admin.history_routes import handle_path as handle_history_path
 from blockmirror.admin.lag_history import LagHistory
+from blockmirror.admin.link_controls import handle_link_path
 from blockmirror.admin.setup import admin_access, unit_token_path
 from blockmirror.config import Address, Config, ReplicationConfig, VolumeConfig
 from blockmirror.config_sharing import UnitConfigShare
@@ -214,6 +215,8 @@ class Unit:
         if path == "/api/reload":
             return await self._reload_control(method)
         reply = await handle_history_path(self.runtime, method, path, query)
+        if reply is None:
+            reply = await handle_link_path(self.runtime, method, path, query)
         if reply is not None:
             return reply
         return await handle_control(self, method, path, query)

@@ -171,4 +171,19 @@ def test_a_bandwidth_limit_paces_the_link_and_a_reload_changes_it(tmp_path: Path
         edit_config(a.config, lambda doc: volume_entry(doc).__setitem__("peers", [peer_address(b)]))
         reload(a)
         assert a.volume_status()["peers"][0]["rate_limit"] == 4_000_000
+        # And by hand, on the live link: `link set` (until the next reload).
+        where = ["--config", str(a.config)]
+        done = cli("link", "set", "vol", peer_address(b), "--bandwidth", "2Mbit", *where)
+        assert done.returncode == 0 and "2 Mbit/s" in done.stdout, done.stdout + done.stderr
+        assert a.volume_status()["peers"][0]["rate_limit"] == 2_000_000
+        bad = cli("link", "set", "vol", peer_address(b), "--bandwidth", "fast", *where)
+        assert bad.returncode == 1 and "invalid bandwidth" in bad.stderr, bad.stderr
+        nobody = cli("link", "set", "vol", "127.0.0.1:1", "--bandwidth", "none", *where)
+        assert nobody.returncode == 1 and "no peer" in nobody.stderr, nobody.stderr
+        assert (
+            a.volume_status()["peers"][0]["rate_limit"] == 2_000_000
+        )  # the refusals changed nothing
+        done = cli("link", "set", "vol", peer_address(b), "--bandwidth", "none", *where)
+        assert done.returncode == 0 and "limit none" in done.stdout
+        assert a.volume_status()["peers"][0]["rate_limit"] is None
         qemu_img_compare(a.images["vol"], b.images["vol"])
