@@ -140,6 +140,7 @@ def test_the_console_shows_the_pair_and_pauses_a_consumer(browser: Browser, tmp_
                 sign_in(page, a)
                 check_primary(page, a, address, row)
                 check_events_and_graph(page, a, b, address, row)
+                check_link_limit(page, a, address, row)
                 check_log_and_errors(page, a)
                 secondary = context.new_page()
                 sign_in(secondary, b)
@@ -206,6 +207,35 @@ def check_events_and_graph(page: Page, a: Site, b: Site, address: str, row: str)
     expect(cleared).to_have_count(1, timeout=SHOWN)
     expect(raised).to_have_count(0)
     expect(page.locator("#no-active-events")).to_be_visible()
+
+
+def check_link_limit(page: Page, a: Site, address: str, row: str) -> None:
+    # A link setting: the value is typed into the confirmation dialog.
+    limit = f"#link-limit-vol__{id_part(address)}"
+    page.click(limit)
+    expect(page.locator("#confirm-rate-row")).to_be_visible()
+    expect(page.locator("#confirm-rate")).to_have_value("none")
+    page.fill("#confirm-rate", "8Mbit")
+    page.click("#confirm-ok")
+    expect(page.locator("#message")).to_contain_text("done", timeout=SHOWN)
+    assert find_peer(a, address)["rate_limit"] == 8_000_000
+    expect(page.locator(f"{row} td.link")).to_have_text("limit 8 Mbit/s", timeout=SHOWN)
+    # A bad value: the unit's message, nothing changed.
+    page.click(limit)
+    expect(page.locator("#confirm-rate")).to_have_value("8000000bit")
+    page.fill("#confirm-rate", "fast")
+    page.click("#confirm-ok")
+    expect(page.locator("#message")).to_contain_text("invalid bandwidth", timeout=SHOWN)
+    assert find_peer(a, address)["rate_limit"] == 8_000_000
+    page.click(limit)
+    page.fill("#confirm-rate", "none")
+    page.click("#confirm-ok")
+    expect(page.locator(f"{row} td.link")).not_to_contain_text("limit", timeout=SHOWN)
+    assert find_peer(a, address)["rate_limit"] is None
+    # Other controls show no rate field.
+    page.click(f"#consumer-pause-vol__{id_part(address)}")
+    expect(page.locator("#confirm-rate-row")).to_be_hidden()
+    page.click("#confirm-cancel")
 
 
 def check_graph(page: Page, address: str) -> None:

@@ -126,17 +126,23 @@ if (dialog) {
     const act = pending;
     pending = null;
     dialog.close();
-    if (act) run(act.path + (act.force && $("confirm-force").checked ? "?force=1" : ""), act.what);
+    if (!act) return;
+    let path = act.path + (act.force && $("confirm-force").checked ? "?force=1" : "");
+    if (act.rate) path += `?bandwidth=${encodeURIComponent($("confirm-rate").value.trim())}`;
+    run(path, act.what);
   });
   $("confirm-cancel").addEventListener("click", () => { pending = null; dialog.close(); });
   dialog.addEventListener("close", () => { pending = null; });
 }
 
-function ask(question, path, what, force) {
+function ask(question, path, what, force, rate) {
   $("confirm-text").textContent = question;
   $("confirm-force-row").hidden = !force;
   $("confirm-force").checked = false;
-  pending = {path, what, force};
+  // A link setting: the value is typed into the dialog, and sent only on Confirm.
+  $("confirm-rate-row").hidden = rate === undefined;
+  $("confirm-rate").value = rate === undefined ? "" : rate;
+  pending = {path, what, force, rate: rate !== undefined};
   dialog.showModal();
   $("confirm-cancel").focus();  // the safe choice is the default one
 }
@@ -153,10 +159,19 @@ async function run(path, what) {
   refresh();
 }
 
-function control(id, label, path, question, what, force) {
+function control(id, label, path, question, what, force, rate) {
   const button = el("button", {type: "button", id, class: "control"}, label);
-  button.addEventListener("click", () => ask(question, path, what, Boolean(force)));
+  button.addEventListener("click", () => ask(question, path, what, Boolean(force),
+                                               rate === undefined ? undefined : rate()));
   return button;
+}
+
+const rateText = (n) => (typeof n === "number" ? `${n}bit` : "none");
+function bits(n) {
+  for (const [unit, name] of [[1e9, "Gbit"], [1e6, "Mbit"], [1e3, "kbit"]]) {
+    if (n >= unit) return `${+(n / unit).toFixed(3)} ${name}/s`;
+  }
+  return `${n} bit/s`;
 }
 
 // --- the volume cards ---------------------------------------------------------------------
@@ -293,7 +308,12 @@ function createPeer(card) {
         `pause of ${volume} → ${address}`);
       parts.resume = control(`consumer-resume-${key}`, "Resume", `${base}/resume`,
         `Resume sending ${volume} to ${address}?`, `resume of ${volume} → ${address}`);
-      row.append(el("td", {class: "actions"}, parts.pause, parts.resume));
+      const link = `/api/volumes/${encodeURIComponent(volume)}/peers/` +
+        `${encodeURIComponent(address)}/link`;
+      parts.limit = control(`link-limit-${key}`, "Limit…", link,
+        `Set the bandwidth limit of ${volume} → ${address} (until the next reload)?`,
+        `limit of ${volume} → ${address}`, false, () => rateText(row.rateLimit));
+      row.append(el("td", {class: "actions"}, parts.pause, parts.resume, parts.limit));
     }
     row.parts = parts;
     return row;
@@ -313,10 +333,11 @@ function updatePeer(row, peer, consumer) {
   c.rate.textContent = `${size(peer.throughput_bytes_per_second)}/s`;
   c.sent.textContent = size(peer.bytes_sent);
   c.consistent.textContent = peer.consistent ? "yes" : "no";
-  // Link settings are read-only here: shown when the unit's status has them.
+  // Link settings: the bandwidth limit (changed by "Limit…"), and what later ones status has.
   const link = [];
   if (peer.compression) link.push(`compression ${peer.compression}`);
-  if (typeof peer.bandwidth_limit === "number") link.push(`limit ${size(peer.bandwidth_limit)}/s`);
+  row.rateLimit = peer.rate_limit;
+  if (typeof peer.rate_limit === "number") link.push(`limit ${bits(peer.rate_limit)}`);
   c.link.textContent = link.join(" · ") || NONE;
   c.error.textContent = peer.last_error || peer.reason || "";
   const paused = consumer ? Boolean(consumer.paused) : peer.state === "paused";

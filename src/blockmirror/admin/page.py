@@ -99,6 +99,8 @@ _DIALOG = """<dialog id="confirm" aria-labelledby="confirm-title" aria-described
 <p id="confirm-text"></p>
 <p id="confirm-force-row" hidden><label><input type="checkbox" id="confirm-force">
 force: promote even if the replica is not consistent and has no consistent point</label></p>
+<p id="confirm-rate-row" hidden><label for="confirm-rate">bandwidth limit</label>
+<input id="confirm-rate" size="12" placeholder="10Mbit or none" autocomplete="off"></p>
 <div class="dialog-buttons"><button type="button" id="confirm-cancel">Cancel</button>
 <button type="button" id="confirm-ok">Confirm</button></div>
 </dialog>"""
