@@ -35,7 +35,8 @@ class UnitConfigShare:
         self.unit = unit
         self.state_dir = state_dir
         self._current = current
-        self._writes: set[asyncio.Task[None]] = set()
+        self._latest: dict[str, tuple[PeerConfig, str, str]] = {}
+        self._writers: dict[str, asyncio.Task[None]] = {}
         self.share = ConfigShare(own=self.own, keep=self.keep)
 
     def own(self) -> PeerConfig | None:
@@ -44,36 +45,45 @@ class UnitConfigShare:
             return None
         return PeerConfig(self.unit, record.version, text.decode("utf-8", errors="replace"))
 
-    def keep(self, message: PeerConfig, where: str) -> None:
-        task = asyncio.get_running_loop().create_task(self._write(message, where))
-        self._writes.add(task)
-        task.add_done_callback(self._writes.discard)
+    def keep(self, message: PeerConfig, where: str, credential: str) -> None:
+        """Keep the newest copy a peer gave. One writer per unit at a time, and only the
+        latest waiting copy is written: frames that come faster than the disk are folded."""
+        self._latest[message.unit] = (message, where, credential)
+        if message.unit not in self._writers:
+            task = asyncio.get_running_loop().create_task(self._write(message.unit))
+            self._writers[message.unit] = task
 
-    async def _write(self, message: PeerConfig, where: str) -> None:
+    async def _write(self, unit: str) -> None:
         try:
-            changed = await asyncio.to_thread(
-                config_store.keep_peer_copy,
-                self.state_dir,
-                message.unit,
-                message.config_version,
-                message.text.encode("utf-8"),
-                where,
-            )
-        except (OSError, ValueError) as exc:
-            log.error("cannot keep the configuration of unit %s: %s", message.unit, exc)
-            return
-        if changed:
-            log.info(
-                "kept configuration version %d of unit %s (from %s)",
-                message.config_version,
-                message.unit,
-                where,
-            )
+            while (latest := self._latest.pop(unit, None)) is not None:
+                message, where, credential = latest
+                try:
+                    changed = await asyncio.to_thread(
+                        config_store.keep_peer_copy,
+                        self.state_dir,
+                        message.unit,
+                        message.config_version,
+                        message.text.encode("utf-8"),
+                        where,
+                        credential,
+                    )
+                except (OSError, ValueError) as exc:
+                    log.error("cannot keep the configuration of unit %s: %s", unit, exc)
+                    continue
+                if changed:
+                    log.info(
+                        "kept configuration version %d of unit %s (from %s)",
+                        message.config_version,
+                        unit,
+                        where,
+                    )
+        finally:
+            del self._writers[unit]
 
     async def wait(self) -> None:
         """Until the copies being written are on disk (at stop)."""
-        if self._writes:
-            await asyncio.gather(*self._writes, return_exceptions=True)
+        if self._writers:
+            await asyncio.gather(*self._writers.values(), return_exceptions=True)
 
     def route(self, request: Request) -> Response:
         """``GET /api/peer-configs``: the copies kept; ``?unit=NAME``: that one, with its text."""

@@ -19,6 +19,8 @@ import hashlib
 import json
 import os
 import re
+import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,9 +108,10 @@ def record_applied(state_dir: Path, text: bytes) -> ConfigRecord:
 
 
 def _replace(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # A name of its own per write: two writers never share (and tear) a temporary file.
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             view = memoryview(data)
             while view:
@@ -126,6 +129,10 @@ def _replace(path: Path, data: bytes) -> None:
 # --- the copies peers hand over (PEER_CONFIG) -------------------------------------------------
 
 PEERS_DIR = "peers"
+# The most units whose copies one unit keeps: peers are a handful; this bounds the disk a
+# claimant of many names could fill.
+MAX_PEER_COPIES = 1024
+_PEER_WRITES = threading.Lock()
 # Unit names are file names here: the same rule the config applies to names.
 _UNIT_NAME = re.compile(r"[A-Za-z0-9._-]{1,255}", re.ASCII)
 
@@ -137,14 +144,46 @@ def _peer_paths(state_dir: Path, unit: str) -> tuple[Path, Path]:
     return directory / f"{unit}.toml", directory / f"{unit}.json"
 
 
-def keep_peer_copy(state_dir: Path, unit: str, version: int, text: bytes, source: str) -> bool:
-    """Keep what unit ``unit`` says is its configuration; False when that copy is kept already.
-    Raises ValueError for a name that cannot be a unit's, OSError when it cannot be written."""
+def keep_peer_copy(
+    state_dir: Path, unit: str, version: int, text: bytes, source: str, credential: str
+) -> bool:
+    """Keep what unit ``unit`` says is its configuration, received over ``credential`` (what
+    authenticated the link); False when nothing changed: the same copy, or an older version.
+
+    Raises ValueError for a name that cannot be a unit's, for a copy that came over another
+    credential than the kept one (a peer cannot replace another unit's copy by claiming its
+    name), and when :data:`MAX_PEER_COPIES` units are kept already; OSError when it cannot be
+    written."""
     text_path, meta_path = _peer_paths(state_dir, unit)
+    with _PEER_WRITES:  # the text and its record change together, one copy at a time
+        return _keep(state_dir, unit, version, text, source, credential, text_path, meta_path)
+
+
+def _keep(
+    state_dir: Path,
+    unit: str,
+    version: int,
+    text: bytes,
+    source: str,
+    credential: str,
+    text_path: Path,
+    meta_path: Path,
+) -> bool:
     digest = hashlib.sha256(text).hexdigest()
     old = peer_copy_meta(state_dir, unit)
-    if old is not None and old.get("sha256") == digest and old.get("config_version") == version:
-        return False
+    if old is not None:
+        if old.get("credential") != credential:
+            raise ValueError(
+                f"the copy of unit {unit} was received over another credential; a copy over "
+                f"{credential.split(':', maxsplit=1)[0]} does not replace it (remove "
+                f"{text_path.parent}/{unit}.* to accept the new one)"
+            )
+        kept = old.get("config_version")
+        same = kept == version and old.get("sha256") == digest
+        if isinstance(kept, int) and (kept > version or same):
+            return False
+    elif len(peer_copies(state_dir)) >= MAX_PEER_COPIES:
+        raise ValueError(f"{MAX_PEER_COPIES} units' copies are kept already")
     text_path.parent.mkdir(mode=0o700, exist_ok=True)
     meta = {
         "unit": unit,
@@ -152,6 +191,7 @@ def keep_peer_copy(state_dir: Path, unit: str, version: int, text: bytes, source
         "sha256": digest,
         "received": time.time(),
         "from": source,
+        "credential": credential,
     }
     _replace(text_path, text)
     _replace(meta_path, (json.dumps(meta, indent=2) + "\n").encode())

@@ -44,7 +44,7 @@ from blockmirror.notify.dispatch import AlertDispatcher
 from blockmirror.reconfigure import ReloadRefused, ReloadResult
 from blockmirror.runtime import VolumeRuntime, volume_status
 from blockmirror.state import Role, VolumeState
-from blockmirror.volume_open import open_volume
+from blockmirror.volume_open import open_volume, release_volume
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,7 @@ class Unit:
         self.config_record: ConfigRecord | None = None
         self._reloading: asyncio.Lock | None = None
         self.started = False
+        self.stopping = False
         self.volumes: list[VolumeRuntime] = []
         self.admin: AdminServer | None = None
         self.replication: ReplicationServer | None = None
@@ -332,7 +333,15 @@ class Unit:
         return None
 
     async def stop(self) -> None:
-        """Graceful: no new connections, requests in flight answered, volumes durable."""
+        """Graceful: no new connections, requests in flight answered, volumes durable. A reload
+        in progress finishes first; one asked for later is refused."""
+        self.stopping = True
+        if self._reloading is None:
+            self._reloading = asyncio.Lock()
+        async with self._reloading:
+            await self._stop()
+
+    async def _stop(self) -> None:
         # First, at once: no new connection and no new request is read from a host. Requests
         # already read are answered while the links still run (an ack = "remote" write needs
         # its peers); only then do the links stop.
@@ -380,31 +389,13 @@ class Unit:
         for sender in rt.senders:
             await sender.stop()
         if rt.replica is not None:
-            await rt.replica.disconnect()
+            rt.replica.closed = True
+            await rt.replica.disconnect(timeout=30.0)
         self.events.forget(rt.config.name)
         await self.release_volume(rt)
 
     async def release_volume(self, rt: VolumeRuntime) -> None:
-        """Close a stopped volume's journal, history and file, durably. Never raises."""
-        rt.enter(VolumeState.STOPPED)
-        if rt.journal is not None:
-            try:
-                await rt.journal.close()
-            except (OSError, BlockmirrorError) as exc:
-                log.error("volume %s: closing the journal failed: %s", rt.config.name, exc)
-            history_log = rt.journal.history
-            if history_log is not None:
-                try:
-                    await asyncio.to_thread(history_log.sync)
-                except OSError as exc:
-                    log.error("volume %s: syncing the history failed: %s", rt.config.name, exc)
-                history_log.close()
-        if not rt.volume.read_only:
-            try:
-                await asyncio.to_thread(rt.volume.flush)
-            except OSError as exc:
-                log.error("volume %s: final flush failed: %s", rt.config.name, exc)
-        rt.volume.close()
+        await release_volume(rt)
 
     def _lock(self, state_dir: Path) -> None:
         fd = statedir.try_lock(state_dir)
@@ -450,6 +441,8 @@ class Unit:
         if self._reloading is None:
             self._reloading = asyncio.Lock()
         async with self._reloading:
+            if self.stopping:
+                raise ReloadRefused([("unit", "the unit is stopping")])
             return await reconfigure.reload_file(self)
 
     def apply_alerts(self, new: Config) -> None:

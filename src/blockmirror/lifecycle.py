@@ -18,6 +18,7 @@ import time
 
 from blockmirror.config import Config
 from blockmirror.daemon import Unit
+from blockmirror.errors import BlockmirrorError
 from blockmirror.io.sdnotify import Notifier
 from blockmirror.reconfigure import ReloadRefused
 
@@ -50,7 +51,8 @@ async def run_unit(config: Config, *, text: bytes | None = None, lost: str | Non
     watchdog: asyncio.Task[None] | None = None
     try:
         while True:
-            await unit.start()
+            if not unit.started:
+                await unit.start()
             name = unit.config.unit.name
             log.info("unit %s running (pid %d)", name, os.getpid())
             state = "serving nothing: its configuration is lost" if unit.lost else "serving"
@@ -65,11 +67,22 @@ async def run_unit(config: Config, *, text: bytes | None = None, lost: str | Non
             stopping.cancel()
             if stop.is_set() or unit.restart_with is None:
                 break
-            # A unit whose configuration was lost got it back: start it for real.
+            # A unit whose configuration was lost got it back: start it for real. If that
+            # fails (a port in use, say), it stays up without it, saying why.
             new_config, new_text = unit.restart_with
             log.info("unit %s: starting with the restored configuration", name)
+            lost_config = unit.config
             await unit.stop()
             unit = Unit(new_config, text=new_text)
+            try:
+                await unit.start()
+            except (BlockmirrorError, OSError) as exc:
+                log.error("unit %s: the restored configuration did not start: %s", name, exc)
+                unit = Unit(
+                    lost_config,
+                    lost=f"the restored configuration did not start: {exc}",
+                )
+
         log.info("unit %s stopping", unit.config.unit.name)
         notifier.send(stopping="1")
         await unit.stop()

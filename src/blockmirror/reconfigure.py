@@ -8,11 +8,12 @@ that a reload either happens or leaves the unit as it was:
    their exports, binds moved exports, creates the dirty maps of added peers, and reads new keys
    and the admin token. Any failure undoes what was prepared, and the reload is refused with
    the key and the reason.
-2. **Commit**: what cannot fail once prepared. It adds and removes peers, volumes and exports,
+2. **Commit**: what should not fail once prepared. It adds and removes peers, volumes and exports,
    and sets the new values of live settings on the running parts. Host connections of volumes
    the change does not touch are never dropped. A removed peer's sender stops and its journal
    cursor is released (the next checkpoint frees its records). A removed volume is drained and
-   closed like at a stop.
+   closed like at a stop. A step that fails anyway (a checkpoint on a failing disk) is logged
+   and named in the answer, and the other steps go on: the unit runs the new configuration.
 
 Between the two, the new configuration is recorded, durably, with its ``config_version``
 (:mod:`blockmirror.config_store`); a failure to record it refuses the reload too.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -126,8 +128,12 @@ async def reload(unit: Unit, new: Config, text: bytes) -> ReloadResult:
         await _undo(unit, prepared)
         raise
     unit.config_record, unit.config_text = record, text
-    await _commit(unit, new, changes, prepared)
-    unit.config = new
+    try:
+        changes.notes += await _commit(unit, new, changes, prepared)
+    finally:
+        # Whatever happened, the unit runs this configuration now (and a failed step says so
+        # in the notes): the next reload compares against it.
+        unit.config = new
     unit.write_runtime_file()
     if record.version != (old_version or 0):
         unit.share_config()
@@ -272,13 +278,34 @@ async def _undo(unit: Unit, prepared: _Prepared) -> None:
 # --- phase 2: commit ----------------------------------------------------------------------------
 
 
-async def _commit(unit: Unit, new: Config, changes: ConfigDiff, prepared: _Prepared) -> None:
+class _Failures:
+    """What went wrong in the commit phase. Each step is guarded: one that fails (a checkpoint
+    on a failing disk, say) is logged and named in the reload's answer, and the others go on,
+    so the unit never stops half-way between two configurations."""
+
+    def __init__(self) -> None:
+        self.notes: list[str] = []
+
+    @contextlib.contextmanager
+    def step(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except (OSError, BlockmirrorError) as exc:
+            log.error("reload: %s failed: %s", what, exc)
+            self.notes.append(f"{what} failed: {exc}")
+
+
+async def _commit(unit: Unit, new: Config, changes: ConfigDiff, prepared: _Prepared) -> list[str]:
+    """Apply the changes; returns what failed (each failure is also in the log)."""
+    failed = _Failures()
     for change in changes.of(ChangeKind.VOLUME_REMOVED):
         rt = _runtime(unit, change.volume)
         if rt is not None:
-            await unit.close_volume(rt)
+            with failed.step(change.describe()):
+                await unit.close_volume(rt)
     for change in changes.of(ChangeKind.PEER_REMOVED):
-        await _remove_peer(unit, change)
+        with failed.step(change.describe()):
+            await _remove_peer(unit, change)
     # Keys and settings before additions: an added peer starts with the volume's new keys.
     if prepared.unit_psk is not None:
         _set_unit_psk(unit, prepared.unit_psk[0])
@@ -290,13 +317,15 @@ async def _commit(unit: Unit, new: Config, changes: ConfigDiff, prepared: _Prepa
                 sender.psk = own_key if own_key is not None else unit.psk
     for change in changes.changes:
         if change.kind is ChangeKind.SETTING:
-            await _setting(unit, new, change, prepared)
+            with failed.step(change.describe()):
+                await _setting(unit, new, change, prepared)
     for change in changes.of(ChangeKind.PEER_ADDED):
         _add_peer(unit, new, change, prepared)
     for name in dict.fromkeys(str(c.volume) for c in changes.of(ChangeKind.PEER_ADDED)):
         rt = _runtime(unit, name)
         if rt is not None and rt.journal is not None:
-            await rt.journal.checkpoint()  # the new cursors, durably
+            with failed.step(f"volume {name}: the checkpoint of its new peers"):
+                await rt.journal.checkpoint()  # the new cursors, durably
     for name, rt in prepared.volumes.items():
         rt.config = new.volume(name)
         unit.volumes.append(rt)
@@ -310,6 +339,7 @@ async def _commit(unit: Unit, new: Config, changes: ConfigDiff, prepared: _Prepa
         for sender in rt.senders:
             sender.set_rate(rt.config.bandwidth_of(sender.consumer_name, new.replication.bandwidth))
     unit.monitor.poke()
+    return failed.notes
 
 
 async def _remove_peer(unit: Unit, change: Change) -> None:
@@ -339,9 +369,15 @@ def _add_peer(unit: Unit, new: Config, change: Change, prepared: _Prepared) -> N
     if rt is None or rt.journal is None or rt.problem is not None:
         return
     wp = rt.journal
+    if any(sender.consumer_name == name for sender in rt.senders):
+        return  # already sending to it (a cursor a restart kept)
     consumer = prepared.consumers.get((rt.config.name, name))
     if consumer is not None:
         wp.journal.consumers[name] = consumer
+    elif name in wp.journal.consumers:
+        # A cursor kept detached (the peer was configured at this address before): it is
+        # this peer's again, and must not be dropped as a stranger's.
+        wp.journal.consumers[name].detached = False
     if wp.remote_ack is not None:
         wp.remote_ack.add_peer(name)
     vc = new.volume(rt.config.name)

@@ -1,4 +1,5 @@
-"""Opening one volume of a unit: its file, history, journal, write path, roles and drills.
+"""Opening one volume of a unit (its file, history, journal, write path, roles and drills), and
+closing it durably at the end.
 
 The daemon opens every configured volume with :func:`open_volume` at start, and a reload opens
 the volumes it adds the same way. A volume that cannot be used comes back FAILED with its
@@ -18,7 +19,7 @@ from blockmirror.blockdev.service import BlockDevice
 from blockmirror.blockdev.writepath import DirectWritePath, WritePath
 from blockmirror.config import UnitConfig, VolumeConfig
 from blockmirror.drills import VolumeDrills
-from blockmirror.errors import JournalError, VolumeError
+from blockmirror.errors import BlockmirrorError, JournalError, VolumeError
 from blockmirror.frontend.nbd_limits import NbdLimits
 from blockmirror.history.capture import replay_capturing
 from blockmirror.history.log import HistoryLog
@@ -34,7 +35,7 @@ from blockmirror.runtime import VolumeRuntime
 from blockmirror.state import Role, VolumeState
 from blockmirror.store.volume import Volume
 
-__all__ = ["open_volume"]
+__all__ = ["open_volume", "release_volume"]
 
 log = logging.getLogger("blockmirror.daemon")
 
@@ -163,3 +164,26 @@ async def open_volume(unit: UnitConfig, vc: VolumeConfig, limits: NbdLimits) -> 
         rt.problem = problem
         rt.enter(VolumeState.FAILED)
     return rt
+
+
+async def release_volume(rt: VolumeRuntime) -> None:
+    """Close a stopped volume's journal, history and file, durably. Never raises."""
+    rt.enter(VolumeState.STOPPED)
+    if rt.journal is not None:
+        try:
+            await rt.journal.close()
+        except (OSError, BlockmirrorError) as exc:
+            log.error("volume %s: closing the journal failed: %s", rt.config.name, exc)
+        history_log = rt.journal.history
+        if history_log is not None:
+            try:
+                await asyncio.to_thread(history_log.sync)
+            except OSError as exc:
+                log.error("volume %s: syncing the history failed: %s", rt.config.name, exc)
+            history_log.close()
+    if not rt.volume.read_only:
+        try:
+            await asyncio.to_thread(rt.volume.flush)
+        except OSError as exc:
+            log.error("volume %s: final flush failed: %s", rt.config.name, exc)
+    rt.volume.close()

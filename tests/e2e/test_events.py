@@ -9,12 +9,15 @@ raises one ``journal-high-water``; a stalled peer whose lag passes ``rpo_seconds
 
 from __future__ import annotations
 
+import socket
+import struct
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from blockmirror.admin.event_routes import MAX_STREAMS
 from tests.support.config_file import Document, edit_config
 from tests.support.events import EventStream, recent_events
 from tests.support.pair import (
@@ -127,3 +130,33 @@ def test_rpo_exceeded_by_a_stalled_peer(tmp_path: Path) -> None:
         finally:
             stream.close()
         wait_caught_up(a, b)
+
+
+def test_streams_that_vanish_give_their_slot_back(tmp_path: Path) -> None:
+    """Clients that ask for a stream and reset at once, more than the streams allowed, leave
+    nothing held: a real client then gets its stream, and the unit serves on."""
+    with topology(tmp_path) as topo:
+        a = topo.add_primary("site-a", peers=[], size=4 * MiB)
+        a.start()
+        assert a.unit is not None
+        host, port = a.unit.admin.rsplit(":", 1)
+        request = (
+            "GET /api/events HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n"
+            f"Authorization: Bearer {a.unit.admin_token}\r\n\r\n"
+        ).encode()
+        for _ in range(3 * MAX_STREAMS):
+            with socket.create_connection((host, int(port)), timeout=5) as s:
+                s.sendall(request)
+                # RST, not FIN: the server's write of the head fails.
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        time.sleep(0.5)
+        streams = [EventStream(a.unit) for _ in range(MAX_STREAMS)]
+        try:
+            extra = EventStream.refused(a.unit)
+            assert extra == 503
+        finally:
+            for stream in streams:
+                stream.close()
+        time.sleep(0.5)
+        EventStream(a.unit).close()  # the slots came back again
+        assert a.status()["volumes"][0]["state"] == "serving"

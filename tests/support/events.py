@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import queue
+import socket
 import threading
 import time
 from typing import Any
@@ -22,6 +24,8 @@ class EventStream:
         if last_id is not None:
             headers["Last-Event-ID"] = str(last_id)
         self.conn.request("GET", "/api/events", headers=headers)
+        # The connection hands its socket to a response it will close: keep it, to shut down.
+        self.sock = self.conn.sock
         self.response = self.conn.getresponse()
         assert self.response.status == 200, self.response.read()
         assert self.response.getheader("Content-Type", "").startswith("text/event-stream")
@@ -49,6 +53,21 @@ class EventStream:
         except (OSError, ValueError, http.client.HTTPException):
             return
 
+    @staticmethod
+    def refused(unit: UnitProcess) -> int:
+        """The status a stream request gets when it is not a stream (503 when all are taken)."""
+        host, port = unit.admin.rsplit(":", 1)
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        try:
+            conn.request(
+                "GET",
+                "/api/events",
+                headers={"Accept": "text/event-stream", **unit.admin_headers()},
+            )
+            return conn.getresponse().status
+        finally:
+            conn.close()
+
     def next(self, timeout: float = 30.0) -> dict[str, Any]:
         return self.events.get(timeout=timeout)
 
@@ -73,7 +92,12 @@ class EventStream:
                 return out
 
     def close(self) -> None:
+        # shutdown, not just close: the reading thread's file object keeps the socket open.
+        if self.sock is not None:
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
         self.conn.close()
+        self._thread.join(5)
 
 
 def recent_events(unit: UnitProcess, **params: str) -> dict[str, Any]:

@@ -190,7 +190,7 @@ class AdminServer:
             )
             await writer.drain()
             if response.stream is not None:
-                await response.stream(writer)
+                await response.stream(reader, writer)
         except (ConnectionError, ssl.SSLError):
             pass
         finally:

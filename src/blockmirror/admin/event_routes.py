@@ -28,6 +28,8 @@ from blockmirror.events import KEEP, Event, EventLog
 __all__ = ["LogBuffer", "events_route", "lag_history_route", "log_route"]
 
 KEEPALIVE = 15.0
+# How long one write may wait for a client to read before its stream is ended.
+DRAIN_TIMEOUT = 30.0
 MAX_STREAMS = 16
 # Events waiting for one slow stream before it is cut off.
 STREAM_QUEUE = 256
@@ -94,39 +96,56 @@ def _stream(events: EventLog, streams: _Streams, request: Request) -> Response:
         return response
     last = request.header("last-event-id") or "0"
     last_id = int(last) if last.isascii() and last.isdigit() and len(last) < 19 else 0
-    queue: asyncio.Queue[Event | None] = asyncio.Queue(STREAM_QUEUE)
 
-    def listener(event: Event) -> None:
-        try:
-            queue.put_nowait(event)
-        except asyncio.QueueFull:
-            # Too slow a reader: end its stream (None after emptying one slot) and forget it.
-            with contextlib.suppress(asyncio.QueueEmpty):
-                queue.get_nowait()
-            queue.put_nowait(None)
-            with contextlib.suppress(ValueError):
-                events.listeners.remove(listener)
+    async def write(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Counted and subscribed only here, once the head went out, and always given back in
+        # the finally: a client that vanished before (or while) its head was sent holds
+        # nothing. The backlog and the subscription are taken with no await in between, so
+        # nothing raised meanwhile is missed or sent twice.
+        queue: asyncio.Queue[Event | None] = asyncio.Queue(STREAM_QUEUE)
 
-    # Subscribe now, before the head is written: nothing raised in between is missed.
-    backlog = events.since(last_id)
-    events.listeners.append(listener)
-    streams.open += 1
+        def listener(event: Event) -> None:
+            try:
+                queue.put_nowait(event)
+            except asyncio.QueueFull:
+                # Too slow a reader: end its stream (None after emptying one slot).
+                with contextlib.suppress(asyncio.QueueEmpty):
+                    queue.get_nowait()
+                queue.put_nowait(None)
+                with contextlib.suppress(ValueError):
+                    events.listeners.remove(listener)
 
-    async def write(writer: asyncio.StreamWriter) -> None:
+        if streams.open >= MAX_STREAMS:
+            return
+        streams.open += 1
+        backlog = events.since(last_id)
+        events.listeners.append(listener)
+        # The client sends nothing more: anything read (EOF, a reset) means it has gone.
+        gone = asyncio.ensure_future(reader.read(1))
         try:
             writer.write(b"retry: 2000\n\n" + b"".join(_frame(e) for e in backlog))
-            await writer.drain()
-            while True:
-                try:
-                    event = await asyncio.wait_for(queue.get(), KEEPALIVE)
-                except TimeoutError:
+            await asyncio.wait_for(writer.drain(), DRAIN_TIMEOUT)
+            while not gone.done():
+                waiting = asyncio.ensure_future(queue.get())
+                done, _ = await asyncio.wait(
+                    [waiting, gone], timeout=KEEPALIVE, return_when=asyncio.FIRST_COMPLETED
+                )
+                if waiting not in done:
+                    waiting.cancel()
+                    if gone.done():
+                        return
                     writer.write(b": keepalive\n\n")
                 else:
+                    event = waiting.result()
                     if event is None:
                         return
                     writer.write(_frame(event))
-                await writer.drain()
+                # A client that stopped reading is cut off, not waited for.
+                await asyncio.wait_for(writer.drain(), DRAIN_TIMEOUT)
+        except TimeoutError:
+            return
         finally:
+            gone.cancel()
             streams.open -= 1
             with contextlib.suppress(ValueError):
                 events.listeners.remove(listener)

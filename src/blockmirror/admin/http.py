@@ -16,7 +16,8 @@ from typing import Any
 
 __all__ = ["Request", "Response", "Stream", "json_response"]
 
-Stream = Callable[[asyncio.StreamWriter], Awaitable[None]]
+# (reader, writer): the reader tells a stream when its client has gone (EOF or a reset).
+Stream = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
 @dataclass(slots=True)

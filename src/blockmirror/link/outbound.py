@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Final
 from blockmirror.errors import ProtocolError
 from blockmirror.journal.journal import RecordsGone
 from blockmirror.link.copier import Copier
-from blockmirror.link.peer_configs import take
+from blockmirror.link.peer_configs import credential_of, take
 from blockmirror.link.protocol import (
     Ack,
     DigestRequest,
@@ -191,6 +191,7 @@ class OutboundStream:
                             message,
                             peer_unit=str(self.sender.peer_unit),
                             where=self.sender.describe(),
+                            credential=credential_of(self.sender.psk, self.link.extra("peercert")),
                         )
                     except ValueError as exc:
                         raise ProtocolError(str(exc)) from None

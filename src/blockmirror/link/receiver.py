@@ -22,7 +22,7 @@ from blockmirror.journal.lineage import fixed_lineage
 from blockmirror.journal.record import Record
 from blockmirror.link import auth
 from blockmirror.link.handshake import End
-from blockmirror.link.peer_configs import ConfigShare, offer, take
+from blockmirror.link.peer_configs import ConfigShare, credential_of, offer, take
 from blockmirror.link.protocol import (
     PROTOCOL_VERSION,
     Ack,
@@ -88,6 +88,7 @@ class ReceiverSession:
         self._owns_replica = False
         self._ack_scheduled = False
         self._hello: Hello | None = None  # once streaming
+        self.credential = "none"  # what authenticated the source (peer_configs.credential_of)
         self._on_frame = on_frame
         self._on_bound = on_bound
         self.link = LinkSession(
@@ -185,6 +186,8 @@ class ReceiverSession:
                 "larger journal_size",
             )
         admission = await replica.admit_source(hello)
+        if replica.closed:
+            raise self.refuse("unknown-volume", f"volume {hello.volume!r} is being removed")
         if not admission.accept:
             assert admission.code is not None
             raise self.refuse(admission.code, admission.message, frame=admission.refusal())
@@ -244,7 +247,8 @@ class ReceiverSession:
             raise
 
     async def _authenticate(self, hello: Hello) -> None:
-        await authenticate_source(self, hello, self._target)
+        key = await authenticate_source(self, hello, self._target)
+        self.credential = credential_of(key, self.link.extra("peercert"))
 
     # --- streaming ------------------------------------------------------------------------------
 
@@ -292,7 +296,13 @@ class ReceiverSession:
                     self.link.send(Heartbeat(time.time_ns(), message.sent_ns))
                 elif isinstance(message, PeerConfig):
                     try:
-                        take(self.settings.configs, message, peer_unit=hello.unit, where=self.where)
+                        take(
+                            self.settings.configs,
+                            message,
+                            peer_unit=hello.unit,
+                            where=self.where,
+                            credential=self.credential,
+                        )
                     except ValueError as exc:
                         raise self.refuse("bad-frame", str(exc)) from None
                 else:  # pragma: no cover - handshake.ACCEPTS lets nothing else through

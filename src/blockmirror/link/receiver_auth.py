@@ -33,16 +33,17 @@ def certificate_names(cert: Mapping[str, Any]) -> set[str]:
 
 async def authenticate_source(
     session: ReceiverSession, hello: Hello, target: ReplicaRuntime | None
-) -> None:
+) -> bytes | None:
     """The source proves the replica's key (its own, or the listener's), and TLS sources the
-    certificate names the replica allows; sealing starts when the source offers it."""
+    certificate names the replica allows; sealing starts when the source offers it. Returns the
+    key the source proved (None: none was asked)."""
     if target is not None and target.tls_peers:
         _check_certificate_names(session, target)
     # A replica with a key of its own accepts only that key: one tenant's key does not
     # open another tenant's replica on a shared secondary.
     key = target.psk if target is not None and target.psk is not None else session.settings.psk
     if key is None:
-        return  # a source that expects a proof refuses us itself
+        return None  # a source that expects a proof refuses us itself
     if hello.auth != "psk":
         raise session.refuse("auth", "this unit requires a pre-shared key")
     # Sealed frames (session_crypto) whenever the source offers them; required with a key
@@ -67,6 +68,7 @@ async def authenticate_source(
             raise session.refuse("bad-frame", "frames after AUTH_CLIENT before the WELCOME")
         keys = derive_keys(key, hello.nonce, nonce, hello)
         session.link.seal(Sealer(keys.secondary), Opener(keys.source))
+    return key
 
 
 def _check_certificate_names(session: ReceiverSession, target: ReplicaRuntime) -> None:

@@ -55,6 +55,9 @@ class ReplicaRuntime:
     # The session of the connected source and the role it said it had.
     session: ReceiverSession | None = None
     source_role: Role | None = None
+    # Set when the volume leaves the unit (a reload removed it): a session that found it
+    # before is refused before it binds.
+    closed: bool = False
 
     @property
     def replica(self) -> ReplicaState | None:
