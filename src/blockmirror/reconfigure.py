@@ -303,9 +303,10 @@ async def _commit(unit: Unit, new: Config, changes: ConfigDiff, prepared: _Prepa
         if rt is not None:
             with failed.step(change.describe()):
                 await unit.close_volume(rt)
+    moving = {c.volume for c in changes.of(ChangeKind.PEER_ADDED)}
     for change in changes.of(ChangeKind.PEER_REMOVED):
         with failed.step(change.describe()):
-            await _remove_peer(unit, change)
+            await _remove_peer(unit, change, moving=change.volume in moving)
     # Keys and settings before additions: an added peer starts with the volume's new keys.
     if prepared.unit_psk is not None:
         _set_unit_psk(unit, prepared.unit_psk[0])
@@ -342,7 +343,11 @@ async def _commit(unit: Unit, new: Config, changes: ConfigDiff, prepared: _Prepa
     return failed.notes
 
 
-async def _remove_peer(unit: Unit, change: Change) -> None:
+async def _remove_peer(unit: Unit, change: Change, *, moving: bool) -> None:
+    """Stop sending to a removed peer and release its cursor. ``moving``: the same reload adds
+    another peer to this volume, which may be this unit at a new address: a cursor that knows
+    its unit is then kept detached, for the new address to take over at its first WELCOME
+    (journal/consumers.bind) instead of a full resync, as a restart would."""
     rt = _runtime(unit, change.volume)
     name = str(change.peer)
     if rt is None or rt.journal is None:
@@ -351,10 +356,21 @@ async def _remove_peer(unit: Unit, change: Change) -> None:
         await sender.stop()
         rt.senders.remove(sender)
     wp = rt.journal
-    consumer = wp.journal.consumers.pop(name, None)
     if wp.remote_ack is not None:
         wp.remote_ack.remove_peer(name)
     unit.events.forget(rt.config.name, name)
+    kept = wp.journal.consumers.get(name)
+    if moving and kept is not None and kept.peer is not None:
+        kept.detached = True
+        await wp.checkpoint()
+        log.info(
+            "volume %s: peer %s removed; its cursor (unit %s) is kept for a new address",
+            rt.config.name,
+            name,
+            kept.peer,
+        )
+        return
+    consumer = wp.journal.consumers.pop(name, None)
     if consumer is not None:
         # Durably without it before its map goes: a crash in between finds no cursor that
         # points at a missing map.

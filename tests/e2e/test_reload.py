@@ -29,6 +29,7 @@ from tests.support.pair import (
     fio_args,
     peer_address,
     qemu_img_compare,
+    qemu_write,
     run_client,
     topology,
     wait_caught_up,
@@ -268,4 +269,39 @@ def test_add_and_remove_a_volume_and_move_an_export(tmp_path: Path) -> None:
             assert f.read(MiB) == b"\x11" * MiB
         # The replication of the first volume was not disturbed.
         wait_caught_up(a, b)
+        qemu_img_compare(a.images["vol"], b.images["vol"])
+
+
+def test_a_peer_that_moved_keeps_its_position(tmp_path: Path) -> None:
+    """A peer's address changed (its unit moved to another port): the reload that swaps the
+    addresses keeps the old cursor for the new address, so the peer gets what it lacks from
+    the journal, not a full copy."""
+    with topology(tmp_path) as topo:
+        b = topo.add_secondary("site-b", volumes={"vol": SIZE})
+        a = topo.add_primary("site-a", peers=[peer_address(b)], size=SIZE)
+        b.start()
+        a.start()
+        assert a.unit is not None and b.unit is not None
+        wait_caught_up(a, b)
+        old = peer_address(b)
+        assert b.unit.terminate() == 0
+        qemu_write(a, 0x77, 0, "1M")  # while it moves: kept in the journal for it
+        b.listen_port = free_port()
+        edit_config(b.config, lambda doc: doc["replication"].__setitem__("listen", peer_address(b)))
+        b.start()
+        edit_config(a.config, lambda doc: volume_entry(doc).__setitem__("peers", [peer_address(b)]))
+        done = reload_cli(a)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert (
+            f"peer {old} removed" in done.stdout and f"peer {peer_address(b)} added" in done.stdout
+        )
+        wait_caught_up(a, b)
+        peer = a.volume_status()["peers"][0]
+        assert peer["address"] == peer_address(b)
+        assert peer["sync_bytes_sent"] == 0, peer  # the journal's records, no resync
+        until(
+            a,
+            lambda s: list(s["volumes"][0]["journal"]["consumers"]) == [peer_address(b)],
+            "the old cursor to be handed over",
+        )
         qemu_img_compare(a.images["vol"], b.images["vol"])
