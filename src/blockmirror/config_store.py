@@ -37,6 +37,7 @@ __all__ = [
     "load_record",
     "peer_copies",
     "peer_copy",
+    "rebind_copies",
     "record_applied",
 ]
 
@@ -231,3 +232,20 @@ def peer_copies(state_dir: Path) -> list[dict[str, Any]]:
     except OSError:
         return []
     return [meta for name in names if (meta := peer_copy_meta(state_dir, name)) is not None]
+
+
+def rebind_copies(state_dir: Path, old: str, new: str) -> int:
+    """The copies received over credential ``old`` are bound to ``new`` from now on (a reload
+    rotated that key: the peers' next copies come over the new one). Returns how many."""
+    count = 0
+    with _PEER_WRITES:
+        for meta in peer_copies(state_dir):
+            if meta.get("credential") != old:
+                continue
+            _, meta_path = _peer_paths(state_dir, str(meta["unit"]))
+            meta["credential"] = new
+            _replace(meta_path, (json.dumps(meta, indent=2) + "\n").encode())
+            count += 1
+    if count:
+        sync_directory(state_dir / PEERS_DIR)
+    return count

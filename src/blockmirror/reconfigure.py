@@ -32,7 +32,7 @@ from blockmirror.admin.access import AdminAccess
 from blockmirror.admin.setup import admin_access
 from blockmirror.config import Address, Config, VolumeConfig, config_from_bytes
 from blockmirror.config_diff import Change, ChangeKind, ConfigDiff, diff
-from blockmirror.config_store import ConfigRecord, record_applied
+from blockmirror.config_store import ConfigRecord, rebind_copies, record_applied
 from blockmirror.config_table import Problem
 from blockmirror.errors import BlockmirrorError, ConfigError
 from blockmirror.events import EventName, Subject
@@ -41,6 +41,7 @@ from blockmirror.history.log import HistorySettings
 from blockmirror.journal import consumers as consumers_module
 from blockmirror.journal.consumers import Consumer
 from blockmirror.link.auth import AuthError, load_psk
+from blockmirror.link.peer_configs import credential_of
 from blockmirror.link.resume import remove_maps
 from blockmirror.runtime import VolumeRuntime
 
@@ -308,14 +309,28 @@ async def _commit(unit: Unit, new: Config, changes: ConfigDiff, prepared: _Prepa
         with failed.step(change.describe()):
             await _remove_peer(unit, change, moving=change.volume in moving)
     # Keys and settings before additions: an added peer starts with the volume's new keys.
+    rotated: list[tuple[bytes | None, bytes | None]] = []
     if prepared.unit_psk is not None:
+        rotated.append((unit.psk, prepared.unit_psk[0]))
         _set_unit_psk(unit, prepared.unit_psk[0])
     for name, own_key in prepared.volume_keys.items():
         rt = _runtime(unit, name)
         if rt is not None and rt.replica is not None:
+            rotated.append((rt.replica.psk, own_key))
             rt.replica.psk = own_key
             for sender in rt.senders:
                 sender.psk = own_key if own_key is not None else unit.psk
+    for old_key, new_key in rotated:
+        if old_key is not None and new_key is not None:
+            # The peers' configuration copies came over the old key; their next ones come
+            # over the new one, and must still replace them.
+            with failed.step("rebinding the peers' configuration copies to the new key"):
+                await asyncio.to_thread(
+                    rebind_copies,
+                    new.unit.state_dir,
+                    credential_of(old_key, None),
+                    credential_of(new_key, None),
+                )
     for change in changes.changes:
         if change.kind is ChangeKind.SETTING:
             with failed.step(change.describe()):

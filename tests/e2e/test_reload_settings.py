@@ -31,6 +31,7 @@ from tests.support.pair import (
     wait_caught_up,
     wait_status,
 )
+from tests.support.unit_process import admin_request
 
 pytestmark = pytest.mark.e2e
 
@@ -75,6 +76,18 @@ def test_keys_are_rotated_by_rewriting_their_file(tmp_path: Path) -> None:
         wait_caught_up(a, b)
         assert a.volume_status()["peers"][0]["connects"] == connects + 1
         qemu_img_compare(a.images["vol"], b.images["vol"])
+        # B's copy of A's configuration came over the old key: it still takes A's next one.
+        assert b.unit is not None
+        edit_config(a.config, lambda doc: volume_entry(doc).__setitem__("description", "v2"))
+        reload(a)
+
+        def kept_version() -> int | None:
+            assert b.unit is not None
+            code, doc = admin_request(b.unit, "GET", "/api/peer-configs?unit=site-a")
+            return doc["config_version"] if code == 200 and doc["config_version"] == 2 else None
+
+        wait_status(kept_version, timeout=30, what="B to keep A's version 2")
+        assert "over another credential" not in b.unit.log()
 
 
 def test_live_settings_take_effect(tmp_path: Path) -> None:
