@@ -7,7 +7,6 @@ import logging
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Protocol
-from urllib.parse import unquote
 
 from blockmirror.admin.drill_controls import drill_route, handle_drill
 from blockmirror.admin.history_controls import (
@@ -19,6 +18,7 @@ from blockmirror.admin.history_controls import (
     parse,
     route,
 )
+from blockmirror.admin.http import path_segments
 from blockmirror.admin.verify_controls import VerifiedVolume, handle_verify, is_verify_route
 from blockmirror.errors import BlockmirrorError
 
@@ -36,11 +36,8 @@ async def handle_path(
     runtime: Callable[[str], RoutedVolume], method: str, path: str, query: str
 ) -> Reply | None:
     """Answer ``path`` if it is a history route (None if it is not one of these)."""
-    if not path.startswith(PREFIX):
-        return None
-    try:
-        segments = [unquote(seg, errors="strict") for seg in path[len(PREFIX) :].split("/")]
-    except UnicodeDecodeError:
+    segments = path_segments(path, PREFIX)
+    if segments is None:
         return None
     drill = drill_route(segments)
     found = route(segments)

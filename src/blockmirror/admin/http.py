@@ -13,8 +13,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
+from urllib.parse import unquote
 
-__all__ = ["Request", "Response", "Stream", "json_response"]
+__all__ = ["Request", "Response", "Stream", "json_response", "path_segments"]
 
 # (reader, writer): the reader tells a stream when its client has gone (EOF or a reset).
 Stream = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -39,6 +40,18 @@ class Request:
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name)
+
+
+def path_segments(path: str, prefix: str) -> list[str] | None:
+    """The percent-decoded segments of ``path`` after ``prefix``; None when the path is not
+    under it or a segment is not UTF-8. Split first, decode after: a name's %2F can never
+    create or hide a level."""
+    if not path.startswith(prefix):
+        return None
+    try:
+        return [unquote(seg, errors="strict") for seg in path[len(prefix) :].split("/")]
+    except UnicodeDecodeError:
+        return None
 
 
 def json_response(status: HTTPStatus, doc: dict[str, Any]) -> Response:

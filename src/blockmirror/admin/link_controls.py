@@ -12,8 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from http import HTTPStatus
 from typing import Any, Protocol
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs
 
+from blockmirror.admin.http import path_segments
 from blockmirror.errors import SizeError
 from blockmirror.units import parse_rate
 
@@ -42,13 +43,7 @@ async def handle_link_path(
     runtime: Callable[[str], LinkedVolume], method: str, path: str, query: str
 ) -> Reply | None:
     """Answer ``path`` if it is a link route (None if it is not)."""
-    if not path.startswith(PREFIX):
-        return None
-    try:
-        segments = [unquote(seg, errors="strict") for seg in path[len(PREFIX) :].split("/")]
-    except UnicodeDecodeError:
-        return None
-    match segments:
+    match path_segments(path, PREFIX):
         case [volume, "peers", peer, "link"] if volume and peer:
             pass
         case _:
