@@ -3,9 +3,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DEB_PACKAGES := libnbd-bin nbdkit qemu-utils fio e2fsprogs fuse3 util-linux openssl snmptrapd chromium
+DEB_PACKAGES := libnbd-bin nbdkit qemu-utils fio e2fsprogs fuse3 util-linux openssl snmptrapd chromium libiscsi-bin tgt
 # A command each package provides; apt runs only when one is missing.
-DEB_COMMANDS := nbdinfo nbdcopy nbdfuse nbdkit qemu-img qemu-io fio mkfs.ext4 e2fsck losetup openssl snmptrapd chromium
+DEB_COMMANDS := nbdinfo nbdcopy nbdfuse nbdkit qemu-img qemu-io fio mkfs.ext4 e2fsck losetup openssl snmptrapd chromium iscsi-ls tgtd
 
 .PHONY: all demo test lint typecheck unit bench deb venv clean
 

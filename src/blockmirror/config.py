@@ -23,6 +23,7 @@ from blockmirror import config_paths, statedir
 from blockmirror.addresses import Address, clashes, parse_address, valid_host
 from blockmirror.admin.access import check_token_file
 from blockmirror.config_alerts import AlertsConfig, parse_alerts
+from blockmirror.config_iscsi import IscsiConfig, parse_iscsi
 from blockmirror.config_table import Problem, Table, type_name
 from blockmirror.errors import ConfigError
 from blockmirror.link.auth import AuthError, load_psk
@@ -121,6 +122,8 @@ class VolumeConfig:
     history_size: int | None = None
     # On a secondary: how long received records wait before they reach the replica.
     replay_delay: float = 0.0
+    # Served as the iSCSI target BASE_IQN:NAME, LUN 0 (read-only while not primary).
+    iscsi: bool = False
 
     def bandwidth_of(self, peer: str, default: int | None) -> int | None:
         """The rate limit of the link to ``peer`` (bits per second; None: none)."""
@@ -145,6 +148,8 @@ class Config:
     # ``(key, message)`` about things that are valid but look bad (check-config prints them).
     warnings: tuple[Problem, ...] = ()
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    # The iSCSI portal (docs/iscsi.md); None without an [iscsi] table.
+    iscsi: IscsiConfig | None = None
 
     def volume(self, name: str) -> VolumeConfig:
         """The volume called ``name``; raises KeyError if there is none."""
@@ -159,7 +164,7 @@ def format_problems(problems: Iterable[Problem]) -> str:
     return "\n".join(f"{key}: {message}" for key, message in problems)
 
 
-_TOP_KEYS = ("unit", "replication", "volume", "alerts")
+_TOP_KEYS = ("unit", "replication", "volume", "alerts", "iscsi")
 _UNIT_KEYS = (
     "name", "state_dir", "admin", "admin_token_file", "admin_public_status", "admin_hosts",
     "admin_tls_cert", "admin_tls_key", "admin_tls_ca", "nbd_reply_budget", "nbd_max_connections",
@@ -169,7 +174,7 @@ _PEER_KEYS = ("address", "bandwidth")
 _VOLUME_KEYS = (
     "name", "role", "path", "offset", "size", "export", "read_only", "journal", "journal_size",
     "journal_high_water", "overflow", "ack", "ack_timeout", "peers", "description",
-    "psk_file", "tls_peers", "history", "history_size", "replay_delay",
+    "psk_file", "tls_peers", "history", "history_size", "replay_delay", "iscsi",
 )  # fmt: skip
 _ROLES: dict[str, Role] = {"primary": "primary", "secondary": "secondary"}
 _OVERFLOWS: dict[str, Overflow] = {"track": "track", "block": "block"}
@@ -234,6 +239,7 @@ def _parse_volume(
     history = t.duration("history")
     history_size = t.size("history_size")
     replay_delay = t.duration("replay_delay")
+    iscsi = t.flag("iscsi")
 
     if offset is not None and offset % SECTOR:
         t.fail("offset", f"{offset} is not a multiple of {SECTOR} bytes")
@@ -286,6 +292,7 @@ def _parse_volume(
         history=history or 0.0,
         history_size=history_size,
         replay_delay=replay_delay or 0.0,
+        iscsi=bool(iscsi),
     )
     return _Volume(label, config, t.bad)
 
@@ -404,7 +411,14 @@ def parse_config(
 
     volumes = _parse_volume_list(data.get("volume"), problems, base_dir)
     alerts = parse_alerts(data.get("alerts"), problems, base_dir, check_paths=check_paths)
+    iscsi = parse_iscsi(data.get("iscsi"), problems, base_dir, check_paths=check_paths)
     _check_volume_set(volumes, replication, rt, problems)
+    if iscsi is None:
+        for v in volumes:
+            if v.config.iscsi:
+                problems.append(
+                    (f"{v.label}.iscsi", "true, but there is no [iscsi] table (base_iqn, listen)")
+                )
 
     listeners: list[tuple[str, Address]] = []
     if admin is not None:
@@ -412,6 +426,8 @@ def parse_config(
     if replication.listen is not None:
         listeners.append(("replication.listen", replication.listen))
     listeners += [(f"{v.label}.export", v.config.export) for v in volumes if v.config.export]
+    if iscsi is not None and any(v.config.iscsi for v in volumes):
+        listeners.append(("iscsi.listen", iscsi.listen))
     _check_listeners(listeners, problems)
 
     if check_paths:
@@ -449,6 +465,7 @@ def parse_config(
         ),
         replication=replication,
         alerts=alerts,
+        iscsi=iscsi,
         volumes=tuple(v.config for v in volumes),
         source=source,
         warnings=tuple(warnings),

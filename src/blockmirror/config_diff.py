@@ -89,8 +89,10 @@ TABLE: dict[str, dict[str, tuple[Live, str]]] = {
         "history": (Live.LIVE, ""),  # but not on or off: see _volume_settings
         "history_size": (Live.LIVE, ""),
         "replay_delay": (Live.LIVE, ""),
+        "iscsi": (Live.RESTART, "the iSCSI targets are set up at start"),
     },
     "alerts": {"*": (Live.LIVE, "")},
+    "iscsi": {"*": (Live.RESTART, "the iSCSI portal is set up at start")},
 }
 
 # Config fields that are not keys of the file.
@@ -173,7 +175,12 @@ def diff(old: Config, new: Config) -> ConfigDiff:
         if f.name in _NOT_KEYS or f.name in ("unit", "replication", "volumes"):
             continue
         before, after = getattr(old, f.name), getattr(new, f.name)
-        if before != after:
+        if before == after:
+            continue
+        live, reason = TABLE[f.name]["*"]
+        if live is Live.RESTART:
+            out.refused.append((f.name, f"changes only at a restart: {reason}"))
+        else:
             out.changes.append(Change(ChangeKind.SETTING, f.name, old=before, new=after))
     return out
 

@@ -65,6 +65,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "conditions",
         "config_diff",
         "config_alerts",
+        "config_iscsi",
         "notify.*",
         "admin.*",
         "offline.*",
