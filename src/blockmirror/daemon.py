@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import resource
 import ssl
 import time
 from collections.abc import Callable
@@ -32,8 +31,11 @@ from blockmirror.drills import clear_leftovers
 from blockmirror.errors import BlockmirrorError
 from blockmirror.events import EventLog, EventName, Subject
 from blockmirror.failover import VolumeRoles
+from blockmirror.frontend.iscsi_server import IscsiServer
 from blockmirror.frontend.nbd_limits import NbdLimits
 from blockmirror.frontend.nbd_server import NbdServer
+from blockmirror.io.limits import raise_fd_limit
+from blockmirror.iscsi_attach import start_iscsi
 from blockmirror.link.auth import AuthError, load_psk
 from blockmirror.link.listener import ReplicationServer
 from blockmirror.link.replica_runtime import ReplicaRuntime
@@ -78,6 +80,7 @@ class Unit:
         self.config_record: ConfigRecord | None = None
         self._reloading: asyncio.Lock | None = None
         self.started = False
+        self.iscsi: IscsiServer | None = None
         self.stopping = False
         self.volumes: list[VolumeRuntime] = []
         self.admin: AdminServer | None = None
@@ -135,6 +138,7 @@ class Unit:
             for rt in self.volumes:
                 await self.serve_volume(rt)
             await self._start_replication()
+            self.iscsi = await start_iscsi(self.config, self.volumes, self._identity_of)
             if self.config.unit.admin is not None:
                 access, admin_tls = await asyncio.to_thread(admin_access, self.config.unit)
                 self.admin = AdminServer(
@@ -313,6 +317,15 @@ class Unit:
         rt.senders.append(sender)
         sender.start()
 
+    def _identity_of(self, rt: VolumeRuntime) -> str:
+        """The identity a volume's SCSI logical unit derives its NAA and serial from: the
+        volume's (the same on its replicas), or, before a replica has one, unit and name."""
+        if rt.journal is not None:
+            found = self._volume_id(rt)()
+            if found:
+                return found
+        return f"{self.config.unit.name}/{rt.config.name}"
+
     def _volume_id(self, rt: VolumeRuntime) -> Callable[[], str | None]:
         assert rt.journal is not None
         journal = rt.journal.journal
@@ -352,6 +365,9 @@ class Unit:
         for rt in self.volumes:
             if rt.drills is not None:
                 await rt.drills.stop()
+        if self.iscsi is not None:
+            await self.iscsi.close()
+            self.iscsi = None
         servers = [rt.server for rt in self.volumes if rt.server is not None]
         for server in servers:
             server.stop_reading()
@@ -417,6 +433,7 @@ class Unit:
             "replication": (
                 "{}:{}".format(*self.replication.address) if self.replication else None
             ),
+            "iscsi": "{}:{}".format(*self.iscsi.address) if self.iscsi else None,
         }
         statedir.write_runtime_file(self.config.unit.state_dir, info)
 
@@ -470,20 +487,6 @@ class Unit:
             "events": [event.to_json() for event in self.events.active()],
             "alert_targets": self.alerts.status(),
         }
-
-
-def raise_fd_limit() -> None:
-    """Raise the descriptor soft limit to the hard limit: links, NBD clients and the admin API
-    share it, and the soft default (often 1024) is easily reached by a flood of connections."""
-    try:
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if hard == resource.RLIM_INFINITY or soft < hard:
-            target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-            if target > soft:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-                log.info("descriptor limit raised from %d to %d", soft, target)
-    except (OSError, ValueError) as exc:
-        log.warning("could not raise the descriptor limit: %s", exc)
 
 
 def _tls_files(rc: ReplicationConfig) -> TlsFiles:

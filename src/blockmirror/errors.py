@@ -9,7 +9,9 @@ BlockmirrorError
 ├── JournalError                              the journal and its files (journal/)
 │   ├── RecordError, CheckpointError, DirtyMapError, JournalCorruptError, ...
 ├── WritePathError                            the write path refuses a request (blockdev/)
+├── CommandError                              a host's command answered with an error (SCSI sense)
 ├── ProtocolError                             bytes that break a wire protocol
+│   └── IscsiPduError                         an iSCSI PDU refused: a Reject reason, or close
 ├── LinkError                                 a link cannot be used: refused, bad key (link/)
 ├── StateTransitionError                      a change of state the table does not allow
 ├── AdminError                                the admin API and its token (admin/)
@@ -60,8 +62,34 @@ class WritePathError(BlockmirrorError):
     """The write path refused an operator's request (a bad range, a journal it cannot empty)."""
 
 
+class CommandError(BlockmirrorError):
+    """A front end answers a host's command with an error its protocol defines (a SCSI status
+    and sense data, frontend/scsi_sense.ScsiError); the connection goes on. Raised before the
+    command changed anything, or after its change failed below (the sense says which)."""
+
+
 class ProtocolError(BlockmirrorError):
     """A peer sent bytes that break a wire protocol. The connection must be closed."""
+
+
+class IscsiPduError(ProtocolError):
+    """An iSCSI PDU the target refuses (frontend/iscsi_*).
+
+    ``reject_reason`` is the reason code of the Reject PDU to answer with (RFC 7143 section
+    11.17.1); the byte stream is still in step and the connection may go on. None means the
+    connection must be closed: a header digest error, or framing that cannot be trusted.
+    ``header`` is the refused PDU's 48-byte basic header segment, which a Reject carries back
+    (empty when the error is not about one PDU).
+    """
+
+    def __init__(self, message: str, *, reject_reason: int | None, header: bytes = b"") -> None:
+        super().__init__(message)
+        self.reject_reason = reject_reason
+        self.header = header
+
+    @property
+    def close(self) -> bool:
+        return self.reject_reason is None
 
 
 class LinkError(BlockmirrorError):

@@ -8,6 +8,7 @@ side (the listener's view of it), its senders and its roles (:mod:`blockmirror.f
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +46,8 @@ class VolumeRuntime:
     roles: VolumeRoles | None = None
     # Past points served as NBD exports (drills.py); None without a history.
     drills: VolumeDrills | None = None
+    # The volume's iSCSI target's status (iscsi_attach.py); None when not served by iSCSI.
+    iscsi_status: Callable[[], dict[str, Any]] | None = None
 
     @property
     def history_log(self) -> HistoryLog | None:
@@ -131,6 +134,7 @@ def volume_status(rt: VolumeRuntime) -> dict[str, Any]:
         "offset": rt.config.offset,
         "read_only": rt.export.read_only,
         "export": rt.export_address,
+        "iscsi": rt.iscsi_status() if rt.iscsi_status is not None else None,
         "counters": rt.counters.as_dict(),
         "problem": problem,
         "journal": rt.journal.status() if rt.journal is not None else None,

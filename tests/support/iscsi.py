@@ -112,19 +112,25 @@ class Conformance:
 
 def parse_conformance(text: str) -> Conformance:
     """CUnit's verbose output: a test's first status word decides (later ``[FAILED]`` text
-    can belong to a message), and libiscsi's ``[SKIPPED]`` counts as a skip, not a pass."""
+    can belong to a message), and libiscsi's ``[SKIPPED]`` counts as a skip, not a pass. Tests
+    are named ``Suite.Test`` (many suites have a test called ``Simple``)."""
     result = Conformance()
-    for chunk in re.split(r"\n\s+Test: ", text)[1:]:
-        name = chunk.split(" ", 1)[0]
+    suites = [(m.start(), m[1]) for m in re.finditer(r"Suite: (\S+)", text)]
+    starts = [m.start() for m in re.finditer(r"\n\s+Test: ", text)]
+    for n, start in enumerate(starts):
+        chunk = text[start : starts[n + 1] if n + 1 < len(starts) else len(text)]
+        name = chunk.split("Test: ", 1)[1].split(" ", 1)[0]
+        suite = next((s for at, s in reversed(suites) if at < start), "")
         status = re.search(r"(?:\.\.\.|\n)\s*(passed|FAILED)", chunk)
         if status is None:
             continue
+        key = f"{suite}.{name}"
         if status[1] == "FAILED":
-            result.outcomes[name] = "fail"
+            result.outcomes[key] = "fail"
         elif "[SKIPPED]" in chunk[: status.start()]:
-            result.outcomes[name] = "skip"
+            result.outcomes[key] = "skip"
         else:
-            result.outcomes[name] = "pass"
+            result.outcomes[key] = "pass"
     return result
 
 

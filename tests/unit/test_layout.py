@@ -79,6 +79,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "history_attach",
         "monitor",
         "volume_open",
+        "iscsi_attach",
         "reconfigure",
         "config_store",
         "config_sharing",
@@ -97,6 +98,19 @@ CODECS = (
     "link.handshake",
     "frontend.nbd_protocol",
     "frontend.nbd_negotiation",
+    "frontend.iscsi_pdu",
+    "frontend.iscsi_bhs",
+    "frontend.iscsi_framing",
+    "frontend.iscsi_serial",
+    "frontend.iscsi_text",
+    "frontend.iscsi_keys",
+    "frontend.iscsi_chap",
+    "frontend.iscsi_login",
+    "frontend.iscsi_discovery",
+    "frontend.scsi_sense",
+    "frontend.scsi_cdb",
+    "frontend.scsi_pages",
+    "frontend.scsi_pr",
 )
 IO_MODULES = frozenset({"asyncio", "socket", "ssl", "selectors"})
 
