@@ -79,6 +79,7 @@ def parse_iscsi(
     secret = t.path("chap_secret_file")
     mutual_user = t.text("mutual_user")
     mutual_secret = t.path("mutual_secret_file")
+    read: dict[str, str] = {}
     for name, who, path in (
         ("chap", user, secret),
         ("mutual", mutual_user, mutual_secret),
@@ -91,9 +92,15 @@ def parse_iscsi(
             )
         elif path is not None and check_paths:
             try:
-                read_secret(path, f"iSCSI {name} CHAP secret", min_chars=MIN_CHAP_SECRET)
+                read[name] = read_secret(
+                    path, f"iSCSI {name} CHAP secret", min_chars=MIN_CHAP_SECRET
+                )
             except NotifyError as exc:
                 t.fail(key_file, str(exc))
+    if "chap" in read and read.get("mutual") == read["chap"]:
+        # RFC 7143 12.1.3: the two directions must not share a secret (a reflection of our
+        # own challenge would then pass).
+        t.fail("mutual_secret_file", "the mutual secret must differ from the CHAP secret")
     if mutual_user is not None and user is None:
         t.fail("mutual_user", "mutual CHAP needs chap_user too: the initiator proves itself first")
     return IscsiConfig(

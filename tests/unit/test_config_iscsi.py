@@ -156,3 +156,22 @@ def test_the_portal_must_not_clash(tmp_path: Path) -> None:
     doc = unit(tmp_path, {"base_iqn": "iqn.2026-12.org.example", "listen": "127.0.0.1:10809"})
     found = dict(problems_of(doc, tmp_path))
     assert "iscsi.listen" in found
+
+
+def test_the_mutual_secret_must_differ(tmp_path: Path) -> None:
+    problems: list[tuple[str, str]] = []
+    same = "the-very-same-secret"
+    parse_iscsi(
+        {
+            "base_iqn": "iqn.2026-12.org.example",
+            "chap_user": "host1",
+            "chap_secret_file": secret(tmp_path, "a", same),
+            "mutual_user": "site-a",
+            "mutual_secret_file": secret(tmp_path, "b", same),
+        },
+        problems,
+        tmp_path,
+    )
+    assert problems == [
+        ("iscsi.mutual_secret_file", "the mutual secret must differ from the CHAP secret")
+    ]
