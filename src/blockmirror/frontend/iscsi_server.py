@@ -112,6 +112,7 @@ class IscsiServer:
         self._sessions: dict[int, _Session] = {}
         self._tsih = itertools.cycle(range(1, 0x10000))
         self.refused_connections = 0
+        self.evicted_connections = 0
 
     @property
     def address(self) -> tuple[str, int]:
@@ -144,9 +145,15 @@ class IscsiServer:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if len(self._connections) >= self.max_connections:
-            self.refused_connections += 1
-            writer.close()
-            return
+            # Full: the oldest connection that has not logged in yet gives way (a flood of
+            # idle connects cannot lock a real initiator out); with none, the new one goes.
+            waiting = [c for c in self._connections if not c.logged_in]
+            if not waiting:
+                self.refused_connections += 1
+                writer.close()
+                return
+            min(waiting, key=lambda c: c.opened).close()
+            self.evicted_connections += 1
         conn = _Connection(self, reader, writer)
         self._connections.add(conn)
         try:
@@ -266,6 +273,8 @@ class _Connection:
         self._inflight: set[int] = set()
         self._aborted: set[int] = set()
         self._closing = False
+        self.logged_in = False
+        self.opened = asyncio.get_running_loop().time()
         self._done = asyncio.Event()
         self._logout = False
 
@@ -353,6 +362,7 @@ class _Connection:
                     return True
 
     def _full_feature(self, success: LoginSuccess) -> None:
+        self.logged_in = True
         self.params = success.connection
         self.digests = Digests(self.params.header_digest, self.params.data_digest)
         self.pdus.digests = self.digests
