@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +22,7 @@ from blockmirror.frontend.iscsi_framing import encode_bytes
 from tests.e2e.test_iscsi import TARGET, serve_iscsi
 from tests.support.iscsi import run
 from tests.support.iscsi_client import Initiator
-from tests.support.pair import MiB, Site, topology
+from tests.support.pair import MiB, Site, peer_address, topology, wait_caught_up
 
 pytestmark = pytest.mark.fault
 
@@ -144,3 +145,66 @@ def test_a_thousand_connects_leave_the_target_serving(tmp_path: Path) -> None:
         cap = run(["iscsi-readcapacity16", f"iscsi://127.0.0.1:{port}/{TARGET}/0"], timeout=60)
         assert cap.returncode == 0 and f"Total size:{SIZE}" in cap.stdout, cap.stderr
         assert a.volume_status()["state"] == "serving"
+
+
+def test_kill_9_during_fua_writes_keeps_every_acknowledged_one(tmp_path: Path) -> None:
+    """Distinct FUA writes, one block each, acknowledged one by one, while another thread
+    sends ``kill -9`` to the unit. After a restart (the journal replayed), every acknowledged
+    block holds its data; the one in flight may or may not."""
+    with target_unit(tmp_path) as (a, port):
+        assert a.unit is not None
+        ini = Initiator("127.0.0.1", port, TARGET)
+        acknowledged: list[int] = []
+        killer = threading.Timer(0.5, a.unit.kill)
+        try:
+            ini.login()
+            killer.start()
+            for n in range(100_000):
+                cdb = bytearray(write10(n * 8 % (SIZE // 512), 1))
+                cdb[1] = 0x08  # FUA
+                try:
+                    status, _ = ini.status_of(
+                        ini.command(bytes(cdb), write=struct.pack(">I", n) * 128)
+                    )
+                except (AssertionError, OSError):
+                    break  # the unit is gone
+                assert status == 0
+                acknowledged.append(n)
+        finally:
+            killer.cancel()
+            killer.join()
+            ini.close()
+        assert len(acknowledged) > 10, "the kill came before any write"
+        a.start()
+        # The newest acknowledged write of each block is there.
+        newest: dict[int, int] = {}
+        for n in acknowledged:
+            newest[n * 8 % (SIZE // 512)] = n
+        for lba, n in newest.items():
+            assert volume_bytes(a, lba * 512, 512) == struct.pack(">I", n) * 128, (lba, n)
+        assert a.volume_status()["state"] == "serving"
+
+
+def test_a_secondary_is_write_protected(tmp_path: Path) -> None:
+    with topology(tmp_path) as topo:
+        b = topo.add_secondary("site-b", volumes={"vol": SIZE})
+        a = topo.add_primary("site-a", peers=[peer_address(b)], size=SIZE)
+        port = serve_iscsi(b)
+        b.start()
+        a.start()
+        assert a.unit is not None
+        run(
+            ["qemu-io", "-f", "raw", "-c", "write -P 0x44 0 64k", a.unit.export_url("vol")],
+            timeout=30,
+        )
+        wait_caught_up(a, b)
+        ini = Initiator("127.0.0.1", port, TARGET)
+        try:
+            ini.login()
+            status, data = ini.status_of(ini.command(read10(0, 1), read=512))
+            assert status == 0 and data == b"\x44" * 512  # the replica reads
+            status, _ = ini.status_of(ini.command(write10(0, 1), write=b"w" * 512))
+            assert status == 2  # CHECK CONDITION: DATA PROTECT, WRITE PROTECTED
+        finally:
+            ini.close()
+        assert volume_bytes(b, 0, 512) == b"\x44" * 512
