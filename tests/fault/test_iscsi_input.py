@@ -20,9 +20,10 @@ import pytest
 from blockmirror.frontend import iscsi_pdu as p
 from blockmirror.frontend.iscsi_framing import encode_bytes
 from tests.e2e.test_iscsi import TARGET, serve_iscsi
+from tests.support.failover import role_change
 from tests.support.iscsi import run
 from tests.support.iscsi_client import Initiator
-from tests.support.pair import MiB, Site, peer_address, topology, wait_caught_up
+from tests.support.pair import MiB, Site, peer_address, topology, wait_caught_up, wait_status
 
 pytestmark = pytest.mark.fault
 
@@ -205,6 +206,18 @@ def test_a_secondary_is_write_protected(tmp_path: Path) -> None:
             assert status == 0 and data == b"\x44" * 512  # the replica reads
             status, _ = ini.status_of(ini.command(write10(0, 1), write=b"w" * 512))
             assert status == 2  # CHECK CONDITION: DATA PROTECT, WRITE PROTECTED
+            assert volume_bytes(b, 0, 512) == b"\x44" * 512
+            # The primary is lost; once B is promoted, the same target takes writes.
+            a.kill()
+            out = role_change(b, "promote")
+            assert out.returncode == 0, out.stdout + out.stderr
+            wait_status(
+                lambda: b.volume_status()["role"] == "primary" or None,
+                timeout=30,
+                what="B to be primary",
+            )
+            status, _ = ini.status_of(ini.command(write10(0, 1), write=b"w" * 512))
+            assert status == 0
         finally:
             ini.close()
-        assert volume_bytes(b, 0, 512) == b"\x44" * 512
+        assert volume_bytes(b, 0, 512) == b"w" * 512
