@@ -18,6 +18,7 @@ from blockmirror.config import Config
 from blockmirror.config_alerts import read_secret
 from blockmirror.config_iscsi import IscsiConfig, target_name
 from blockmirror.frontend.iscsi_chap import ChapSecrets
+from blockmirror.frontend.iscsi_keys import KeyPolicy
 from blockmirror.frontend.iscsi_login import LoginConfig
 from blockmirror.frontend.iscsi_server import IscsiServer, IscsiTarget
 from blockmirror.frontend.scsi_pages import Identity
@@ -57,7 +58,8 @@ async def start_iscsi(
         name = target_name(iscsi.base_iqn, rt.config.name)
         lu = ScsiLogicalUnit(rt.export, Identity(volume_id=identity_of(rt)))
         targets[name] = IscsiTarget(name, lu, rt.export, alias=rt.config.name)
-    server = IscsiServer(targets, LoginConfig(chap=chap))
+    # Up to four connections per session (MC/S) for initiators that use them.
+    server = IscsiServer(targets, LoginConfig(chap=chap, keys=KeyPolicy(max_connections=4)))
     host, port = await server.start(iscsi.listen.host, iscsi.listen.port)
     for rt in chosen:
         name = target_name(iscsi.base_iqn, rt.config.name)

@@ -221,3 +221,35 @@ def test_a_secondary_is_write_protected(tmp_path: Path) -> None:
         finally:
             ini.close()
         assert volume_bytes(b, 0, 512) == b"w" * 512
+
+
+def test_two_connections_share_one_session_and_its_command_window(tmp_path: Path) -> None:
+    with target_unit(tmp_path) as (a, port):
+        first = Initiator("127.0.0.1", port, TARGET)
+        second = Initiator("127.0.0.1", port, TARGET)
+        try:
+            keys = first.login(max_connections=2)
+            assert keys.get("MaxConnections") == "2", keys
+            assert first.status_of(first.command(TUR))[0] == 0
+            second.cmd_sn = first.cmd_sn  # one session: one CmdSN sequence
+            second.login(tsih=first.tsih, cid=1)
+            assert second.tsih == first.tsih
+            assert a.volume_status()["iscsi"] == {
+                "target": TARGET,
+                "sessions": 1,
+                "connections": 2,
+            }
+            assert second.status_of(second.command(write10(0, 1), write=b"m" * 512))[0] == 0
+            first.cmd_sn = second.cmd_sn
+            status, data = first.status_of(first.command(read10(0, 1), read=512))
+            assert status == 0 and data == b"m" * 512
+            # A third would exceed the MaxConnections negotiated.
+            third = Initiator("127.0.0.1", port, TARGET)
+            try:
+                with pytest.raises(AssertionError):
+                    third.login(tsih=first.tsih, cid=2)
+            finally:
+                third.close()
+        finally:
+            first.close()
+            second.close()

@@ -26,6 +26,7 @@ class Initiator:
     cmd_sn: int = 1
     itt: int = 1
     exp_stat_sn: int = 0
+    tsih: int = 0
 
     def __post_init__(self) -> None:
         self.sock = socket.create_connection((self.host, self.port), timeout=10)
@@ -55,7 +56,15 @@ class Initiator:
                 return None
             self.reader.feed(data)
 
-    def login(self, *, header_digest: bool = False, data_digest: bool = False) -> Any:
+    def login(
+        self,
+        *,
+        header_digest: bool = False,
+        data_digest: bool = False,
+        tsih: int = 0,
+        cid: int = 0,
+        max_connections: int = 1,
+    ) -> Any:
         keys = [
             ("InitiatorName", self.name),
             ("TargetName", self.target),
@@ -66,9 +75,13 @@ class Initiator:
             ("ImmediateData", "Yes"),
             ("InitialR2T", "Yes"),
         ]
+        if tsih == 0:
+            keys.append(("MaxConnections", str(max_connections)))
         self.send(
             p.LoginRequest(
                 isid=ISID,
+                tsih=tsih,
+                cid=cid,
                 itt=self.next_itt(),
                 csg=p.Stage.OPERATIONAL,
                 nsg=p.Stage.FULL_FEATURE,
@@ -80,6 +93,7 @@ class Initiator:
         answer = self.receive()
         assert isinstance(answer, p.LoginResponse), answer
         assert answer.status_class == 0, (answer.status_class, answer.status_detail)
+        self.tsih = answer.tsih
         if answer.transit and answer.nsg == p.Stage.FULL_FEATURE:
             self.digests = Digests(header_digest, data_digest)
             self.reader.digests = self.digests

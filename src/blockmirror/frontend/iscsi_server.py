@@ -42,7 +42,7 @@ from blockmirror.frontend.iscsi_login import (
     LoginSuccess,
     Target,
 )
-from blockmirror.frontend.iscsi_serial import in_cmd_window, serial_add
+from blockmirror.frontend.iscsi_serial import in_cmd_window, serial_add, serial_gt
 from blockmirror.frontend.iscsi_tasks import DataOutError, DataOutTask
 from blockmirror.frontend.scsi_pr import Nexus
 from blockmirror.frontend.scsi_sense import Status
@@ -89,11 +89,25 @@ class _Session:
     nexus: Nexus | None
     exp_cmd_sn: int
     window: int
-    connection: _Connection | None = None
+    connections: set[_Connection] = field(default_factory=set)
+    # CmdSNs taken beyond ExpCmdSN (another connection's command may fill the gap first):
+    # ExpCmdSN advances over them only once the gap is filled (RFC 7143 3.2.2.1).
+    ahead: set[int] = field(default_factory=set)
 
     @property
     def max_cmd_sn(self) -> int:
         return serial_add(self.exp_cmd_sn, self.window - 1)
+
+    def take(self, cmd_sn: int) -> bool:
+        """Whether a non-immediate command numbered ``cmd_sn`` is taken: in the window and
+        not a duplicate. ExpCmdSN then moves past every CmdSN taken without a gap."""
+        if not in_cmd_window(cmd_sn, self.exp_cmd_sn, self.max_cmd_sn) or cmd_sn in self.ahead:
+            return False
+        self.ahead.add(cmd_sn)
+        while self.exp_cmd_sn in self.ahead:
+            self.ahead.discard(self.exp_cmd_sn)
+            self.exp_cmd_sn = serial_add(self.exp_cmd_sn, 1)
+        return True
 
 
 class IscsiServer:
@@ -174,11 +188,25 @@ class IscsiServer:
 
     def admit(self, identity: LoginIdentity, connection: _Connection) -> int | LoginStatus:
         if identity.tsih != 0:
-            # One connection per session (MaxConnections=1): a second one is refused.
+            # A connection joining a session (MC/S): the same initiator port and target, and
+            # room under the session's MaxConnections.
             session = self._sessions.get(identity.tsih)
             if session is None:
                 return LoginStatus.SESSION_DOES_NOT_EXIST
-            return LoginStatus.TOO_MANY_CONNECTIONS
+            same = session.identity
+            if (
+                same.initiator_name != identity.initiator_name
+                or same.isid != identity.isid
+                or (same.target.name if same.target else None)
+                != (identity.target.name if identity.target else None)
+            ):
+                return LoginStatus.CANT_INCLUDE_IN_SESSION
+            if len(session.connections) >= session.params.max_connections:
+                return LoginStatus.TOO_MANY_CONNECTIONS
+            for other in list(session.connections):
+                if other.cid == identity.cid:
+                    other.close()  # connection reinstatement: the old one with this CID goes
+            return identity.tsih
         # Session reinstatement (RFC 7143 6.3.5): the same initiator, ISID and target end the
         # old session.
         for old in list(self._sessions.values()):
@@ -189,8 +217,8 @@ class IscsiServer:
                 and (same.target.name if same.target else None)
                 == (identity.target.name if identity.target else None)
             ):
-                if old.connection is not None:
-                    old.connection.close()
+                for conn in list(old.connections):
+                    conn.close()
                 self.end_session(old, lost=True)
         tsih = next(self._tsih)
         while tsih in self._sessions:
@@ -198,6 +226,10 @@ class IscsiServer:
         return tsih
 
     def open_session(self, success: LoginSuccess, connection: _Connection) -> _Session:
+        joined = self._sessions.get(success.tsih) if success.session is None else None
+        if joined is not None:
+            joined.connections.add(connection)
+            return joined
         identity = success.identity
         target = self.targets.get(identity.target.name) if identity.target else None
         nexus = None
@@ -215,15 +247,21 @@ class IscsiServer:
             nexus,
             success.exp_cmd_sn,
             self.login.command_window,
-            connection,
+            {connection},
         )
         self._sessions[success.tsih] = session
         return session
 
+    def leave(self, session: _Session, connection: _Connection, *, lost: bool) -> None:
+        """A connection of ``session`` ended: the session ends with its last one."""
+        session.connections.discard(connection)
+        if not session.connections:
+            self.end_session(session, lost=lost)
+
     def end_session(self, session: _Session, *, lost: bool) -> None:
         if self._sessions.pop(session.tsih, None) is None:
             return
-        session.connection = None
+        session.connections.clear()
         if session.target is not None:
             session.target.sessions -= 1
             if lost and session.nexus is not None:
@@ -274,6 +312,7 @@ class _Connection:
         self._aborted: set[int] = set()
         self._closing = False
         self.logged_in = False
+        self.cid = 0
         self.opened = asyncio.get_running_loop().time()
         self._done = asyncio.Event()
         self._logout = False
@@ -293,7 +332,7 @@ class _Connection:
             target = self.session.target
             if target is not None:
                 target.connections -= 1
-            self.server.end_session(self.session, lost=not self._logout)
+            self.server.leave(self.session, self, lost=not self._logout)
         self._done.set()
 
     async def run(self) -> None:
@@ -363,6 +402,7 @@ class _Connection:
 
     def _full_feature(self, success: LoginSuccess) -> None:
         self.logged_in = True
+        self.cid = success.identity.cid
         self.params = success.connection
         self.digests = Digests(self.params.header_digest, self.params.data_digest)
         self.pdus.digests = self.digests
@@ -429,15 +469,17 @@ class _Connection:
                 self._reject(p.RejectReason.PROTOCOL_ERROR, header_of(pdu))
 
     def _window(self, session: _Session, pdu: Any) -> bool:
-        """CmdSN ordering: immediate PDUs pass; others must be in the window (else dropped,
-        RFC 7143 3.2.2.1) and advance ExpCmdSN."""
+        """CmdSN ordering: immediate PDUs pass; others must be in the window and new (else
+        dropped, RFC 7143 3.2.2.1), and advance ExpCmdSN. ExpStatSN may not be ahead of the
+        StatSN this connection has sent (a protocol error: the PDU is rejected)."""
+        if serial_gt(pdu.exp_stat_sn, self.stat_sn):
+            self._reject(p.RejectReason.PROTOCOL_ERROR, header_of(pdu))
+            return False
         if pdu.immediate:
             return True
-        if not in_cmd_window(pdu.cmd_sn, session.exp_cmd_sn, session.max_cmd_sn):
+        if not session.take(pdu.cmd_sn):
             log.debug("iSCSI %s: CmdSN %d outside the window; dropped", self.peer, pdu.cmd_sn)
             return False
-        if pdu.cmd_sn == session.exp_cmd_sn:
-            session.exp_cmd_sn = serial_add(session.exp_cmd_sn, 1)
         return True
 
     def _command(self, session: _Session, cmd: p.ScsiCommand) -> None:
