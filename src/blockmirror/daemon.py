@@ -207,8 +207,14 @@ class Unit:
     async def start_export(self, rt: VolumeRuntime, host: str, port: int) -> NbdServer:
         server = NbdServer({rt.config.name: rt.export}, self.nbd_limits)
         await server.start(host, port)
+        bound_host, bound_port = server.address
+        where = f"[{bound_host}]" if ":" in bound_host else bound_host
         log.info(
-            "volume %s exported on nbd://%s/%s", rt.config.name, rt.export_address, rt.config.name
+            "volume %s exported on nbd://%s:%d/%s",
+            rt.config.name,
+            where,
+            bound_port,
+            rt.config.name,
         )
         return server
 

@@ -42,7 +42,7 @@ from blockmirror.frontend.iscsi_login import (
     LoginSuccess,
     Target,
 )
-from blockmirror.frontend.iscsi_serial import in_cmd_window, serial_add, serial_gt
+from blockmirror.frontend.iscsi_serial import in_cmd_window, serial_add
 from blockmirror.frontend.iscsi_tasks import DataOutError, DataOutTask
 from blockmirror.frontend.scsi_pr import Nexus
 from blockmirror.frontend.scsi_sense import Status
@@ -470,11 +470,9 @@ class _Connection:
 
     def _window(self, session: _Session, pdu: Any) -> bool:
         """CmdSN ordering: immediate PDUs pass; others must be in the window and new (else
-        dropped, RFC 7143 3.2.2.1), and advance ExpCmdSN. ExpStatSN may not be ahead of the
-        StatSN this connection has sent (a protocol error: the PDU is rejected)."""
-        if serial_gt(pdu.exp_stat_sn, self.stat_sn):
-            self._reject(p.RejectReason.PROTOCOL_ERROR, header_of(pdu))
-            return False
+        dropped, RFC 7143 3.2.2.1), and advance ExpCmdSN. ExpStatSN only acknowledges
+        status; at ErrorRecoveryLevel 0 no status is kept for retransmission, so it is not
+        checked (initiators differ in what they count: libiscsi counts an R2T's StatSN)."""
         if pdu.immediate:
             return True
         if not session.take(pdu.cmd_sn):
@@ -563,6 +561,14 @@ class _Connection:
     def _respond(self, cmd: p.ScsiCommand, result: Any) -> None:
         """The Data-In PDUs and status of a finished command."""
         lu_sense = bytes(result.sense)
+        if lu_sense:
+            log.debug(
+                "iSCSI %s: %s answered %s, sense %s",
+                self.peer,
+                bytes(cmd.cdb[:1]).hex(),
+                result.status,
+                lu_sense[:18].hex(),
+            )
         data = memoryview(result.data_in).cast("B") if cmd.read else memoryview(b"")
         sent = min(len(data), cmd.expected_length)
         under, over = residual(cmd.expected_length, len(data) if cmd.read else 0)
