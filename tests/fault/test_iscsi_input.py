@@ -8,6 +8,7 @@ header digest error being read past, or a thousand idle connections denying a re
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import struct
 import threading
@@ -66,6 +67,13 @@ def test_malformed_and_out_of_sequence_pdus(tmp_path: Path) -> None:
             ini.send_raw(bytes(bad))
             reject = ini.receive()
             assert isinstance(reject, p.Reject), reject
+            assert ini.status_of(ini.command(TUR))[0] == 0
+            # An ExpStatSN acknowledging status never sent: rejected (protocol error).
+            ahead = dataclasses.replace(ini.command(TUR), exp_stat_sn=ini.exp_stat_sn + 1000)
+            ini.send(ahead)
+            refused = ini.receive()
+            assert isinstance(refused, p.Reject) and refused.reason == 0x04, refused
+            ini.cmd_sn -= 1  # the rejected command did not take its CmdSN
             assert ini.status_of(ini.command(TUR))[0] == 0
             # A CmdSN far outside the window: dropped, never answered.
             stray = ini.command(write10(0, 1), write=b"x" * 512, cmd_sn=ini.cmd_sn + 100_000)

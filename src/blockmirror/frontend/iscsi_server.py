@@ -42,7 +42,7 @@ from blockmirror.frontend.iscsi_login import (
     LoginSuccess,
     Target,
 )
-from blockmirror.frontend.iscsi_serial import in_cmd_window, serial_add
+from blockmirror.frontend.iscsi_serial import in_cmd_window, serial_add, serial_gt
 from blockmirror.frontend.iscsi_tasks import DataOutError, DataOutTask
 from blockmirror.frontend.scsi_pr import Nexus
 from blockmirror.frontend.scsi_sense import Status
@@ -470,9 +470,12 @@ class _Connection:
 
     def _window(self, session: _Session, pdu: Any) -> bool:
         """CmdSN ordering: immediate PDUs pass; others must be in the window and new (else
-        dropped, RFC 7143 3.2.2.1), and advance ExpCmdSN. ExpStatSN only acknowledges
-        status; at ErrorRecoveryLevel 0 no status is kept for retransmission, so it is not
-        checked (initiators differ in what they count: libiscsi counts an R2T's StatSN)."""
+        dropped, RFC 7143 3.2.2.1), and advance ExpCmdSN. ExpStatSN acknowledges the status
+        received: one beyond what this connection sent is a protocol error, rejected. (One
+        past the next StatSN is let through: libiscsi counts an R2T's StatSN as a status.)"""
+        if serial_gt(pdu.exp_stat_sn, serial_add(self.stat_sn, 1)):
+            self._reject(p.RejectReason.PROTOCOL_ERROR, header_of(pdu))
+            return False
         if pdu.immediate:
             return True
         if not session.take(pdu.cmd_sn):
