@@ -495,7 +495,7 @@ class _Connection:
         transfer = target.lu.transfer(cmd.cdb)
         wanted = min(cmd.expected_length, transfer.data_out) if cmd.write else 0
         try:
-            task = DataOutTask.start(cmd, wanted, session.params)
+            task = DataOutTask.start(cmd, wanted, session.params, need=transfer.data_out)
         except DataOutError as exc:
             self._data_out_failed(cmd, str(exc))
             return
@@ -554,15 +554,16 @@ class _Connection:
                 self._held -= 1
                 if self._closing or future.cancelled():
                     return
-                self._respond(cmd, future.result())
+                self._respond(cmd, future.result(), task.need)
                 self._release()
 
             outcome.add_done_callback(done)
             return
-        self._respond(cmd, outcome)
+        self._respond(cmd, outcome, task.need)
 
-    def _respond(self, cmd: p.ScsiCommand, result: Any) -> None:
-        """The Data-In PDUs and status of a finished command."""
+    def _respond(self, cmd: p.ScsiCommand, result: Any, need_out: int = 0) -> None:
+        """The Data-In PDUs and status of a finished command; ``need_out``: the data-out
+        bytes its CDB asked for (a write's residual is against it)."""
         lu_sense = bytes(result.sense)
         if lu_sense:
             log.debug(
@@ -574,11 +575,8 @@ class _Connection:
             )
         data = memoryview(result.data_in).cast("B") if cmd.read else memoryview(b"")
         sent = min(len(data), cmd.expected_length)
-        under, over = residual(cmd.expected_length, len(data) if cmd.read else 0)
-        if cmd.write and not cmd.read:
-            target = self.session.target if self.session else None
-            want = target.lu.transfer(cmd.cdb).data_out if target else 0
-            under, over = residual(cmd.expected_length, want)
+        moved = need_out if cmd.write and not cmd.read else len(data) if cmd.read else 0
+        under, over = residual(cmd.expected_length, moved)
         pdus: list[p.Pdu] = []
         step = self.params.max_send_data_segment_length
         collapse = result.status == Status.GOOD and not lu_sense and sent > 0

@@ -37,6 +37,7 @@ class DataOutTask:
     command: ScsiCommand
     wanted: int
     params: SessionParams
+    need: int = 0  # what the CDB asks for, whatever the initiator expects to send
     buffers: list[Buffer] = field(default_factory=list)
     received: int = 0
     # Unsolicited data may still come (the command's F bit was clear).
@@ -46,8 +47,10 @@ class DataOutTask:
     data_sn: int = 0
 
     @classmethod
-    def start(cls, command: ScsiCommand, wanted: int, params: SessionParams) -> DataOutTask:
-        task = cls(command, wanted, params)
+    def start(
+        cls, command: ScsiCommand, wanted: int, params: SessionParams, *, need: int = 0
+    ) -> DataOutTask:
+        task = cls(command, wanted, params, need)
         for buf in command.data:
             task._take(memoryview(buf).cast("B"))
         if task.received > params.first_burst_length:
