@@ -24,9 +24,11 @@ from blockmirror.addresses import Address, clashes, parse_address, valid_host
 from blockmirror.admin.access import check_token_file
 from blockmirror.config_alerts import AlertsConfig, parse_alerts
 from blockmirror.config_iscsi import IscsiConfig, parse_iscsi
+from blockmirror.config_link import LINK_KEYS, parse_link
 from blockmirror.config_table import Problem, Table, type_name
 from blockmirror.errors import ConfigError
 from blockmirror.link.auth import AuthError, load_psk
+from blockmirror.link.settings import ConnectMode, LinkSettings
 from blockmirror.units import GiB, MiB, format_size
 
 __all__ = [
@@ -84,8 +86,14 @@ class ReplicationConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None
-    # Every link's default rate limit, in bits per second (None: none); a peer may override it.
-    bandwidth: int | None = None
+    # Every link's default settings (config_link: bandwidth, compression, priority, transmit
+    # windows, connect); a peer written as an inline table may override each.
+    link: LinkSettings = field(default_factory=LinkSettings)
+
+    @property
+    def bandwidth(self) -> int | None:
+        """Every link's default rate limit, in bits per second (None: none)."""
+        return self.link.bandwidth
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,9 +121,11 @@ class VolumeConfig:
     # Certificate names (CN or DNS subjectAltName) a source's TLS certificate must carry to
     # write this replica; empty: any certificate the CA signed.
     tls_peers: tuple[str, ...] = ()
-    # The peers written as inline tables with a bandwidth of their own: (address, bits per
-    # second or None for "none"), overriding [replication] bandwidth.
-    peer_bandwidth: tuple[tuple[str, int | None], ...] = ()
+    # The peers written as inline tables with link settings of their own: (address, the
+    # (key, value) pairs it sets), overriding the [replication] defaults key by key.
+    peer_links: tuple[tuple[str, tuple[tuple[str, object], ...]], ...] = ()
+    # A host write whose data the volume already holds is neither journaled nor sent.
+    skip_unchanged: bool = False
     # Point-in-time history (docs/history.md): how far back points are kept (seconds; 0:
     # none), and the most space its segments may take in state_dir (None: the volume's size).
     history: float = 0.0
@@ -125,12 +135,12 @@ class VolumeConfig:
     # Served as the iSCSI target BASE_IQN:NAME, LUN 0 (read-only while not primary).
     iscsi: bool = False
 
-    def bandwidth_of(self, peer: str, default: int | None) -> int | None:
-        """The rate limit of the link to ``peer`` (bits per second; None: none)."""
-        for address, bits in self.peer_bandwidth:
+    def link_of(self, peer: str, defaults: LinkSettings) -> LinkSettings:
+        """The settings of the link to ``peer``: ``defaults`` with the peer's own on top."""
+        for address, overrides in self.peer_links:
             if address == peer:
-                return bits
-        return default
+                return dataclasses.replace(defaults, **dict(overrides))  # type: ignore[arg-type]
+        return defaults
 
     @property
     def history_cap(self) -> int:
@@ -169,12 +179,13 @@ _UNIT_KEYS = (
     "name", "state_dir", "admin", "admin_token_file", "admin_public_status", "admin_hosts",
     "admin_tls_cert", "admin_tls_key", "admin_tls_ca", "nbd_reply_budget", "nbd_max_connections",
 )  # fmt: skip
-_REPLICATION_KEYS = ("listen", "psk_file", "tls_cert", "tls_key", "tls_ca", "bandwidth")
-_PEER_KEYS = ("address", "bandwidth")
+_REPLICATION_KEYS = ("listen", "psk_file", "tls_cert", "tls_key", "tls_ca", *LINK_KEYS)
+_PEER_KEYS = ("address", *LINK_KEYS)
 _VOLUME_KEYS = (
     "name", "role", "path", "offset", "size", "export", "read_only", "journal", "journal_size",
     "journal_high_water", "overflow", "ack", "ack_timeout", "peers", "description",
     "psk_file", "tls_peers", "history", "history_size", "replay_delay", "iscsi",
+    "skip_unchanged",
 )  # fmt: skip
 _ROLES: dict[str, Role] = {"primary": "primary", "secondary": "secondary"}
 _OVERFLOWS: dict[str, Overflow] = {"track": "track", "block": "block"}
@@ -233,13 +244,14 @@ def _parse_volume(
     ack = t.choice("ack", tuple(_ACKS))
     ack_timeout = t.number("ack_timeout")
     description = t.text("description")
-    peers, peer_bandwidth = _parse_peers(t, base_dir)
+    peers, peer_links = _parse_peers(t, base_dir)
     psk_file = t.path("psk_file")
     tls_peers = _parse_names(t, "tls_peers")
     history = t.duration("history")
     history_size = t.size("history_size")
     replay_delay = t.duration("replay_delay")
     iscsi = t.flag("iscsi")
+    skip_unchanged = t.flag("skip_unchanged")
 
     if offset is not None and offset % SECTOR:
         t.fail("offset", f"{offset} is not a multiple of {SECTOR} bytes")
@@ -288,7 +300,8 @@ def _parse_volume(
         description=description or "",
         psk_file=psk_file,
         tls_peers=tls_peers,
-        peer_bandwidth=peer_bandwidth,
+        peer_links=peer_links,
+        skip_unchanged=bool(skip_unchanged),
         history=history or 0.0,
         history_size=history_size,
         replay_delay=replay_delay or 0.0,
@@ -313,24 +326,28 @@ def _parse_names(t: Table, key: str) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _parse_peers(
-    t: Table, base_dir: Path
-) -> tuple[tuple[Address, ...], tuple[tuple[str, int | None], ...]]:
+PeerLinks = tuple[tuple[str, tuple[tuple[str, object], ...]], ...]
+
+
+def _parse_peers(t: Table, base_dir: Path) -> tuple[tuple[Address, ...], PeerLinks]:
     """``peers``: each an address string, or an inline table ``{ address = ..., bandwidth =
     ... }`` whose keys override the [replication] defaults for that link."""
     value = t.typed("peers", (list,), "an array of HOST:PORT strings or inline tables", False)
     if not isinstance(value, list):
         return (), ()
     peers: list[Address] = []
-    bandwidths: list[tuple[str, int | None]] = []
+    links: list[tuple[str, tuple[tuple[str, object], ...]]] = []
     for i, raw in enumerate(value):
         name = f"peers[{i}]"
-        present, bits = False, None
+        overrides: tuple[tuple[str, object], ...] = ()
         item: object = raw
         if isinstance(raw, dict):
             entry = Table(raw, t.key(name), _PEER_KEYS, t.problems, base_dir)
             item = entry.text("address", required=True)
-            present, bits = entry.rate("bandwidth")
+            own = parse_link(entry, LinkSettings(), whole=False)
+            overrides = tuple(
+                (key, getattr(own, key)) for key in LINK_KEYS if key in raw and key not in entry.bad
+            )
             if item is None:
                 t.bad.add("peers")
                 continue
@@ -348,9 +365,9 @@ def _parse_peers(
             t.fail(name, f"{peer} is listed twice")
         else:
             peers.append(peer)
-            if present:
-                bandwidths.append((str(peer), bits))
-    return tuple(peers), tuple(bandwidths)
+            if overrides:
+                links.append((str(peer), overrides))
+    return tuple(peers), tuple(links)
 
 
 def _check_listeners(listeners: Sequence[tuple[str, Address]], problems: list[Problem]) -> None:
@@ -394,7 +411,7 @@ def parse_config(
         tls_cert=rt.path("tls_cert"),
         tls_key=rt.path("tls_key"),
         tls_ca=rt.path("tls_ca"),
-        bandwidth=rt.rate("bandwidth")[1],
+        link=parse_link(rt, LinkSettings()),
     )
     # TLS is all or nothing: a certificate without a CA would accept any client (or trust the
     # system's public CAs), a CA without a certificate would leave a listener in plain TCP.
@@ -413,6 +430,17 @@ def parse_config(
     alerts = parse_alerts(data.get("alerts"), problems, base_dir, check_paths=check_paths)
     iscsi = parse_iscsi(data.get("iscsi"), problems, base_dir, check_paths=check_paths)
     _check_volume_set(volumes, replication, rt, problems)
+    for v in volumes:
+        for peer in v.config.peers:
+            link = v.config.link_of(str(peer), replication.link)
+            if link.connect is ConnectMode.WINDOWS and link.schedule.always:
+                problems.append(
+                    (
+                        f"{v.label}.peers",
+                        f"{peer}: connect = 'windows' needs transmit_windows that leave some "
+                        "time closed",
+                    )
+                )
     if iscsi is None:
         for v in volumes:
             if v.config.iscsi:

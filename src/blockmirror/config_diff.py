@@ -19,6 +19,7 @@ from typing import Any
 
 from blockmirror.config import Config, ReplicationConfig, UnitConfig, VolumeConfig
 from blockmirror.config_table import Problem
+from blockmirror.link.settings import LinkSettings
 
 __all__ = ["TABLE", "Change", "ChangeKind", "ConfigDiff", "Live", "diff"]
 
@@ -60,7 +61,7 @@ TABLE: dict[str, dict[str, tuple[Live, str]]] = {
         "tls_cert": (Live.RESTART, "the links' TLS is set up at start"),
         "tls_key": (Live.RESTART, "the links' TLS is set up at start"),
         "tls_ca": (Live.RESTART, "the links' TLS is set up at start"),
-        "bandwidth": (Live.LIVE, ""),
+        "link": (Live.LIVE, ""),  # bandwidth, compression, ... (config_link), each live
     },
     "volume": {
         "name": (Live.LIVE, ""),  # a volume's name is its identity: another name, another one
@@ -85,7 +86,8 @@ TABLE: dict[str, dict[str, tuple[Live, str]]] = {
         "description": (Live.LIVE, ""),
         "psk_file": (Live.LIVE, ""),
         "tls_peers": (Live.LIVE, ""),
-        "peer_bandwidth": (Live.LIVE, ""),
+        "peer_links": (Live.LIVE, ""),
+        "skip_unchanged": (Live.LIVE, ""),
         "history": (Live.LIVE, ""),  # but not on or off: see _volume_settings
         "history_size": (Live.LIVE, ""),
         "replay_delay": (Live.LIVE, ""),
@@ -195,8 +197,16 @@ def _table(
         before, after = getattr(old, f.name), getattr(new, f.name)
         if before == after:
             continue
-        key = f"{table}.{f.name}"
         live, reason = TABLE[table][f.name]
+        if isinstance(before, LinkSettings) and isinstance(after, LinkSettings):
+            # The links' defaults, shown key by key as the file writes them.
+            for sub in dataclasses.fields(LinkSettings):
+                was, now = getattr(before, sub.name), getattr(after, sub.name)
+                if was != now:
+                    key = f"{table}.{sub.name}"
+                    out.changes.append(Change(ChangeKind.SETTING, key, old=was, new=now))
+            continue
+        key = f"{table}.{f.name}"
         if live is Live.RESTART:
             out.refused.append((key, f"changes only at a restart: {reason}"))
         else:

@@ -319,7 +319,7 @@ class Unit:
             ssl_context=self.client_ssl,
             roles=rt.roles,
         )
-        sender.set_rate(rt.config.bandwidth_of(str(peer), self.config.replication.bandwidth))
+        sender.apply_settings(rt.config.link_of(str(peer), self.config.replication.link))
         rt.senders.append(sender)
         sender.start()
 

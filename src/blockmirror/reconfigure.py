@@ -351,9 +351,9 @@ async def _commit(unit: Unit, new: Config, changes: ConfigDiff, prepared: _Prepa
     for rt in unit.volumes:
         with contextlib.suppress(KeyError):
             rt.config = new.volume(rt.config.name)
-        # Bandwidth limits (a default or a peer's own) from the new file, for every link.
+        # Link settings (the defaults or a peer's own) from the new file, for every link.
         for sender in rt.senders:
-            sender.set_rate(rt.config.bandwidth_of(sender.consumer_name, new.replication.bandwidth))
+            sender.apply_settings(rt.config.link_of(sender.consumer_name, new.replication.link))
     unit.monitor.poke()
     return failed.notes
 

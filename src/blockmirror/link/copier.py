@@ -81,7 +81,7 @@ class Copier:
         while not self._own_replica_consistent():
             if consumer.mode != ConsumerMode.JOURNAL:
                 return
-            stream.send_records()
+            await stream.send_records()
             await self._pause(0.5)
         while consumer.paused:
             await self._pause(1.0)
@@ -89,7 +89,7 @@ class Copier:
         stream.sync_done_lsn = done_lsn
         stream.link.send(SyncDone(done_lsn, wp.applied_seq))
         while stream.sync_inflight:
-            stream.send_records()
+            await stream.send_records()
             await self._pause(1.0)
         log.info("%s -> %s:%d: resync complete", sender.volume_name, sender.host, sender.port)
 
@@ -123,9 +123,10 @@ class Copier:
                         yielded = loop.time()
                     if consumer.mode != ConsumerMode.JOURNAL:
                         return False
-                    stream.send_records()  # records the copy would include go first
+                    await stream.send_records()  # records the copy would include go first
                     as_of = wp.applied_seq
                     lsn = sender.next_lsn()
+                    payload = None
                     hole = self._hole_at(offset, end)
                     if hole >= n:
                         # A hole of a sparse volume: one marker for all of it (up to a bound), read
@@ -137,11 +138,11 @@ class Copier:
                         if data == _ZEROS[:n]:
                             nbytes = stream.link.send(SyncZero(lsn, offset, n, as_of))
                         else:
-                            nbytes = stream.link.send(
+                            nbytes, payload = await stream.send_sync_data(
                                 SyncData(lsn, offset, as_of, memoryview(data))
                             )
                     stream.sync_inflight.append((lsn, offset, n, consumer.generation))
-                    stream.sent(-lsn, nbytes)
+                    stream.sent(-lsn, nbytes, payload)
                     sender.stats.sync_bytes_sent += n
                     offset += n
             if (

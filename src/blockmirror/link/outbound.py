@@ -2,9 +2,16 @@
 
 An :class:`OutboundStream` lives for one session of a :class:`~blockmirror.link.sender.
 PeerSender`. It streams journal runs (``Journal.read_run``: the ring's layout stays the
-journal's business) up to the volume's applied point, keeps at most :data:`WINDOW_BYTES`
-unacknowledged, frees journal space as ACKs arrive, and hands over to the resync copier
-(:mod:`blockmirror.link.copier`) whenever the consumer's dirty map holds regions to copy.
+journal's business) up to the volume's applied point, keeps a window sized to the link
+unacknowledged (:mod:`blockmirror.link.flight`), frees journal space as ACKs arrive, and hands
+over to the resync copier (:mod:`blockmirror.link.copier`) whenever the consumer's dirty map
+holds regions to copy.
+
+Bulk frames are compressed when the link negotiated it (:mod:`blockmirror.link.compression`),
+in a worker thread: zstd releases the GIL, and the event loop serves the host meanwhile. The
+stream probes the link with HEARTBEATs that the secondary echoes: their round trip sizes the
+window, and their one-way delay drives a background link's pace
+(:mod:`blockmirror.link.background`). Outside the link's transmit windows nothing is sent.
 """
 
 from __future__ import annotations
@@ -15,16 +22,23 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Final
 
-from blockmirror.errors import ProtocolError
+from blockmirror.errors import LinkError, ProtocolError
+from blockmirror.journal.format import Buffer
 from blockmirror.journal.journal import RecordsGone
+from blockmirror.link.compression import Compressor
 from blockmirror.link.copier import Copier
 from blockmirror.link.peer_configs import credential_of, take
 from blockmirror.link.protocol import (
+    FRAME_HEADER_SIZE,
     Ack,
     DigestRequest,
     Digests,
+    FrameType,
     Heartbeat,
     PeerConfig,
+    SyncData,
+    encode,
+    encode_compressed,
     encode_raw_records,
 )
 from blockmirror.link.session import LinkSession, ProgressWatch
@@ -35,17 +49,36 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-WINDOW_BYTES: Final = 64 * 1024 * 1024  # unacknowledged bytes in flight, records and copies
 FRAME_BYTES: Final = 4 * 1024 * 1024  # the most record bytes one RECORDS frame carries
+# Below this a payload goes uncompressed without a try (frame and prefix would eat the gain),
+# and up to it compression runs on the event loop (a thread hop would cost more).
+MIN_COMPRESS: Final = 512
+INLINE_COMPRESS: Final = 16 * 1024
+PROBE_INTERVAL: Final = 1.0  # seconds between round-trip probes
+BACKGROUND_PROBE_INTERVAL: Final = 0.2  # a delay-based background link probes more often
+_RECORDS: Final = int(FrameType.RECORDS)
+_SYNC_DATA: Final = int(FrameType.SYNC_DATA)
+
+
+class WindowClosed(LinkError):
+    """A dial-up style link's transmit window closed: the session ends until the next one."""
 
 
 class OutboundStream:
     """One connected session: records out, ACKs in, resync alongside."""
 
     def __init__(
-        self, sender: PeerSender, link: LinkSession, *, start: int, peer_consistent: bool = True
+        self,
+        sender: PeerSender,
+        link: LinkSession,
+        *,
+        start: int,
+        peer_consistent: bool = True,
+        compress: bool = False,
     ) -> None:
         self.sender = sender
+        # Whether the peer decodes what the sender's compressor makes (its handshake said so).
+        self.compress = compress
         self.link = link
         # What the secondary said in its WELCOME: a replica left inconsistent (a resync cut
         # short after its regions were acknowledged) needs a SYNC_DONE even with a clean map.
@@ -54,8 +87,8 @@ class OutboundStream:
         self.journal = sender.wp.journal
         self.next_seq = start
         self.acked = start - 1
-        # (seq, cumulative bytes) of each RECORDS frame, (-lsn, cumulative bytes) of each copy.
-        self.sent_bytes_at: deque[tuple[int, int]] = deque()
+        # (seq, cumulative bytes, when sent) of each RECORDS frame, (-lsn, ...) of each copy.
+        self.sent_bytes_at: deque[tuple[int, int, float]] = deque()
         self.cumulative = 0
         self.acked_bytes = 0
         # (lsn, offset, length, consumer generation when the region was read)
@@ -69,8 +102,18 @@ class OutboundStream:
         self.digest_waiters: dict[int, asyncio.Future[Digests]] = {}
 
     @property
+    def in_flight(self) -> int:
+        return self.cumulative - self.acked_bytes
+
+    @property
+    def window(self) -> int:
+        """The bytes this stream may keep unacknowledged now (flight.FlightWindow)."""
+        sender = self.sender
+        return sender.flight.size(sender.bucket.rate if sender.rate_limit else None)
+
+    @property
     def window_full(self) -> bool:
-        return self.cumulative - self.acked_bytes >= WINDOW_BYTES
+        return self.in_flight >= self.window
 
     # --- sending --------------------------------------------------------------------------------
 
@@ -87,6 +130,7 @@ class OutboundStream:
         sender.enter(LinkPhase.REPLICATING)
         while True:
             await self.check_failed()
+            await self.wait_window()
             consumer = sender.consumer
             if consumer.mode == ConsumerMode.TRACKING or (
                 not consumer.dirty.is_clean() and not self.sync_inflight
@@ -98,8 +142,18 @@ class OutboundStream:
             if consumer.paused:
                 await self.wait(1.0)
                 continue
-            if not self.send_records() and sender.bucket.ready:
+            if not await self.send_records() and sender.bucket.ready:
                 await self.wait(self.link.timeouts.heartbeat)
+
+    async def wait_window(self) -> None:
+        """Return once the link's transmit window is open; while it is closed nothing is sent
+        (heartbeats keep the link up), and a dial-up style link ends its session."""
+        sender = self.sender
+        while (opens := sender.window_opens()) is not None:
+            if sender.dial_up:
+                raise WindowClosed(f"outside its transmit windows until {opens.isoformat()}")
+            await self.wait(min(1.0, max(0.05, (opens - sender.now()).total_seconds())))
+            await self.check_failed_now()
 
     async def wait(self, seconds: float) -> None:
         """Until records reach the volume, an ACK arrives, the session fails, or ``seconds``."""
@@ -117,25 +171,61 @@ class OutboundStream:
 
     async def check_failed(self) -> None:
         """Raise what ended the reading side; wait while the transport holds a window."""
-        if self.failed is not None:
-            raise self.failed
-        if self.link.write_buffer_size() > WINDOW_BYTES:
+        await self.check_failed_now()
+        if self.link.write_buffer_size() > self.window:
             await self.link.drain()
         await self.sender.bucket.pace()  # the link's bandwidth limit
 
-    def sent(self, key: int, nbytes: int) -> None:
-        """Account for a frame of ``nbytes`` in flight until ``key`` is acknowledged (a record
-        sequence number, or minus a resync frame's lsn)."""
-        self.cumulative += nbytes
-        self.sent_bytes_at.append((key, self.cumulative))
-        self.sender.stats.count(nbytes)
-        self.sender.bucket.charge(nbytes)
+    async def check_failed_now(self) -> None:
+        if self.failed is not None:
+            raise self.failed
 
-    def send_records(self) -> bool:
+    def sent(self, key: int, wire: int, payload: int | None = None) -> None:
+        """Account for a frame that put ``wire`` bytes on the link (``payload``: what it
+        carries uncompressed, frame header included; None: the same) in flight until ``key``
+        is acknowledged (a record sequence number, or minus a resync frame's lsn)."""
+        self.cumulative += wire
+        self.sent_bytes_at.append((key, self.cumulative, time.monotonic()))
+        self.sender.stats.count(wire if payload is None else payload, wire)
+        self.sender.bucket.charge(wire)
+
+    async def pack(self, frame_type: int, payload: Buffer, plain: list[Buffer]) -> list[Buffer]:
+        """The frame to send for ``payload``: compressed when the link compresses and it
+        shrinks, else ``plain`` (its uncompressed frame) as it is."""
+        compressor = self.compressor
+        size = memoryview(payload).nbytes
+        if compressor is None or size < MIN_COMPRESS:
+            return plain
+        if size <= INLINE_COMPRESS:
+            body = compressor.compress(payload)
+        else:
+            body = await asyncio.to_thread(compressor.compress, payload)
+        if body is None:
+            return plain
+        return encode_compressed(frame_type, body, compressor.flag)
+
+    async def send_sync_data(self, message: SyncData) -> tuple[int, int]:
+        """Send one resync frame, compressed when the link compresses; (wire bytes, payload
+        bytes) for :meth:`sent`."""
+        plain = encode(message)
+        size = sum(memoryview(b).nbytes for b in plain)
+        buffers = plain
+        if self.compressor is not None:
+            # The prefix and the data as one buffer: a copy, made only to compress it.
+            joined = bytes(memoryview(plain[0])[FRAME_HEADER_SIZE:]) + bytes(message.data)
+            buffers = await self.pack(_SYNC_DATA, joined, plain)
+        self.link.order.sent(message)
+        return self.link.send_buffers(buffers), size
+
+    @property
+    def compressor(self) -> Compressor | None:
+        return self.sender.compressor if self.compress else None
+
+    async def send_records(self) -> bool:
         """Send what the volume holds and the window allows; False when nothing could go."""
         sender = self.sender
         sent_any = False
-        if sender.consumer.paused:
+        if sender.consumer.paused or sender.window_opens() is not None:
             return False
         limit = self.wp.applied_seq
         bucket = sender.bucket
@@ -143,15 +233,15 @@ class OutboundStream:
         # second, not just on average over a few large frames.
         frame = FRAME_BYTES if bucket.rate is None else min(FRAME_BYTES, int(bucket.burst))
         while (
-            self.next_seq <= limit
-            and self.cumulative - self.acked_bytes < WINDOW_BYTES
-            and bucket.ready
+            self.next_seq <= limit and (room := self.window - self.in_flight) > 0 and bucket.ready
         ):
             consumer = sender.consumer
             if consumer.mode != ConsumerMode.JOURNAL:
                 return sent_any
             try:
-                run, raw = self.journal.read_run(self.next_seq, limit, frame)
+                # No more than the window has room for (past the first record): a cut then
+                # costs at most the window, the bound docs/link-protocol.md promises.
+                run, raw = self.journal.read_run(self.next_seq, limit, min(frame, room))
             except RecordsGone:
                 # Records this consumer needs are gone (should not happen in journal mode):
                 # fall back to copying everything rather than leave the replica short.
@@ -166,7 +256,9 @@ class OutboundStream:
             if not run:
                 return sent_any
             last = run[-1]
-            self.sent(last.seq, self.link.send_buffers(encode_raw_records(raw)))
+            plain = encode_raw_records(raw)
+            buffers = await self.pack(_RECORDS, raw, plain)
+            self.sent(last.seq, self.link.send_buffers(buffers), FRAME_HEADER_SIZE + len(raw))
             sender.stats.records_sent += len(run)
             self.next_seq = last.seq + 1
             sent_any = True
@@ -195,7 +287,10 @@ class OutboundStream:
                         )
                     except ValueError as exc:
                         raise ProtocolError(str(exc)) from None
-                elif not isinstance(message, Heartbeat):  # pragma: no cover - the order says
+                elif isinstance(message, Heartbeat):
+                    if message.echo_ns:
+                        self._on_echo(message)
+                else:  # pragma: no cover - the handshake order lets nothing else through
                     raise ProtocolError(f"unexpected {type(message).__name__} from secondary")
         except BaseException as exc:
             if not isinstance(exc, asyncio.CancelledError):
@@ -226,13 +321,22 @@ class OutboundStream:
                 # (With a change outside the journal still on its way to the volume, the copy
                 # may lack it: the bit stays, and the region is copied again.)
                 consumer.dirty.clear(offset, length)
+        sent_at = None
         while self.sent_bytes_at:
-            key, cumulative = self.sent_bytes_at[0]
+            key, cumulative, when = self.sent_bytes_at[0]
             done = key <= self.acked if key > 0 else -key <= ack.sync_lsn
             if not done:
                 break
             self.acked_bytes = cumulative
+            sent_at = when
             self.sent_bytes_at.popleft()
+        flight = sender.flight
+        if sent_at is not None:
+            # The newest frame this ACK covered: how long an acknowledgement takes now.
+            flight.on_ack_delay(time.monotonic() - sent_at)
+            flight.on_acked(self.acked_bytes, self.in_flight)
+        elif not self.in_flight:
+            flight.idle()
         sender.stats.consistent = (
             self.peer_consistent
             and consumer.mode == ConsumerMode.JOURNAL
@@ -262,3 +366,27 @@ class OutboundStream:
     async def heartbeats(self) -> None:
         """Heartbeats while idle, and the no-progress deadline on what is in flight."""
         await self.link.heartbeats(lambda: self._watch.check(self.acked_bytes, self.cumulative))
+
+    async def probes(self) -> None:
+        """A HEARTBEAT every probe interval, busy or not: the secondary echoes it, and the echo
+        measures the round trip (and the one-way delay a background link paces by)."""
+        while True:
+            interval = (
+                BACKGROUND_PROBE_INTERVAL
+                if self.sender.delay_control is not None
+                else PROBE_INTERVAL
+            )
+            await asyncio.sleep(interval)
+            if not self.link.is_closing:
+                self.link.send(Heartbeat(time.time_ns(), 0))
+
+    def _on_echo(self, echo: Heartbeat) -> None:
+        sender = self.sender
+        now_ns = time.time_ns()
+        sender.flight.on_rtt((now_ns - echo.echo_ns) / 1e9)
+        if sender.delay_control is not None:
+            # The secondary's clock at the echo minus ours at the send: one-way delay plus the
+            # clocks' offset, which the controller's base cancels.
+            sender.pace_background(
+                sender.delay_control.on_delay((echo.sent_ns - echo.echo_ns) / 1e9)
+            )

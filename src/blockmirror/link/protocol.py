@@ -18,8 +18,10 @@ Every check that can be made on the 16-byte frame header is made as soon as it a
 any payload is buffered: a peer cannot make us hold more than the announced, bounded length,
 and a corrupted length for a fixed-size frame is caught at once instead of stalling the stream.
 
-The header's flags byte is 0 in versions 1 and 2 and refused otherwise; it is where compression will
-be signalled (issue 13; docs/link-protocol.md, "The flags byte").
+The header's flags byte says how a RECORDS or SYNC_DATA payload is compressed
+(:mod:`blockmirror.link.compression`; docs/link-protocol.md, "The flags byte"). It is 0 on every
+other frame, and on these too until the codec is told, after the handshake, which flags the
+peer was offered (:meth:`LinkCodec.accept_flags`).
 
 Why one module: the frame table (types and the lengths each may announce), the header checks,
 every payload decoder and every encoder are one wire format that must change together: each
@@ -54,6 +56,8 @@ from blockmirror.journal.format import (
 )
 from blockmirror.journal.lineage import MAX_LINEAGE, Lineage
 from blockmirror.link.auth import is_token
+from blockmirror.link.compression import PREFIX_SIZE as _COMPRESSION_PREFIX
+from blockmirror.link.compression import decompress
 from blockmirror.state import Role
 
 __all__ = [
@@ -95,6 +99,7 @@ __all__ = [
     "VersionError",
     "Welcome",
     "encode",
+    "encode_compressed",
     "encode_raw_records",
     "encode_records",
     "regions_frames",
@@ -264,6 +269,9 @@ _FIXED_PREFIX_CRC: Final = {t: _prefix_crc(t, lo) for t, (lo, hi) in _LENGTHS.it
 _SYNC_DATA_TYPE: Final = int(FrameType.SYNC_DATA)
 _RECORDS_TYPE: Final = int(FrameType.RECORDS)
 _REGIONS_TYPE: Final = int(FrameType.REGIONS)
+# The frames whose payload may be compressed: the bulk data.
+COMPRESSIBLE: Final = frozenset({_RECORDS_TYPE, _SYNC_DATA_TYPE})
+COMPRESSED_MIN: Final = _COMPRESSION_PREFIX + 1  # the expanded length and one byte of codec data
 
 # Zero fill after a record payload is at most RECORD_ALIGN - 1 bytes.
 _ZERO_FILL: Final = bytes(RECORD_ALIGN)
@@ -299,6 +307,8 @@ class Hello:
     source: str | None = None
     # The source takes PEER_CONFIG frames (optional on the wire; absent: false).
     configs: bool = False
+    # The compression codecs the source decodes (optional on the wire; absent: none).
+    compression: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,6 +344,8 @@ class Welcome:
     diverged_frames: int = 0
     # The secondary takes PEER_CONFIG frames (optional on the wire; absent: false).
     configs: bool = False
+    # The compression codecs the secondary decodes (optional on the wire; absent: none).
+    compression: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -608,6 +620,28 @@ def _get_optional_str(obj: _JsonObject, key: str) -> str | None:
     return _get_str(obj, key)
 
 
+MAX_CODECS: Final = 8
+_MAX_CODEC_NAME: Final = 32
+
+
+def _get_codecs(obj: _JsonObject, key: str) -> tuple[str, ...]:
+    """A list of codec names (absent: none). Names this build does not know are kept: the
+    sender picks from the list, and only picks what it has."""
+    value = obj.get(key)
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > MAX_CODECS:
+        raise ProtocolError(f"{key!r} must be a list of at most {MAX_CODECS} codec names")
+    names: list[str] = []
+    for item in value:
+        if not isinstance(item, str) or not 0 < len(item) <= _MAX_CODEC_NAME:
+            raise ProtocolError(f"{key!r} holds {item!r}, not a codec name")
+        if item in names:
+            raise ProtocolError(f"{key!r} names {item!r} twice")
+        names.append(item)
+    return tuple(names)
+
+
 # --- lineages (version 2) -------------------------------------------------------------------------
 
 _ROLES: Final = {str(role): role for role in Role}
@@ -734,6 +768,7 @@ def _hello_from(obj: _JsonObject) -> Hello:
             _get_lineage(obj, "lineage", unit),
             _get_optional_str(obj, "source"),
             _get_optional_bool(obj, "configs"),
+            _get_codecs(obj, "compression"),
         )
     except ProtocolError as exc:
         if protocol != PROTOCOL_VERSION:
@@ -764,6 +799,7 @@ def _welcome_from(obj: _JsonObject) -> Welcome:
             _get_lineage(obj, "lineage", unit),
             diverged,
             _get_optional_bool(obj, "configs"),
+            _get_codecs(obj, "compression"),
         )
     except ProtocolError as exc:
         if protocol != PROTOCOL_VERSION:
@@ -839,6 +875,8 @@ def _json_fields(message: Message) -> tuple[FrameType, _JsonObject]:
                 hello["source"] = message.source
             if message.configs:
                 hello["configs"] = True
+            if message.compression:
+                hello["compression"] = list(message.compression)
             return FrameType.HELLO, hello
         case AuthServer():
             server: _JsonObject = {"nonce": message.nonce, "proof": message.proof}
@@ -867,6 +905,8 @@ def _json_fields(message: Message) -> tuple[FrameType, _JsonObject]:
                 welcome["diverged_frames"] = message.diverged_frames
             if message.configs:
                 welcome["configs"] = True
+            if message.compression:
+                welcome["compression"] = list(message.compression)
             return FrameType.WELCOME, welcome
         case PeerConfig():
             return FrameType.PEER_CONFIG, {
@@ -1087,15 +1127,16 @@ class LinkCodec:
     immutable, so the usual case is safe).
     """
 
-    __slots__ = ("_allowed", "_chunks", "_error", "_max_payload", "_pending")
+    __slots__ = ("_allowed", "_chunks", "_error", "_flags", "_max_payload", "_pending")
 
     def __init__(self) -> None:
         self._allowed: frozenset[int] | None = None
         self._max_payload = MAX_PAYLOAD
+        self._flags = 0  # the compression flags bulk frames may carry (accept_flags)
         self._chunks = _Chunks()
-        # (frame type, payload length, CRC of the header prefix, CRC from the header) once a
-        # frame header has been read and its payload is awaited.
-        self._pending: tuple[int, int, int, int] | None = None
+        # (frame type, payload length, CRC of the header prefix, CRC from the header, flags)
+        # once a frame header has been read and its payload is awaited.
+        self._pending: tuple[int, int, int, int, int] | None = None
         self._error: ProtocolError | None = None
 
     @property
@@ -1119,6 +1160,11 @@ class LinkCodec:
         """
         self._allowed = types
         self._max_payload = max_payload
+
+    def accept_flags(self, flags: int) -> None:
+        """Let RECORDS and SYNC_DATA frames carry these compression flags from the next frame
+        header on (the codecs this end offered in its handshake frame). 0: none."""
+        self._flags = flags
 
     def feed(self, data: Buffer) -> None:
         """Add received bytes. Ignored once the codec has failed."""
@@ -1147,9 +1193,9 @@ class LinkCodec:
             if chunks.size < FRAME_HEADER_SIZE:
                 return None
             self._pending = _check_header(
-                chunks.take(FRAME_HEADER_SIZE), self._allowed, self._max_payload
+                chunks.take(FRAME_HEADER_SIZE), self._allowed, self._max_payload, self._flags
             )
-        frame_type, length, crc, stored = self._pending
+        frame_type, length, crc, stored, flags = self._pending
         if chunks.size < length:
             return None
         self._pending = None
@@ -1161,6 +1207,8 @@ class LinkCodec:
                 f"(stored 0x{stored:08x}, computed 0x{crc:08x})"
             )
         try:
+            if flags:
+                payload = _expand(frame_type, payload, flags)
             return _DECODERS[frame_type](payload)
         except ProtocolError as exc:
             if isinstance(exc, VersionError):
@@ -1168,10 +1216,23 @@ class LinkCodec:
             raise ProtocolError(f"{_NAMES[frame_type]} frame: {exc}") from None
 
 
+def _expand(frame_type: int, body: memoryview, flags: int) -> memoryview:
+    """A compressed payload, decompressed and held to its frame type's rules."""
+    raw = memoryview(decompress(body, flags, _LENGTHS[frame_type][1]))
+    if not _LENGTHS[frame_type][0] <= raw.nbytes:
+        raise ProtocolError(f"compressed payload expands to only {raw.nbytes} bytes")
+    if frame_type == _RECORDS_TYPE and raw.nbytes % RECORD_ALIGN:
+        raise ProtocolError(f"records of {raw.nbytes} bytes are not a multiple of {RECORD_ALIGN}")
+    return raw
+
+
 def _check_header(
-    header: memoryview, allowed: frozenset[int] | None = None, max_payload: int = MAX_PAYLOAD
-) -> tuple[int, int, int, int]:
-    """Validate a frame header; returns (type, length, CRC of bytes 0..12, stored CRC)."""
+    header: memoryview,
+    allowed: frozenset[int] | None = None,
+    max_payload: int = MAX_PAYLOAD,
+    accepted_flags: int = 0,
+) -> tuple[int, int, int, int, int]:
+    """Validate a frame header; returns (type, length, CRC of bytes 0..12, stored CRC, flags)."""
     magic, frame_type, flags, reserved, length, stored = _HEADER.unpack(header)
     if magic != MAGIC:
         raise ProtocolError(f"bad frame magic 0x{magic:08x}, expected 0x{MAGIC:08x}")
@@ -1179,15 +1240,19 @@ def _check_header(
     if bounds is None:
         raise ProtocolError(f"unknown frame type {frame_type}")
     name = _NAMES[frame_type]
-    # flags: reserved for compression (issue 13), which a later version negotiates first.
-    if flags or reserved:
+    # flags: compression, on bulk frames only, and only what this end offered.
+    if reserved or (flags and (frame_type not in COMPRESSIBLE or flags & ~accepted_flags)):
         raise ProtocolError(
-            f"{name} frame: reserved header fields are not zero "
-            f"(flags 0x{flags:02x}, reserved 0x{reserved:04x})"
+            f"{name} frame: header flags 0x{flags:02x} (reserved 0x{reserved:04x}) are not "
+            "what this link negotiated"
         )
     if allowed is not None and frame_type not in allowed:
         raise ProtocolError(f"{name} frame is not allowed here (before authentication)")
     lo, hi = bounds
+    if flags:
+        # A compressed payload may be shorter than any plain one; its expanded size is held
+        # to the frame type's bounds once known (_expand), before it is decoded.
+        lo = COMPRESSED_MIN
     hi = min(hi, max(lo, max_payload))
     if not lo <= length <= hi:
         if lo == hi:
@@ -1195,12 +1260,12 @@ def _check_header(
         raise ProtocolError(f"{name} frame announces {length} payload bytes, allowed {lo}..{hi}")
     # Records are 8-byte aligned, so a RECORDS payload is too; a corrupted length is then more
     # often caught here, before we wait for bytes that will never belong to this frame.
-    if frame_type == _RECORDS_TYPE and length % RECORD_ALIGN:
+    if frame_type == _RECORDS_TYPE and length % RECORD_ALIGN and not flags:
         raise ProtocolError(f"RECORDS frame length {length} is not a multiple of {RECORD_ALIGN}")
     # Likewise REGIONS: whole 16-byte pairs only.
     if frame_type == _REGIONS_TYPE and length % _REGION.size:
         raise ProtocolError(f"REGIONS frame length {length} is not a multiple of {_REGION.size}")
-    return frame_type, length, crc32c(header[:12]), stored
+    return frame_type, length, crc32c(header[:12]), stored, flags
 
 
 # --- encoders -------------------------------------------------------------------------------------
@@ -1211,6 +1276,19 @@ def _header(frame_type: int, length: int, parts: Sequence[Buffer]) -> bytes:
     for part in parts:
         crc = crc32c(part, crc)
     return _HEADER.pack(MAGIC, frame_type, 0, 0, length, crc)
+
+
+def encode_compressed(frame_type: int, body: bytes, flags: int) -> list[Buffer]:
+    """A RECORDS or SYNC_DATA frame whose payload is ``body``, compressed as ``flags`` says
+    (:meth:`blockmirror.link.compression.Compressor.compress` made it). The frame CRC covers the
+    compressed bytes: corruption is caught before anything is decompressed."""
+    if frame_type not in COMPRESSIBLE or not 0 < flags < 256:
+        raise ValueError(f"frame type {frame_type} with flags {flags} cannot be compressed")
+    if not 0 < len(body) <= MAX_PAYLOAD:
+        raise ValueError(f"a compressed payload of {len(body)} bytes")
+    prefix = _PREFIX.pack(MAGIC, frame_type, flags, 0, len(body))
+    crc = crc32c(body, crc32c(prefix))
+    return [_HEADER.pack(MAGIC, frame_type, flags, 0, len(body), crc), body]
 
 
 def _fixed_frame(frame_type: int, payload: bytes) -> list[Buffer]:

@@ -21,6 +21,7 @@ from blockmirror.journal.checkpoint import ReplicaState
 from blockmirror.journal.lineage import fixed_lineage
 from blockmirror.journal.record import Record
 from blockmirror.link import auth
+from blockmirror.link.compression import DECODABLE
 from blockmirror.link.handshake import End
 from blockmirror.link.peer_configs import ConfigShare, credential_of, offer, take
 from blockmirror.link.protocol import (
@@ -230,6 +231,7 @@ class ReceiverSession:
                 ),
                 diverged_frames=len(frames),
                 configs=self.settings.configs is not None,
+                compression=DECODABLE,
             )
         )
         for frame in frames:

@@ -26,15 +26,16 @@ from blockmirror.blockdev.journaled import JournalWritePath
 from blockmirror.errors import BlockmirrorError, ProtocolError
 from blockmirror.journal.consumers import first_after
 from blockmirror.journal.journal import Consumer
+from blockmirror.link.compression import Codec, negotiated
 from blockmirror.link.direction import LinkRoles
 from blockmirror.link.handshake import End
-from blockmirror.link.outbound import OutboundStream
+from blockmirror.link.link_control import LinkControl
+from blockmirror.link.outbound import OutboundStream, WindowClosed
 from blockmirror.link.peer_configs import ConfigShare, offer
 from blockmirror.link.protocol import (
     RefuseCode,
     Welcome,
 )
-from blockmirror.link.ratelimit import TokenBucket
 from blockmirror.link.resume import (
     SplitBrainFound,
     add_diverged,
@@ -42,7 +43,6 @@ from blockmirror.link.resume import (
     remove_maps,
     resume_point,
 )
-from blockmirror.link.sender_stats import SenderStats
 from blockmirror.link.session import (
     DEFAULT_TIMEOUTS,
     READ_SIZE,
@@ -71,7 +71,7 @@ Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 _REASONED: Final = frozenset({LinkPhase.CONNECTING, LinkPhase.UPSTREAM, LinkPhase.SPLIT_BRAIN})
 
 
-class PeerSender:
+class PeerSender(LinkControl):
     """Replicates one volume to one peer, for as long as the unit runs.
 
     ``connect`` opens the connection (by default TCP, with TLS when ``ssl_context`` is set);
@@ -105,24 +105,18 @@ class PeerSender:
         self._volume_id = volume_id
         self.volume_id = ""
         self.psk = psk
-        # The link's bandwidth limit (set_rate), charged by the outbound stream.
-        self.bucket = TokenBucket()
-        self.rate_limit: int | None = None
+        super().__init__()  # the link's settings and pace (link_control)
         # The configuration exchange (peer_configs); what the peer's WELCOME said of it.
         self.configs = configs
         self._peer_takes_configs = False
-        self._link: LinkSession | None = None
         self.peer_unit: str | None = None
         self.ssl_context = ssl_context
         self.timeouts = timeouts
         self._connect = connect or self._open_connection
-        self.stats = SenderStats()
         self._task: asyncio.Task[None] | None = None
         self._lsn = 0
         self._stopping = False
         self.roles = roles
-        # The connected session (None between sessions): online verify asks through it.
-        self.stream: OutboundStream | None = None
 
     @property
     def consumer(self) -> Consumer:
@@ -175,12 +169,16 @@ class PeerSender:
         # A split brain (or a peer we must not send to) says more than a pause does.
         directed = phase in (LinkPhase.UPSTREAM, LinkPhase.SPLIT_BRAIN)
         state = "paused" if consumer.paused and not directed else phase.value
+        window, window_until = self._window_status()
+        if window == "closed" and not directed and state != "paused":
+            state = "window-closed"  # connected or not, nothing is sent until it opens
         if consumer.mode == ConsumerMode.TRACKING and state not in (
             LinkPhase.SYNCING,
             LinkPhase.CONNECTING,
             LinkPhase.UPSTREAM,
             LinkPhase.SPLIT_BRAIN,
             "paused",
+            "window-closed",
         ):
             state = "tracking"
         return {
@@ -195,6 +193,10 @@ class PeerSender:
             "lag_seconds": round(lag_seconds, 3) if consumer.mode == ConsumerMode.JOURNAL else None,
             "dirty_bytes": consumer.dirty.dirty_bytes(),
             "bytes_sent": self.stats.bytes_sent,
+            "wire_bytes_sent": self.stats.wire_bytes_sent,
+            "compression": str(self.settings.compression),
+            "compressing": self.stream is not None and self.stream.compress,
+            "compression_ratio": self.stats.compression_ratio,
             "sync_bytes_sent": self.stats.sync_bytes_sent,
             "sync_bytes_skipped": self.stats.sync_bytes_skipped,
             "records_sent": self.stats.records_sent,
@@ -205,13 +207,18 @@ class PeerSender:
             "last_error": self.stats.last_error,
             "last_ack_time": self.stats.last_ack_time,
             "rate_limit": self.rate_limit,
+            "priority": str(self.settings.priority),
+            "priority_control": str(self.priority_control),
+            "pace_bytes_per_second": round(self.bucket.rate) if self.bucket.rate else None,
+            "window": window,
+            "window_until": window_until,
+            "connect": str(self.settings.connect),
+            "eta_seconds": self._eta(backlog + consumer.dirty.dirty_bytes()),
+            "rtt_seconds": None if self.flight.rtt is None else round(self.flight.rtt, 4),
+            "inflight_bytes": self.stream.in_flight if self.stream is not None else 0,
+            "inflight_window_bytes": self.stream.window if self.stream is not None else None,
             "reason": self.stats.reason if phase in _REASONED else None,
         }
-
-    def set_rate(self, bits_per_second: int | None) -> None:
-        """The link's bandwidth limit from now on (None: none); at start and by a reload."""
-        self.rate_limit = bits_per_second
-        self.bucket.set_rate(bits_per_second / 8 if bits_per_second else None)
 
     def share_config(self) -> None:
         """Send our configuration to the peer now, if it is connected and takes it (at the
@@ -296,7 +303,11 @@ class PeerSender:
         )
 
     async def _session(self) -> bool:
-        """One connection; True when it ended by waiting on the roles (no backoff)."""
+        """One connection; True when it ended by waiting on the roles or a transmit window
+        (no backoff)."""
+        if self.dial_up and self.window_opens() is not None:
+            await self._wait_for_window()
+            return True
         roles = self.roles
         if roles is not None:
             source = roles.source()
@@ -311,7 +322,9 @@ class PeerSender:
                 await roles.wait_changed(UPSTREAM_RECHECK)
                 return True
         reader, writer = await asyncio.wait_for(self._connect(), self.timeouts.handshake)
-        tune_socket(writer.get_extra_info("socket"), self.timeouts.idle)
+        sock = writer.get_extra_info("socket")
+        tune_socket(sock, self.timeouts.idle)
+        self._choose_priority(sock)
         link = LinkSession(
             reader,
             writer,
@@ -344,7 +357,12 @@ class PeerSender:
             self.stats.reason = None
             if roles is not None:
                 roles.linked(self.consumer_name, welcome.lineage)
-            await self._replicate(link, welcome, regions, same_line=same_line)
+            try:
+                await self._replicate(link, welcome, regions, same_line=same_line)
+            except WindowClosed as closed:
+                log.info("%s: %s; disconnecting", self.describe(), closed)
+                self.stats.reason = str(closed)
+                return True
         finally:
             # Never wait forever for a peer that stopped reading to take our unsent bytes.
             await link.close()
@@ -391,8 +409,13 @@ class PeerSender:
         if regions and not full:
             await add_diverged(self, regions)
         consumer = self.consumer
+        self.peer_decodes = welcome.compression
         stream = OutboundStream(
-            self, link, start=consumer.acked_seq + 1, peer_consistent=welcome.consistent
+            self,
+            link,
+            start=consumer.acked_seq + 1,
+            peer_consistent=welcome.consistent,
+            compress=negotiated(self.settings.compression, welcome.compression) is not Codec.NONE,
         )
         self.stream = stream
         self._link, self.peer_unit = link, welcome.unit
@@ -405,6 +428,7 @@ class PeerSender:
             asyncio.ensure_future(stream.run(full=full)),
             asyncio.ensure_future(stream.read_acks()),
             asyncio.ensure_future(stream.heartbeats()),
+            asyncio.ensure_future(stream.probes()),
         ]
         if self.roles is not None:
             tasks.append(asyncio.ensure_future(self._role_changes(self.roles)))

@@ -15,7 +15,8 @@ class SenderStats:
     phase: LinkPhase = LinkPhase.CONNECTING
     acked_seq: int = 0
     peer_applied_seq: int = 0
-    bytes_sent: int = 0
+    bytes_sent: int = 0  # what the frames carry, uncompressed (frame headers included)
+    wire_bytes_sent: int = 0  # what went on the link: compressed frames as compressed
     records_sent: int = 0
     sync_bytes_sent: int = 0
     sync_bytes_skipped: int = 0  # checksum sync: regions the replica already held
@@ -32,8 +33,17 @@ class SenderStats:
     _rate_at: float = field(default_factory=time.monotonic)
     _rate_bytes: int = 0
 
-    def count(self, nbytes: int) -> None:
+    @property
+    def compression_ratio(self) -> float | None:
+        """Payload over wire bytes (1.0: nothing saved; None: nothing sent yet)."""
+        if not self.wire_bytes_sent:
+            return None
+        return round(self.bytes_sent / self.wire_bytes_sent, 3)
+
+    def count(self, nbytes: int, wire: int | None = None) -> None:
+        """A frame carrying ``nbytes`` went out as ``wire`` bytes (None: the same)."""
         self.bytes_sent += nbytes
+        self.wire_bytes_sent += nbytes if wire is None else wire
         self._rate_bytes += nbytes
         now = time.monotonic()
         elapsed = now - self._rate_at

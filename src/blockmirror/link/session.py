@@ -22,6 +22,7 @@ from typing import Any, Final, TypeVar
 
 from blockmirror.errors import LinkError, ProtocolError
 from blockmirror.journal.format import Buffer
+from blockmirror.link.compression import FLAG_ZSTD
 from blockmirror.link.handshake import End, HandshakeOrder, OutOfOrder
 from blockmirror.link.protocol import (
     FRAME_HEADER_SIZE,
@@ -222,6 +223,9 @@ class LinkSession:
         """The handshake is over: any frame (of any size) from now on, the idle deadline."""
         self.order.enter(HandshakeStep.STREAM)
         self.codec.restrict(None)
+        # Both ends offer every codec this build decodes (compression.DECODABLE), in their
+        # HELLO or WELCOME: bulk frames may arrive compressed from now on.
+        self.codec.accept_flags(FLAG_ZSTD)
 
     # --- sending -------------------------------------------------------------------------------
 

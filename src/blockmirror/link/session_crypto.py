@@ -83,7 +83,7 @@ class IntegrityError(ProtocolError):
     record arrived where one belongs. The session cannot go on."""
 
 
-_NOT_DIGESTED = ("configs",)
+_NOT_DIGESTED = ("configs", "compression")
 
 
 def hello_digest(hello: Hello) -> bytes:

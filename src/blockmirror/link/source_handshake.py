@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from blockmirror.errors import BlockmirrorError, ProtocolError
 from blockmirror.journal.lineage import fixed_lineage
 from blockmirror.link import auth
+from blockmirror.link.compression import DECODABLE
 from blockmirror.link.protocol import (
     PROTOCOL_VERSION,
     AuthClient,
@@ -61,6 +62,7 @@ async def source_handshake(
         ),
         source=sender.roles.source() if sender.roles is not None else None,
         configs=sender.configs is not None,
+        compression=DECODABLE,
     )
     link.send(hello)
     reply = await link.receive()  # AUTH_SERVER or WELCOME

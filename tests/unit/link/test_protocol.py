@@ -641,8 +641,8 @@ def test_a_failed_codec_stays_failed() -> None:
         (frame(0, b""), "unknown frame type 0"),
         (frame(13, b""), "unknown frame type 13"),
         (frame(255, b""), "unknown frame type 255"),
-        (frame(7, bytes(24), flags=1), "reserved header fields"),
-        (frame(7, bytes(24), reserved=0x100), "reserved header fields"),
+        (frame(7, bytes(24), flags=1), "header flags 0x01"),
+        (frame(7, bytes(24), reserved=0x100), "reserved 0x0100"),
     ],
 )
 def test_bad_headers_are_refused_on_the_header_alone(data: bytes, reason: str) -> None:
