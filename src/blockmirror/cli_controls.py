@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import urllib.parse
 from collections.abc import Callable
 from typing import Any
@@ -96,19 +97,38 @@ def add_link_commands(
     )
     change.add_argument("volume")
     change.add_argument("peer", help="the peer's address, HOST:PORT, as in the volume's peers")
-    change.add_argument(
-        "--bandwidth", required=True, help="a rate such as 10Mbit or 1544kbit, or none"
-    )
+    change.add_argument("--bandwidth", help="a rate such as 10Mbit or 1544kbit, or none")
+    change.add_argument("--compression", help="zstd or none")
+    change.add_argument("--compression-level", help="zstd's level, 1..19")
+    change.add_argument("--priority", help="normal, or background (yield to other traffic)")
     admin_arguments(change)
 
     def run(args: argparse.Namespace) -> int:
+        values = {
+            "bandwidth": args.bandwidth,
+            "compression": args.compression,
+            "compression_level": args.compression_level,
+            "priority": args.priority,
+        }
+        given = {k: v for k, v in values.items() if v is not None}
+        if not given:
+            print(
+                "blockmirror link set: give --bandwidth, --compression, --compression-level "
+                "or --priority",
+                file=sys.stderr,
+            )
+            return EXIT_FAILURE
         path = f"/api/volumes/{_quote(args.volume)}/peers/{_quote(args.peer)}/link"
-        reply = run_control(args, path, {"bandwidth": args.bandwidth})
+        reply = run_control(args, path, given)
         if reply is None:
             return EXIT_FAILURE
         limit = reply.get("rate_limit")
         shown = "none" if limit is None else format_rate(int(limit))
-        print(f"volume {args.volume} -> {args.peer}: bandwidth limit {shown}")
+        print(
+            f"volume {args.volume} -> {args.peer}: bandwidth limit {shown}, compression "
+            f"{reply.get('compression')}, priority {reply.get('priority')} "
+            f"({reply.get('priority_control')})"
+        )
         return 0
 
     change.set_defaults(func=run)

@@ -457,6 +457,8 @@ async def _setting(unit: Unit, new: Config, change: Change, prepared: _Prepared)
             wp.history.settings = HistorySettings(vc.history, vc.history_cap)
         case "replay_delay" if wp is not None:
             wp.replica.delay.seconds = vc.replay_delay
+        case "skip_unchanged" if wp is not None:
+            wp.unchanged.enabled = vc.skip_unchanged
         case _:
             pass
 

@@ -117,6 +117,7 @@ async def open_volume(unit: UnitConfig, vc: VolumeConfig, limits: NbdLimits) -> 
                 journal_wp.remote_ack = remote
             if history_log is not None:
                 await attach_history(history_log, journal_wp)
+            journal_wp.unchanged.enabled = vc.skip_unchanged
             delay = journal_wp.replica.delay
             delay.seconds = vc.replay_delay
             delay.on_shortened = functools.partial(journal_wp.alert, "replay_delay_shortened")

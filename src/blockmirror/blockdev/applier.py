@@ -121,6 +121,11 @@ class Applier:
         self.history: HistoryLog | None = None
         failure.listen(lambda exc, first: self.answer_all(exc))
 
+    @property
+    def idle(self) -> bool:
+        """Nothing accepted is still on its way to the volume: it holds the newest bytes."""
+        return not self.queue and not self._blocked and self.stalled is None
+
     def push(self, entry: Entry) -> None:
         """Queue ``entry`` behind every earlier one (:meth:`drain` applies it). Never raises."""
         self.queue.append(entry)

@@ -36,7 +36,8 @@ from blockmirror.blockdev.checkpointer import CHECKPOINT_INTERVAL, Checkpointer
 from blockmirror.blockdev.durability import Durability, Failure, consume
 from blockmirror.blockdev.journal_controls import DiscardRangeError, JournalControls
 from blockmirror.blockdev.replica import JournalFullError, ReplicaApply
-from blockmirror.blockdev.writepath import Buffer
+from blockmirror.blockdev.unchanged import UnchangedFilter
+from blockmirror.blockdev.writepath import Buffer, split_buffers
 from blockmirror.history.log import HistoryLog
 from blockmirror.journal.format import Kind
 from blockmirror.journal.journal import Journal
@@ -125,6 +126,8 @@ class JournalWritePath:
         self.append_replicated = self.replica.append_replicated
         self.apply_resync = self.replica.apply_resync
         self.rebase = self.replica.rebase
+        # skip_unchanged: a rewrite of what the volume holds is a no-op (blockdev/unchanged).
+        self.unchanged = UnchangedFilter(volume, self.applier, self.checkpointer)
         self._commit_scheduled = False
         # A host write went to the volume outside the journal: a FLUSH must sync the volume.
         self._unjournaled_writes = False
@@ -242,6 +245,13 @@ class JournalWritePath:
             length = memoryview(data[0]).nbytes
         else:
             length = sum(memoryview(b).nbytes for b in data)
+        if (
+            self.unchanged.enabled
+            and self._failure.error is None
+            and self.applier.stalled is None
+            and self.unchanged.unchanged(offset, length, data)
+        ):
+            return self.flush() if fua else None
         return self._accept(Kind.WRITE, offset, length, data, False, fua)
 
     def write_zeroes(self, offset: int, length: int, *, fua: bool, may_trim: bool) -> Pending:
@@ -377,7 +387,7 @@ class JournalWritePath:
         """A write larger than one record's payload, as several records; the last carries the
         request's completion."""
         journal, applier = self.journal, self.applier
-        pieces = _split(data, journal.max_payload())
+        pieces = split_buffers(data, journal.max_payload())
         last = len(pieces) - 1
         pos = offset
         for i, piece in enumerate(pieces):
@@ -472,21 +482,5 @@ class JournalWritePath:
         out["ack"] = remote.status() if remote is not None else {"mode": "local"}
         out["applied_seq"] = self.applied_seq
         out["volume_durable_seq"] = self.journal.volume_durable_seq
+        out["unchanged"] = self.unchanged.status()
         return out
-
-
-def _split(data: Sequence[Buffer], limit: int) -> list[list[memoryview]]:
-    """Cut a write's buffers into pieces of at most ``limit`` bytes, without copying."""
-    pieces: list[list[memoryview]] = [[]]
-    room = limit
-    for buf in data:
-        view = memoryview(buf).cast("B")
-        while view.nbytes:
-            if room == 0:
-                pieces.append([])
-                room = limit
-            take = min(room, view.nbytes)
-            pieces[-1].append(view[:take])
-            view = view[take:]
-            room -= take
-    return pieces

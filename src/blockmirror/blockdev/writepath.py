@@ -139,3 +139,20 @@ class DirectWritePath:
 
         first.add_done_callback(after_first)
         return result
+
+
+def split_buffers(data: Sequence[Buffer], limit: int) -> list[list[memoryview]]:
+    """Cut a write's buffers into pieces of at most ``limit`` bytes, without copying."""
+    pieces: list[list[memoryview]] = [[]]
+    room = limit
+    for buf in data:
+        view = memoryview(buf).cast("B")
+        while view.nbytes:
+            if room == 0:
+                pieces.append([])
+                room = limit
+            take = min(room, view.nbytes)
+            pieces[-1].append(view[:take])
+            view = view[take:]
+            room -= take
+    return pieces

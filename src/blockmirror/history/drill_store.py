@@ -117,6 +117,9 @@ class DrillStore:
     def advise_willneed(self, offset: int, length: int) -> None:
         return None
 
+    def read_cached(self, offset: int, buffers: Sequence[bytearray]) -> bool:
+        return False  # a drill's reads go through its overlay: never skipped
+
     # --- a writable drill's own writes ----------------------------------------------------------
 
     def _check_writable(self) -> None:

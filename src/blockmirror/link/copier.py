@@ -111,6 +111,7 @@ class Copier:
                 while offset < end:
                     n = min(SYNC_CHUNK, end - offset)
                     await stream.check_failed()
+                    await stream.wait_window()
                     while stream.window_full or consumer.paused:
                         # A paused consumer is sent nothing, resync included.
                         await self._pause(1.0)

@@ -120,6 +120,7 @@ class OutboundStream:
     async def run(self, *, full: bool) -> None:
         sender = self.sender
         consumer = sender.consumer
+        await self.wait_window()  # nothing is sent outside the transmit windows, not even a copy
         if (
             consumer.mode == ConsumerMode.TRACKING
             or not consumer.dirty.is_clean()

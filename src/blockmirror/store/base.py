@@ -98,5 +98,9 @@ class Store(Protocol):
     def advise_willneed(self, offset: int, length: int) -> None:
         """A hint that the range will be read soon (may do nothing)."""
 
+    def read_cached(self, offset: int, buffers: Sequence[bytearray]) -> bool:
+        """Fill ``buffers`` (back to back from ``offset``) only if every byte is in memory
+        now, without ever waiting for the disk; False when it is not (or cannot be told)."""
+
     def close(self) -> None:
         """Release the store; no call may be in flight."""

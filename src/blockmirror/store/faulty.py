@@ -287,6 +287,13 @@ class FaultyStore(Closing):
         self._before_read(offset, length, op=None)
         self.inner.advise_willneed(offset, length)
 
+    def read_cached(self, offset: int, buffers: Sequence[bytearray]) -> bool:
+        try:
+            self._before_read(offset, sum(len(b) for b in buffers))
+        except OSError:
+            return False  # a failing disk answers nothing from its cache either
+        return self.inner.read_cached(offset, buffers)
+
     def close(self) -> None:
         """Refuse every later call. While pages are at risk the wrapped store stays open, as
         the page cache outlives the descriptor: a power cut (which then closes it) or a store

@@ -330,6 +330,16 @@ class Volume(Closing):
         fd, pos = self._locate(offset, view.nbytes)
         _read_fully(fd, pos, view)
 
+    def read_cached(self, offset: int, buffers: Sequence[bytearray]) -> bool:
+        # RWF_NOWAIT: the kernel answers from the page cache or says EAGAIN; a short read means
+        # part of the range was not cached. Either way nothing waited for the disk.
+        length = sum(len(b) for b in buffers)
+        fd, pos = self._locate(offset, length)
+        try:
+            return os.preadv(fd, buffers, pos, os.RWF_NOWAIT) == length
+        except OSError:
+            return False  # EAGAIN, or a file system without RWF_NOWAIT (EOPNOTSUPP)
+
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data).cast("B")
         fd, pos = self._locate_for_write(offset, view.nbytes)

@@ -237,6 +237,9 @@ class Gate:
     def advise_willneed(self, offset: int, length: int) -> None:
         self.inner.advise_willneed(offset, length)
 
+    def read_cached(self, offset: int, buffers: Sequence[bytearray]) -> bool:
+        return self.inner.read_cached(offset, buffers)
+
     def close(self) -> None:
         self.inner.close()
 
