@@ -122,9 +122,9 @@ def test_compression_shrinks_what_compresses_and_never_inflates_the_rest(tmp_pat
 
 def rate_over(a: Site, b: Site, seconds: float) -> float:
     """Wire bytes a second to the peer over the next ``seconds``."""
-    start, t0 = peer_of(a, b)["wire_bytes_sent"], time.monotonic()
+    start, t0 = int(peer_of(a, b)["wire_bytes_sent"]), time.monotonic()
     time.sleep(seconds)
-    end, t1 = peer_of(a, b)["wire_bytes_sent"], time.monotonic()
+    end, t1 = int(peer_of(a, b)["wire_bytes_sent"]), time.monotonic()
     return (end - start) / (t1 - t0)
 
 
