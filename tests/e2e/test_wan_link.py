@@ -24,6 +24,7 @@ import pytest
 
 from tests.support.config_file import edit_config, volume_entry
 from tests.support.failover import cli
+from tests.support.faultproxy import ThreadedFaultProxy
 from tests.support.pair import (
     MiB,
     Site,
@@ -33,6 +34,7 @@ from tests.support.pair import (
     run_client,
     topology,
     wait_caught_up,
+    wait_caught_up_via,
     wait_status,
 )
 
@@ -268,3 +270,41 @@ def test_unchanged_rewrites_are_neither_journaled_nor_sent(tmp_path: Path) -> No
         assert sent >= 64 * MiB, sent
         qemu_img_compare(a.images["vol"], b.images["vol"])
         assert a.images["vol"].read_bytes()[: len(data)] == bytes(data)
+
+
+def test_a_300_ms_round_trip_keeps_the_link_full_and_up(tmp_path: Path) -> None:
+    """150 ms each way through a delaying proxy: heartbeats and deadlines hold (no reconnect),
+    and the window grows to the bandwidth-delay product, so the link runs at its limit."""
+    size = 64 * MiB
+    with topology(tmp_path) as topo:
+        b = topo.add_secondary("site-b", volumes={"vol": size})
+        assert b.listen_port is not None
+        proxy = ThreadedFaultProxy(("127.0.0.1", b.listen_port))
+        proxy.start()
+        try:
+            via = f"127.0.0.1:{proxy.port}"
+            a = topo.add_primary(
+                "site-a", peers=[via], size=size, replication={"bandwidth": "40Mbit"}
+            )
+            proxy.set_delay(0.15)
+            b.start()
+            a.start()
+            wait_caught_up_via(a, b, via, timeout=60)
+            before = find_peer(a, via)
+            started = time.monotonic()
+            copy_in(a, os.urandom(24 * MiB), tmp_path, "far.img")
+            wait_caught_up_via(a, b, via, timeout=120)
+            rate = 24 * MiB / (time.monotonic() - started)
+            after = find_peer(a, via)
+            print(
+                f"300 ms round trip at 40 Mbit/s: {rate * 8 / 1e6:.1f} Mbit/s, window "
+                f"{after['inflight_window_bytes']} bytes, rtt {after['rtt_seconds']} s"
+            )
+            assert after["connects"] == before["connects"] == 1, after
+            assert after["rtt_seconds"] is not None and after["rtt_seconds"] >= 0.3, after
+            # 5 MB/s x 0.3 s is 1.5 MB in flight at least: the window took the pipe's measure.
+            assert after["inflight_window_bytes"] >= 1.5e6, after
+            assert rate >= 0.8 * 5e6, rate
+            qemu_img_compare(a.images["vol"], b.images["vol"])
+        finally:
+            proxy.stop()

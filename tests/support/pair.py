@@ -35,9 +35,12 @@ class Site:
     images: dict[str, Path]
     listen_port: int | None = None
     unit: UnitProcess | None = None
+    # The network namespace the unit runs in (tests/support/netns.py); None: this one.
+    netns: str | None = None
 
     def start(self) -> UnitProcess:
-        self.unit = start_unit(self.config, self.state)
+        prefix = ["ip", "netns", "exec", self.netns] if self.netns else None
+        self.unit = start_unit(self.config, self.state, prefix=prefix)
         return self.unit
 
     def kill(self) -> None:
@@ -45,8 +48,13 @@ class Site:
             self.unit.kill()
 
     def status(self) -> dict[str, Any]:
-        assert self.unit is not None
-        return fetch_status(self.unit)
+        unit = self.unit
+        assert unit is not None
+        if self.netns is not None:
+            from tests.support.netns import in_netns
+
+            return in_netns(self.netns, lambda: fetch_status(unit))
+        return fetch_status(unit)
 
     def volume_status(self, volume: str = "vol") -> dict[str, Any]:
         for vol in self.status()["volumes"]:

@@ -123,6 +123,7 @@ def start_unit(
     timeout: float = 20.0,
     env_extra: dict[str, str] | None = None,
     extra_args: list[str] | None = None,
+    prefix: list[str] | None = None,
 ) -> UnitProcess:
     log_path = config_path.with_suffix(".log")
     log = open(log_path, "wb")  # noqa: SIM115 - handed to the child; closed when we return
@@ -131,7 +132,8 @@ def start_unit(
         runtime_file.unlink()
     env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
     proc = subprocess.Popen(
-        [*BLOCKMIRROR, "run", str(config_path), *(extra_args or [])],
+        # ``prefix``: ``ip netns exec NS``, say, which execs in place (the PID stays the unit's).
+        [*(prefix or []), *BLOCKMIRROR, "run", str(config_path), *(extra_args or [])],
         stdout=log,
         stderr=subprocess.STDOUT,
         env=env,

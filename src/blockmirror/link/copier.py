@@ -112,7 +112,7 @@ class Copier:
                     n = min(SYNC_CHUNK, end - offset)
                     await stream.check_failed()
                     await stream.wait_window()
-                    while stream.window_full or consumer.paused:
+                    while stream.window_full or consumer.paused or not stream.gate_open():
                         # A paused consumer is sent nothing, resync included.
                         await self._pause(1.0)
                         yielded = loop.time()
@@ -144,6 +144,7 @@ class Copier:
                             )
                     stream.sync_inflight.append((lsn, offset, n, consumer.generation))
                     stream.sent(-lsn, nbytes, payload)
+                    stream.gate_sent()
                     sender.stats.sync_bytes_sent += n
                     offset += n
             if (

@@ -39,6 +39,7 @@ class FlightWindow:
     __slots__ = (
         "_clock",
         "_rates",
+        "_rtts",
         "_sample_acked",
         "_sample_at",
         "ack_delay",
@@ -50,6 +51,7 @@ class FlightWindow:
         self._clock = clock
         self.rtt: float | None = None  # smoothed probe round trip, seconds
         self.rtt_min: float | None = None
+        self._rtts: deque[tuple[float, float]] = deque()  # (when, round trip) of recent probes
         self.ack_delay: float | None = None  # smoothed send-to-acknowledgement time
         self._rates: deque[tuple[float, float]] = deque()  # (when, bytes per second)
         self._sample_at: float | None = None
@@ -63,6 +65,16 @@ class FlightWindow:
             return  # a wall clock stepped between send and echo
         self.rtt = seconds if self.rtt is None else self.rtt + _SMOOTH * (seconds - self.rtt)
         self.rtt_min = seconds if self.rtt_min is None else min(self.rtt_min, seconds)
+        now = self._clock()
+        self._rtts.append((now, seconds))
+        while now - self._rtts[0][0] > RATE_MEMORY:
+            self._rtts.popleft()
+
+    @property
+    def recent_rtt(self) -> float | None:
+        """The smallest probe round trip of the last RATE_MEMORY seconds: the path's, with as
+        little of the link's own queue as a moment in that span had."""
+        return min((rtt for _, rtt in self._rtts), default=None)
 
     def on_ack_delay(self, seconds: float) -> None:
         """How long the oldest frame an acknowledgement covered was in flight."""
@@ -107,11 +119,12 @@ class FlightWindow:
             return MIN_HORIZON
         return min(MAX_HORIZON, max(MIN_HORIZON, 2 * delay))
 
-    def size(self, limit: float | None) -> int:
-        """The window in bytes for a link limited to ``limit`` bytes a second (None: none)."""
+    def size(self, limit: float | None, *, floor: int = MIN_WINDOW) -> int:
+        """The window in bytes for a link limited to ``limit`` bytes a second (None: none),
+        and at least ``floor``."""
         measured = self.delivery_rate
         # A limit above what the path carries must not size the window: the path's rate does.
         rate = measured if limit is None else min(limit, measured or limit)
         if rate is None:
-            return MIN_WINDOW  # grows once the first acknowledgements measure the link
-        return int(min(MAX_WINDOW, max(MIN_WINDOW, rate * self.horizon())))
+            return floor  # grows once the first acknowledgements measure the link
+        return int(min(MAX_WINDOW, max(floor, rate * self.horizon())))

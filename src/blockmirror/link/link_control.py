@@ -16,7 +16,7 @@ import datetime as dt
 import socket
 from typing import TYPE_CHECKING
 
-from blockmirror.link.background import DelayController, PriorityControl
+from blockmirror.link.background import PriorityControl, QuietGate
 from blockmirror.link.compression import Codec, Compressor, negotiated
 from blockmirror.link.flight import FlightWindow
 from blockmirror.link.ratelimit import TokenBucket
@@ -41,7 +41,7 @@ class LinkControl:
         self.peer_decodes: tuple[str, ...] = ()  # the codecs the connected peer listed
         self.flight = FlightWindow()
         self.priority_control = PriorityControl.NONE
-        self.delay_control: DelayController | None = None
+        self.quiet_gate: QuietGate | None = None  # a delay-based background link's
         self._settings_changed = asyncio.Event()
         self.stats = SenderStats()
         # The connected session, if any (the sender sets both).
@@ -51,18 +51,8 @@ class LinkControl:
     def set_rate(self, bits_per_second: int | None) -> None:
         """The link's bandwidth limit from now on (None: none); at start and by a reload."""
         self.rate_limit = bits_per_second
-        limit = bits_per_second / 8 if bits_per_second else None
-        if self.delay_control is not None:
-            self.delay_control.set_ceiling(limit)
-            self.pace_background(self.delay_control.rate)
-        else:
-            self.bucket.set_rate(limit)
+        self.bucket.set_rate(bits_per_second / 8 if bits_per_second else None)
         self._settings_changed.set()
-
-    def pace_background(self, bytes_per_second: float) -> None:
-        """A background link's pace, from its delay controller (never above the limit)."""
-        limit = self.rate_limit / 8 if self.rate_limit else None
-        self.bucket.set_rate(bytes_per_second if limit is None else min(limit, bytes_per_second))
 
     def set_compression(self, codec: Codec, level: int) -> None:
         """Compress from the next frame on (none: send plain)."""
@@ -80,7 +70,7 @@ class LinkControl:
         self._choose_priority(link.extra("socket") if link is not None else None)
 
     def _choose_priority(self, sock: socket.socket | None) -> None:
-        """TCP-LP on the socket where the kernel has it, else the delay-based controller."""
+        """TCP-LP on the socket where the kernel has it, else the delay-based gate."""
         background = self.settings.priority is Priority.BACKGROUND
         control = PriorityControl.NONE
         if background:
@@ -91,13 +81,10 @@ class LinkControl:
             _set_congestion(sock, _default_congestion())
         self.priority_control = control
         if control is PriorityControl.DELAY_BASED:
-            if self.delay_control is None:
-                limit = self.rate_limit / 8 if self.rate_limit else None
-                self.delay_control = DelayController(limit)
-                self.pace_background(self.delay_control.rate)
-        elif self.delay_control is not None:
-            self.delay_control = None
-            self.set_rate(self.rate_limit)
+            if self.quiet_gate is None:
+                self.quiet_gate = QuietGate()
+        else:
+            self.quiet_gate = None
 
     def apply_settings(self, settings: LinkSettings) -> None:
         """Run with ``settings`` from now on (at start and after a reload)."""

@@ -42,6 +42,7 @@ from blockmirror.link.protocol import (
     encode_raw_records,
 )
 from blockmirror.link.session import LinkSession, ProgressWatch
+from blockmirror.link.tcp_info import tcp_rtt
 from blockmirror.state import ConsumerMode, LinkPhase
 
 if TYPE_CHECKING:
@@ -98,6 +99,10 @@ class OutboundStream:
         self.failed: BaseException | None = None
         self.copier = Copier(self)
         self._watch = ProgressWatch(link.timeouts.progress)
+        # The kernel's smoothed round trip of the connection (tcp_info), read at each probe.
+        self.tcp_rtt: float | None = None
+        # The send time of the idle probe whose echo a background link waits for.
+        self._idle_probe: int | None = None
         # DIGEST_REQUESTs waiting for their answer, by request id (online verify).
         self.digest_waiters: dict[int, asyncio.Future[Digests]] = {}
 
@@ -110,6 +115,39 @@ class OutboundStream:
         """The bytes this stream may keep unacknowledged now (flight.FlightWindow)."""
         sender = self.sender
         return sender.flight.size(sender.bucket.rate if sender.rate_limit else None)
+
+    # --- a delay-based background link (background.QuietGate) ------------------------------------
+
+    def gate_open(self) -> bool:
+        """Whether a frame may go now as far as background priority goes: always at normal
+        priority; for a delay-based background link only with nothing in flight and a quiet
+        probe since the last frame (one is sent when needed)."""
+        gate = self.sender.quiet_gate
+        if gate is None:
+            return True
+        if self.in_flight:
+            return False
+        if gate.may_send():
+            return True
+        if self._idle_probe is None:
+            self.send_probe()
+        return False
+
+    def gate_sent(self) -> None:
+        gate = self.sender.quiet_gate
+        if gate is not None:
+            gate.sent()
+            self._idle_probe = None  # an echo of a probe sent before this frame says nothing
+
+    def send_probe(self) -> None:
+        """A HEARTBEAT for the secondary to echo; an idle one (nothing of ours in flight or in
+        the transport's buffer) measures the path's queue for a background link."""
+        if self.link.is_closing:
+            return
+        sent_ns = time.time_ns()
+        if not self.in_flight and not self.link.write_buffer_size():
+            self._idle_probe = sent_ns
+        self.link.send(Heartbeat(sent_ns, 0))
 
     @property
     def window_full(self) -> bool:
@@ -228,13 +266,20 @@ class OutboundStream:
         sent_any = False
         if sender.consumer.paused or sender.window_opens() is not None:
             return False
+        gate = sender.quiet_gate
         limit = self.wp.applied_seq
         bucket = sender.bucket
         # Under a bandwidth limit, frames of about one burst: the limit then holds over any
         # second, not just on average over a few large frames.
         frame = FRAME_BYTES if bucket.rate is None else min(FRAME_BYTES, int(bucket.burst))
+        if gate is not None:
+            # One frame of about a second of the line at a time, each after a quiet probe.
+            frame = min(frame, gate.frame_bytes(sender.flight.delivery_rate))
         while (
-            self.next_seq <= limit and (room := self.window - self.in_flight) > 0 and bucket.ready
+            self.next_seq <= limit
+            and (room := self.window - self.in_flight) > 0
+            and bucket.ready
+            and self.gate_open()
         ):
             consumer = sender.consumer
             if consumer.mode != ConsumerMode.JOURNAL:
@@ -256,10 +301,15 @@ class OutboundStream:
                 return sent_any
             if not run:
                 return sent_any
+            if self.in_flight and self.in_flight + FRAME_HEADER_SIZE + len(raw) > self.window:
+                # The first record alone would overrun the window: it waits for an ACK (a
+                # record larger than the whole window still goes, alone).
+                return sent_any
             last = run[-1]
             plain = encode_raw_records(raw)
             buffers = await self.pack(_RECORDS, raw, plain)
             self.sent(last.seq, self.link.send_buffers(buffers), FRAME_HEADER_SIZE + len(raw))
+            self.gate_sent()
             sender.stats.records_sent += len(run)
             self.next_seq = last.seq + 1
             sent_any = True
@@ -338,6 +388,8 @@ class OutboundStream:
             flight.on_acked(self.acked_bytes, self.in_flight)
         elif not self.in_flight:
             flight.idle()
+        if not self.in_flight and sender.quiet_gate is not None and sender.quiet_gate.waiting:
+            self.send_probe()  # the frame that waits needs a quiet reading: ask at once
         sender.stats.consistent = (
             self.peer_consistent
             and consumer.mode == ConsumerMode.JOURNAL
@@ -370,24 +422,20 @@ class OutboundStream:
 
     async def probes(self) -> None:
         """A HEARTBEAT every probe interval, busy or not: the secondary echoes it, and the echo
-        measures the round trip (and the one-way delay a background link paces by)."""
+        measures the round trip. The kernel's own round trip is read each time too."""
         while True:
-            interval = (
-                BACKGROUND_PROBE_INTERVAL
-                if self.sender.delay_control is not None
-                else PROBE_INTERVAL
-            )
-            await asyncio.sleep(interval)
-            if not self.link.is_closing:
-                self.link.send(Heartbeat(time.time_ns(), 0))
+            background = self.sender.quiet_gate is not None
+            await asyncio.sleep(BACKGROUND_PROBE_INTERVAL if background else PROBE_INTERVAL)
+            self.send_probe()
+            self.tcp_rtt = tcp_rtt(self.link.extra("socket"))
 
     def _on_echo(self, echo: Heartbeat) -> None:
         sender = self.sender
-        now_ns = time.time_ns()
-        sender.flight.on_rtt((now_ns - echo.echo_ns) / 1e9)
-        if sender.delay_control is not None:
-            # The secondary's clock at the echo minus ours at the send: one-way delay plus the
-            # clocks' offset, which the controller's base cancels.
-            sender.pace_background(
-                sender.delay_control.on_delay((echo.sent_ns - echo.echo_ns) / 1e9)
-            )
+        rtt = (time.time_ns() - echo.echo_ns) / 1e9
+        sender.flight.on_rtt(rtt)
+        gate = sender.quiet_gate
+        if gate is not None and echo.echo_ns == self._idle_probe:
+            self._idle_probe = None
+            if not self.in_flight:
+                gate.on_idle_probe(rtt)
+                self.progress.set()  # a frame may be waiting for this reading

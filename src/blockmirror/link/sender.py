@@ -210,11 +210,19 @@ class PeerSender(LinkControl):
             "priority": str(self.settings.priority),
             "priority_control": str(self.priority_control),
             "pace_bytes_per_second": round(self.bucket.rate) if self.bucket.rate else None,
+            "queue_delay_seconds": (
+                round(self.quiet_gate.qdelay, 4)
+                if self.quiet_gate is not None and self.quiet_gate.qdelay is not None
+                else None
+            ),
             "window": window,
             "window_until": window_until,
             "connect": str(self.settings.connect),
             "eta_seconds": self._eta(backlog + consumer.dirty.dirty_bytes()),
-            "rtt_seconds": None if self.flight.rtt is None else round(self.flight.rtt, 4),
+            # End to end (the probes' echoes, the smallest of the last 10 s) and as the kernel
+            # measures it to the next TCP hop (a proxy on the way ends that one).
+            "rtt_seconds": _rounded(self.flight.recent_rtt),
+            "tcp_rtt_seconds": _rounded(self.stream.tcp_rtt if self.stream is not None else None),
             "inflight_bytes": self.stream.in_flight if self.stream is not None else 0,
             "inflight_window_bytes": self.stream.window if self.stream is not None else None,
             "reason": self.stats.reason if phase in _REASONED else None,
@@ -462,3 +470,7 @@ class PeerSender(LinkControl):
     def next_lsn(self) -> int:
         self._lsn += 1
         return self._lsn
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 4)

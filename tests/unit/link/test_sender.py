@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from blockmirror.journal.lineage import fixed_lineage
+from blockmirror.link.compression import Codec
 from blockmirror.link.protocol import (
     PROTOCOL_VERSION,
     Ack,
@@ -24,6 +25,7 @@ from blockmirror.link.protocol import (
     Heartbeat,
     Hello,
     Refuse,
+    SyncData,
     Welcome,
 )
 from blockmirror.link.sender import PeerSender
@@ -315,5 +317,38 @@ def test_a_frame_out_of_order_from_the_secondary_drops_the_link(tmp_path: Path) 
             await until(lambda: sender.stats.last_error is not None, "the drop")
             assert sender.stats.last_error == "unexpected Welcome from secondary"
             assert sender.status()["state"] == "connecting"
+
+    run(body)
+
+
+def test_a_secondary_that_does_not_decode_zstd_gets_plain_frames(tmp_path: Path) -> None:
+    """An older secondary lists no codec in its WELCOME: a source set to compress sends it
+    plain frames (its codec, which accepts no flag, would refuse anything else)."""
+    seen: list[str] = []
+    hellos: list[Hello] = []
+
+    async def play(peer: ScriptedPeer) -> None:
+        hello = await peer.receive()
+        assert isinstance(hello, Hello)
+        hellos.append(hello)
+        peer.send(welcome("site-b", hello.volume_id))  # no "compression" key
+        while True:
+            message = await peer.receive()
+            seen.append(type(message).__name__)
+            if isinstance(message, Heartbeat):
+                peer.send(Heartbeat(time.time_ns(), message.sent_ns))
+            if isinstance(message, SyncData):
+                assert bytes(message.data[:8]) == b"abcdabcd"
+
+    async def body() -> None:
+        async with scripted(tmp_path, play) as sender:
+            sender.set_compression(Codec.ZSTD, 3)
+            await write(sender.wp, 0, b"abcd" * 16384)
+            sender.start()
+            await until(lambda: "SyncData" in seen, "the copy of the written data")
+            assert sender.stream is not None and sender.stream.compress is False
+            assert sender.status()["compressing"] is False
+            assert sender.stats.wire_bytes_sent == sender.stats.bytes_sent
+        assert hellos[0].compression == ("zstd",)  # the source says what it decodes
 
     run(body)
