@@ -333,11 +333,20 @@ function updatePeer(row, peer, consumer) {
   c.rate.textContent = `${size(peer.throughput_bytes_per_second)}/s`;
   c.sent.textContent = size(peer.bytes_sent);
   c.consistent.textContent = peer.consistent ? "yes" : "no";
-  // Link settings: the bandwidth limit (changed by "Limit…"), and what later ones status has.
+  // Link settings: compression while the peer takes it, the bandwidth limit (changed by
+  // "Limit…"), background priority and a closed transmit window.
   const link = [];
-  if (peer.compression) link.push(`compression ${peer.compression}`);
+  if (peer.compressing) {
+    const ratio = typeof peer.compression_ratio === "number"
+      ? ` ratio ${peer.compression_ratio.toFixed(2)}` : "";
+    link.push(`${peer.compression}${ratio}`);
+  }
   row.rateLimit = peer.rate_limit;
   if (typeof peer.rate_limit === "number") link.push(`limit ${bits(peer.rate_limit)}`);
+  if (peer.priority === "background") link.push(`background (${peer.priority_control})`);
+  if (peer.window === "closed") {
+    link.push(peer.window_until ? `window closed until ${peer.window_until}` : "window closed");
+  }
   c.link.textContent = link.join(" · ") || NONE;
   c.error.textContent = peer.last_error || peer.reason || "";
   const paused = consumer ? Boolean(consumer.paused) : peer.state === "paused";

@@ -58,6 +58,15 @@ _PEER_VALUES = (
         "g",
     ),
     ("peer_sent_bytes_total", "Bytes sent to the peer.", "bytes_sent", "c"),
+    (
+        "peer_wire_sent_bytes_total",
+        "Bytes put on the link to the peer (after compression).",
+        "wire_bytes_sent",
+        "c",
+    ),
+    ("peer_rtt_seconds", "Round trip to the peer (probes, end to end).", "rtt_seconds", "g"),
+    ("peer_eta_seconds", "Seconds to lag 0 at the current rate.", "eta_seconds", "g"),
+    ("peer_rate_limit_bits_per_second", "The link's bandwidth limit.", "rate_limit", "g"),
     ("peer_sync_sent_bytes_total", "Resync bytes sent to the peer.", "sync_bytes_sent", "c"),
     (
         "peer_sync_skipped_bytes_total",

@@ -190,7 +190,8 @@ class OutboundStream:
         sender = self.sender
         while (opens := sender.window_opens()) is not None:
             if sender.dial_up:
-                raise WindowClosed(f"outside its transmit windows until {opens.isoformat()}")
+                until = opens.astimezone().isoformat()
+                raise WindowClosed(f"outside its transmit windows until {until}")
             await self.wait(min(1.0, max(0.05, (opens - sender.now()).total_seconds())))
             await self.check_failed_now()
 
