@@ -29,6 +29,7 @@ __all__ = ["UnchangedFilter"]
 
 # Larger writes are not compared: the read and the compare would hold the event loop.
 MAX_COMPARE: Final = 4 * 1024 * 1024
+PROBE: Final = 4096
 
 
 class UnchangedFilter:
@@ -61,8 +62,14 @@ class UnchangedFilter:
         ):
             return False
         parts = [memoryview(b).cast("B") for b in data]
-        held = [bytearray(p.nbytes) for p in parts]
         try:
+            # New data usually differs in its first page: one small read says so, and the
+            # rest is neither read nor compared.
+            first = parts[0][:PROBE]
+            head = bytearray(first.nbytes)
+            if not self._volume.read_cached(offset, [head]) or head != first:
+                return False
+            held = [bytearray(p.nbytes) for p in parts]
             if not self._volume.read_cached(offset, held):
                 return False
         except (OSError, BlockmirrorError):
