@@ -26,6 +26,7 @@ from blockmirror.admin.client import (
     token_for,
 )
 from blockmirror.admin.table import format_status_table, status_problems
+from blockmirror.cli_archive import add_archive_commands
 from blockmirror.cli_config import add_config_commands, read_for_run
 from blockmirror.cli_controls import ControlCommands, add_link_commands
 from blockmirror.cli_history import add_history_commands
@@ -468,6 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
         run_control=_run_control,
         fetch_status=_fetch_status_or_say,
     )
+    add_archive_commands(sub, admin_arguments=_admin_arguments, fetch_status=_fetch_status_or_say)
 
     check = sub.add_parser("check-config", help="validate a configuration file")
     check.add_argument("config")

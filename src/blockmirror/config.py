@@ -23,6 +23,7 @@ from blockmirror import config_paths, statedir
 from blockmirror.addresses import Address, clashes, parse_address, valid_host
 from blockmirror.admin.access import check_token_file
 from blockmirror.config_alerts import AlertsConfig, parse_alerts
+from blockmirror.config_archive import ArchiveConfig, check_archive_names, parse_archives
 from blockmirror.config_iscsi import IscsiConfig, parse_iscsi
 from blockmirror.config_link import LINK_KEYS, parse_link
 from blockmirror.config_table import Problem, Table, type_name
@@ -134,6 +135,8 @@ class VolumeConfig:
     replay_delay: float = 0.0
     # Served as the iSCSI target BASE_IQN:NAME, LUN 0 (read-only while not primary).
     iscsi: bool = False
+    # On a secondary: the [[archive]] a new replica is first restored from (docs/archive.md).
+    seed_from: str | None = None
 
     def link_of(self, peer: str, defaults: LinkSettings) -> LinkSettings:
         """The settings of the link to ``peer``: ``defaults`` with the peer's own on top."""
@@ -160,6 +163,8 @@ class Config:
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     # The iSCSI portal (docs/iscsi.md); None without an [iscsi] table.
     iscsi: IscsiConfig | None = None
+    # The [[archive]] tables (docs/archive.md).
+    archives: tuple[ArchiveConfig, ...] = ()
 
     def volume(self, name: str) -> VolumeConfig:
         """The volume called ``name``; raises KeyError if there is none."""
@@ -174,7 +179,7 @@ def format_problems(problems: Iterable[Problem]) -> str:
     return "\n".join(f"{key}: {message}" for key, message in problems)
 
 
-_TOP_KEYS = ("unit", "replication", "volume", "alerts", "iscsi")
+_TOP_KEYS = ("unit", "replication", "volume", "alerts", "iscsi", "archive")
 _UNIT_KEYS = (
     "name", "state_dir", "admin", "admin_token_file", "admin_public_status", "admin_hosts",
     "admin_tls_cert", "admin_tls_key", "admin_tls_ca", "nbd_reply_budget", "nbd_max_connections",
@@ -185,7 +190,7 @@ _VOLUME_KEYS = (
     "name", "role", "path", "offset", "size", "export", "read_only", "journal", "journal_size",
     "journal_high_water", "overflow", "ack", "ack_timeout", "peers", "description",
     "psk_file", "tls_peers", "history", "history_size", "replay_delay", "iscsi",
-    "skip_unchanged",
+    "skip_unchanged", "seed_from",
 )  # fmt: skip
 _ROLES: dict[str, Role] = {"primary": "primary", "secondary": "secondary"}
 _OVERFLOWS: dict[str, Overflow] = {"track": "track", "block": "block"}
@@ -252,6 +257,9 @@ def _parse_volume(
     replay_delay = t.duration("replay_delay")
     iscsi = t.flag("iscsi")
     skip_unchanged = t.flag("skip_unchanged")
+    seed_from = t.text("seed_from")
+    if seed_from is not None and role == "primary":
+        t.fail("seed_from", "only a secondary's replica is seeded from an archive")
 
     if offset is not None and offset % SECTOR:
         t.fail("offset", f"{offset} is not a multiple of {SECTOR} bytes")
@@ -306,6 +314,7 @@ def _parse_volume(
         history_size=history_size,
         replay_delay=replay_delay or 0.0,
         iscsi=bool(iscsi),
+        seed_from=seed_from,
     )
     return _Volume(label, config, t.bad)
 
@@ -429,6 +438,13 @@ def parse_config(
     volumes = _parse_volume_list(data.get("volume"), problems, base_dir)
     alerts = parse_alerts(data.get("alerts"), problems, base_dir, check_paths=check_paths)
     iscsi = parse_iscsi(data.get("iscsi"), problems, base_dir, check_paths=check_paths)
+    archives = parse_archives(data.get("archive"), problems, base_dir)
+    check_archive_names(
+        archives,
+        [v.config.name for v in volumes],
+        [(v.label, v.config.name, v.config.seed_from) for v in volumes if v.config.seed_from],
+        problems,
+    )
     _check_volume_set(volumes, replication, rt, problems)
     for v in volumes:
         for peer in v.config.peers:
@@ -494,6 +510,7 @@ def parse_config(
         replication=replication,
         alerts=alerts,
         iscsi=iscsi,
+        archives=tuple(archives),
         volumes=tuple(v.config for v in volumes),
         source=source,
         warnings=tuple(warnings),

@@ -92,9 +92,12 @@ TABLE: dict[str, dict[str, tuple[Live, str]]] = {
         "history_size": (Live.LIVE, ""),
         "replay_delay": (Live.LIVE, ""),
         "iscsi": (Live.RESTART, "the iSCSI targets are set up at start"),
+        # Seeding happens once, when the replica is new; later values change nothing.
+        "seed_from": (Live.LIVE, ""),
     },
     "alerts": {"*": (Live.LIVE, "")},
     "iscsi": {"*": (Live.RESTART, "the iSCSI portal is set up at start")},
+    "archives": {"*": (Live.RESTART, "the archive consumers are set up at start")},
 }
 
 # Config fields that are not keys of the file.

@@ -2,6 +2,10 @@
 
 ``Unit.start`` opens every volume and listener or fails before serving anything; ``Unit.stop``
 stops accepting, lets requests in flight finish, makes every volume durable and closes it.
+
+Why one module: this is the composition root, the one place that knows the order in which a
+unit's parts start and stop (volumes, replication, archives, iSCSI, the admin API); each part's
+own wiring lives in its module (volume_open, archive_attach, iscsi_attach, history_attach).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from blockmirror.admin.history_routes import handle_path as handle_history_path
 from blockmirror.admin.lag_history import LagHistory
 from blockmirror.admin.link_controls import handle_link_path
 from blockmirror.admin.setup import admin_access, unit_token_path
+from blockmirror.archive_attach import UnitArchives, archive_consumers
 from blockmirror.config import Address, Config, ReplicationConfig, VolumeConfig
 from blockmirror.config_sharing import UnitConfigShare
 from blockmirror.config_store import ConfigRecord, record_applied
@@ -117,6 +122,7 @@ class Unit:
             reply_budget=config.unit.nbd_reply_budget,
             max_connections=config.unit.nbd_max_connections,
         )
+        self.archives = UnitArchives(config)
 
     # --- life cycle -----------------------------------------------------------------------------
 
@@ -138,6 +144,7 @@ class Unit:
             for rt in self.volumes:
                 await self.serve_volume(rt)
             await self._start_replication()
+            await self.archives.start(self.volumes)
             self.iscsi = await start_iscsi(self.config, self.volumes, self._identity_of)
             if self.config.unit.admin is not None:
                 access, admin_tls = await asyncio.to_thread(admin_access, self.config.unit)
@@ -219,7 +226,12 @@ class Unit:
         return server
 
     async def open_volume(self, vc: VolumeConfig) -> VolumeRuntime:
-        return await open_volume(self.config.unit, vc, self.nbd_limits)
+        return await open_volume(
+            self.config.unit,
+            vc,
+            self.nbd_limits,
+            archive_consumers=archive_consumers(self.config, vc),
+        )
 
     async def _control(self, method: str, path: str, query: str) -> tuple[int, dict[str, Any]]:
         """Every control of the admin API: history routes, then the others."""
@@ -381,6 +393,7 @@ class Unit:
         for rt in self.volumes:
             for sender in rt.senders:
                 await sender.stop()
+        await self.archives.stop(self.volumes)
         if self.replication is not None:
             await self.replication.close()
             self.replication = None
@@ -492,6 +505,7 @@ class Unit:
             # The open episodes (docs/operations.md, "Monitoring and alerts").
             "events": [event.to_json() for event in self.events.active()],
             "alert_targets": self.alerts.status(),
+            "archives": self.archives.status(),
         }
 
 

@@ -16,6 +16,8 @@ BlockmirrorError
 ├── StateTransitionError                      a change of state the table does not allow
 ├── AdminError                                the admin API and its token (admin/)
 ├── OfflineError                              an offline command cannot run (offline/)
+├── ArchiveError                              the archive on object storage (archive/)
+│   └── ArchiveFormatError, NotRestorable     bytes or keys refused; a point it cannot restore
 └── NotifyError                               an alert target refused or failed (notify/)
 ```
 
@@ -102,6 +104,10 @@ class AdminError(BlockmirrorError):
 
 class OfflineError(BlockmirrorError):
     """An offline command (repair, resize, adopt) cannot run; nothing was changed."""
+
+
+class ArchiveError(BlockmirrorError):
+    """The archive on object storage: its formats, the store, restores."""
 
 
 class NotifyError(BlockmirrorError):

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from blockmirror.archive.uploader import ArchiveUploader
 from blockmirror.blockdev.journaled import JournalWritePath
 from blockmirror.blockdev.service import BlockDevice
 from blockmirror.config import VolumeConfig
@@ -40,6 +41,8 @@ class VolumeRuntime:
     problem: str | None = None
     replica: ReplicaRuntime | None = None
     senders: list[PeerSender] = field(default_factory=list)
+    # One archive consumer per [[archive]] that uploads this volume (docs/archive.md).
+    archives: list[ArchiveUploader] = field(default_factory=list)
     # The live role and the generations (STATE_DIR/VOLUME.role) as read at start; None if it
     # could not be read. Once the volume runs, its roles own them.
     history: VolumeHistory | None = None
@@ -142,6 +145,7 @@ def volume_status(rt: VolumeRuntime) -> dict[str, Any]:
         "consistent_point": _consistent_point(rt, history_log),
         "drills": rt.drills.status() if rt.drills is not None else [],
         "peers": [sender.status() for sender in rt.senders],
+        "archives": [archive.status() for archive in rt.archives],
         # A primary has no source: what its receiving side would show says nothing.
         "replica": (
             rt.replica.status() if rt.replica is not None and rt.role is not Role.PRIMARY else None

@@ -20,6 +20,7 @@ from blockmirror.errors import BlockmirrorError
 
 __all__ = [
     "TRANSITIONS",
+    "ArchiveState",
     "Consistency",
     "ConsumerMode",
     "HandshakeStep",
@@ -78,6 +79,18 @@ class LinkPhase(enum.StrEnum):
     STOPPED = "stopped"
 
 
+class ArchiveState(enum.StrEnum):
+    """Where the archive consumer of one volume stands (docs/archive.md)."""
+
+    STARTING = "starting"  # claiming the chain, listing what the archive holds
+    ARCHIVING = "archiving"  # uploading segments (and bases) as they come due
+    # Uploads fail (the store is unreachable, refuses writes, or is full): the journal holds
+    # the records, and the reason says which.
+    STALLED = "stalled"
+    REFUSED = "refused"  # another writer holds this chain; nothing is uploaded
+    STOPPED = "stopped"
+
+
 class HandshakeStep(enum.StrEnum):
     """The order of a link's opening frames (docs/link-protocol.md, "Handshake"): both ends
     walk the same steps, the source sending and the secondary answering."""
@@ -97,7 +110,9 @@ class Consistency(enum.StrEnum):
     INCONSISTENT = "inconsistent"
 
 
-_S = TypeVar("_S", Role, VolumeState, ConsumerMode, LinkPhase, HandshakeStep, Consistency)
+_S = TypeVar(
+    "_S", Role, VolumeState, ConsumerMode, LinkPhase, ArchiveState, HandshakeStep, Consistency
+)
 
 
 def _table(moves: Mapping[_S, tuple[_S, ...]]) -> dict[_S, frozenset[_S]]:
@@ -166,6 +181,30 @@ TRANSITIONS: Final[Mapping[type[enum.Enum], Mapping[Any, frozenset[Any]]]] = {
             LinkPhase.SYNCING: (LinkPhase.REPLICATING, LinkPhase.CONNECTING, LinkPhase.STOPPED),
             LinkPhase.REPLICATING: (LinkPhase.SYNCING, LinkPhase.CONNECTING, LinkPhase.STOPPED),
             LinkPhase.STOPPED: (),
+        }
+    ),
+    ArchiveState: _table(
+        {
+            ArchiveState.STARTING: (
+                ArchiveState.ARCHIVING,
+                ArchiveState.STALLED,
+                ArchiveState.REFUSED,
+                ArchiveState.STOPPED,
+            ),
+            ArchiveState.ARCHIVING: (
+                ArchiveState.STALLED,
+                ArchiveState.STARTING,  # a new generation, or the session starts over
+                ArchiveState.REFUSED,
+                ArchiveState.STOPPED,
+            ),
+            ArchiveState.STALLED: (
+                ArchiveState.ARCHIVING,
+                ArchiveState.STARTING,
+                ArchiveState.REFUSED,
+                ArchiveState.STOPPED,
+            ),
+            ArchiveState.REFUSED: (ArchiveState.STARTING, ArchiveState.STOPPED),
+            ArchiveState.STOPPED: (),
         }
     ),
     HandshakeStep: _table(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections.abc import Sequence
 
 from blockmirror import statedir
 from blockmirror.blockdev.ackmode import RemoteAck
@@ -40,10 +41,17 @@ __all__ = ["open_volume", "release_volume"]
 log = logging.getLogger("blockmirror.daemon")
 
 
-async def open_volume(unit: UnitConfig, vc: VolumeConfig, limits: NbdLimits) -> VolumeRuntime:
+async def open_volume(
+    unit: UnitConfig,
+    vc: VolumeConfig,
+    limits: NbdLimits,
+    *,
+    archive_consumers: Sequence[str] = (),
+) -> VolumeRuntime:
     """The volume's runtime: its file, journal, history and roles. A volume that cannot be
     used comes back FAILED with its problem (the others are served); raises OSError only
-    when the volume's own file cannot be opened."""
+    when the volume's own file cannot be opened. ``archive_consumers``: the journal consumers
+    of the archives that upload this volume, besides one per peer."""
     loop = asyncio.get_running_loop()
     volume = Volume.open(vc.path, size=vc.size, offset=vc.offset, read_only=vc.read_only)
     write_path: WritePath = DirectWritePath(volume, loop)
@@ -63,7 +71,7 @@ async def open_volume(unit: UnitConfig, vc: VolumeConfig, limits: NbdLimits) -> 
                 statedir.journal_path(unit.state_dir, vc.name),
                 volume=volume,
                 journal_size=vc.journal_size,
-                consumers=[str(peer) for peer in vc.peers],
+                consumers=[*(str(peer) for peer in vc.peers), *archive_consumers],
                 dirty_dir=unit.state_dir,
                 volume_name=vc.name,
                 origin=origin_id(unit.name),

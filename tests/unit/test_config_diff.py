@@ -44,7 +44,7 @@ def test_every_key_is_in_the_table(table: str, cls: type) -> None:
 
 def test_config_tables_are_all_covered() -> None:
     tables = {f.name for f in dataclasses.fields(Config)} - {"source", "warnings"}
-    assert tables == {"unit", "replication", "volumes", "alerts", "iscsi"}
+    assert tables == {"unit", "replication", "volumes", "alerts", "iscsi", "archives"}
 
 
 def test_nothing_differs() -> None:

@@ -1,0 +1,498 @@
+"""The archive consumer of one volume: a journal consumer, like a peer, whose "peer" is an
+object store (docs/archive.md).
+
+It claims the volume's generation in the archive (one writer per chain: a conditional put), then
+cuts the journal's records into segments (every ``segment_interval``, or sooner at
+``segment_size``), compresses and uploads each, and acknowledges its records to the journal only
+once the store has the segment: the journal holds them until then. A new chain, a consumer that
+fell back to tracking (the journal gave up records while the store was away) and every
+``base_interval`` start a base (:mod:`.bases`) beside the stream.
+
+Nothing here blocks the event loop: compression runs in a worker thread and the store's calls
+are the store's own (boto3 in its thread pool). Failures of the store are retried with capped
+backoff; the state and its reason say what is happening (``state.ArchiveState``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Final
+
+from blockmirror.archive import objects as fmt
+from blockmirror.archive.chain import Chain
+from blockmirror.archive.retention import expired
+from blockmirror.archive.s3 import (
+    ArchiveStoreError,
+    ObjectExists,
+    ObjectStore,
+    StoreDenied,
+    StoreFull,
+)
+from blockmirror.blockdev.journaled import JournalWritePath
+from blockmirror.config_archive import ArchiveConfig
+from blockmirror.journal.consumers import Consumer
+from blockmirror.journal.format import Kind
+from blockmirror.journal.journal import RecordsGone
+from blockmirror.journal.record import Record
+from blockmirror.link.ratelimit import TokenBucket
+from blockmirror.state import ArchiveState, ConsumerMode, transition
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CONSUMER_PREFIX", "ArchiveUploader", "consumer_name"]
+
+CONSUMER_PREFIX: Final = "archive:"
+# One read of the ring at a time: a segment is built of runs of at most this many bytes.
+RUN_BYTES: Final = 4 * 1024 * 1024
+BACKOFF_MIN: Final = 0.5
+BACKOFF_MAX: Final = 30.0
+# How often a refused claim is looked at again (the other writer may have gone).
+REFUSED_RECHECK: Final = 60.0
+
+
+def consumer_name(archive: str) -> str:
+    """The journal consumer an archive uses (never a peer address: those hold a colon too,
+    but never this prefix)."""
+    return CONSUMER_PREFIX + archive
+
+
+@dataclass
+class ArchiveStats:
+    """What status shows of one archive of one volume."""
+
+    state: ArchiveState = ArchiveState.STARTING
+    reason: str = ""
+    last_seq: int = 0  # the newest record the archive holds durably
+    last_time: float = 0.0  # when it got it (freshness)
+    last_record_ns: int = 0  # that record's origin timestamp
+    segments: int = 0
+    bases: int = 0
+    bytes_uploaded: int = 0
+    raw_bytes: int = 0  # journal bytes those segments held
+    objects: int = 0
+    errors: int = 0
+    last_error: str = ""
+    base_running: bool = False
+    base_progress: float = 0.0
+    gaps: list[tuple[int, int]] = field(default_factory=list)
+    tracking_since: float = 0.0
+    deleted: int = 0  # objects retention removed
+
+
+class ArchiveUploader:
+    """Archives one volume into one ``[[archive]]``."""
+
+    def __init__(
+        self,
+        *,
+        config: ArchiveConfig,
+        unit_name: str,
+        volume_name: str,
+        write_path: JournalWritePath,
+        store: ObjectStore,
+        root: str,
+        generation: Callable[[], str | None],
+        writer: str,
+        can_base: Callable[[], str | None] = lambda: None,
+    ) -> None:
+        self.config = config
+        self.unit_name = unit_name
+        self.volume_name = volume_name
+        self.wp = write_path
+        self.store = store
+        self.root = root  # the volume's keys start with this (the prefix and the volume name)
+        self._generation = generation
+        self.writer = writer
+        self.can_base = can_base
+        self.consumer_name = consumer_name(config.name)
+        self.stats = ArchiveStats()
+        self.bucket = TokenBucket(config.bandwidth / 8 if config.bandwidth else None)
+        self.generation = ""
+        # What the archive holds of this generation: the listing at start, and every object
+        # put since.
+        self.keys: list[fmt.ArchiveKey] = []
+        self._listed = False
+        self._task: asyncio.Task[None] | None = None
+        self._base_task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._last_cut = time.monotonic()
+        self._next_base = 0.0
+        # The base builder reads this: the newest record the segments hold durably.
+        self.segment_event = asyncio.Event()
+        # For retention: the data objects each manifest (by relative key) takes chunks from.
+        self.manifest_objects: dict[str, frozenset[str]] = {}
+        self._next_expiry = 0.0
+
+    # --- the consumer -------------------------------------------------------------------------
+
+    @property
+    def chain(self) -> Chain:
+        return Chain(self.keys)
+
+    @property
+    def consumer(self) -> Consumer:
+        return self.wp.journal.consumers[self.consumer_name]
+
+    def enter(self, state: ArchiveState, reason: str = "") -> None:
+        what = f"archive {self.config.name} of {self.volume_name}"
+        self.stats.state = transition(self.stats.state, state, what=what)
+        self.stats.reason = reason
+
+    def key(self, rel: str) -> str:
+        return self.root + rel
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        for task in (self._base_task, self._task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        if self.stats.state is not ArchiveState.STOPPED:
+            self.enter(ArchiveState.STOPPED)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # --- the main loop ------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        backoff = BACKOFF_MIN
+        while True:
+            try:
+                await self._session()
+                backoff = BACKOFF_MIN
+            except asyncio.CancelledError:
+                raise
+            except _Refused as exc:
+                self._enter_quietly(ArchiveState.REFUSED, str(exc))
+                log.error("archive %s of %s: %s", self.config.name, self.volume_name, exc)
+                await asyncio.sleep(REFUSED_RECHECK)
+            except (ArchiveStoreError, OSError) as exc:
+                self._failed(exc)
+                await asyncio.sleep(backoff)
+                backoff = min(BACKOFF_MAX, backoff * 2)
+            except Exception:  # a bug must not end archiving for good: log, retry
+                log.exception("archive %s of %s failed", self.config.name, self.volume_name)
+                self.stats.errors += 1
+                await asyncio.sleep(BACKOFF_MAX)
+
+    def _enter_quietly(self, state: ArchiveState, reason: str) -> None:
+        if self.stats.state is not state:
+            self.enter(state, reason)
+        self.stats.reason = reason
+
+    def _failed(self, exc: BaseException) -> None:
+        self.stats.errors += 1
+        self.stats.last_error = str(exc)
+        kind = (
+            "the store refuses writes"
+            if isinstance(exc, StoreDenied)
+            else "the store is full"
+            if isinstance(exc, StoreFull)
+            else "the store cannot be reached"
+        )
+        self._enter_quietly(ArchiveState.STALLED, f"{kind}: {exc}")
+        log.warning("archive %s of %s: %s", self.config.name, self.volume_name, exc)
+
+    async def _session(self) -> None:
+        """Claim the generation, learn what the archive holds, then stream."""
+        self._enter_quietly(ArchiveState.STARTING, "claiming the chain")
+        generation = self._generation()
+        if not generation:
+            raise ArchiveStoreError("the volume has no generation yet")
+        await self._claim(generation)
+        self.generation = generation
+        await self._resume()
+        self._enter_quietly(ArchiveState.ARCHIVING, "")
+        while True:
+            if self._generation() != self.generation:
+                return  # a promote began a new generation: claim it, start its chain
+            self._maybe_start_base()
+            cut = await self._next_segment()
+            if time.monotonic() >= self._next_expiry:
+                await self.expire()
+            if cut is None:
+                await self._idle()
+
+    async def _claim(self, generation: str) -> None:
+        claim = fmt.Claim(
+            volume=self.volume_name,
+            generation=generation,
+            unit=self.unit_name,
+            writer=self.writer,
+            created_ns=time.time_ns(),
+        )
+        key = self.key(fmt.ClaimKey(generation).key)
+        try:
+            await self.store.put(key, fmt.encode_claim(claim), if_none_match=True)
+            self.stats.objects += 1
+            return
+        except ObjectExists:
+            pass
+        held = fmt.decode_claim(await self.store.get(key))
+        if held.unit != self.unit_name or held.writer != self.writer:
+            raise _Refused(
+                f"unit {held.unit} already archives generation {generation[:8]} of "
+                f"{self.volume_name} to {self.config.url}; two writers would mix one chain"
+            )
+
+    async def _resume(self) -> None:
+        """Start after what the archive holds: a segment stored before a crash is not cut again
+        (its records may be acknowledged only in a checkpoint the crash lost)."""
+        self.keys = await list_keys(self.store, self.root, self.generation)
+        self._listed = True
+        chain = self.chain
+        consumer = self.consumer
+        if chain.segments:
+            newest = chain.segments[-1]
+            self.stats.last_seq = newest.last
+            self.stats.last_record_ns = newest.last_ts
+            if consumer.mode == ConsumerMode.JOURNAL and newest.last > consumer.acked_seq:
+                self.wp.acknowledge(self.consumer_name, newest.last)
+        self.stats.gaps = list(chain.gaps)
+        self.stats.segments = len(chain.segments)
+        self.stats.bases = len(chain.bases)
+        if not chain.bases:
+            self._next_base = 0.0  # a chain without a base restores nothing: one at once
+
+    async def _idle(self) -> None:
+        self.wp.applied_event.clear()
+        self._wake.clear()
+        waits = [
+            asyncio.ensure_future(self.wp.applied_event.wait()),
+            asyncio.ensure_future(self._wake.wait()),
+        ]
+        try:
+            await asyncio.wait(waits, timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        base = self._base_task
+        if base is not None and base.done():
+            self._base_task = None
+            exc = base.exception() if not base.cancelled() else None
+            if exc is not None:
+                raise exc
+
+    # --- segments -----------------------------------------------------------------------------
+
+    def _due(self, pending_bytes: int) -> bool:
+        if pending_bytes >= self.config.segment_size:
+            return True
+        return time.monotonic() - self._last_cut >= self.config.segment_interval
+
+    async def _next_segment(self) -> int | None:
+        """Cut, upload and acknowledge one segment when one is due; its last seq, or None."""
+        consumer = self.consumer
+        if consumer.mode != ConsumerMode.JOURNAL or consumer.paused:
+            if consumer.mode != ConsumerMode.JOURNAL and not self.stats.tracking_since:
+                self.stats.tracking_since = time.time()
+            return None
+        journal = self.wp.journal
+        limit = self.wp.applied_seq
+        start = consumer.acked_seq + 1
+        if start > limit:
+            self._last_cut = time.monotonic()
+            return None
+        pending, _ = journal.backlog(consumer)
+        if not self._due(pending):
+            return None
+        runs: list[bytes] = []
+        records: list[Record] = []
+        size = 0
+        seq = start
+        while seq <= limit and size < self.config.segment_size:
+            try:
+                run, raw = journal.read_run(seq, limit, min(RUN_BYTES, self.config.segment_size))
+            except RecordsGone:
+                return None  # the journal gave them up: the consumer is tracking now
+            if not run:
+                break
+            runs.append(raw)
+            records.extend(run)
+            size += len(raw)
+            seq = run[-1].seq + 1
+            await asyncio.sleep(0)  # a 64 MiB segment is 16 reads: let the loop breathe
+        if not records:
+            return None
+        first, last = records[0], records[-1]
+        body = b"".join(runs)
+        obj = await asyncio.to_thread(
+            fmt.encode_segment,
+            body,
+            first=first.seq,
+            last=last.seq,
+            first_ts=first.timestamp_ns,
+            last_ts=last.timestamp_ns,
+            codec=self.config.compression,
+            level=self.config.compression_level,
+        )
+        key = fmt.SegmentKey(self.generation, first.seq, last.seq, last.timestamp_ns)
+        await self.throttle(len(obj))
+        await self.put_once(self.key(key.key), obj)
+        self.stats.bytes_uploaded += len(obj)
+        self.stats.raw_bytes += len(body)
+        self.stats.objects += 1
+        self.stats.segments += 1
+        self.keys.append(key)
+        await self._bookmarks(records)
+        # Durable in the store: the journal may free these records now.
+        self.wp.acknowledge(self.consumer_name, last.seq)
+        self.stats.last_seq = last.seq
+        self.stats.last_time = time.time()
+        self.stats.last_record_ns = last.timestamp_ns
+        self.stats.tracking_since = 0.0
+        self._last_cut = time.monotonic()
+        if self.stats.state is ArchiveState.STALLED:
+            self.enter(ArchiveState.ARCHIVING)
+        self.segment_event.set()
+        return last.seq
+
+    async def put_once(self, key: str, data: bytes) -> None:
+        """Put ``key`` unless it exists; existing with the same bytes is success (a retry of a
+        put whose answer was lost), with other bytes a conflict nothing may overwrite."""
+        try:
+            await self.store.put(key, data, if_none_match=True)
+        except ObjectExists:
+            held = await self.store.get(key)
+            if held != data:
+                raise _Refused(f"{key} exists with other content: another writer?") from None
+
+    async def _bookmarks(self, records: list[Record]) -> None:
+        """A key per bookmark, so that a listing shows every bookmark without a download."""
+        for rec in records:
+            if rec.kind != Kind.BOOKMARK:
+                continue
+            # Still in the ring: this segment's records are not acknowledged yet.
+            name = self.wp.journal.read_payload(rec).decode("utf-8", "replace")
+            key = fmt.BookmarkKey(self.generation, rec.seq, rec.timestamp_ns, name)
+            with contextlib.suppress(ObjectExists):
+                await self.store.put(self.key(key.key), b"", if_none_match=True)
+            self.stats.objects += 1
+            self.keys.append(key)
+
+    async def throttle(self, nbytes: int) -> None:
+        await self.bucket.pace()
+        self.bucket.charge(nbytes)
+
+    # --- bases --------------------------------------------------------------------------------
+
+    def _maybe_start_base(self) -> None:
+        if self._base_task is not None:
+            return
+        consumer = self.consumer
+        due = (
+            consumer.mode == ConsumerMode.TRACKING
+            or not any(isinstance(k, fmt.ManifestKey) for k in self.keys)
+            or time.monotonic() >= self._next_base
+        )
+        if not due or self.can_base() is not None:
+            return
+        from blockmirror.archive.bases import BaseBuilder
+
+        builder = BaseBuilder(self)
+        self._base_task = asyncio.get_running_loop().create_task(builder.run())
+        self._next_base = time.monotonic() + self.config.base_interval
+
+    # --- retention ----------------------------------------------------------------------------
+
+    async def expire(self) -> int:
+        """Delete what no point within ``history`` needs (:mod:`.retention`); how many."""
+        # Often enough that a short history (tests, drills) is kept closely, at most a listing's
+        # worth of work a minute for a long one.
+        self._next_expiry = time.monotonic() + min(60.0, max(1.0, self.config.history / 20))
+        for key in self.keys:
+            if isinstance(key, fmt.ManifestKey) and key.key not in self.manifest_objects:
+                manifest = fmt.decode_manifest(await self.store.get(self.key(key.key)))
+                self.manifest_objects[key.key] = frozenset(manifest.objects)
+        cutoff = time.time_ns() - int(self.config.history * 1e9)
+        result = expired(self.keys, cutoff, self.manifest_objects)
+        if not result.delete:
+            return 0
+        await self.store.delete([self.key(k.key) for k in result.delete])
+        gone = set(result.delete)
+        self.keys = [k for k in self.keys if k not in gone]
+        for k in result.delete:
+            self.manifest_objects.pop(k.key, None)
+        self.stats.deleted += len(gone)
+        log.info(
+            "archive %s of %s: retention deleted %d objects (oldest base kept: %d..%d)",
+            self.config.name,
+            self.volume_name,
+            len(gone),
+            result.anchor.start if result.anchor else 0,
+            result.anchor.end if result.anchor else 0,
+        )
+        return len(gone)
+
+    # --- status -------------------------------------------------------------------------------
+
+    def lag_seconds(self) -> float:
+        """Age of the oldest record not yet archived; 0 when every record is."""
+        consumer = self.consumer
+        if consumer.mode != ConsumerMode.JOURNAL:
+            since = self.stats.tracking_since or time.time()
+            return max(0.0, time.time() - since)
+        journal = self.wp.journal
+        nxt = consumer.acked_seq + 1
+        if nxt >= journal.next_seq:
+            return 0.0
+        stamp = journal.stamp_of(nxt)
+        return max(0.0, time.time() - stamp / 1e9) if stamp else 0.0
+
+    def status(self) -> dict[str, object]:
+        s = self.stats
+        consumer = self.consumer
+        backlog_bytes, backlog_records = self.wp.journal.backlog(consumer)
+        return {
+            "archive": self.config.name,
+            "url": self.config.url,
+            "state": str(s.state),
+            "reason": s.reason,
+            "generation": self.generation,
+            "mode": str(consumer.mode),
+            "last_seq": s.last_seq,
+            "last_time": s.last_time,
+            "last_record_time": s.last_record_ns / 1e9 if s.last_record_ns else 0.0,
+            "lag_seconds": round(self.lag_seconds(), 3),
+            "backlog_bytes": backlog_bytes,
+            "backlog_records": backlog_records,
+            "bytes_uploaded": s.bytes_uploaded,
+            "raw_bytes": s.raw_bytes,
+            "compression_ratio": round(s.raw_bytes / s.bytes_uploaded, 3)
+            if s.bytes_uploaded
+            else 1.0,
+            "objects": s.objects,
+            "segments": s.segments,
+            "bases": s.bases,
+            "base_running": s.base_running,
+            "base_progress": round(s.base_progress, 3),
+            "gaps": [list(g) for g in s.gaps],
+            "deleted": s.deleted,
+            "errors": s.errors,
+            "last_error": s.last_error,
+            "rate_limit": self.config.bandwidth,
+        }
+
+
+class _Refused(ArchiveStoreError):
+    """The chain belongs to another writer."""
+
+
+async def list_keys(store: ObjectStore, root: str, generation: str) -> list[fmt.ArchiveKey]:
+    """What the store holds of ``generation``, as parsed keys (strays left out)."""
+    prefix = root + fmt.ClaimKey(generation).key.rsplit("/", 1)[0] + "/"
+    keys: list[fmt.ArchiveKey] = []
+    for info in await store.list(prefix):
+        parsed = fmt.parse_key(info.key[len(root) :])
+        if parsed is not None:
+            keys.append(parsed)
+    return keys

@@ -1,0 +1,129 @@
+"""A unit's archives (docs/archive.md): one object-store client per ``[[archive]]`` and one
+archive consumer per volume it uploads, started after the volumes' roles and stopped before
+the volumes close.
+
+An archive whose credentials cannot be read does not stop the unit: its consumers are not
+started, status shows the archive ``stalled`` with the reason, and the journal holds the
+records (then tracks their regions) as for an unreachable peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from blockmirror.archive.s3 import ArchiveStoreError, S3Store, load_credentials, parse_url
+from blockmirror.archive.uploader import ArchiveUploader, consumer_name
+from blockmirror.config import Config, VolumeConfig
+from blockmirror.config_archive import ArchiveConfig
+from blockmirror.runtime import VolumeRuntime
+from blockmirror.state import Role
+
+__all__ = ["UnitArchives", "archive_consumers", "volume_root"]
+
+log = logging.getLogger(__name__)
+
+
+def archive_consumers(config: Config, vc: VolumeConfig) -> list[str]:
+    """The journal consumers of the archives that upload volume ``vc``."""
+    return [consumer_name(a.name) for a in config.archives if a.upload and a.covers(vc.name)]
+
+
+def volume_root(archive: ArchiveConfig, volume: str) -> str:
+    """Where the keys of ``volume`` start in ``archive``: PREFIX/VOLUME/."""
+    return "/".join(p for p in (archive.prefix, volume) if p) + "/"
+
+
+def open_store(archive: ArchiveConfig) -> S3Store:
+    """The client of one archive (blocking: it reads the credentials file)."""
+    url = parse_url(archive.url)
+    return S3Store(
+        bucket=url.bucket,
+        endpoint=archive.endpoint,
+        region=archive.region,
+        credentials=load_credentials(archive.credentials_file),
+    )
+
+
+class UnitArchives:
+    """Every archive consumer of one unit."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.stores: dict[str, S3Store] = {}
+        self.problems: dict[str, str] = {}
+
+    async def start(self, volumes: Sequence[VolumeRuntime]) -> None:
+        for archive in self.config.archives:
+            if not archive.upload:
+                continue
+            try:
+                store = await asyncio.to_thread(open_store, archive)
+            except (ArchiveStoreError, OSError) as exc:
+                self.problems[archive.name] = str(exc)
+                log.error("archive %s is not used: %s", archive.name, exc)
+                continue
+            self.stores[archive.name] = store
+            for rt in volumes:
+                if archive.covers(rt.config.name):
+                    self.attach(archive, store, rt)
+
+    def attach(self, archive: ArchiveConfig, store: S3Store, rt: VolumeRuntime) -> None:
+        wp = rt.journal
+        name = consumer_name(archive.name)
+        if wp is None or rt.problem is not None or name not in wp.journal.consumers:
+            return
+        consumer = wp.journal.consumers[name]
+        # Known by its own name, so the journal never takes it for a peer at a new address.
+        consumer.peer = name
+
+        def generation() -> str | None:
+            history = rt.roles.history if rt.roles is not None else rt.history
+            current = history.current if history is not None else None
+            return current.id if current is not None else None
+
+        def can_base() -> str | None:
+            # A replica in the middle of a resync mixes old and new data: no base from it.
+            if rt.role is Role.PRIMARY:
+                return None
+            replica = wp.journal.replica
+            if replica is not None and not replica.consistent:
+                return "the replica is not consistent"
+            return None
+
+        uploader = ArchiveUploader(
+            config=archive,
+            unit_name=self.config.unit.name,
+            volume_name=rt.config.name,
+            write_path=wp,
+            store=store,
+            root=volume_root(archive, rt.config.name),
+            generation=generation,
+            writer=wp.journal.journal_id,
+            can_base=can_base,
+        )
+        rt.archives.append(uploader)
+        uploader.start()
+
+    async def stop(self, volumes: Sequence[VolumeRuntime]) -> None:
+        for rt in volumes:
+            for uploader in rt.archives:
+                await uploader.stop()
+        for store in self.stores.values():
+            store.close()
+        self.stores.clear()
+
+    def status(self) -> list[dict[str, Any]]:
+        """The unit's archives, with the problem that keeps one from being used."""
+        return [
+            {
+                "name": a.name,
+                "url": a.url,
+                "upload": a.upload,
+                "volumes": list(a.volumes),
+                "problem": self.problems.get(a.name),
+            }
+            for a in self.config.archives
+        ]
