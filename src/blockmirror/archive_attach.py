@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from blockmirror.archive.s3 import ArchiveStoreError, S3Store, load_credentials, parse_url
@@ -55,7 +55,13 @@ class UnitArchives:
         self.stores: dict[str, S3Store] = {}
         self.problems: dict[str, str] = {}
 
-    async def start(self, volumes: Sequence[VolumeRuntime]) -> None:
+    async def start(
+        self,
+        volumes: Sequence[VolumeRuntime],
+        volume_id: Callable[[VolumeRuntime], Callable[[], str | None]],
+    ) -> None:
+        """Start every archive consumer; ``volume_id(rt)`` reads a volume's identity (the
+        origin's, on a replica, once its source has told it)."""
         for archive in self.config.archives:
             if not archive.upload:
                 continue
@@ -68,9 +74,15 @@ class UnitArchives:
             self.stores[archive.name] = store
             for rt in volumes:
                 if archive.covers(rt.config.name):
-                    self.attach(archive, store, rt)
+                    self.attach(archive, store, rt, volume_id(rt))
 
-    def attach(self, archive: ArchiveConfig, store: S3Store, rt: VolumeRuntime) -> None:
+    def attach(
+        self,
+        archive: ArchiveConfig,
+        store: S3Store,
+        rt: VolumeRuntime,
+        volume_id: Callable[[], str | None],
+    ) -> None:
         wp = rt.journal
         name = consumer_name(archive.name)
         if wp is None or rt.problem is not None or name not in wp.journal.consumers:
@@ -91,6 +103,8 @@ class UnitArchives:
             replica = wp.journal.replica
             if replica is not None and not replica.consistent:
                 return "the replica is not consistent"
+            if not volume_id():
+                return "the replica has not learned the volume's identity from its source"
             return None
 
         uploader = ArchiveUploader(
@@ -102,6 +116,7 @@ class UnitArchives:
             root=volume_root(archive, rt.config.name),
             generation=generation,
             writer=wp.journal.journal_id,
+            volume_id=volume_id,
             can_base=can_base,
         )
         rt.archives.append(uploader)

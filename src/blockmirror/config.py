@@ -442,7 +442,11 @@ def parse_config(
     check_archive_names(
         archives,
         [v.config.name for v in volumes],
-        [(v.label, v.config.name, v.config.seed_from) for v in volumes if v.config.seed_from],
+        [
+            (v.label, v.config.name, v.config.seed_from)
+            for v in volumes
+            if v.config.seed_from is not None
+        ],
         problems,
     )
     _check_volume_set(volumes, replication, rt, problems)

@@ -4,8 +4,8 @@ streams its volumes' history on S3-compatible object storage, and how often.
 Credentials are never in the configuration: ``credentials_file`` names a file in the AWS shared
 credentials format, or the standard ``AWS_*`` environment variables of the unit's process are
 used. Parsed here into :class:`ArchiveConfig`; the cross-checks against the volumes (a name in
-``volumes`` that no volume has, a ``seed_from`` naming no archive) are done by
-:func:`check_archive_names`.
+``volumes`` that no volume has, two archives uploading one volume to one place, a ``seed_from``
+naming no archive) are done by :func:`check_archive_names`.
 """
 
 from __future__ import annotations
@@ -113,6 +113,8 @@ def _parse_one(
             "url",
             f"{url!r} is not s3://BUCKET/PREFIX (a bucket of 3 to 63 of a-z 0-9 . -)",
         )
+    elif url is not None and (why := _prefix_problem(url)) is not None:
+        t.fail("url", f"{url!r}: the prefix has {why}")
     endpoint = t.text("endpoint")
     if endpoint is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", endpoint):
         t.fail("endpoint", f"{endpoint!r} is not an http:// or https:// URL")
@@ -154,6 +156,19 @@ def _parse_one(
     )
 
 
+def _prefix_problem(url: str) -> str | None:
+    """What the unit's own URL check (``archive.s3.parse_url``) refuses in a prefix that the
+    pattern lets through: check-config must not pass a URL the unit then cannot use."""
+    prefix = url[len("s3://") :].partition("/")[2].strip("/")
+    if not prefix:
+        return None
+    if any(part in ("", ".", "..") for part in prefix.split("/")):
+        return "an empty, '.' or '..' segment"
+    if "\x7f" in prefix:
+        return "a control character"
+    return None
+
+
 def _positive(t: Table, key: str) -> float | None:
     value = t.duration(key)
     if value is not None and value <= 0:
@@ -181,8 +196,9 @@ def check_archive_names(
     seeds: Sequence[tuple[str, str, str]],
     problems: list[Problem],
 ) -> None:
-    """Every volume an archive names exists; every ``seed_from`` (label, volume, archive)
-    names an archive that covers that volume."""
+    """Every volume an archive names exists; no two uploading archives put one volume in one
+    place; every ``seed_from`` (label, volume, archive) names an archive that covers that
+    volume."""
     known = set(volume_names)
     for archive in archives:
         for name in archive.volumes:
@@ -190,6 +206,27 @@ def check_archive_names(
                 problems.append(
                     (f"archive[{archive.name}].volumes", f"no volume is called {name!r}")
                 )
+    # Two archives that upload one volume to one place would both extend one chain (the same
+    # unit and journal pass its claim): their segments would overlap.
+    places: dict[tuple[str, str, str], list[ArchiveConfig]] = {}
+    for archive in archives:
+        if not archive.upload:
+            continue
+        place = ((archive.endpoint or "").rstrip("/"), archive.bucket, archive.prefix)
+        earlier = places.setdefault(place, [])
+        for other in earlier:
+            shared = [v for v in volume_names if other.covers(v) and archive.covers(v)]
+            if shared:
+                problems.append(
+                    (
+                        f"archive[{archive.name}].url",
+                        f"archive {other.name!r} uploads volume {shared[0]!r} to the same "
+                        "place; two archives of one volume there would mix one chain (use "
+                        "another prefix, or upload = false)",
+                    )
+                )
+                break
+        earlier.append(archive)
     by_name = {a.name: a for a in archives}
     for label, volume, archive_name in seeds:
         found = by_name.get(archive_name)

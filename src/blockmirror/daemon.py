@@ -144,7 +144,7 @@ class Unit:
             for rt in self.volumes:
                 await self.serve_volume(rt)
             await self._start_replication()
-            await self.archives.start(self.volumes)
+            await self.archives.start(self.volumes, self._volume_id)
             self.iscsi = await start_iscsi(self.config, self.volumes, self._identity_of)
             if self.config.unit.admin is not None:
                 access, admin_tls = await asyncio.to_thread(admin_access, self.config.unit)

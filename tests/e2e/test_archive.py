@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,11 +18,12 @@ from tests.support.archive import (
     add_archive,
     archive_cli,
     archive_list,
+    archive_status,
     restore_from_archive,
     wait_archived,
 )
 from tests.support.history import WriteLog, logged_workload
-from tests.support.pair import MiB, topology
+from tests.support.pair import MiB, Site, peer_address, topology, wait_caught_up, wait_status
 from tests.support.seaweed import Seaweed, seaweed_fixture
 
 pytestmark = pytest.mark.e2e
@@ -85,5 +87,51 @@ def test_random_points_restore_exactly_from_the_archive_alone(
         result = restore_from_archive(seaweed, url, out, *point)
         _check(out, log, k, f"{point} -> {result}")
 
+    report = archive_cli(seaweed, "verify", "vol", "--url", url)
+    assert "0 problems" in report.stdout, report.stdout
+
+
+def test_a_second_writer_is_refused_and_the_first_chain_stays_whole(
+    tmp_path: Path, seaweed: Seaweed
+) -> None:
+    """Another volume called "vol" archived to the same URL, and a replica of the same volume
+    archiving alongside its primary: both refused, and the first chain restores exactly."""
+    url = f"s3://{BUCKET}/writers"
+    with topology(tmp_path) as topo:
+        b = topo.add_secondary("site-b", volumes={"vol": SIZE})
+        add_archive(b, seaweed, url)
+        a = topo.add_primary("site-a", peers=[peer_address(b)], size=SIZE)
+        add_archive(a, seaweed, url)
+        other = topo.add_primary("site-x", peers=[], size=SIZE)
+        add_archive(other, seaweed, url)
+        a.start()
+        wait_archived(a)
+        b.start()
+        other.start()
+        log = logged_workload(a, size=SIZE, count=120)
+        wait_caught_up(a, b)
+        wait_archived(a)
+        logged_workload(other, size=SIZE, count=40, seed=99)
+        for site, why in ((other, "another volume called vol"), (b, "already archives")):
+
+            def refused(s: Site = site) -> dict[str, Any] | None:
+                found = archive_status(s)
+                return found if found["state"] == "refused" else None
+
+            status = wait_status(refused, timeout=60, what=f"{site.name}'s archive refused")
+            assert why in status["reason"], status
+            assert status["segments"] == 0 and status["bases"] == 0, status
+        newest = log.writes[-1].seq
+        a.kill()
+        b.kill()
+        other.kill()
+
+    listing = archive_list(seaweed, url)
+    [gen] = listing["generations"]
+    assert gen["unit"] == "site-a" and gen["last_seq"] == newest, gen
+    assert gen["gaps"] == [] and gen["overlaps"] == [], gen
+    out = tmp_path / "restored.img"
+    restore_from_archive(seaweed, url, out, "--seq", str(newest))
+    _check(out, log, len(log.writes), "newest point after the refused writers")
     report = archive_cli(seaweed, "verify", "vol", "--url", url)
     assert "0 problems" in report.stdout, report.stdout

@@ -76,7 +76,8 @@ class Catalog:
                 catalog.malformed.append((rel, str(exc)))
                 continue
             if parsed is None:
-                catalog.strays.append(rel)
+                if rel != fmt.VOLUME_CLAIM_KEY:
+                    catalog.strays.append(rel)
                 continue
             keys.setdefault(parsed.gen, []).append(parsed)
         for gen, found in keys.items():

@@ -18,7 +18,17 @@ from typing import Any, Final
 
 from blockmirror.archive.keys import U64_MAX, ArchiveFormatError, check_generation
 
-__all__ = ["CLAIM_FORMAT", "MAX_CLAIM", "Claim", "decode_claim", "encode_claim"]
+__all__ = [
+    "CLAIM_FORMAT",
+    "MAX_CLAIM",
+    "VOLUME_CLAIM_KEY",
+    "Claim",
+    "VolumeClaim",
+    "decode_claim",
+    "decode_volume_claim",
+    "encode_claim",
+    "encode_volume_claim",
+]
 
 CLAIM_FORMAT: Final = 1
 MAX_CLAIM: Final = 64 * 1024
@@ -104,3 +114,58 @@ def decode_claim(b: bytes | memoryview) -> Claim:
         writer=doc["writer"],
         created_ns=doc["created_ns"],
     )
+
+
+# --- the volume's claim -------------------------------------------------------------------------
+
+# At the volume root: which volume (by its identity, the same on every replica) this name holds,
+# so two different volumes that share a name never share a root.
+VOLUME_CLAIM_KEY: Final = "volume"
+_VOLUME_KEYS: Final = frozenset({"format", "volume", "volume_id", "unit", "created_ns"})
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeClaim:
+    """The volume a root belongs to; ``unit`` made the claim (for the operator's eyes only)."""
+
+    volume: str
+    volume_id: str
+    unit: str
+    created_ns: int
+
+    def __post_init__(self) -> None:
+        for name in ("volume", "volume_id", "unit"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ArchiveFormatError(f"volume claim {name} must be a non-empty string")
+        if type(self.created_ns) is not int or not 0 <= self.created_ns <= U64_MAX:
+            raise ArchiveFormatError("volume claim created_ns must be a u64")
+
+
+def encode_volume_claim(c: VolumeClaim) -> bytes:
+    doc = {
+        "format": CLAIM_FORMAT,
+        "volume": c.volume,
+        "volume_id": c.volume_id,
+        "unit": c.unit,
+        "created_ns": c.created_ns,
+    }
+    return json.dumps(doc, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def decode_volume_claim(b: bytes | memoryview) -> VolumeClaim:
+    if len(b) > MAX_CLAIM:
+        raise ArchiveFormatError(f"volume claim of {len(b)} bytes, at most {MAX_CLAIM}")
+    try:
+        doc = json.loads(
+            bytes(b).decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constant
+        )
+    except UnicodeDecodeError:
+        raise ArchiveFormatError("volume claim is not UTF-8") from None
+    except (ValueError, RecursionError) as exc:
+        raise ArchiveFormatError(f"volume claim is not JSON: {exc}") from None
+    if not isinstance(doc, dict) or doc.keys() != _VOLUME_KEYS:
+        raise ArchiveFormatError(f"volume claim keys must be {sorted(_VOLUME_KEYS)}")
+    if type(doc["format"]) is not int or doc["format"] != CLAIM_FORMAT:
+        raise ArchiveFormatError(f"volume claim format {doc['format']!r}, expected {CLAIM_FORMAT}")
+    return VolumeClaim(doc["volume"], doc["volume_id"], doc["unit"], doc["created_ns"])

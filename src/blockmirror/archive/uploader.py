@@ -50,7 +50,7 @@ CONSUMER_PREFIX: Final = "archive:"
 # One read of the ring at a time: a segment is built of runs of at most this many bytes.
 RUN_BYTES: Final = 4 * 1024 * 1024
 BACKOFF_MIN: Final = 0.5
-BACKOFF_MAX: Final = 30.0
+BACKOFF_MAX: Final = 10.0
 # How often a refused claim is looked at again (the other writer may have gone).
 REFUSED_RECHECK: Final = 60.0
 
@@ -98,6 +98,7 @@ class ArchiveUploader:
         root: str,
         generation: Callable[[], str | None],
         writer: str,
+        volume_id: Callable[[], str | None] = lambda: None,
         can_base: Callable[[], str | None] = lambda: None,
     ) -> None:
         self.config = config
@@ -108,6 +109,7 @@ class ArchiveUploader:
         self.root = root  # the volume's keys start with this (the prefix and the volume name)
         self._generation = generation
         self.writer = writer
+        self._volume_id = volume_id
         self.can_base = can_base
         self.consumer_name = consumer_name(config.name)
         self.stats = ArchiveStats()
@@ -205,6 +207,11 @@ class ArchiveUploader:
     async def _session(self) -> None:
         """Claim the generation, learn what the archive holds, then stream."""
         self._enter_quietly(ArchiveState.STARTING, "claiming the chain")
+        while (why := self.can_base()) is not None:
+            # A replica knows which volume (and generation) it holds only once its source has
+            # brought it in step: claiming earlier could claim for the wrong one.
+            self.stats.reason = f"waiting: {why}"
+            await asyncio.sleep(1.0)
         generation = self._generation()
         if not generation:
             raise ArchiveStoreError("the volume has no generation yet")
@@ -222,7 +229,30 @@ class ArchiveUploader:
             if cut is None:
                 await self._idle()
 
+    async def _claim_volume(self) -> None:
+        """The root holds this volume (by identity), or nobody's yet: two volumes that share a
+        name never share a root."""
+        volume_id = self._volume_id()
+        if not volume_id:
+            raise ArchiveStoreError("the volume has no identity yet")
+        mine = fmt.VolumeClaim(self.volume_name, volume_id, self.unit_name, time.time_ns())
+        key = self.key(fmt.VOLUME_CLAIM_KEY)
+        try:
+            await self.store.put(key, fmt.encode_volume_claim(mine), if_none_match=True)
+            self.stats.objects += 1
+            return
+        except ObjectExists:
+            pass
+        held = fmt.decode_volume_claim(await self.store.get(key))
+        if held.volume_id != volume_id:
+            raise _Refused(
+                f"{self.config.url} already holds another volume called {self.volume_name} "
+                f"(archived by unit {held.unit}, identity {held.volume_id[:8]}); give this "
+                "archive another url or prefix"
+            )
+
     async def _claim(self, generation: str) -> None:
+        await self._claim_volume()
         claim = fmt.Claim(
             volume=self.volume_name,
             generation=generation,
@@ -280,6 +310,7 @@ class ArchiveUploader:
             self._base_task = None
             exc = base.exception() if not base.cancelled() else None
             if exc is not None:
+                self._next_base = 0.0  # try again as soon as the store answers
                 raise exc
 
     # --- segments -----------------------------------------------------------------------------
@@ -391,6 +422,8 @@ class ArchiveUploader:
         consumer = self.consumer
         due = (
             consumer.mode == ConsumerMode.TRACKING
+            # A base that failed after its switch back to the journal left its regions dirty.
+            or not consumer.dirty.is_clean()
             or not any(isinstance(k, fmt.ManifestKey) for k in self.keys)
             or time.monotonic() >= self._next_base
         )
