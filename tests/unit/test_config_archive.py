@@ -3,6 +3,7 @@ every key, every problem named at its key, and a reload that changes an archive 
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -527,3 +528,24 @@ def test_a_reload_may_change_seed_from(tmp_path: Path) -> None:
     d = diff(old, new)
     assert not d.refused
     assert [c.key for c in d.changes] == ["volume[logs].seed_from"]
+
+
+# --------------------------------------------------------------------------- the documentation
+
+
+def test_the_documented_examples_are_valid(tmp_path: Path) -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+    section = doc.split("\n## Archives\n", 1)[1].split("\n## ", 1)[0]
+    blocks = [b.split("```", 1)[0] for b in section.split("```toml\n")[1:]]
+    assert len(blocks) == 2
+    primary, secondary = (tomllib.loads(b) for b in blocks)
+    data = config(tmp_path)
+    data["archive"] = primary["archive"]
+    (offsite,) = parse(data, tmp_path).archives
+    assert offsite.volumes == ("db",) and offsite.bandwidth == 100_000_000
+    data = config(tmp_path)
+    data["volume"] = secondary["volume"]
+    data["archive"] = secondary["archive"]
+    parsed = parse(data, tmp_path)
+    assert parsed.volume("db").seed_from == "seed"
+    assert [a.upload for a in parsed.archives] == [False]

@@ -118,6 +118,9 @@ class BaseBuilder:
         previous = await self._previous()
         dirty_before = list(consumer.dirty.dirty_regions())
         if consumer.mode == ConsumerMode.TRACKING:
+            # Listing and reading work for a store that refuses writes: prove it takes one
+            # before leaving tracking, or the journal would hold records for a base that fails.
+            await up.store.put(up.key(fmt.PROBE_KEY), str(time.time_ns()).encode())
             start = wp.applied_seq
             consumer.set_mode(ConsumerMode.JOURNAL)
             consumer.acked_seq = start
@@ -178,6 +181,11 @@ class BaseBuilder:
             up.wake()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(up.segment_event.wait(), 1.0)
+        if consumer.generation != generation or wp.unjournaled_pending:
+            # A change outside the journal while the copy ran: a chunk read before it lacks
+            # it, and no record brings it. This base would not be exact: the next one starts
+            # over (its data objects go with retention).
+            raise BaseAbandoned("a change outside the journal came during the base")
         end_ts = wp.journal.stamp_of(end) if end else 0
         if end and not end_ts:
             end_ts = up.stats.last_record_ns
@@ -205,6 +213,13 @@ class BaseBuilder:
             # Every region dirty when the base began is in it (or in the segments after it).
             for offset, length in dirty_before:
                 consumer.dirty.clear(offset, length)
+        else:
+            log.warning(
+                "%s: a change outside the journal after base %d..%d: another base follows",
+                up.volume_name,
+                start,
+                end,
+            )
         log.info(
             "%s: base %d..%d in archive %s: %d chunks, %d objects, %.1f s",
             up.volume_name,

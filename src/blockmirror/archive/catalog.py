@@ -76,7 +76,7 @@ class Catalog:
                 catalog.malformed.append((rel, str(exc)))
                 continue
             if parsed is None:
-                if rel != fmt.VOLUME_CLAIM_KEY:
+                if rel not in (fmt.VOLUME_CLAIM_KEY, fmt.PROBE_KEY):
                     catalog.strays.append(rel)
                 continue
             keys.setdefault(parsed.gen, []).append(parsed)

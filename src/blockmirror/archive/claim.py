@@ -21,6 +21,7 @@ from blockmirror.archive.keys import U64_MAX, ArchiveFormatError, check_generati
 __all__ = [
     "CLAIM_FORMAT",
     "MAX_CLAIM",
+    "PROBE_KEY",
     "VOLUME_CLAIM_KEY",
     "Claim",
     "VolumeClaim",
@@ -121,6 +122,8 @@ def decode_claim(b: bytes | memoryview) -> Claim:
 # At the volume root: which volume (by its identity, the same on every replica) this name holds,
 # so two different volumes that share a name never share a root.
 VOLUME_CLAIM_KEY: Final = "volume"
+# At the volume root, overwritten at will: a put that shows the store takes writes.
+PROBE_KEY: Final = "probe"
 _VOLUME_KEYS: Final = frozenset({"format", "volume", "volume_id", "unit", "created_ns"})
 
 

@@ -27,6 +27,7 @@ from blockmirror.archive.base_image import (
 )
 from blockmirror.archive.claim import (
     MAX_CLAIM,
+    PROBE_KEY,
     VOLUME_CLAIM_KEY,
     Claim,
     VolumeClaim,
@@ -68,6 +69,7 @@ __all__ = [
     "MAX_MANIFEST",
     "MAX_RAW",
     "MIN_CHUNK_SIZE",
+    "PROBE_KEY",
     "SEGMENT_HEADER_SIZE",
     "VOLUME_CLAIM_KEY",
     "ZERO_CHUNK",

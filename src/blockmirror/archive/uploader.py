@@ -25,6 +25,7 @@ from typing import Final
 
 from blockmirror.archive import objects as fmt
 from blockmirror.archive.chain import Chain
+from blockmirror.archive.claiming import ChainRefused, Writer, claim, put_once
 from blockmirror.archive.retention import expired
 from blockmirror.archive.s3 import (
     ArchiveStoreError,
@@ -173,7 +174,7 @@ class ArchiveUploader:
                 backoff = BACKOFF_MIN
             except asyncio.CancelledError:
                 raise
-            except _Refused as exc:
+            except ChainRefused as exc:
                 self._enter_quietly(ArchiveState.REFUSED, str(exc))
                 log.error("archive %s of %s: %s", self.config.name, self.volume_name, exc)
                 await asyncio.sleep(REFUSED_RECHECK)
@@ -229,50 +230,14 @@ class ArchiveUploader:
             if cut is None:
                 await self._idle()
 
-    async def _claim_volume(self) -> None:
-        """The root holds this volume (by identity), or nobody's yet: two volumes that share a
-        name never share a root."""
+    async def _claim(self, generation: str) -> None:
         volume_id = self._volume_id()
         if not volume_id:
             raise ArchiveStoreError("the volume has no identity yet")
-        mine = fmt.VolumeClaim(self.volume_name, volume_id, self.unit_name, time.time_ns())
-        key = self.key(fmt.VOLUME_CLAIM_KEY)
-        try:
-            await self.store.put(key, fmt.encode_volume_claim(mine), if_none_match=True)
-            self.stats.objects += 1
-            return
-        except ObjectExists:
-            pass
-        held = fmt.decode_volume_claim(await self.store.get(key))
-        if held.volume_id != volume_id:
-            raise _Refused(
-                f"{self.config.url} already holds another volume called {self.volume_name} "
-                f"(archived by unit {held.unit}, identity {held.volume_id[:8]}); give this "
-                "archive another url or prefix"
-            )
-
-    async def _claim(self, generation: str) -> None:
-        await self._claim_volume()
-        claim = fmt.Claim(
-            volume=self.volume_name,
-            generation=generation,
-            unit=self.unit_name,
-            writer=self.writer,
-            created_ns=time.time_ns(),
+        who = Writer(
+            self.config.url, self.root, self.volume_name, volume_id, self.unit_name, self.writer
         )
-        key = self.key(fmt.ClaimKey(generation).key)
-        try:
-            await self.store.put(key, fmt.encode_claim(claim), if_none_match=True)
-            self.stats.objects += 1
-            return
-        except ObjectExists:
-            pass
-        held = fmt.decode_claim(await self.store.get(key))
-        if held.unit != self.unit_name or held.writer != self.writer:
-            raise _Refused(
-                f"unit {held.unit} already archives generation {generation[:8]} of "
-                f"{self.volume_name} to {self.config.url}; two writers would mix one chain"
-            )
+        self.stats.objects += await claim(self.store, who, generation)
 
     async def _resume(self) -> None:
         """Start after what the archive holds: a segment stored before a crash is not cut again
@@ -328,6 +293,12 @@ class ArchiveUploader:
                 self.stats.tracking_since = time.time()
             return None
         journal = self.wp.journal
+        if self._base_task is None and not consumer.dirty.is_clean():
+            # A change reached the volume outside the journal (a paused journal, a relay's
+            # resync): records after it would restore points without it. Give the records up
+            # to the dirty map; a base covers them, and the chain shows the gap honestly.
+            journal.switch_to_tracking(consumer)
+            return None
         limit = self.wp.applied_seq
         start = consumer.acked_seq + 1
         if start > limit:
@@ -388,14 +359,7 @@ class ArchiveUploader:
         return last.seq
 
     async def put_once(self, key: str, data: bytes) -> None:
-        """Put ``key`` unless it exists; existing with the same bytes is success (a retry of a
-        put whose answer was lost), with other bytes a conflict nothing may overwrite."""
-        try:
-            await self.store.put(key, data, if_none_match=True)
-        except ObjectExists:
-            held = await self.store.get(key)
-            if held != data:
-                raise _Refused(f"{key} exists with other content: another writer?") from None
+        await put_once(self.store, key, data)
 
     async def _bookmarks(self, records: list[Record]) -> None:
         """A key per bookmark, so that a listing shows every bookmark without a download."""
@@ -514,10 +478,6 @@ class ArchiveUploader:
             "last_error": s.last_error,
             "rate_limit": self.config.bandwidth,
         }
-
-
-class _Refused(ArchiveStoreError):
-    """The chain belongs to another writer."""
 
 
 async def list_keys(store: ObjectStore, root: str, generation: str) -> list[fmt.ArchiveKey]:
