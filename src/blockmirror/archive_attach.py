@@ -15,13 +15,17 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from blockmirror.archive.s3 import ArchiveStoreError, S3Store, load_credentials, parse_url
-from blockmirror.archive.uploader import ArchiveUploader, consumer_name
+from blockmirror.archive.seeding import needs_seed, seed_replica
+from blockmirror.archive.uploader import CONSUMER_PREFIX, ArchiveUploader, consumer_name
 from blockmirror.config import Config, VolumeConfig
 from blockmirror.config_archive import ArchiveConfig
+from blockmirror.errors import ArchiveError
+from blockmirror.journal.consumers import Consumer
+from blockmirror.journal.journal import Journal
 from blockmirror.runtime import VolumeRuntime
-from blockmirror.state import Role
+from blockmirror.state import ConsumerMode, Role
 
-__all__ = ["UnitArchives", "archive_consumers", "volume_root"]
+__all__ = ["UnitArchives", "adopt_archive_position", "archive_consumers", "volume_root"]
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +33,44 @@ log = logging.getLogger(__name__)
 def archive_consumers(config: Config, vc: VolumeConfig) -> list[str]:
     """The journal consumers of the archives that upload volume ``vc``."""
     return [consumer_name(a.name) for a in config.archives if a.upload and a.covers(vc.name)]
+
+
+def adopt_archive_position(journal: Journal, peers: Sequence[str]) -> list[Consumer]:
+    """Start every peer consumer new to ``journal`` where the archive stands, when an archive
+    consumer is in step (journal mode, nothing dirty): a replica seeded from that archive then
+    resumes with the records after its point, which the journal keeps from here on. A peer
+    that was not seeded proves nothing at its WELCOME (another identity, or records the
+    journal no longer has) and is copied in full, as before (link/resume.py). Returns the
+    consumers changed; the caller syncs their dirty maps before the next checkpoint."""
+    archives = [
+        c
+        for name, c in journal.consumers.items()
+        if name.startswith(CONSUMER_PREFIX)
+        and not c.fresh
+        and c.mode == ConsumerMode.JOURNAL
+        and c.dirty.is_clean()
+    ]
+    if not archives:
+        return []
+    position = min(c.acked_seq for c in archives)  # the one that has archived least
+    changed = []
+    for name in peers:
+        consumer = journal.consumers.get(name)
+        if consumer is None or not consumer.fresh or consumer.mode != ConsumerMode.TRACKING:
+            continue
+        consumer.generation += 1
+        consumer.dirty.clear_all()
+        consumer.set_mode(ConsumerMode.JOURNAL)
+        consumer.acked_seq = position
+        changed.append(consumer)
+        log.info(
+            "%s: peer %s is new: it starts where the archive stands (seq %d), so a replica "
+            "seeded from the archive needs only the records after it",
+            journal.path.name,
+            name,
+            position,
+        )
+    return changed
 
 
 def volume_root(archive: ArchiveConfig, volume: str) -> str:
@@ -54,6 +96,59 @@ class UnitArchives:
         self.config = config
         self.stores: dict[str, S3Store] = {}
         self.problems: dict[str, str] = {}
+        # Per volume: how its replica was seeded (or why it could not be), for status.
+        self.seeds: dict[str, dict[str, Any]] = {}
+
+    async def seed(self, volumes: Sequence[VolumeRuntime]) -> None:
+        """Restore every new replica whose volume says ``seed_from`` from that archive, before
+        any source may connect. A seed that fails leaves the replica new: its source then
+        copies it in full, as without an archive."""
+        by_name = {a.name: a for a in self.config.archives}
+        for rt in volumes:
+            name = rt.config.seed_from
+            wp = rt.journal
+            if name is None or wp is None or rt.problem is not None or not needs_seed(wp):
+                continue
+            archive = by_name[name]
+            try:
+                store = await asyncio.to_thread(open_store, archive)
+            except (ArchiveError, OSError) as exc:
+                self._seed_failed(rt, name, exc)
+                continue
+            try:
+                result = await seed_replica(
+                    store, volume_root(archive, rt.config.name), wp, volume=rt.config.name
+                )
+            except (ArchiveError, OSError) as exc:
+                self._seed_failed(rt, name, exc)
+            else:
+                self.seeds[rt.config.name] = {
+                    "archive": name,
+                    "seq": result.point.seq,
+                    "generation": result.point.generation,
+                    "bytes_downloaded": result.restored.bytes_downloaded,
+                    "seconds": round(result.restored.seconds, 3),
+                }
+                log.info(
+                    "volume %s: replica seeded from archive %s at seq %d (%d bytes in %.1f s)",
+                    rt.config.name,
+                    name,
+                    result.point.seq,
+                    result.restored.bytes_downloaded,
+                    result.restored.seconds,
+                )
+            finally:
+                store.close()
+
+    def _seed_failed(self, rt: VolumeRuntime, archive: str, exc: BaseException) -> None:
+        self.seeds[rt.config.name] = {"archive": archive, "problem": str(exc)}
+        log.error(
+            "volume %s: cannot seed the replica from archive %s (its source will copy it "
+            "in full): %s",
+            rt.config.name,
+            archive,
+            exc,
+        )
 
     async def start(
         self,
@@ -139,6 +234,7 @@ class UnitArchives:
                 "upload": a.upload,
                 "volumes": list(a.volumes),
                 "problem": self.problems.get(a.name),
+                "seeded": {v: s for v, s in self.seeds.items() if s["archive"] == a.name},
             }
             for a in self.config.archives
         ]

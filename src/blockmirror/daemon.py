@@ -143,6 +143,7 @@ class Unit:
                 self.volumes.append(await self.open_volume(vc))
             for rt in self.volumes:
                 await self.serve_volume(rt)
+            await self.archives.seed(self.volumes)  # new replicas, before any source connects
             await self._start_replication()
             await self.archives.start(self.volumes, self._volume_id)
             self.iscsi = await start_iscsi(self.config, self.volumes, self._identity_of)

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Sequence
 
 from blockmirror import statedir
+from blockmirror.archive_attach import adopt_archive_position
 from blockmirror.blockdev.ackmode import RemoteAck
 from blockmirror.blockdev.journaled import JournalWritePath
 from blockmirror.blockdev.service import BlockDevice
@@ -27,6 +28,7 @@ from blockmirror.history.log import HistoryLog
 from blockmirror.history_attach import attach_history, open_history
 from blockmirror.journal import generations
 from blockmirror.journal.checkpoint import CheckpointError
+from blockmirror.journal.consumers import sync_dirty_maps
 from blockmirror.journal.dirtymap import DirtyMapError
 from blockmirror.journal.generations import GenerationsError, VolumeHistory
 from blockmirror.journal.journal import Journal
@@ -107,6 +109,9 @@ async def open_volume(
                     r.seconds,
                     f", torn tail cut ({r.torn_tail})" if r.torn_tail else "",
                 )
+            adopted = adopt_archive_position(journal, [str(peer) for peer in vc.peers])
+            if adopted:
+                await asyncio.to_thread(sync_dirty_maps, adopted)
             journal_wp = JournalWritePath(
                 journal,
                 volume,

@@ -15,7 +15,6 @@ restore into the gap is refused.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import random
@@ -25,7 +24,6 @@ from pathlib import Path
 
 import pytest
 
-from blockmirror.frontend.nbd_client import NbdClient
 from tests.support.archive import (
     add_archive,
     archive_cli,
@@ -33,6 +31,7 @@ from tests.support.archive import (
     archive_status,
     restore_from_archive,
     wait_archived,
+    write_random,
 )
 from tests.support.faultproxy import ThreadedFaultProxy
 from tests.support.history import WriteLog, logged_workload
@@ -49,18 +48,6 @@ SIZE = 32 * MiB
 def weed(tmp_path: Path) -> Iterator[Seaweed]:
     with running_seaweed(tmp_path / "s3", bucket=BUCKET) as server:
         yield server
-
-
-def _write_random(site: Site, offset: int, data: bytes) -> None:
-    async def go() -> None:
-        assert site.unit is not None
-        host, port = site.unit.export_address("vol")
-        async with await NbdClient.connect(host, port, "vol") as client:
-            for pos in range(0, len(data), MiB):
-                await client.write(offset + pos, data[pos : pos + MiB])
-            await client.flush()
-
-    asyncio.run(go())
 
 
 def _check(image: Path, want: bytes, what: str) -> None:
@@ -98,7 +85,7 @@ def test_kill_9_during_an_upload_leaves_a_continuous_chain(tmp_path: Path, weed:
             data = random.Random(9).randbytes(24 * MiB)
             sent_before = proxy.stats().bytes_up
             proxy.set_bandwidth(2 * MiB, "up")  # a segment of 8 MiB takes about 4 s
-            _write_random(a, 0, data)
+            write_random(a, 0, data)
             newest = int(a.volume_status()["journal"]["newest_seq"])
             wait_status(
                 lambda: proxy.stats().bytes_up - sent_before > 2 * MiB,
@@ -204,7 +191,7 @@ def test_denied_writes_and_an_overflowing_journal_leave_a_reported_gap(
         before_gap = log.writes[-1].seq
         _set_writes(weed, allowed=False)
         data = random.Random(3).randbytes(16 * MiB)  # twice the journal: it must give up records
-        _write_random(a, 16 * MiB, data)
+        write_random(a, 16 * MiB, data)
         wait_status(lambda: _stalled(a, "refuses writes"), timeout=60, what="archive stalled")
         consumer = a.volume_status()["journal"]["consumers"]["archive:s3"]
         assert consumer["mode"] == "tracking", consumer

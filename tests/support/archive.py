@@ -8,6 +8,7 @@ newest record and a base.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -15,7 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.support.pair import Site
+from blockmirror.frontend.nbd_client import NbdClient
+from tests.support.pair import MiB, Site
 from tests.support.seaweed import Seaweed
 from tests.support.unit_process import BLOCKMIRROR
 
@@ -93,3 +95,17 @@ def restore_from_archive(
 ) -> dict[str, Any]:
     proc = archive_cli(weed, "restore", volume, "--url", url, *point, "--to", str(to), "--json")
     return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def write_random(site: Site, offset: int, data: bytes) -> None:
+    """``data`` written at ``offset`` through the site's NBD export, in 1 MiB writes, flushed."""
+
+    async def go() -> None:
+        assert site.unit is not None
+        host, port = site.unit.export_address("vol")
+        async with await NbdClient.connect(host, port, "vol") as client:
+            for pos in range(0, len(data), MiB):
+                await client.write(offset + pos, data[pos : pos + MiB])
+            await client.flush()
+
+    asyncio.run(go())

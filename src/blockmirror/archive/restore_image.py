@@ -19,14 +19,14 @@ from pathlib import Path
 from typing import Final
 
 from blockmirror.archive import objects as fmt
-from blockmirror.archive.catalog import Catalog, Target
+from blockmirror.archive.catalog import Catalog, Point, Target
 from blockmirror.archive.s3 import ObjectStore
 from blockmirror.errors import ArchiveError
-from blockmirror.io.fileio import pwritev_all
 from blockmirror.journal.format import Kind
-from blockmirror.store.volume import punch_hole
+from blockmirror.store.base import Store
+from blockmirror.store.volume import Volume
 
-__all__ = ["RestoreResult", "restore"]
+__all__ = ["RestoreError", "RestoreResult", "restore", "restore_into"]
 
 PARALLEL: Final = 8
 Progress = Callable[[str], None]
@@ -58,10 +58,44 @@ async def restore(
     progress: Progress | None = None,
 ) -> RestoreResult:
     """Write the volume at ``target`` to the new file ``to`` (refused if it exists)."""
-    began = time.monotonic()
-    say = progress or (lambda _line: None)
     catalog = await Catalog.load(store, root)
     point = await catalog.resolve(target)
+    manifest_key = catalog.chains[point.generation].plan(point.seq).base
+    manifest = fmt.decode_manifest(await store.get(root + manifest_key.key))
+    fd = os.open(to, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, manifest.volume_size)
+    finally:
+        os.close(fd)
+    try:
+        image = Volume.open(to, size=manifest.volume_size, create=False)
+        try:
+            return await restore_into(
+                store, root, catalog, point, image, fresh=True, parallel=parallel,
+                progress=progress,
+            )  # fmt: skip
+        finally:
+            image.close()
+    except BaseException:
+        os.unlink(to)
+        raise
+
+
+async def restore_into(
+    store: ObjectStore,
+    root: str,
+    catalog: Catalog,
+    point: Point,
+    image: Store,
+    *,
+    fresh: bool,
+    parallel: int = PARALLEL,
+    progress: Progress | None = None,
+) -> RestoreResult:
+    """Write ``point`` over ``image`` (of the volume's size); ``fresh``: it reads as zeros
+    already, so zero chunks need no writing. Synced before it returns."""
+    began = time.monotonic()
+    say = progress or (lambda _line: None)
     chain = catalog.chains[point.generation]
     plan = chain.plan(point.seq)
     say(
@@ -70,26 +104,22 @@ async def restore(
     )
     manifest_bytes = await store.get(root + plan.base.key)
     manifest = fmt.decode_manifest(manifest_bytes)
+    if manifest.volume_size != image.size:
+        raise RestoreError(
+            f"the archived volume is {manifest.volume_size} bytes, the target {image.size}"
+        )
     downloaded = len(manifest_bytes)
-    fd = os.open(to, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        os.ftruncate(fd, manifest.volume_size)
-        downloaded += await _write_base(store, root, manifest, fd, parallel, say)
-        touched: set[int] = set()
-        fetched, records = await _replay(
-            store, root, plan.segments, plan.base.start, point.seq, fd, manifest, touched,
-            parallel, say,
-        )  # fmt: skip
-        downloaded += fetched
-        await asyncio.to_thread(_check_untouched, fd, manifest, touched)
-        await asyncio.to_thread(os.fsync, fd)
-    except BaseException:
-        os.close(fd)
-        os.unlink(to)
-        raise
-    os.close(fd)
+    downloaded += await _write_base(store, root, manifest, image, fresh, parallel, say)
+    touched: set[int] = set()
+    fetched, records = await _replay(
+        store, root, plan.segments, plan.base.start, point.seq, image, manifest, touched,
+        parallel, say,
+    )  # fmt: skip
+    downloaded += fetched
+    await asyncio.to_thread(_check_untouched, image, manifest, touched)
+    await asyncio.to_thread(image.flush)
     seconds = time.monotonic() - began
-    say(f"restored seq {point.seq} to {to}: {records} records replayed, {seconds:.1f} s")
+    say(f"restored seq {point.seq}: {records} records replayed, {seconds:.1f} s")
     return RestoreResult(
         point.seq, point.time_ns, point.generation, plan.base.end, records, downloaded, seconds,
         manifest.volume_size,
@@ -100,15 +130,22 @@ async def _write_base(
     store: ObjectStore,
     root: str,
     manifest: fmt.Manifest,
-    fd: int,
+    image: Store,
+    fresh: bool,
     parallel: int,
     say: Progress,
 ) -> int:
     """Every data chunk of the base, checked against its digest, at its offset."""
     by_object: dict[int, list[int]] = {}
+    zeros: list[int] = []
     for i, ref in enumerate(manifest.chunks):
         if ref.object_index != fmt.ZERO_CHUNK:
             by_object.setdefault(ref.object_index, []).append(i)
+        elif not fresh:
+            zeros.append(i)
+    for i in zeros:
+        offset, length = manifest.chunk_range(i)
+        await asyncio.to_thread(image.write_zeroes, offset, length, may_trim=True)
     limit = asyncio.Semaphore(parallel)
     total = len(by_object)
     done = 0
@@ -119,7 +156,7 @@ async def _write_base(
         async with limit:
             data = await store.get(root + manifest.objects[index])
         downloaded += len(data)
-        await asyncio.to_thread(_write_chunks, fd, manifest, data, chunks)
+        await asyncio.to_thread(_write_chunks, image, manifest, data, chunks)
         done += 1
         if done == total or done % 16 == 0:
             say(f"base: {done}/{total} objects")
@@ -128,7 +165,7 @@ async def _write_base(
     return downloaded
 
 
-def _write_chunks(fd: int, manifest: fmt.Manifest, data: bytes, chunks: list[int]) -> None:
+def _write_chunks(image: Store, manifest: fmt.Manifest, data: bytes, chunks: list[int]) -> None:
     view = memoryview(data)
     for i in chunks:
         ref = manifest.chunks[i]
@@ -139,7 +176,7 @@ def _write_chunks(fd: int, manifest: fmt.Manifest, data: bytes, chunks: list[int
                 f"chunk {i} overruns its object {manifest.objects[ref.object_index]}"
             )
         raw = fmt.decode_chunk(stored, ref.flags, length, ref.digest)
-        pwritev_all(fd, [raw], offset)
+        image.pwritev(offset, [raw])
 
 
 async def _replay(
@@ -148,7 +185,7 @@ async def _replay(
     segments: Sequence[fmt.SegmentKey],
     after: int,
     upto: int,
-    fd: int,
+    image: Store,
     manifest: fmt.Manifest,
     touched: set[int],
     parallel: int,
@@ -176,7 +213,7 @@ async def _replay(
             if segment.first > expected:
                 raise RestoreError(f"records {expected}..{segment.first - 1} are missing")
             applied += await asyncio.to_thread(
-                _apply, fd, segment.records, expected, upto, manifest, touched
+                _apply, image, segment.records, expected, upto, manifest, touched
             )
             expected = max(expected, segment.last + 1)
             say(f"segments: {n}/{len(segments)} (seq {min(segment.last, upto)})")
@@ -189,7 +226,7 @@ async def _replay(
 
 
 def _apply(
-    fd: int,
+    image: Store,
     records: Sequence[fmt.Record],
     first: int,
     upto: int,
@@ -208,31 +245,19 @@ def _apply(
             raise RestoreError(f"record {rec.seq} is beyond the volume's end")
         touched.update(range(rec.offset // chunk, (rec.offset + rec.length - 1) // chunk + 1))
         if rec.kind == Kind.WRITE:
-            pwritev_all(fd, list(rec.data), rec.offset)
+            image.pwritev(rec.offset, list(rec.data))
         else:
             # A trimmed range reads as zeros on every volume we serve (docs/journal.md).
-            _zero(fd, rec.offset, rec.length)
+            image.write_zeroes(rec.offset, rec.length, may_trim=True)
     return applied
 
 
-def _zero(fd: int, offset: int, length: int) -> None:
-    try:
-        punch_hole(fd, offset, length)
-    except OSError:
-        end = offset + length
-        block = bytes(min(length, 1 << 20))
-        while offset < end:
-            n = min(len(block), end - offset)
-            pwritev_all(fd, [block[:n]], offset)
-            offset += n
-
-
-def _check_untouched(fd: int, manifest: fmt.Manifest, touched: set[int]) -> None:
+def _check_untouched(image: Store, manifest: fmt.Manifest, touched: set[int]) -> None:
     """Read back every chunk no record changed: it must be the base's, digest for digest."""
     for i, ref in enumerate(manifest.chunks):
         if i in touched:
             continue
         offset, length = manifest.chunk_range(i)
-        data = os.pread(fd, length, offset)
+        data = image.pread(offset, length)
         if fmt.chunk_digest(data) != ref.digest:
             raise RestoreError(f"chunk {i} at {offset} does not match the manifest after writing")

@@ -50,6 +50,9 @@ class Consumer:
     # Kept from the checkpoint although no configured peer has its name (its address changed):
     # it holds its records until a peer proves to be its unit (bind) or room is needed.
     detached: bool = False
+    # New to this journal at this start (no checkpoint knew it): every region dirty because
+    # nothing is known yet, not because changes were given up.
+    fresh: bool = False
 
     def state(self) -> ConsumerState:
         return ConsumerState(self.acked_seq, self.mode, self.paused, self.peer)
@@ -204,11 +207,14 @@ def _attach_one(
         dirty = DirtyMap.create(
             path, volume_size=volume_size, region_size=DIRTY_REGION, all_dirty=state is not None
         )
+    fresh = state is None
     if state is None:
         # A consumer new to this journal has never seen the volume: all of it differs.
         dirty.mark_all()
         state = everything
-    return Consumer(name, state.acked_seq, state.mode, state.paused, dirty, peer=state.peer)
+    return Consumer(
+        name, state.acked_seq, state.mode, state.paused, dirty, peer=state.peer, fresh=fresh
+    )
 
 
 def _detached(names: Sequence[str], known: Mapping[str, ConsumerState]) -> list[str]:

@@ -85,12 +85,6 @@ def _fallocate(fd: int, mode: int, pos: int, length: int) -> None:
             raise OSError(err, os.strerror(err))
 
 
-def punch_hole(fd: int, offset: int, length: int) -> None:
-    """Make a range of a regular file a hole (reads as zeros). Raises OSError (EOPNOTSUPP on
-    a filesystem without holes)."""
-    _fallocate(fd, _FALLOC_PUNCH, offset, length)
-
-
 def _probe_fallocate(directory: Path) -> dict[int, bool]:
     """Which hole/zero modes the filesystem of ``directory`` has, tried on an unnamed file.
 
