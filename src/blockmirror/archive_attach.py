@@ -17,6 +17,7 @@ from typing import Any
 from blockmirror.archive.s3 import ArchiveStoreError, S3Store, load_credentials, parse_url
 from blockmirror.archive.seeding import needs_seed, seed_replica
 from blockmirror.archive.uploader import CONSUMER_PREFIX, ArchiveUploader, consumer_name
+from blockmirror.blockdev.journaled import JournalWritePath
 from blockmirror.config import Config, VolumeConfig
 from blockmirror.config_archive import ArchiveConfig
 from blockmirror.errors import ArchiveError
@@ -25,7 +26,14 @@ from blockmirror.journal.journal import Journal
 from blockmirror.runtime import VolumeRuntime
 from blockmirror.state import ConsumerMode, Role
 
-__all__ = ["UnitArchives", "adopt_archive_position", "archive_consumers", "volume_root"]
+__all__ = [
+    "UnitArchives",
+    "adopt_archive_position",
+    "archive_consumers",
+    "settle_adopted",
+    "start_added_peer",
+    "volume_root",
+]
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +43,16 @@ def archive_consumers(config: Config, vc: VolumeConfig) -> list[str]:
     return [consumer_name(a.name) for a in config.archives if a.upload and a.covers(vc.name)]
 
 
-def adopt_archive_position(journal: Journal, peers: Sequence[str]) -> list[Consumer]:
+def adopt_archive_position(journal: Journal, consumers: Sequence[Consumer]) -> list[Consumer]:
     """Start every peer consumer new to ``journal`` where the archive stands, when an archive
     consumer is in step (journal mode, nothing dirty): a replica seeded from that archive then
     resumes with the records after its point, which the journal keeps from here on. A peer
     that was not seeded proves nothing at its WELCOME (another identity, or records the
-    journal no longer has) and is copied in full, as before (link/resume.py). Returns the
-    consumers changed; the caller syncs their dirty maps before the next checkpoint."""
+    journal no longer has) and is copied in full, as before (link/resume.py).
+
+    Only the cursor moves here; the dirty bits stay until the caller has written a checkpoint
+    that records it, then :func:`settle_adopted` clears them. A crash in between comes back to
+    a journal-mode cursor with every region dirty: a full copy, never a missed one."""
     archives = [
         c
         for name, c in journal.consumers.items()
@@ -54,12 +65,12 @@ def adopt_archive_position(journal: Journal, peers: Sequence[str]) -> list[Consu
         return []
     position = min(c.acked_seq for c in archives)  # the one that has archived least
     changed = []
-    for name in peers:
-        consumer = journal.consumers.get(name)
-        if consumer is None or not consumer.fresh or consumer.mode != ConsumerMode.TRACKING:
+    for consumer in consumers:
+        if not consumer.fresh or consumer.mode != ConsumerMode.TRACKING:
+            continue
+        if consumer.name.startswith(CONSUMER_PREFIX):
             continue
         consumer.generation += 1
-        consumer.dirty.clear_all()
         consumer.set_mode(ConsumerMode.JOURNAL)
         consumer.acked_seq = position
         changed.append(consumer)
@@ -67,10 +78,42 @@ def adopt_archive_position(journal: Journal, peers: Sequence[str]) -> list[Consu
             "%s: peer %s is new: it starts where the archive stands (seq %d), so a replica "
             "seeded from the archive needs only the records after it",
             journal.path.name,
-            name,
+            consumer.name,
             position,
         )
     return changed
+
+
+def settle_adopted(consumers: Sequence[Consumer]) -> None:
+    """After a checkpoint recorded their cursors: the adopted consumers lack nothing before
+    them."""
+    for consumer in consumers:
+        consumer.generation += 1
+        consumer.dirty.clear_all()
+        consumer.fresh = False
+
+
+_SETTLING: set[asyncio.Task[None]] = set()
+
+
+def start_added_peer(
+    wp: JournalWritePath, consumer: Consumer | None, start: Callable[[], None]
+) -> None:
+    """A peer added by a reload: its new consumer starts where the archive stands when it can
+    (:func:`adopt_archive_position`); ``start`` (its sender) runs once that is durable."""
+    adopted = adopt_archive_position(wp.journal, [consumer] if consumer is not None else [])
+    if not adopted:
+        start()
+        return
+
+    async def settle() -> None:
+        await wp.checkpoint()
+        settle_adopted(adopted)
+        start()
+
+    task = asyncio.get_running_loop().create_task(settle())
+    _SETTLING.add(task)  # held until done: the loop keeps only weak references to tasks
+    task.add_done_callback(_SETTLING.discard)
 
 
 def volume_root(archive: ArchiveConfig, volume: str) -> str:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from blockmirror.admin.access import AdminAccess
 from blockmirror.admin.setup import admin_access
+from blockmirror.archive_attach import start_added_peer
 from blockmirror.config import Address, Config, VolumeConfig, config_from_bytes
 from blockmirror.config_diff import Change, ChangeKind, ConfigDiff, diff
 from blockmirror.config_store import ConfigRecord, rebind_copies, record_applied
@@ -414,7 +415,8 @@ def _add_peer(unit: Unit, new: Config, change: Change, prepared: _Prepared) -> N
     vc = new.volume(rt.config.name)
     peer = next(p for p in vc.peers if str(p) == name)
     own_key = rt.replica.psk if rt.replica is not None else None
-    unit.start_sender(rt, peer, own_key)
+    # Its sender starts at once, or once the archive's position is durable (archive_attach).
+    start_added_peer(wp, consumer, lambda: unit.start_sender(rt, peer, own_key))
     log.info("volume %s: peer %s added (a full resync brings it in step)", rt.config.name, name)
 
 

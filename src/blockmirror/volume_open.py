@@ -14,7 +14,7 @@ import logging
 from collections.abc import Sequence
 
 from blockmirror import statedir
-from blockmirror.archive_attach import adopt_archive_position
+from blockmirror.archive_attach import adopt_archive_position, settle_adopted
 from blockmirror.blockdev.ackmode import RemoteAck
 from blockmirror.blockdev.journaled import JournalWritePath
 from blockmirror.blockdev.service import BlockDevice
@@ -28,7 +28,6 @@ from blockmirror.history.log import HistoryLog
 from blockmirror.history_attach import attach_history, open_history
 from blockmirror.journal import generations
 from blockmirror.journal.checkpoint import CheckpointError
-from blockmirror.journal.consumers import sync_dirty_maps
 from blockmirror.journal.dirtymap import DirtyMapError
 from blockmirror.journal.generations import GenerationsError, VolumeHistory
 from blockmirror.journal.journal import Journal
@@ -109,9 +108,12 @@ async def open_volume(
                     r.seconds,
                     f", torn tail cut ({r.torn_tail})" if r.torn_tail else "",
                 )
-            adopted = adopt_archive_position(journal, [str(peer) for peer in vc.peers])
+            peer_consumers = [journal.consumers[str(peer)] for peer in vc.peers]
+            adopted = adopt_archive_position(journal, peer_consumers)
             if adopted:
-                await asyncio.to_thread(sync_dirty_maps, adopted)
+                # The cursors durably first, then the bits they make needless (archive_attach).
+                await asyncio.to_thread(journal.write_checkpoint_now, clean=False)
+                settle_adopted(adopted)
             journal_wp = JournalWritePath(
                 journal,
                 volume,

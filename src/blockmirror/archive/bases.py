@@ -213,6 +213,7 @@ class BaseBuilder:
             # Every region dirty when the base began is in it (or in the segments after it).
             for offset, length in dirty_before:
                 consumer.dirty.clear(offset, length)
+            consumer.fresh = False  # in step now: a new peer may start where it stands
         else:
             log.warning(
                 "%s: a change outside the journal after base %d..%d: another base follows",
