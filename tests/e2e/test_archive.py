@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from blockmirror.archive import objects as fmt
+from tests.e2e.test_metrics import scrape
 from tests.support.archive import (
     add_archive,
     archive_cli,
@@ -72,6 +74,13 @@ def test_random_points_restore_exactly_from_the_archive_alone(
         status = wait_archived(a)
         assert status["lag_seconds"] == 0, status
         assert status["errors"] == 0, status
+        code, _, text = scrape(a, a.unit.admin_token if a.unit else None)
+        assert code == 200
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        lag = families["blockmirror_archive_lag_seconds"].samples
+        assert [(s.labels, s.value) for s in lag] == [({"volume": "vol", "archive": "s3"}, 0)]
+        last = families["blockmirror_archive_last_seq"].samples[0].value
+        assert last == log.writes[-1].seq, last
         a.kill()  # the archive alone from here on
 
     listing = archive_list(seaweed, url)

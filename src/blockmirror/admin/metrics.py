@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -137,6 +137,7 @@ class _StatusCollector(Collector):
         volumes = list(status.get("volumes") or [])
         yield from self._volumes(volumes, now)
         yield from self._peers(volumes)
+        yield from _archives(volumes)
         yield from _events(status)
 
     def _gauge(
@@ -268,6 +269,46 @@ class _StatusCollector(Collector):
             consistent.add_metric([volume, address], 1.0 if peer.get("consistent") else 0.0)
         yield up
         yield consistent
+
+
+_ARCHIVE_VALUES: Final = (
+    ("archive_lag_seconds", "Age of the oldest record not yet archived.", "lag_seconds", "g"),
+    ("archive_last_seq", "The newest record the archive holds.", "last_seq", "g"),
+    ("archive_last_upload_time", "When a segment was last stored (Unix time).", "last_time", "g"),
+    ("archive_uploaded_bytes_total", "Bytes put to the object store.", "bytes_uploaded", "c"),
+    ("archive_objects_total", "Objects put to the object store.", "objects", "c"),
+    ("archive_errors_total", "Failed uploads (each is retried).", "errors", "c"),
+    ("archive_deleted_objects_total", "Objects retention deleted.", "deleted", "c"),
+    ("archive_gaps", "Gaps in the archived chain (records never archived).", "gaps", "g"),
+)
+
+
+def _archives(volumes: list[dict[str, Any]]) -> Iterator[Metric]:
+    """Per volume and archive (docs/archive.md): freshness, volume of uploads, health."""
+    rows = [(str(v.get("name")), a) for v in volumes for a in v.get("archives") or []]
+    labels = ["volume", "archive"]
+    for name, help_text, key, kind in _ARCHIVE_VALUES:
+        family: Metric
+        if kind == "c":
+            family = CounterMetricFamily(
+                f"blockmirror_{name.removesuffix('_total')}", help_text, labels=labels
+            )
+        else:
+            family = GaugeMetricFamily(f"blockmirror_{name}", help_text, labels=labels)
+        for volume, archive in rows:
+            raw = archive.get(key)
+            value = float(len(raw)) if isinstance(raw, list) else _number(raw)
+            if value is not None:
+                family.add_metric([volume, str(archive.get("archive"))], value)
+        yield family
+    up = GaugeMetricFamily(
+        "blockmirror_archive_archiving", "1 while the archive takes uploads.", labels=labels
+    )
+    for volume, archive in rows:
+        up.add_metric(
+            [volume, str(archive.get("archive"))], float(archive.get("state") == "archiving")
+        )
+    yield up
 
 
 def _events(status: dict[str, Any]) -> Iterator[Metric]:
