@@ -280,3 +280,27 @@ def test_a_new_replica_seeded_from_the_archive_gets_only_the_records_after_it(
             assert peer["bytes_sent"] >= record_bytes - 64 * 200, peer
         assert a.images["vol"].read_bytes() == b.images["vol"].read_bytes()
         assert newest == int(peer["acked_seq"]), peer
+
+
+def test_the_archive_keeps_to_its_bandwidth(tmp_path: Path, seaweed: Seaweed) -> None:
+    """``bandwidth = "8Mbit"``: 6 MiB of incompressible segments cannot be stored faster than
+    1 MB/s allows (a lower bound on the time only: the bucket's burst and the first segment,
+    which goes before any wait, are allowed for)."""
+    url = f"s3://{BUCKET}/bandwidth"
+    with topology(tmp_path) as topo:
+        a = topo.add_primary("site-a", peers=[], size=SIZE)
+        add_archive(a, seaweed, url, bandwidth="8Mbit", segment_size="1MiB", compression="none")
+        a.start()
+        first = wait_archived(a)
+        assert first["rate_limit"] == 8_000_000, first
+        data = random.Random(1).randbytes(6 * MiB)
+        began = time.monotonic()
+        write_random(a, 0, data)
+        status = wait_archived(a, timeout=120)
+        took = time.monotonic() - began
+        a.kill()
+    sent = status["bytes_uploaded"] - first["bytes_uploaded"]
+    assert sent >= len(data), status
+    # At most one segment (about 1 MiB) and the burst (a quarter second) go before any wait.
+    allowed = sent - (MiB + 64 * 1024) - 1_000_000 // 4
+    assert took >= allowed / 1_000_000, (took, sent)
