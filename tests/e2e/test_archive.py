@@ -27,7 +27,7 @@ from tests.support.archive import (
     write_random,
 )
 from tests.support.failover import cli
-from tests.support.history import WriteLog, logged_workload
+from tests.support.history import WriteLog, check_prefix, iso, logged_workload
 from tests.support.pair import (
     MiB,
     Site,
@@ -44,21 +44,6 @@ pytestmark = pytest.mark.e2e
 BUCKET = "archive"
 SIZE = 8 * MiB
 seaweed = seaweed_fixture(scope="module", bucket=BUCKET)
-
-
-def _iso(ns: int) -> str:
-    secs, rest = divmod(ns, 1_000_000_000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{rest // 1000:06d}Z"
-
-
-def _check(image: Path, log: WriteLog, k: int, what: str) -> None:
-    got = image.read_bytes()
-    want = log.image(k)
-    assert len(got) == len(want), what
-    if got != want:
-        bad = next(i for i in range(0, len(got), 4096) if got[i : i + 4096] != want[i : i + 4096])
-        raise AssertionError(f"{what}: block {bad // 4096} differs from the prefix of {k} writes")
-    image.unlink()
 
 
 def test_random_points_restore_exactly_from_the_archive_alone(
@@ -99,13 +84,13 @@ def test_random_points_restore_exactly_from_the_archive_alone(
         if how == 0:
             point = ["--seq", str(log.writes[k - 1].seq)]
         elif how == 1:
-            point = ["--at", _iso(log.prefix_at_time(k))]
+            point = ["--at", iso(log.prefix_at_time(k))]
         else:
             mark = log.marks[n % len(log.marks)]
             k = mark.after
             point = ["--bookmark", mark.name]
         result = restore_from_archive(seaweed, url, out, *point)
-        _check(out, log, k, f"{point} -> {result}")
+        check_prefix(out, log, k, f"{point} -> {result}")
 
     report = archive_cli(seaweed, "verify", "vol", "--url", url)
     assert "0 problems" in report.stdout, report.stdout
@@ -152,7 +137,7 @@ def test_a_second_writer_is_refused_and_the_first_chain_stays_whole(
     assert gen["gaps"] == [] and gen["overlaps"] == [], gen
     out = tmp_path / "restored.img"
     restore_from_archive(seaweed, url, out, "--seq", str(newest))
-    _check(out, log, len(log.writes), "newest point after the refused writers")
+    check_prefix(out, log, len(log.writes), "newest point after the refused writers")
     report = archive_cli(seaweed, "verify", "vol", "--url", url)
     assert "0 problems" in report.stdout, report.stdout
 
@@ -215,12 +200,12 @@ def test_retention_deletes_exactly_what_is_outside_the_window(
     # The window's oldest point restores exactly; one well before it is gone.
     k = next(i for i in range(1, len(log.writes)) if log.prefix_at_time(i) >= cutoff + int(3e8))
     out = tmp_path / "oldest.img"
-    restore_from_archive(seaweed, url, out, "--at", _iso(log.prefix_at_time(k)))
-    _check(out, log, k, "the window's oldest point")
+    restore_from_archive(seaweed, url, out, "--at", iso(log.prefix_at_time(k)))
+    check_prefix(out, log, k, "the window's oldest point")
     early = log.prefix_at_time(3)
     assert early < oldest.end_ts, (early, oldest)
     gone = archive_cli(
-        seaweed, "restore", "vol", "--url", url, "--at", _iso(early), "--to",
+        seaweed, "restore", "vol", "--url", url, "--at", iso(early), "--to",
         str(tmp_path / "early.img"), check=False,
     )  # fmt: skip
     assert gone.returncode != 0 and not (tmp_path / "early.img").exists(), gone.stderr

@@ -34,7 +34,7 @@ from tests.support.archive import (
     write_random,
 )
 from tests.support.faultproxy import ThreadedFaultProxy
-from tests.support.history import WriteLog, logged_workload
+from tests.support.history import WriteLog, check_image, logged_workload
 from tests.support.pair import MiB, Site, topology, wait_status
 from tests.support.seaweed import Seaweed, running_seaweed
 
@@ -48,14 +48,6 @@ SIZE = 32 * MiB
 def weed(tmp_path: Path) -> Iterator[Seaweed]:
     with running_seaweed(tmp_path / "s3", bucket=BUCKET) as server:
         yield server
-
-
-def _check(image: Path, want: bytes, what: str) -> None:
-    got = image.read_bytes()
-    assert len(got) == len(want), what
-    if got != want:
-        bad = next(i for i in range(0, len(got), 4096) if got[i : i + 4096] != want[i : i + 4096])
-        raise AssertionError(f"{what}: block {bad // 4096} differs")
 
 
 def _stalled(site: Site, words: str) -> dict[str, object] | None:
@@ -114,7 +106,7 @@ def test_kill_9_during_an_upload_leaves_a_continuous_chain(tmp_path: Path, weed:
     assert gen["last_seq"] == newest, gen
     out = tmp_path / "newest.img"
     restore_from_archive(weed, url, out, "--seq", str(newest))
-    _check(out, volume, "the newest point after kill -9 mid-upload")
+    check_image(out, volume, "the newest point after kill -9 mid-upload")
     report = archive_cli(weed, "verify", "vol", "--url", url)
     assert "0 problems" in report.stdout, report.stdout
 
@@ -157,7 +149,7 @@ def test_a_store_down_for_a_minute_loses_no_point(tmp_path: Path, weed: Seaweed)
         k = rng.randint(1, len(log.writes))
         out = tmp_path / f"p{n}.img"
         restore_from_archive(weed, url, out, "--seq", str(log.writes[k - 1].seq))
-        _check(out, log.image(k), f"the point after write {k} of {len(log.writes)}")
+        check_image(out, log.image(k), f"the point after write {k} of {len(log.writes)}")
         out.unlink()
 
 
@@ -220,9 +212,9 @@ def test_denied_writes_and_an_overflowing_journal_leave_a_reported_gap(
     assert not (tmp_path / "gap.img").exists()
     out = tmp_path / "before.img"
     restore_from_archive(weed, url, out, "--seq", str(before_gap))
-    _check(out, log.image(len(log.writes)), "the point before the gap")
+    check_image(out, log.image(len(log.writes)), "the point before the gap")
     out.unlink()
     out = tmp_path / "newest.img"
     restore_from_archive(weed, url, out, "--seq", str(newest))
-    _check(out, volume, "the newest point after the gap")
+    check_image(out, volume, "the newest point after the gap")
     assert os.path.getsize(out) == SIZE

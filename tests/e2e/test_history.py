@@ -16,27 +16,19 @@ from pathlib import Path
 import pytest
 
 from tests.support.failover import cli
-from tests.support.history import WriteLog, history, history_pair, logged_workload, restore
+from tests.support.history import (
+    check_prefix,
+    history,
+    history_pair,
+    iso,
+    logged_workload,
+    restore,
+)
 from tests.support.pair import MiB, peer_address, topology, wait_caught_up, wait_status
 
 pytestmark = pytest.mark.e2e
 
 SIZE = 8 * MiB
-
-
-def _iso(ns: int) -> str:
-    secs, rest = divmod(ns, 1_000_000_000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{rest // 1000:06d}Z"
-
-
-def _check(image: Path, log: WriteLog, k: int, what: str) -> None:
-    got = image.read_bytes()
-    want = log.image(k)
-    assert len(got) == len(want), what
-    if got != want:
-        bad = next(i for i in range(0, len(got), 4096) if got[i : i + 4096] != want[i : i + 4096])
-        raise AssertionError(f"{what}: block {bad // 4096} differs from the prefix of {k} writes")
-    image.unlink()
 
 
 def test_random_points_restore_exactly_on_primary_and_replica(tmp_path: Path) -> None:
@@ -62,28 +54,28 @@ def test_random_points_restore_exactly_on_primary_and_replica(tmp_path: Path) ->
                 status, body = restore(site, out, seq=log.writes[k - 1].seq)
                 what = f"{site.name} seq {log.writes[k - 1].seq}"
             elif how == 1:
-                status, body = restore(site, out, at=_iso(log.prefix_at_time(k)))
-                what = f"{site.name} at {_iso(log.prefix_at_time(k))}"
+                status, body = restore(site, out, at=iso(log.prefix_at_time(k)))
+                what = f"{site.name} at {iso(log.prefix_at_time(k))}"
             else:
                 mark = log.marks[n % len(log.marks)]
                 k = mark.after
                 status, body = restore(site, out, bookmark=mark.name)
                 what = f"{site.name} bookmark {mark.name}"
             assert status == 200, (what, body)
-            _check(out, log, k, what)
+            check_prefix(out, log, k, what)
             checked += 1
         assert checked >= 20
 
         # The command line, with each way of naming a point.
         for args, k in (
             (["--seq", str(log.writes[49].seq)], 50),
-            (["--at", _iso(log.prefix_at_time(150))], 150),
+            (["--at", iso(log.prefix_at_time(150))], 150),
             (["--bookmark", "ckpt"], 210),
         ):
             out = tmp_path / "cli.img"
             proc = cli("restore", "vol", *args, "--to", str(out), "--config", str(b.config))
             assert proc.returncode == 0, proc.stderr
-            _check(out, log, k, f"cli {args}")
+            check_prefix(out, log, k, f"cli {args}")
         proc = cli("history", "vol", "--config", str(a.config))
         assert proc.returncode == 0 and "bookmark ckpt" in proc.stdout, proc.stdout + proc.stderr
         proc = cli("status", "--config", str(b.config))
@@ -129,7 +121,7 @@ def test_retention_by_age_and_size_and_restart(tmp_path: Path) -> None:
         k = 60
         status, body = restore(a, tmp_path / "p.img", seq=late.writes[k - 1].seq)
         assert status == 200, body
-        _check(tmp_path / "p.img", late, k, "before restart")
+        check_prefix(tmp_path / "p.img", late, k, "before restart")
         assert a.unit is not None
         a.unit.terminate()
         a.start()
@@ -137,7 +129,7 @@ def test_retention_by_age_and_size_and_restart(tmp_path: Path) -> None:
         assert h2["newest"]["seq"] == h["newest"]["seq"], (h, h2)
         status, body = restore(a, tmp_path / "p.img", seq=late.writes[k - 1].seq)
         assert status == 200, body
-        _check(tmp_path / "p.img", late, k, "after restart")
+        check_prefix(tmp_path / "p.img", late, k, "after restart")
 
 
 def test_size_cap_shortens_history_with_an_alert(tmp_path: Path) -> None:
@@ -162,7 +154,7 @@ def test_size_cap_shortens_history_with_an_alert(tmp_path: Path) -> None:
         k = next(i + 1 for i, w in enumerate(log.writes) if w.seq > oldest + 5)
         status, body = restore(a, tmp_path / "p.img", seq=log.writes[k - 1].seq)
         assert status == 200, body
-        _check(tmp_path / "p.img", log, k, "after the cap")
+        check_prefix(tmp_path / "p.img", log, k, "after the cap")
 
 
 def test_chain_keeps_the_primarys_times_and_bookmarks(tmp_path: Path) -> None:
@@ -189,9 +181,9 @@ def test_chain_keeps_the_primarys_times_and_bookmarks(tmp_path: Path) -> None:
         assert ha["newest"] == hc["newest"], (ha, hc)
         # A time on A's clock names the same prefix on C.
         for k in (30, 61, 100):
-            status, body = restore(c, tmp_path / "c.img", at=_iso(log.prefix_at_time(k)))
+            status, body = restore(c, tmp_path / "c.img", at=iso(log.prefix_at_time(k)))
             assert status == 200, body
-            _check(tmp_path / "c.img", log, k, f"C at A's time of write {k}")
+            check_prefix(tmp_path / "c.img", log, k, f"C at A's time of write {k}")
 
 
 def test_kill_9_keeps_every_point_on_primary_and_replica(tmp_path: Path) -> None:
@@ -215,4 +207,4 @@ def test_kill_9_keeps_every_point_on_primary_and_replica(tmp_path: Path) -> None
             out = tmp_path / f"k{n}.img"
             status, body = restore(site, out, seq=log.writes[k - 1].seq)
             assert status == 200, body
-            _check(out, log, k, f"{site.name} after kill -9, prefix {k}")
+            check_prefix(out, log, k, f"{site.name} after kill -9, prefix {k}")

@@ -154,3 +154,24 @@ def history_pair(topo: Topology, size: int, history_value: str = "1h") -> tuple[
     a.start()
     wait_caught_up(a, b)
     return a, b
+
+
+def iso(ns: int) -> str:
+    """``ns`` since the epoch as ISO 8601 UTC with microseconds, as restores take times."""
+    secs, rest = divmod(ns, 1_000_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{rest // 1000:06d}Z"
+
+
+def check_image(image: Path, want: bytes, what: str) -> None:
+    """``image`` holds exactly ``want``; else name the first 4 KiB block that differs."""
+    got = image.read_bytes()
+    assert len(got) == len(want), what
+    if got != want:
+        bad = next(i for i in range(0, len(got), 4096) if got[i : i + 4096] != want[i : i + 4096])
+        raise AssertionError(f"{what}: block {bad // 4096} differs")
+
+
+def check_prefix(image: Path, log: WriteLog, k: int, what: str) -> None:
+    """``image`` is the volume after exactly the first ``k`` writes of ``log``; removed after."""
+    check_image(image, log.image(k), f"{what} (the prefix of {k} writes)")
+    image.unlink()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -242,19 +242,9 @@ class _StatusCollector(Collector):
     def _peers(self, volumes: list[dict[str, Any]]) -> Iterator[Metric]:
         peers = [(str(v.get("name")), p) for v in volumes for p in v.get("peers") or []]
         labels = ["volume", "peer"]
-        for name, help_text, key, kind in _PEER_VALUES:
-            family: Metric
-            if kind == "c":
-                family = CounterMetricFamily(
-                    f"blockmirror_{name.removesuffix('_total')}", help_text, labels=labels
-                )
-            else:
-                family = GaugeMetricFamily(f"blockmirror_{name}", help_text, labels=labels)
-            for volume, peer in peers:
-                value = _number(peer.get(key))
-                if value is not None:
-                    family.add_metric([volume, str(peer.get("address"))], value)
-            yield family
+        yield from _families(
+            _PEER_VALUES, labels, [(v, str(p.get("address")), p) for v, p in peers]
+        )
         up = GaugeMetricFamily(
             "blockmirror_peer_replicating", "1 while the link replicates.", labels=labels
         )
@@ -269,6 +259,29 @@ class _StatusCollector(Collector):
             consistent.add_metric([volume, address], 1.0 if peer.get("consistent") else 0.0)
         yield up
         yield consistent
+
+
+def _families(
+    values: Sequence[tuple[str, str, str, str]],
+    labels: list[str],
+    rows: Sequence[tuple[str, str, dict[str, Any]]],
+) -> Iterator[Metric]:
+    """One family per ``(name, help, key, "c" or "g")`` of ``values``, a sample per row
+    ``(volume, second label, record)`` whose record has a number (a list counts its items)."""
+    for name, help_text, key, kind in values:
+        family: Metric
+        if kind == "c":
+            family = CounterMetricFamily(
+                f"blockmirror_{name.removesuffix('_total')}", help_text, labels=labels
+            )
+        else:
+            family = GaugeMetricFamily(f"blockmirror_{name}", help_text, labels=labels)
+        for volume, second, record in rows:
+            raw = record.get(key)
+            value = float(len(raw)) if isinstance(raw, list) else _number(raw)
+            if value is not None:
+                family.add_metric([volume, second], value)
+        yield family
 
 
 _ARCHIVE_VALUES: Final = (
@@ -287,20 +300,7 @@ def _archives(volumes: list[dict[str, Any]]) -> Iterator[Metric]:
     """Per volume and archive (docs/archive.md): freshness, volume of uploads, health."""
     rows = [(str(v.get("name")), a) for v in volumes for a in v.get("archives") or []]
     labels = ["volume", "archive"]
-    for name, help_text, key, kind in _ARCHIVE_VALUES:
-        family: Metric
-        if kind == "c":
-            family = CounterMetricFamily(
-                f"blockmirror_{name.removesuffix('_total')}", help_text, labels=labels
-            )
-        else:
-            family = GaugeMetricFamily(f"blockmirror_{name}", help_text, labels=labels)
-        for volume, archive in rows:
-            raw = archive.get(key)
-            value = float(len(raw)) if isinstance(raw, list) else _number(raw)
-            if value is not None:
-                family.add_metric([volume, str(archive.get("archive"))], value)
-        yield family
+    yield from _families(_ARCHIVE_VALUES, labels, [(v, str(a.get("archive")), a) for v, a in rows])
     up = GaugeMetricFamily(
         "blockmirror_archive_archiving", "1 while the archive takes uploads.", labels=labels
     )

@@ -1,7 +1,7 @@
 """Retention of an archived chain (docs/archive.md, "Retention").
 
 Every point whose origin time is within ``history`` of now must stay restorable. The oldest of
-them needs the newest base at or before it (the *anchor*) and the segments after the anchor's
+them needs the newest base older than it (the *anchor*) and the segments after the anchor's
 start, so those are kept; everything older is deleted: bases before the anchor, segments that
 end at or before its start, bookmarks of points before it, and data objects no kept manifest
 takes a chunk from. A data object newer than the newest manifest belongs to a base still being
@@ -33,14 +33,19 @@ def expired(
     """What may go when no point older than ``cutoff_ns`` needs keeping.
 
     ``objects_of``: for each manifest key (relative) of the chain, the data objects it takes
-    chunks from; a manifest missing here keeps every data object (nothing is deleted on a
-    guess). Sans-I/O: the caller lists, reads the manifests and deletes."""
+    chunks from; a kept manifest missing here keeps every data object (nothing is deleted on
+    a guess). Sans-I/O: the caller lists, reads the manifests and deletes."""
     chain = Chain(list(keys))
-    candidates = [b for b in chain.bases if b.end_ts <= cutoff_ns]
+    # Strictly older: records may share the cutoff's time (a clamped clock), and each of them
+    # is a point in the window the anchor must come before.
+    candidates = [b for b in chain.bases if b.end_ts < cutoff_ns]
     anchor: fmt.ManifestKey | None = None
     for base in sorted(candidates, key=lambda b: b.end, reverse=True):
         try:
-            chain.plan(base.end)
+            # It must restore its own end itself: a plan through another base says nothing
+            # of this one, and deleting that other base would leave nothing restorable.
+            if chain.plan(base.end).base != base:
+                continue
         except NotRestorable:
             continue
         anchor = base

@@ -20,7 +20,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Final
 
 from blockmirror.archive import objects as fmt
@@ -34,6 +33,7 @@ from blockmirror.archive.s3 import (
     StoreDenied,
     StoreFull,
 )
+from blockmirror.archive.upload_stats import ArchiveStats
 from blockmirror.blockdev.journaled import JournalWritePath
 from blockmirror.config_archive import ArchiveConfig
 from blockmirror.journal.consumers import Consumer
@@ -60,29 +60,6 @@ def consumer_name(archive: str) -> str:
     """The journal consumer an archive uses (never a peer address: those hold a colon too,
     but never this prefix)."""
     return CONSUMER_PREFIX + archive
-
-
-@dataclass
-class ArchiveStats:
-    """What status shows of one archive of one volume."""
-
-    state: ArchiveState = ArchiveState.STARTING
-    reason: str = ""
-    last_seq: int = 0  # the newest record the archive holds durably
-    last_time: float = 0.0  # when it got it (freshness)
-    last_record_ns: int = 0  # that record's origin timestamp
-    segments: int = 0
-    bases: int = 0
-    bytes_uploaded: int = 0
-    raw_bytes: int = 0  # journal bytes those segments held
-    objects: int = 0
-    errors: int = 0
-    last_error: str = ""
-    base_running: bool = False
-    base_progress: float = 0.0
-    gaps: list[tuple[int, int]] = field(default_factory=list)
-    tracking_since: float = 0.0
-    deleted: int = 0  # objects retention removed
 
 
 class ArchiveUploader:
@@ -130,6 +107,7 @@ class ArchiveUploader:
         # For retention: the data objects each manifest (by relative key) takes chunks from.
         self.manifest_objects: dict[str, frozenset[str]] = {}
         self._next_expiry = 0.0
+        self._denied = False  # the last failure was a refusal to write (or a full store)
 
     # --- the consumer -------------------------------------------------------------------------
 
@@ -202,12 +180,15 @@ class ArchiveUploader:
             if isinstance(exc, StoreFull)
             else "the store cannot be reached"
         )
+        self._denied = isinstance(exc, (StoreDenied, StoreFull))
         self._enter_quietly(ArchiveState.STALLED, f"{kind}: {exc}")
         log.warning("archive %s of %s: %s", self.config.name, self.volume_name, exc)
 
     async def _session(self) -> None:
         """Claim the generation, learn what the archive holds, then stream."""
-        self._enter_quietly(ArchiveState.STARTING, "claiming the chain")
+        if self.stats.state is not ArchiveState.STALLED:
+            # (A retry while stalled keeps saying why it is stalled.)
+            self._enter_quietly(ArchiveState.STARTING, "claiming the chain")
         while (why := self.can_base()) is not None:
             # A replica knows which volume (and generation) it holds only once its source has
             # brought it in step: claiming earlier could claim for the wrong one.
@@ -219,7 +200,10 @@ class ArchiveUploader:
         await self._claim(generation)
         self.generation = generation
         await self._resume()
-        self._enter_quietly(ArchiveState.ARCHIVING, "")
+        if not (self.stats.state is ArchiveState.STALLED and self._denied):
+            # Reachable again. (A store that refused writes is trusted again only once a put
+            # succeeds: listing and reading prove nothing of writing.)
+            self._enter_quietly(ArchiveState.ARCHIVING, "")
         while True:
             if self._generation() != self.generation:
                 return  # a promote began a new generation: claim it, start its chain
@@ -257,6 +241,14 @@ class ArchiveUploader:
         self.stats.bases = len(chain.bases)
         if not chain.bases:
             self._next_base = 0.0  # a chain without a base restores nothing: one at once
+        else:
+            # A restart does not copy the volume again before its time: the newest manifest
+            # says when it was made.
+            newest_base = max(chain.bases, key=lambda b: b.end)
+            manifest = fmt.decode_manifest(await self.store.get(self.key(newest_base.key)))
+            self.manifest_objects[newest_base.key] = frozenset(manifest.objects)
+            age = time.time() - manifest.created_ns / 1e9
+            self._next_base = time.monotonic() + max(0.0, self.config.base_interval - age)
 
     async def _idle(self) -> None:
         self.wp.applied_event.clear()
@@ -353,13 +345,19 @@ class ArchiveUploader:
         self.stats.last_record_ns = last.timestamp_ns
         self.stats.tracking_since = 0.0
         self._last_cut = time.monotonic()
-        if self.stats.state is ArchiveState.STALLED:
-            self.enter(ArchiveState.ARCHIVING)
+        self.stored()
         self.segment_event.set()
         return last.seq
 
     async def put_once(self, key: str, data: bytes) -> None:
         await put_once(self.store, key, data)
+        self.stored()
+
+    def stored(self) -> None:
+        """A put succeeded: the store takes writes."""
+        self._denied = False
+        if self.stats.state in (ArchiveState.STALLED, ArchiveState.STARTING):
+            self.enter(ArchiveState.ARCHIVING)
 
     async def _bookmarks(self, records: list[Record]) -> None:
         """A key per bookmark, so that a listing shows every bookmark without a download."""
@@ -446,38 +444,16 @@ class ArchiveUploader:
         return max(0.0, time.time() - stamp / 1e9) if stamp else 0.0
 
     def status(self) -> dict[str, object]:
-        s = self.stats
-        consumer = self.consumer
-        backlog_bytes, backlog_records = self.wp.journal.backlog(consumer)
-        return {
-            "archive": self.config.name,
-            "url": self.config.url,
-            "state": str(s.state),
-            "reason": s.reason,
-            "generation": self.generation,
-            "mode": str(consumer.mode),
-            "last_seq": s.last_seq,
-            "last_time": s.last_time,
-            "last_record_time": s.last_record_ns / 1e9 if s.last_record_ns else 0.0,
-            "lag_seconds": round(self.lag_seconds(), 3),
-            "backlog_bytes": backlog_bytes,
-            "backlog_records": backlog_records,
-            "bytes_uploaded": s.bytes_uploaded,
-            "raw_bytes": s.raw_bytes,
-            "compression_ratio": round(s.raw_bytes / s.bytes_uploaded, 3)
-            if s.bytes_uploaded
-            else 1.0,
-            "objects": s.objects,
-            "segments": s.segments,
-            "bases": s.bases,
-            "base_running": s.base_running,
-            "base_progress": round(s.base_progress, 3),
-            "gaps": [list(g) for g in s.gaps],
-            "deleted": s.deleted,
-            "errors": s.errors,
-            "last_error": s.last_error,
-            "rate_limit": self.config.bandwidth,
-        }
+        backlog_bytes, backlog_records = self.wp.journal.backlog(self.consumer)
+        return self.stats.to_json(
+            archive=self.config.name,
+            url=self.config.url,
+            generation=self.generation,
+            mode=str(self.consumer.mode),
+            lag_seconds=self.lag_seconds(),
+            backlog=(backlog_bytes, backlog_records),
+            rate_limit=self.config.bandwidth,
+        )
 
 
 async def list_keys(store: ObjectStore, root: str, generation: str) -> list[fmt.ArchiveKey]:
