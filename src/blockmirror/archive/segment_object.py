@@ -96,6 +96,10 @@ class Segment:
     records: tuple[Record, ...]
 
 
+# The sample of a large segment zstd is tried on first (see encode_segment).
+PROBE_BYTES: Final = 1024 * 1024
+
+
 def encode_segment(
     raw: Buffer,
     *,
@@ -128,9 +132,16 @@ def encode_segment(
             raise ValueError(f"zstd level {level} is outside {LEVELS.start}..{LEVELS.stop - 1}")
         # A compressor per call: segments are encoded in worker threads, and a ZstdCompressor
         # must not be used by two at once.
-        packed = zstandard.ZstdCompressor(level=level, write_content_size=True).compress(body)
-        if len(packed) <= len(body) * (1 - MIN_SAVING):
-            stored, flags = packed, FLAG_ZSTD
+        compressor = zstandard.ZstdCompressor(level=level, write_content_size=True)
+        # A large body is first tried on a sample: data that will not shrink (already
+        # compressed, encrypted) then costs one probe, not seconds of zstd for nothing.
+        sample = memoryview(body)[:PROBE_BYTES]
+        if len(body) <= 2 * PROBE_BYTES or len(compressor.compress(sample)) <= len(sample) * (
+            1 - MIN_SAVING
+        ):
+            packed = compressor.compress(body)
+            if len(packed) <= len(body) * (1 - MIN_SAVING):
+                stored, flags = packed, FLAG_ZSTD
     elif codec is not Codec.NONE:
         raise ValueError(f"no segment codec {codec}")
     header = _HEADER.pack(
