@@ -216,6 +216,29 @@ def _nbd_line(nbd: Any) -> str | None:
     return f"{line}, {refused} refused" if refused else line
 
 
+ARCHIVE_HEADERS = ("archive", "volume", "state", "last seq", "lag s", "uploaded", "gaps", "reason")
+
+
+def archive_rows(status: dict[str, Any]) -> tuple[tuple[str, ...], list[list[str]]]:
+    """One row per archive of every volume (docs/archive.md)."""
+    rows = []
+    for vol in status.get("volumes", []):
+        for a in vol.get("archives") or []:
+            rows.append(
+                [
+                    str(a.get("archive", "?")),
+                    str(vol.get("name", "")),
+                    str(a.get("state", "?")),
+                    str(_int(a.get("last_seq"))),
+                    f"{float(a.get('lag_seconds') or 0):.1f}",
+                    human_size(_int(a.get("bytes_uploaded"))),
+                    str(len(a.get("gaps") or [])),
+                    str(a.get("reason") or "")[:50],
+                ]
+            )
+    return ARCHIVE_HEADERS, rows
+
+
 def format_status_table(status: dict[str, Any]) -> str:
     """The volume table; under it journals, consumers, peers, replicas and any problem."""
     headers, rows = status_rows(status)
@@ -232,7 +255,12 @@ def format_status_table(status: dict[str, Any]) -> str:
     cheaders, crows = consumer_rows(status)
     if crows:
         lines += ["", *_table(cheaders, crows)]
-    for table_rows in (peer_rows(status), replica_rows(status), history_rows(status)):
+    for table_rows in (
+        peer_rows(status),
+        archive_rows(status),
+        replica_rows(status),
+        history_rows(status),
+    ):
         theaders, trows = table_rows
         if trows:
             lines += ["", *_table(theaders, trows)]
@@ -279,6 +307,13 @@ def status_problems(status: dict[str, Any], *, degraded: bool = True) -> list[st
         replica = vol.get("replica")
         if replica and not replica.get("consistent"):
             problems.append(f"{name}: replica not consistent (a copy or resync runs)")
+        for archive in vol.get("archives") or []:
+            if archive.get("state") != "archiving" or archive.get("gaps"):
+                problems.append(
+                    f"{name} -> archive {archive.get('archive')}: {archive.get('state')}"
+                    + (f" ({archive['reason']})" if archive.get("reason") else "")
+                    + (f", {len(archive['gaps'])} gaps" if archive.get("gaps") else "")
+                )
         history = vol.get("history") or {}
         if history.get("failed"):
             problems.append(f"{name}: history given up: {history['failed']}")

@@ -61,3 +61,22 @@ def test_version_option() -> None:
         check=False,
     )
     assert proc.returncode == 0 and proc.stdout.strip() == f"blockmirror {__version__}"
+
+
+def test_an_archive_not_archiving_or_with_gaps_is_a_problem_and_has_its_table() -> None:
+    from blockmirror.admin.table import format_status_table
+
+    def vol(**archive: object) -> dict[str, object]:
+        entry = {"archive": "s3", "state": "archiving", "reason": "", "gaps": [], **archive}
+        return {"name": "db", "state": "serving", "peers": [], "archives": [entry]}
+
+    assert status_problems({"volumes": [vol(last_seq=7, lag_seconds=0.4)]}) == []
+    stalled = vol(state="stalled", reason="the store cannot be reached: timeout")
+    assert status_problems({"volumes": [stalled]}) == [
+        "db -> archive s3: stalled (the store cannot be reached: timeout)"
+    ]
+    gapped = vol(gaps=[[10, 20]])
+    assert status_problems({"volumes": [gapped]}) == ["db -> archive s3: archiving, 1 gaps"]
+    table = format_status_table({"unit": "u", "volumes": [vol(last_seq=7, bytes_uploaded=2048)]})
+    row = next(line for line in table.splitlines() if line.startswith("s3 "))
+    assert row.split()[:5] == ["s3", "db", "archiving", "7", "0.0"], row
