@@ -27,7 +27,7 @@ from tests.support.archive import (
     write_random,
 )
 from tests.support.failover import cli
-from tests.support.history import WriteLog, check_prefix, iso, logged_workload
+from tests.support.history import WriteLog, check_image, check_prefix, iso, logged_workload
 from tests.support.pair import (
     MiB,
     Site,
@@ -289,3 +289,41 @@ def test_the_archive_keeps_to_its_bandwidth(tmp_path: Path, seaweed: Seaweed) ->
     # At most one segment (about 1 MiB) and the burst (a quarter second) go before any wait.
     allowed = sent - (MiB + 64 * 1024) - 1_000_000 // 4
     assert took >= allowed / 1_000_000, (took, sent)
+
+
+def test_a_later_base_uploads_only_the_chunks_that_changed(
+    tmp_path: Path, seaweed: Seaweed
+) -> None:
+    """16 MiB of data in the first base; then one 4 KiB write: the next base (a synthetic
+    full) stores one chunk and points at the first base's objects for the rest, and the newest
+    point restores to the volume byte for byte."""
+    url = f"s3://{BUCKET}/synthetic"
+    with topology(tmp_path) as topo:
+        a = topo.add_primary("site-a", peers=[], size=32 * MiB)
+        add_archive(a, seaweed, url, base_interval="3s", compression="none")
+        a.start()
+        write_random(a, 0, random.Random(2).randbytes(16 * MiB))
+        first = wait_archived(a, bases=2)  # a base after the data is on the volume
+        write_random(a, 5 * MiB, b"\x5a" * 4096)
+        wait_archived(a, bases=first["bases"] + 1)
+        newest = int(a.volume_status()["journal"]["newest_seq"])
+        a.kill()
+        volume = a.images["vol"].read_bytes()
+
+    s3 = seaweed.client()
+    root = "synthetic/vol/"
+    listed = s3.list_objects_v2(Bucket=BUCKET, Prefix=root, MaxKeys=1000)["Contents"]
+    keys = {item["Key"][len(root) :]: item["Size"] for item in listed}
+    bases = sorted(
+        (k for k in map(fmt.parse_key, keys) if isinstance(k, fmt.ManifestKey)), key=lambda k: k.end
+    )
+    last, before = bases[-1], bases[-2]
+    manifest = fmt.decode_manifest(s3.get_object(Bucket=BUCKET, Key=root + last.key)["Body"].read())
+    own = [o for o in manifest.objects if fmt.parse_key(o).base_end == last.start]  # type: ignore[union-attr]
+    assert sum(keys[o] for o in own) <= fmt.CHUNK_SIZE, (own, manifest.objects)
+    stored = sum(keys[o] for o in set(manifest.objects))
+    assert stored >= 16 * MiB, stored  # the rest: the earlier base's objects, referenced
+    assert before.end < last.end
+    out = tmp_path / "newest.img"
+    restore_from_archive(seaweed, url, out, "--seq", str(newest))
+    check_image(out, volume, "the newest point of a synthetic full")
