@@ -50,7 +50,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from tests.support.archive import add_archive, archive_cli, archive_status, wait_archived
 from tests.support.pair import MiB, Site, topology
-from tests.support.seaweed import HOST, IDENTITIES, Seaweed
+from tests.support.seaweed import IDENTITIES, Seaweed
 
 from blockmirror.archive.s3 import S3Store, load_credentials
 
@@ -76,43 +76,8 @@ class BenchSeaweed(Seaweed):
     """The tests' ``weed mini`` with room for gigabytes: volumes of 1 GiB, as many as the disk
     holds (the tests' four 64 MiB volumes fill up after 256 MiB). Otherwise the same command."""
 
-    def start(self) -> None:
-        assert not self.running, "weed is already running"
-        d, p = self.directory, self.base_port
-        (d / "log").mkdir(exist_ok=True)
-        args = [
-            str(self.weed),
-            f"-logdir={d / 'log'}",
-            "mini",
-            f"-dir={d}",
-            f"-ip={HOST}",
-            f"-ip.bind={HOST}",
-            f"-master.port={p}",
-            f"-volume.port={p + 10}",
-            f"-filer.port={p + 20}",
-            f"-s3.port={p + 30}",
-            f"-admin.port={p + 40}",
-            f"-s3.config={d / 's3.json'}",
-            "-s3.port.iceberg=0",
-            "-s3.port.lance=0",
-            "-webdav=false",
-            "-admin.ui=false",
-            f"-filer.localSocket={d / 'filer.sock'}",
-            f"-s3.localSocket={d / 's3.sock'}",
-            "-master.telemetry=false",
-            "-master.electionTimeout=1s",
-            f"-master.volumeSizeLimitMB={CAPACITY_MB}",
-            "-volume.max=0",  # free disk space / volume size
-        ]
-        with self.log_path.open("ab") as out:
-            self.proc = subprocess.Popen(
-                args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
-        try:
-            self._wait_listening()
-        except BaseException:
-            self.stop()
-            raise
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory, volume_size_mb=CAPACITY_MB, volume_max=0)
 
     @property
     def weed(self) -> Path:

