@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from blockmirror.archive import objects as fmt
 from blockmirror.archive.chain import Chain, NotRestorable
 
-__all__ = ["Expiry", "expired"]
+__all__ = ["Expiry", "expired", "generation_expired"]
 
 
 @dataclass(frozen=True)
@@ -79,3 +79,21 @@ def expired(
         ):
             delete.append(key)
     return Expiry(anchor, tuple(delete))
+
+
+def generation_expired(
+    keys: Sequence[fmt.ArchiveKey], cutoff_ns: int, own_anchor: fmt.ManifestKey | None
+) -> bool:
+    """Whether another generation's chain (one a promote left behind) may go whole: the
+    current chain restores every point of the window by itself (it has an anchor), and
+    nothing of the other one is as young as the cutoff."""
+    if own_anchor is None:
+        return False
+    for key in keys:
+        if isinstance(key, fmt.SegmentKey) and key.last_ts >= cutoff_ns:
+            return False
+        if isinstance(key, fmt.ManifestKey) and key.end_ts >= cutoff_ns:
+            return False
+        if isinstance(key, fmt.BookmarkKey) and key.ts >= cutoff_ns:
+            return False
+    return True

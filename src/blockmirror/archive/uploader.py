@@ -25,7 +25,7 @@ from typing import Final
 from blockmirror.archive import objects as fmt
 from blockmirror.archive.chain import Chain
 from blockmirror.archive.claiming import ChainRefused, Writer, claim, put_once
-from blockmirror.archive.retention import expired
+from blockmirror.archive.retention import expired, generation_expired
 from blockmirror.archive.s3 import (
     ArchiveStoreError,
     ObjectExists,
@@ -96,7 +96,9 @@ class ArchiveUploader:
         # What the archive holds of this generation: the listing at start, and every object
         # put since.
         self.keys: list[fmt.ArchiveKey] = []
-        self._listed = False
+        # The chains of other generations under the same root (a promote began ours), for
+        # retention: as listed when the session started.
+        self.other_generations: dict[str, list[fmt.ArchiveKey]] = {}
         self._task: asyncio.Task[None] | None = None
         self._base_task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -226,8 +228,9 @@ class ArchiveUploader:
     async def _resume(self) -> None:
         """Start after what the archive holds: a segment stored before a crash is not cut again
         (its records may be acknowledged only in a checkpoint the crash lost)."""
-        self.keys = await list_keys(self.store, self.root, self.generation)
-        self._listed = True
+        found = await list_keys(self.store, self.root)
+        self.keys = found.pop(self.generation, [])
+        self.other_generations = found
         chain = self.chain
         consumer = self.consumer
         if chain.segments:
@@ -410,8 +413,27 @@ class ArchiveUploader:
                 self.manifest_objects[key.key] = frozenset(manifest.objects)
         cutoff = time.time_ns() - int(self.config.history * 1e9)
         result = expired(self.keys, cutoff, self.manifest_objects)
+        referenced = set().union(*self.manifest_objects.values())
+        old = 0
+        for gen, keys in list(self.other_generations.items()):
+            if generation_expired(keys, cutoff, result.anchor):
+                # Whole, claim last: a listing never shows a chain without its claim.
+                doomed = [k.key for k in keys if k.key not in referenced]
+                claims = [k for k in doomed if k.endswith("/claim")]
+                await self.store.delete([self.key(k) for k in doomed if k not in claims])
+                await self.store.delete([self.key(k) for k in claims])
+                del self.other_generations[gen]
+                old += len(doomed)
+                log.info(
+                    "archive %s of %s: generation %s is older than history: %d objects deleted",
+                    self.config.name,
+                    self.volume_name,
+                    gen[:8],
+                    len(doomed),
+                )
+        self.stats.deleted += old
         if not result.delete:
-            return 0
+            return old
         await self.store.delete([self.key(k.key) for k in result.delete])
         gone = set(result.delete)
         self.keys = [k for k in self.keys if k not in gone]
@@ -426,7 +448,7 @@ class ArchiveUploader:
             result.anchor.start if result.anchor else 0,
             result.anchor.end if result.anchor else 0,
         )
-        return len(gone)
+        return old + len(gone)
 
     # --- status -------------------------------------------------------------------------------
 
@@ -456,12 +478,15 @@ class ArchiveUploader:
         )
 
 
-async def list_keys(store: ObjectStore, root: str, generation: str) -> list[fmt.ArchiveKey]:
-    """What the store holds of ``generation``, as parsed keys (strays left out)."""
-    prefix = root + fmt.ClaimKey(generation).key.rsplit("/", 1)[0] + "/"
-    keys: list[fmt.ArchiveKey] = []
-    for info in await store.list(prefix):
-        parsed = fmt.parse_key(info.key[len(root) :])
+async def list_keys(store: ObjectStore, root: str) -> dict[str, list[fmt.ArchiveKey]]:
+    """What the store holds under a volume's root, as parsed keys by generation (strays and
+    the root's own objects left out)."""
+    found: dict[str, list[fmt.ArchiveKey]] = {}
+    for info in await store.list(root):
+        try:
+            parsed = fmt.parse_key(info.key[len(root) :])
+        except fmt.ArchiveFormatError:
+            continue  # not ours to judge here: `archive verify` reports it
         if parsed is not None:
-            keys.append(parsed)
-    return keys
+            found.setdefault(parsed.gen, []).append(parsed)
+    return found

@@ -24,7 +24,7 @@ from blockmirror.archive.keys import (
     ManifestKey,
     SegmentKey,
 )
-from blockmirror.archive.retention import Expiry, expired
+from blockmirror.archive.retention import Expiry, expired, generation_expired
 
 GEN = "ab" * 16
 TOP = 60
@@ -327,3 +327,20 @@ def test_a_base_that_restores_nothing_is_no_anchor() -> None:
     result = expired(keys, 400, {b1.key: frozenset(), b2.key: frozenset()})
     assert result.anchor == b2
     assert Chain(k for k in keys if k not in result.delete).restorable == [(8, 40)]
+
+
+def test_an_older_generation_goes_whole_only_when_outside_the_window() -> None:
+    old = "cd" * 16
+    keys: list[ArchiveKey] = [
+        ClaimKey(old),
+        ManifestKey(old, 10, 5, 100),
+        SegmentKey(old, 6, 40, 400),
+        BookmarkKey(old, 20, 200, "before"),
+    ]
+    anchor = ManifestKey(GEN, 50, 45, 500)
+    assert generation_expired(keys, 1000, anchor)
+    # Without an anchor of its own the current chain may need the old one for the window.
+    assert not generation_expired(keys, 1000, None)
+    # Anything of the old chain as young as the cutoff keeps it.
+    assert not generation_expired(keys, 400, anchor)
+    assert not generation_expired([*keys, BookmarkKey(old, 41, 999, "late")], 999, anchor)

@@ -107,7 +107,7 @@ class MemoryStore:
 
 
 async def memory_chain(store: MemoryStore) -> Chain:
-    return Chain(await list_keys(store, ROOT, GEN))
+    return Chain((await list_keys(store, ROOT)).get(GEN, []))
 
 
 # --- a journal, a volume and uploaders -----------------------------------------------------------
