@@ -26,7 +26,7 @@ from tests.support.archive import (
     wait_archived,
     write_random,
 )
-from tests.support.failover import cli
+from tests.support.failover import cli, role_change, symmetric, wait_role
 from tests.support.history import WriteLog, check_image, check_prefix, iso, logged_workload
 from tests.support.pair import (
     MiB,
@@ -327,3 +327,61 @@ def test_a_later_base_uploads_only_the_chunks_that_changed(
     out = tmp_path / "newest.img"
     restore_from_archive(seaweed, url, out, "--seq", str(newest))
     check_image(out, volume, "the newest point of a synthetic full")
+
+
+def test_after_a_switchover_the_new_primary_archives_a_new_generation(
+    tmp_path: Path, seaweed: Seaweed
+) -> None:
+    """A and B archive to one URL; only A writes generation 1 (B is refused). After a planned
+    switchover generation 2 (B's) is archived by exactly one of them, whichever claimed it
+    first (both hold the volume), and the other is refused. Points of both generations restore
+    exactly from the archive alone: before the switchover from generation 1, after it from
+    generation 2."""
+    url = f"s3://{BUCKET}/failover"
+    with topology(tmp_path) as topo:
+        sites = symmetric(topo, {"site-a": "primary", "site-b": "secondary"}, size=SIZE)
+        a, b = sites["site-a"], sites["site-b"]
+        add_archive(a, seaweed, url)
+        add_archive(b, seaweed, url)
+        b.start()
+        a.start()
+        log = logged_workload(a, size=SIZE, count=80)
+        wait_caught_up(a, b)
+        wait_archived(a)
+        wait_status(
+            lambda: archive_status(b)["state"] == "refused",
+            timeout=60,
+            what="B refused: generation 1 is A's",
+        )
+        before = log.writes[-1].seq
+        assert role_change(a, "demote").returncode == 0
+        assert role_change(b, "promote").returncode == 0
+        wait_role(b, "primary")
+        wait_role(a, "secondary")
+        logged_workload(b, size=SIZE, count=60, seed=12, log=log)
+        wait_caught_up(b, a)
+        new_gen = b.volume_status()["generation"]
+
+        def writer() -> tuple[Site, Site] | None:
+            sa, sb = archive_status(a), archive_status(b)
+            for one, other, st, ot in ((a, b, sa, sb), (b, a, sb, sa)):
+                if st["state"] == "archiving" and st["generation"] == new_gen:
+                    return (one, other) if ot["state"] == "refused" else None
+            return None
+
+        archiver, refused = wait_status(writer, timeout=90, what="one writer of generation 2")
+        status = wait_archived(archiver)
+        assert new_gen[:8] in archive_status(refused)["reason"], archive_status(refused)
+        after = log.writes[-1].seq
+        a.kill()
+        b.kill()
+
+    listing = archive_list(seaweed, url)
+    units = [g["unit"] for g in listing["generations"]]
+    assert units == ["site-a", archiver.name], listing
+    assert status["generation"] == listing["generations"][1]["generation"]
+    for seq, k, what in ((before, 80, "generation 1"), (after, len(log.writes), "generation 2")):
+        out = tmp_path / f"{seq}.img"
+        result = restore_from_archive(seaweed, url, out, "--seq", str(seq))
+        check_prefix(out, log, k, what)
+        assert result["generation"] == listing["generations"][0 if k == 80 else 1]["generation"]

@@ -157,7 +157,11 @@ class ArchiveUploader:
             except ChainRefused as exc:
                 self._enter_quietly(ArchiveState.REFUSED, str(exc))
                 log.error("archive %s of %s: %s", self.config.name, self.volume_name, exc)
-                await asyncio.sleep(REFUSED_RECHECK)
+                refused_for = self._generation()
+                for _ in range(int(REFUSED_RECHECK)):
+                    await asyncio.sleep(1.0)
+                    if self._generation() != refused_for:
+                        break  # a promote (or a demote) began another generation: try it now
             except (ArchiveStoreError, OSError) as exc:
                 self._failed(exc)
                 await asyncio.sleep(backoff)
