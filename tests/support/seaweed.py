@@ -314,9 +314,12 @@ class Seaweed:
 
 
 @contextlib.contextmanager
-def running_seaweed(directory: Path, *, bucket: str | None = None) -> Iterator[Seaweed]:
-    """A started :class:`Seaweed` (``bucket`` created and writable), stopped on the way out."""
-    weed = Seaweed(directory)
+def running_seaweed(
+    directory: Path, *, bucket: str | None = None, volume_max: int = 4
+) -> Iterator[Seaweed]:
+    """A started :class:`Seaweed` (``bucket`` created and writable), stopped on the way out.
+    ``volume_max``: how many 64 MiB weed volumes it may fill (4: 256 MiB)."""
+    weed = Seaweed(directory, volume_max=volume_max)
     try:
         weed.start()
         if bucket is not None:
@@ -331,13 +334,16 @@ def seaweed_fixture(
     scope: Literal["function", "module", "session"] = "module",
     bucket: str | None = None,
     name: str = "seaweed",
+    volume_max: int = 4,
 ) -> Callable[..., Any]:
     """A pytest fixture yielding a running :class:`Seaweed`; assign it to a module global, e.g.
     ``seaweed = seaweed_fixture(bucket="archive")``."""
 
     @pytest.fixture(scope=scope, name=name)
     def fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seaweed]:
-        with running_seaweed(tmp_path_factory.mktemp("seaweed"), bucket=bucket) as weed:
+        with running_seaweed(
+            tmp_path_factory.mktemp("seaweed"), bucket=bucket, volume_max=volume_max
+        ) as weed:
             yield weed
 
     return fixture

@@ -115,6 +115,16 @@ class BaseBuilder:
         up = self.up
         wp = up.wp
         consumer = up.consumer
+        manifests = [k for k in up.keys if isinstance(k, fmt.ManifestKey)]
+        if (
+            manifests
+            and consumer.mode == ConsumerMode.JOURNAL
+            and consumer.dirty.is_clean()
+            and max(k.end for k in manifests) == wp.applied_seq
+        ):
+            # Nothing reached the volume since the newest base: it is this base already (and
+            # its key would be this one's).
+            return
         previous = await self._previous()
         dirty_before = list(consumer.dirty.dirty_regions())
         if consumer.mode == ConsumerMode.TRACKING:
@@ -203,6 +213,8 @@ class BaseBuilder:
         body = await asyncio.to_thread(fmt.encode_manifest, manifest)
         key = fmt.ManifestKey(up.generation, end, start, end_ts)
         await up.throttle(len(body))
+        if key in up.keys:
+            return  # the same point, under the same name: written already
         await up.put_once(up.key(key.key), body)
         up.keys.append(key)
         up.manifest_objects[key.key] = frozenset(self.objects)

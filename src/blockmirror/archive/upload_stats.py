@@ -35,6 +35,7 @@ class ArchiveStats:
     def to_json(
         self,
         *,
+        newest_base: tuple[int, int] | None,
         archive: str,
         url: str,
         generation: str,
@@ -64,6 +65,9 @@ class ArchiveStats:
             "objects": self.objects,
             "segments": self.segments,
             "bases": self.bases,
+            # The newest base: the volume at ``end``, copied after ``start`` (docs/archive.md).
+            "base_start": newest_base[0] if newest_base else None,
+            "base_end": newest_base[1] if newest_base else None,
             "base_running": self.base_running,
             "base_progress": round(self.base_progress, 3),
             "gaps": [list(g) for g in self.gaps],

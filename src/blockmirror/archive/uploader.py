@@ -471,7 +471,10 @@ class ArchiveUploader:
 
     def status(self) -> dict[str, object]:
         backlog_bytes, backlog_records = self.wp.journal.backlog(self.consumer)
+        bases = [k for k in self.keys if isinstance(k, fmt.ManifestKey)]
+        newest = max(bases, key=lambda k: k.end, default=None)
         return self.stats.to_json(
+            newest_base=(newest.start, newest.end) if newest is not None else None,
             archive=self.config.name,
             url=self.config.url,
             generation=self.generation,
