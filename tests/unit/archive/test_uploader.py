@@ -12,7 +12,6 @@ import asyncio
 import builtins
 import contextlib
 import hashlib
-import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from blockmirror.journal.format import Kind
 from blockmirror.journal.journal import Journal
 from blockmirror.state import ArchiveState, ConsumerMode
 from blockmirror.store.volume import Volume
+from tests.unit.link.ends import until, write
 
 MiB = 1024 * 1024
 VOLUME = 8 * MiB  # two chunks
@@ -156,23 +156,6 @@ async def running(up: ArchiveUploader) -> AsyncIterator[ArchiveUploader]:
         yield up
     finally:
         await up.stop()
-
-
-async def write(wp: JournalWritePath, offset: int, data: bytes) -> None:
-    result = wp.write(offset, [data], fua=False)
-    gate = wp.commit()
-    if gate is not None:
-        await gate
-    if result is not None:
-        await result
-
-
-async def until(condition: Callable[[], object], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def newest(wp: JournalWritePath) -> int:
