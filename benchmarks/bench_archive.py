@@ -52,6 +52,7 @@ from tests.support.archive import add_archive, archive_cli, archive_status, wait
 from tests.support.pair import MiB, Site, topology
 from tests.support.seaweed import IDENTITIES, Seaweed
 
+from benchmarks.bench_replication import settle as settle_units
 from blockmirror.archive.s3 import S3Store, load_credentials
 
 BUCKET: Final = "bench"
@@ -162,16 +163,9 @@ def fio_write(url: str, size_mib: int, cwd: Path, *, io_mib: int | None = None) 
 
 
 def settle(sites: list[Site]) -> None:
-    """fsync every unit's volume image and journal, then sync(2) for weed's files, so no run
-    pays for another's write-back."""
-    for site in sites:
-        for path in [*site.images.values(), *site.state.glob("*.journal")]:
-            with contextlib.suppress(FileNotFoundError):
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+    """The replication benchmark's settle (fsync every volume and journal), then sync(2) for
+    weed's files, so no run pays for another's write-back."""
+    settle_units(sites)
     os.sync()
 
 
