@@ -338,7 +338,13 @@ def test_forged_ack_does_not_release_a_remote_ack_write(tmp_path: Path) -> None:
                 timeout=20,
                 what="the forged ACK to be refused or taken",
             )
-            assert writer.is_alive(), f"the forged ACK released the write: {result}"
+            if not writer.is_alive():
+                peer = find_peer(a, via)
+                raise AssertionError(
+                    f"the forged ACK released the write: {result}; forged {proxy.forged}; "
+                    f"ack {a.volume_status()['journal']['ack']}; peer acked "
+                    f"{peer['acked_seq']}, state {peer['state']}, error {peer['last_error']}"
+                )
             # Forged on every attempt: the write is still waiting for the secondary.
             time.sleep(1.0)
             assert writer.is_alive(), result

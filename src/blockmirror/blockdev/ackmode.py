@@ -78,8 +78,12 @@ class RemoteAck:
         self._arm()
 
     def acknowledge(self, peer: str, seq: int) -> None:
-        """``peer`` holds every write up to ``seq`` durably: release what waited on it."""
-        if seq <= self.acked.get(peer, 0):
+        """``peer`` holds every write up to ``seq`` durably: release what waited on it.
+
+        Any consumer's acknowledgement comes here; one that is not a peer of this mode (an
+        archive, a peer removed by a reload) is ignored: it must never become one that writes
+        wait for."""
+        if peer not in self.acked or seq <= self.acked[peer]:
             return
         self.acked[peer] = seq
         if peer in self.degraded and seq >= self._highest_waited:

@@ -353,13 +353,23 @@ class OutboundStream:
     def _on_ack(self, ack: Ack) -> None:
         sender = self.sender
         consumer = sender.consumer
+        newest = self.journal.next_seq - 1
+        if ack.durable_seq > newest:
+            raise ProtocolError(
+                f"the secondary acknowledged seq {ack.durable_seq}, which was never written "
+                f"here (newest {newest})"
+            )
         sender.stats.peer_applied_seq = ack.applied_seq
         sender.stats.last_ack_time = time.time()
-        if ack.durable_seq > self.acked:
-            self.acked = ack.durable_seq
+        # An ACK frees journal space and releases ``ack = "remote"`` writes: it counts only
+        # for records this session sent (or the WELCOME said were held). One for more is
+        # from before a resync moved the cursor back, or not the secondary's at all.
+        durable = min(ack.durable_seq, max(self.next_seq - 1, self.acked))
+        if durable > self.acked:
+            self.acked = durable
             if consumer.mode == ConsumerMode.JOURNAL:
-                self.wp.acknowledge(sender.consumer_name, ack.durable_seq)
-            sender.stats.acked_seq = ack.durable_seq
+                self.wp.acknowledge(sender.consumer_name, durable)
+            sender.stats.acked_seq = durable
         while self.sync_inflight and self.sync_inflight[0][0] <= ack.sync_lsn:
             _, offset, length, generation = self.sync_inflight.popleft()
             # The secondary holds this copy durably, and every write since it was read is in

@@ -51,3 +51,23 @@ def test_a_silent_peer_is_degraded_after_the_timeout_and_restored_when_caught_up
         assert third.done()
 
     asyncio.run(main())
+
+
+def test_an_acknowledgement_from_a_consumer_that_is_not_a_peer_changes_nothing() -> None:
+    """An archive's consumer acknowledges through the same call: it is neither waited for
+    nor counted for the peer."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        ra = RemoteAck(loop, ["b"], timeout=5.0)
+        ra.acknowledge("archive:s3", 5)
+        assert ra.required() == ["b"]
+        fut: asyncio.Future[None] = loop.create_future()
+        ra.wait(2, fut)
+        assert not fut.done()
+        ra.acknowledge("archive:s3", 9)
+        assert not fut.done()
+        ra.acknowledge("b", 2)
+        assert fut.done()
+
+    asyncio.run(main())
