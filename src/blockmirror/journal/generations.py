@@ -178,6 +178,11 @@ def decode(data: bytes) -> VolumeHistory:
     stored = doc.pop("crc32c")
     if not isinstance(stored, int) or stored != crc32c(_canonical(doc)):
         raise GenerationsError("role file's crc32c does not match its content (damaged)")
+    if _canonical({**doc, "crc32c": stored}) + b"\n" != data:
+        # The checksum covers the canonical encoding; JSON has other spellings of the same
+        # content (an escape's hex digits in either case, say). Only ours is accepted, so
+        # that no changed byte goes unseen.
+        raise GenerationsError("role file is not in its canonical encoding (damaged)")
     if doc["format"] != FORMAT:
         raise GenerationsError(f"role file format {doc['format']!r}, this version reads {FORMAT}")
     volume = _field(doc, "volume", str, "role file")

@@ -84,6 +84,9 @@ class Journal(RingLog):
         # The last checkpoint was written unclean in an earlier boot (a power cut, a crash of
         # the OS): volume pages may have reached the disk without their journal records.
         self.unclean_os_restart = False
+        # (unit, seq): the unit we received from holds every record up to seq. Kept for a
+        # cursor not yet bound to that unit (its sender never reached it): see bind_peer.
+        self.source_holds: tuple[str, int] | None = None
 
     # --- opening --------------------------------------------------------------------------------
 
@@ -128,14 +131,25 @@ class Journal(RingLog):
         self.consumers[name].acknowledge(seq, self.next_seq - 1)
 
     def bind_peer(self, name: str, peer: str) -> tuple[str, list[Consumer]]:
-        """Consumer ``name`` is unit ``peer`` (from its WELCOME); see :func:`consumers.bind`."""
-        return consumers_module.bind(self.consumers, name, peer)
+        """Consumer ``name`` is unit ``peer`` (from its WELCOME or refusal); see
+        :func:`consumers.bind`. A unit we received from is known to hold what it sent us: a
+        cursor bound to it only now (say, our sender never reached it before it was lost)
+        starts there, not at a full copy. Its WELCOME still has the last word
+        (``resume_point``)."""
+        done, dropped = consumers_module.bind(self.consumers, name, peer)
+        held = self.source_holds
+        if done and held is not None and held[0] == peer:
+            self.peer_holds(peer, held[1])
+        return done, dropped
 
     def peer_holds(self, peer: str, seq: int) -> None:
         """Unit ``peer`` holds every record up to ``seq`` (it is the source they came from):
         its consumer here, if any, follows it, and its dirty bits say nothing. Without this
         the cursor of the unit we receive from would hold every record (we never send to it),
         fill the journal and, after a failover, make us resync what it already has."""
+        held = self.source_holds
+        if held is None or held[0] != peer or held[1] < seq:
+            self.source_holds = (peer, seq)
         for consumer in self.consumers.values():
             if consumer.peer != peer:
                 continue

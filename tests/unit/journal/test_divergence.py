@@ -152,3 +152,29 @@ def test_regions_round_out_to_whole_dirty_regions_within_the_volume(
         assert length % DIRTY_REGION == 0 or offset + length == size
     covered = {b for o, n in div.regions() for b in range(o, o + n, 4096)}
     assert {b for o, n in clipped for b in range(o, o + n, 4096)} <= covered
+
+
+def test_a_cursor_bound_to_our_source_only_later_starts_where_the_source_stands(
+    tmp_path: Path,
+) -> None:
+    """A secondary's own sender never reached its source before the source was lost (the
+    consumer had no unit yet): once bound to it, after a failover, the cursor starts at what
+    the source sent us, not at a full copy. A cursor bound to another unit does not."""
+    journal = open_journal(tmp_path, consumers=("site-a:7800", "site-c:7800"))
+    try:
+        write(journal, 0, 4 * KiB, 1)
+        write(journal, 8 * KiB, 4 * KiB, 2)
+        assert journal.consumers["site-a:7800"].mode == ConsumerMode.TRACKING
+        journal.peer_holds("site-a", journal.durable_seq)  # what the receiver says
+        write(journal, 16 * KiB, 4 * KiB, 3)  # ours, after a promotion
+        assert journal.consumers["site-a:7800"].mode == ConsumerMode.TRACKING  # unbound
+        done, _ = journal.bind_peer("site-a:7800", "site-a")
+        assert done
+        a = journal.consumers["site-a:7800"]
+        assert a.mode == ConsumerMode.JOURNAL and a.acked_seq == 2
+        assert a.dirty.is_clean()
+        journal.bind_peer("site-c:7800", "site-c")
+        c = journal.consumers["site-c:7800"]
+        assert c.mode == ConsumerMode.TRACKING and not c.dirty.is_clean()
+    finally:
+        close(journal)

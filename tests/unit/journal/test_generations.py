@@ -73,7 +73,23 @@ def sealed(doc: dict[str, Any]) -> bytes:
     """``doc`` with a correct crc32c, computed here independently of the codec."""
     body = {k: v for k, v in doc.items() if k != "crc32c"}
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-    return json.dumps({**body, "crc32c": crc32c(canonical)}).encode()
+    sealed_doc = {**body, "crc32c": crc32c(canonical)}
+    return json.dumps(sealed_doc, sort_keys=True, separators=(",", ":")).encode() + b"\n"
+
+
+def test_another_spelling_of_the_same_content_is_refused() -> None:
+    """The checksum covers the canonical encoding: a file that spells the same document
+    otherwise (an escape's hex digit in upper case) was changed, and is refused."""
+    raw = encode(
+        VolumeHistory(
+            "v", Role.PRIMARY, (new_generation(start_seq=1, unit="\x1f", reason="created"),)
+        )
+    )
+    assert b"\\u001f" in raw
+    with pytest.raises(GenerationsError, match="canonical"):
+        decode(raw.replace(b"\\u001f", b"\\u001F"))
+    with pytest.raises(GenerationsError, match="canonical"):
+        decode(raw.replace(b'":', b'": '))
 
 
 @pytest.mark.parametrize(
