@@ -10,6 +10,7 @@ runs (:mod:`blockmirror.io.sdnotify`).
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import logging
 import os
@@ -53,6 +54,10 @@ async def run_unit(config: Config, *, text: bytes | None = None, lost: str | Non
         while True:
             if not unit.started:
                 await unit.start()
+                # What start-up built (modules, configuration, volumes, journals' indexes)
+                # lives as long as the unit: out of the collector's sight, its passes walk
+                # only what the data path makes and drops.
+                gc.freeze()
             name = unit.config.unit.name
             log.info("unit %s running (pid %d)", name, os.getpid())
             state = "serving nothing: its configuration is lost" if unit.lost else "serving"

@@ -57,7 +57,10 @@ from blockmirror.state import ConsumerMode, LinkPhase, Role, transition
 log = logging.getLogger(__name__)
 
 BACKOFF_MIN: Final = 0.1
-BACKOFF_MAX: Final = 10.0
+# A returning peer is reconnected within about a second: a backlog waits for nothing but the
+# link. An attempt on a peer that is down costs a SYN (or a refused connect) a second, and the
+# log says so once per kind of failure, not every second.
+BACKOFF_MAX: Final = 1.0
 # How long a sender waits, unless the roles change first, before it asks again a peer that
 # refused it for a reason of direction.
 UPSTREAM_RECHECK: Final = 10.0
@@ -275,14 +278,18 @@ class PeerSender(LinkControl):
                 TimeoutError,
                 asyncio.IncompleteReadError,
             ) as exc:
-                self.stats.last_error = str(exc) or type(exc).__name__
-                self.stats.reason = self.stats.last_error
-                log.info(
-                    "link to %s:%d for %s: %s",
+                error = str(exc) or type(exc).__name__
+                repeated = error == self.stats.last_error
+                self.stats.last_error = error
+                self.stats.reason = error
+                log.log(
+                    logging.DEBUG if repeated else logging.INFO,
+                    "link to %s:%d for %s: %s%s",
                     self.host,
                     self.port,
                     self.volume_name,
-                    self.stats.last_error,
+                    error,
+                    "" if repeated else " (retried each second; repeats are logged at debug level)",
                 )
             except Exception as exc:
                 # A bug must not end replication for good: say so loudly, then reconnect.
