@@ -4,13 +4,17 @@ Three measurements, each against its own baseline in the same run:
 
 1. Host write throughput through the primary's export with one peer (a secondary unit on
    loopback) against the same primary with no peer: fio sequential 1 MiB writes at iodepth 8
-   and random 4 KiB writes at iodepth 16. Ratio with-peer / no-peer; target >= 0.8.
+   and random 4 KiB writes at iodepth 16. Ratio with-peer / no-peer (reported); and the
+   primary's CPU per MiB written (its process's user + system time over the fio run, divided
+   by what fio wrote), one peer against none: issue 15's target is at most 1.3x.
 2. Catch-up rate: the secondary is stopped, the host writes a backlog (default 1 GiB) into the
-   journal, the secondary starts again, and the time from the primary's new handshake until
-   the secondary has applied everything is measured (the wait before the handshake is the
-   sender's reconnect backoff, reported apart). Target >= 300 MiB/s.
-3. Peak memory (VmHWM) of the primary unit with that backlog, against the same run with a
-   quarter of the backlog: bounded memory means the two are about the same.
+   journal, the secondary starts again, and the time until the secondary has applied
+   everything is measured from the secondary's start (issue 15: at least 0.8 of the disk's own
+   write-and-sync rate, measured in the same run) and from the primary's new handshake (the
+   transfer alone; the difference is the reconnect).
+3. Peak memory (VmHWM) of the primary unit with that backlog (issue 15: at most 150 MiB),
+   against the same run with a quarter of the backlog: bounded memory means the two are about
+   the same.
 
 With ``--baseline-rev REV`` the with-peer throughput and the catch-up rate are also measured
 for a pair of units (primary and secondary) run from an older commit's tree (``git archive
@@ -56,6 +60,7 @@ from benchmarks.baseline_tree import (
     ratio_mark,
     resolve_revision,
 )
+from benchmarks.bench_export import process_cpu_seconds
 
 # The with-peer runs of the baseline tree's pair, next to "peer" and "no peer".
 BASE_PEER = "peer (baseline)"
@@ -95,6 +100,21 @@ def fio(url: str, cwd: Path, args: list[str], size: int, runtime: int) -> float:
     text = proc.stdout[proc.stdout.index("{") :]
     job = json.loads(text)["jobs"][0]
     return float(job["write"]["bw_bytes"]) / MiB
+
+
+def fio_with_cpu(
+    url: str, cwd: Path, args: list[str], size: int, runtime: int, pid: int
+) -> tuple[float, float | None]:
+    """:func:`fio`, and the CPU the process ``pid`` spent per MiB written (µs), from its CPU
+    cores over the run and fio's rate (the ramp is counted on both sides alike)."""
+    before = process_cpu_seconds(pid)
+    began = time.monotonic()
+    mib = fio(url, cwd, args, size, runtime)
+    elapsed = time.monotonic() - began
+    after = process_cpu_seconds(pid)
+    if before is None or after is None or mib <= 0:
+        return mib, None
+    return mib, (after - before) / elapsed / mib * 1e6
 
 
 def peak_rss_kib(pid: int) -> int:
@@ -140,6 +160,7 @@ def host_throughput(
     results: dict[str, dict[str, list[float]]] = {
         job: {label: [] for label in labels} for job in JOBS
     }
+    cpu: dict[str, dict[str, list[float]]] = {job: {label: [] for label in labels} for job in JOBS}
     (root / "tput").mkdir()
     with topology(root / "tput") as topo:
         b = topo.add_secondary(
@@ -176,9 +197,17 @@ def host_throughput(
                 # Rotated by one each round: with two labels, the reverse every other round.
                 shift = i % len(labels)
                 for label in labels[shift:] + labels[:shift]:
-                    mib = fio(units[label].export_url("vol"), root, args, size, runtime)
+                    unit = units[label]
+                    mib, per_mib = fio_with_cpu(
+                        unit.export_url("vol"), root, args, size, runtime, unit.pid
+                    )
                     results[job][label].append(mib)
-                    log(f"  {job:<18} {label:<15} run {i + 1}: {mib:8.1f} MiB/s")
+                    if per_mib is not None:
+                        cpu[job][label].append(per_mib)
+                    log(
+                        f"  {job:<18} {label:<15} run {i + 1}: {mib:8.1f} MiB/s, primary CPU"
+                        f" {per_mib or 0:.0f} µs/MiB"
+                    )
                     # Let the peer drain between runs so each starts with no backlog, and
                     # write back what it dirtied, so the next run does not pay for that.
                     for source, replica in pairs:
@@ -189,6 +218,15 @@ def host_throughput(
         peer = statistics.median(runs["peer"])
         none = statistics.median(runs["no peer"])
         out[job] = {"peer": peer, "no_peer": none, "ratio": peer / none, "runs": runs}
+        if cpu[job]["peer"] and cpu[job]["no peer"]:
+            cpu_peer = statistics.median(cpu[job]["peer"])
+            cpu_none = statistics.median(cpu[job]["no peer"])
+            out[job] |= {
+                "primary_cpu_us_per_mib_peer": cpu_peer,
+                "primary_cpu_us_per_mib_no_peer": cpu_none,
+                "primary_cpu_ratio": cpu_peer / cpu_none,
+                "primary_cpu_runs": cpu[job],
+            }
         if baseline is not None:
             old = statistics.median(runs[BASE_PEER])
             out[job] |= {
@@ -251,11 +289,13 @@ def catch_up(
         return {
             "backlog_bytes": lag,
             "mode_before": peer["mode"],
-            # The rate counts from the handshake: before it, the primary was waiting out its
-            # reconnect backoff (up to 10 s, whatever the code's speed).
+            # From the handshake: the transfer alone. From the secondary's start: what an
+            # operator waits for, the reconnect included.
             "seconds": done - linked,
             "reconnect_wait_seconds": linked - started,
             "mib_per_second": lag / MiB / (done - linked),
+            "seconds_from_start": done - started,
+            "mib_per_second_from_start": lag / MiB / (done - started),
             "primary_peak_rss_mib": rss / 1024,
             "tree": tree.label,
         }
@@ -487,27 +527,41 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(baseline.src.parent, ignore_errors=True)
     # The median run: one catch-up without --baseline-rev, --repeat of them with it.
     full = dict(full_runs[0])
-    full["mib_per_second"] = median_of(full_runs, "mib_per_second")
-    full["primary_peak_rss_mib"] = median_of(full_runs, "primary_peak_rss_mib")
+    for name in ("mib_per_second", "mib_per_second_from_start", "primary_peak_rss_mib"):
+        full[name] = median_of(full_runs, name)
+    full["reconnect_wait_seconds"] = median_of(full_runs, "reconnect_wait_seconds")
     print("| measurement | with peer | baseline | ratio | target |")
     print("|---|---:|---:|---:|---:|")
     for job, r in tput.items():
-        verdict = "met" if r["ratio"] >= 0.8 else "missed"
         print(
             f"| host {job} | {r['peer']:.0f} MiB/s | {r['no_peer']:.0f} MiB/s (no peer) | "
-            f"{r['ratio']:.2f} | >= 0.8 ({verdict}) |"
+            f"{r['ratio']:.2f} | reported |"
         )
-    rate = full["mib_per_second"]
+        if "primary_cpu_ratio" in r:
+            ratio = r["primary_cpu_ratio"]
+            print(
+                f"| primary CPU per MiB, {job} | {r['primary_cpu_us_per_mib_peer']:.0f} µs |"
+                f" {r['primary_cpu_us_per_mib_no_peer']:.0f} µs (no peer) | {ratio:.2f} |"
+                f" ≤ 1.3 ({'met' if ratio <= 1.3 else 'missed'}) |"
+            )
+    rate = full["mib_per_second_from_start"]
     print(
-        f"| catch-up of {full['backlog_bytes'] // MiB} MiB | {rate:.0f} MiB/s | "
-        f"{disk:.0f} MiB/s (disk write + sync) | {rate / disk:.2f} | "
-        f">= 300 MiB/s ({'met' if rate >= 300 else 'missed'}) |"
+        f"| catch-up of {full['backlog_bytes'] // MiB} MiB from the secondary's start |"
+        f" {rate:.0f} MiB/s | {disk:.0f} MiB/s (disk write + sync) | {rate / disk:.2f} |"
+        f" ≥ 0.8 ({'met' if rate >= 0.8 * disk else 'missed'}) |"
     )
-    ratio = full["primary_peak_rss_mib"] / max(quarter["primary_peak_rss_mib"], 1)
+    link_rate = full["mib_per_second"]
+    print(
+        f"| the same from link-up (reconnect {full['reconnect_wait_seconds']:.1f} s) |"
+        f" {link_rate:.0f} MiB/s | {disk:.0f} MiB/s | {link_rate / disk:.2f} | reported |"
+    )
+    rss = full["primary_peak_rss_mib"]
+    ratio = rss / max(quarter["primary_peak_rss_mib"], 1)
     print(
         f"| primary peak RSS, {full['backlog_bytes'] // MiB} MiB backlog | "
-        f"{full['primary_peak_rss_mib']:.0f} MiB | {quarter['primary_peak_rss_mib']:.0f} MiB "
-        f"({quarter['backlog_bytes'] // MiB} MiB backlog) | {ratio:.2f} | bounded (~1.0) |"
+        f"{rss:.0f} MiB | {quarter['primary_peak_rss_mib']:.0f} MiB "
+        f"({quarter['backlog_bytes'] // MiB} MiB backlog) | {ratio:.2f} |"
+        f" ≤ 150 MiB, flat ({'met' if rss <= 150 and ratio <= 1.1 else 'missed'}) |"
     )
     if baseline is not None:
         print()
