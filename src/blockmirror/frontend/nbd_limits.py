@@ -12,6 +12,8 @@ import contextlib
 from collections import deque
 from typing import Any, Protocol
 
+from blockmirror.frontend.nbd_buffers import ReceiveArenas
+
 # Unit-wide defaults of [unit] nbd_reply_budget and nbd_max_connections.
 DEFAULT_REPLY_BUDGET = 256 * 1024 * 1024
 DEFAULT_MAX_CONNECTIONS = 256
@@ -53,6 +55,8 @@ class NbdLimits:
         if reply_budget <= 0 or max_connections <= 0:
             raise ValueError("the reply budget and the connection limit must be positive")
         self.resize(reply_budget, max_connections)
+        # The receive arenas every connection of the unit reads requests into.
+        self.arenas = ReceiveArenas()
         self.connections = 0
         self.reply_bytes_in_flight = 0
         self.refused_connections = 0

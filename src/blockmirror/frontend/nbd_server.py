@@ -1,8 +1,10 @@
 """NBD export: the asyncio adapter between the NBD codec and the block-device service.
 
 One :class:`NbdServer` listens on one address and serves one or more exports, each a
-:class:`~blockmirror.blockdev.service.BlockDevice`. Each connection is an :class:`asyncio.Protocol`
-(cheaper than streams per request): bytes are fed to the codec (:mod:`nbd_protocol`), options to
+:class:`~blockmirror.blockdev.service.BlockDevice`. Each connection is an
+:class:`asyncio.BufferedProtocol` (cheaper than streams per request) that reads into the unit's
+receive arenas (:mod:`nbd_buffers`), so a WRITE's payload is where the kernel put it, never
+copied by us: bytes are fed to the codec (:mod:`nbd_protocol`), options to
 the negotiation (:mod:`nbd_negotiation`), and each request becomes one call of the service,
 which validates and dispatches it; its errors (errno values) become NBD error numbers here. What
 stays here is NBD's and the socket's: command flags, structured replies, READ replies sent piece
@@ -38,6 +40,7 @@ from typing import cast
 from blockmirror.blockdev.service import BlockDevice, Pending, ReplyGate, RequestError
 from blockmirror.errors import ProtocolError
 from blockmirror.frontend import nbd_protocol as p
+from blockmirror.frontend.nbd_buffers import MIN_FREE
 from blockmirror.frontend.nbd_limits import NbdLimits
 from blockmirror.frontend.nbd_negotiation import ExportInfo, Negotiation, Outcome
 
@@ -171,10 +174,13 @@ class NbdServer:
             await self._server.wait_closed()
 
 
-class NbdConnection(asyncio.Protocol):
+class NbdConnection(asyncio.BufferedProtocol):
     def __init__(self, server: NbdServer) -> None:
         self.server = server
         self.limits = server.limits
+        # The arena the socket reads into, and where its unread part begins.
+        self._arena: memoryview | None = None
+        self._arena_pos = 0
         self.codec = p.NbdServerCodec()
         self.negotiation = Negotiation(server.lookup, server.list_exports)
         # The export chosen in negotiation, and the commit gate of this connection's changes.
@@ -228,7 +234,22 @@ class NbdConnection(asyncio.Protocol):
         self._handshake_timer = self._loop.call_later(timeout, self._handshake_expired)
         self.transport.write(p.encode_greeting())
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        arena = self._arena
+        if arena is None or len(arena) - self._arena_pos < MIN_FREE:
+            # Dropped here: the old arena is pinned only by the views handed on from it.
+            arena = self._arena = self.limits.arenas.take()
+            self._arena_pos = 0
+        return arena[self._arena_pos :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        arena = self._arena
+        assert arena is not None
+        start = self._arena_pos
+        self._arena_pos = start + nbytes
+        self.data_received(arena[start : start + nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
         if self.closed or self.draining:
             return
         self.codec.feed(data)
@@ -324,6 +345,7 @@ class NbdConnection(asyncio.Protocol):
             self._handshake_timer.cancel()
         self.closed = True
         self.codec.close()
+        self._arena = None
         self._out.clear()
         self._out_size = 0
         self.limits.forget(self)
