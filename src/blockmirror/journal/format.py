@@ -25,8 +25,10 @@ from crc32c import crc32c
 from blockmirror.errors import JournalError
 
 __all__ = [
+    "CRC_OFFSET",
     "EXTENT_KINDS",
     "HEADER_SIZE",
+    "HEADER_STRUCT",
     "MAGIC",
     "MAX_BOOKMARK",
     "MAX_PAYLOAD",
@@ -62,6 +64,12 @@ _CRC = struct.Struct("<I")
 _FULL = struct.Struct("<IHHQQQQQIIII")
 _CRC_OFFSET: Final = 60
 assert _BODY.size == _CRC_OFFSET and _FULL.size == HEADER_SIZE
+# The whole header, CRC last, for a reader that decodes many records from one buffer and checks
+# the fields itself (the start-up scan, journal/scan.py): magic, version, kind, seq, timestamp,
+# offset, length, durable_seq, payload_len, origin, reserved, CRC. The CRC covers bytes
+# 0..CRC_OFFSET, then the payload.
+HEADER_STRUCT: Final = _FULL
+CRC_OFFSET: Final = _CRC_OFFSET
 
 # Zero fill after a payload is at most RECORD_ALIGN - 1 bytes; slices of this avoid allocating.
 _ZERO_FILL: Final = bytes(RECORD_ALIGN)

@@ -5,6 +5,14 @@ journal's start, the offline repair (:mod:`blockmirror.offline.repair`) and the 
 the same function. The helpers below it (reading one record, finding header candidates in a
 stretch of the ring) are shared with the repair, which walks past damage the scan stops at.
 :func:`erase_stale_headers`, the one writer here, is what a start does with the scan's result.
+
+The scan and the searches read the ring in large chunks (up to :data:`READ_CHUNK`, a chunk never
+crossing the ring's end) and decode the records from the buffer: a full journal of small records
+is a quarter of a million of them per GiB, and two ``pread``s and a header object each were most
+of the start's time (docs/benchmarks.md, "Results: recovery of a full journal"). A record the
+buffer cannot decide (damaged, or larger than a chunk) is read again on its own with
+:func:`read_record`, so what the scan accepts and the reason it stops are exactly that
+function's.
 """
 
 from __future__ import annotations
@@ -12,11 +20,17 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from crc32c import crc32c
+
 from blockmirror.errors import JournalError
 from blockmirror.journal.format import (
+    CRC_OFFSET,
     HEADER_SIZE,
+    HEADER_STRUCT,
     MAGIC,
+    MAX_BOOKMARK,
     RECORD_ALIGN,
+    VERSION,
     Kind,
     RecordError,
     RecordHeader,
@@ -40,9 +54,14 @@ __all__ = [
     "scan",
 ]
 
+# The most the scan reads at a time. Its first read is _FIRST_READ (most starts find a short log,
+# and the offline repair scans many short runs), each next one twice as large.
+READ_CHUNK = 8 * 1024 * 1024
+_FIRST_READ = 256 * 1024
 # Where the search for later records (past a bad one) reads, in bytes at a time.
 _SCAN_CHUNK = 4 * 1024 * 1024
 _MAGIC_BYTES = MAGIC.to_bytes(4, "little")
+_KINDS = {int(k): k for k in Kind}
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,31 +172,140 @@ def scan(
     with a lower sequence number were durable when the checkpoint was written (the checkpoint
     syncs the journal first), so a bad one among them is corruption even with no later record
     to witness it. Blocking I/O.
+
+    The ring is read in chunks of up to :data:`READ_CHUNK` bytes and every record (its header
+    and the CRC over its payload) is checked in the buffer. Where the buffer does not show a
+    whole valid record, :func:`read_record` reads that one again on its own and has the last
+    word: it says why the log stops there, or accepts a record too large for a chunk.
     """
     store = as_store(file)
     records: list[Record] = []
+    end = head_lpos + ring.capacity
     lpos = ring.header_lpos(head_lpos)
     seq = head_seq
     stop: BadRecord | None = None
-    while lpos - head_lpos < ring.capacity:
-        try:
-            rec = read_record(store, ring, lpos, seq)
-        except RecordError as exc:
-            header = read_header(store, ring, lpos)
-            stop = BadRecord(lpos, seq, str(exc), header is not None and header.seq == seq)
-            break
-        if rec.kind == Kind.PADDING:
-            lpos += rec.size
-            continue
-        records.append(rec)
-        seq += 1
-        lpos = ring.header_lpos(lpos + rec.size)
+    want = _FIRST_READ
+    buf = bytearray()
+    while lpos < end and stop is None:
+        # One chunk from lpos, never past the ring's end; it holds at least a header.
+        room = ring.space_to_end(lpos)
+        length = min(want, room)
+        if len(buf) < length:
+            buf = bytearray(length)
+        view = memoryview(buf)[:length]
+        store.preadinto(ring.physical(lpos), view)
+        lpos, seq, need = _decode_chunk(view, lpos, room, end, seq, records)
+        if need < 0:
+            # The buffer does not show a whole valid record at lpos: ask read_record.
+            try:
+                rec = read_record(store, ring, lpos, seq)
+            except RecordError as exc:
+                header = read_header(store, ring, lpos)
+                stop = BadRecord(lpos, seq, str(exc), header is not None and header.seq == seq)
+                break
+            if rec.kind == Kind.PADDING:
+                lpos += rec.size
+            else:
+                records.append(rec)
+                seq += 1
+                lpos = ring.header_lpos(lpos + rec.size)
+        want = min(max(2 * want, need), READ_CHUNK)
     witness = None
     if stop is not None:
         witness = _find_witness(store, ring, head_lpos, stop)
         if witness is None and stop.expected_seq < durable_before:
             witness = Record(kind=Kind.FLUSH, offset=0, length=0, seq=durable_before - 1)
     return ScanResult(records, lpos, seq, stop, witness)
+
+
+def _decode_chunk(
+    view: memoryview, lpos: int, room: int, end: int, seq: int, records: list[Record]
+) -> tuple[int, int, int]:
+    """Decode the valid records (``seq`` on) that ``view``, the ring from ``lpos`` on, holds
+    whole, appending them to ``records``; stop at ``end`` (a lap from the head).
+
+    ``room``: bytes from ``lpos`` to the ring's end (``view`` is no longer). Returns the
+    position and the sequence number reached, and what the caller does next: 0, read on from
+    there (the log reached ``end``, the ring's end or the end of the buffer); a positive number
+    of bytes, read a chunk of at least that many (a record runs past the buffer); -1, the
+    bytes there are not a valid record that fits a chunk (:func:`read_record` decides).
+
+    Sans-I/O. This is the loop of a start's recovery, once per record: one ``struct`` call,
+    a few comparisons and the CRC, no header object.
+    """
+    unpack = HEADER_STRUCT.unpack_from
+    kinds = _KINDS
+    append = records.append
+    length = len(view)
+    at = 0
+    while lpos < end:
+        if length - at < HEADER_SIZE:
+            return lpos, seq, 0
+        (
+            magic,
+            version,
+            kind,
+            rseq,
+            timestamp_ns,
+            offset,
+            rlen,
+            _durable,
+            plen,
+            origin,
+            reserved,
+            stored,
+        ) = unpack(view, at)
+        rest = room - at
+        if magic != MAGIC or version != VERSION or reserved or rseq != seq:
+            return lpos, seq, -1
+        if kind == Kind.WRITE:
+            valid = plen == rlen
+        elif kind == Kind.PADDING:
+            valid = HEADER_SIZE + plen == rest
+        elif kind == Kind.BOOKMARK:
+            valid = plen == rlen and 0 < rlen <= MAX_BOOKMARK
+        else:
+            valid = plen == 0 and kind in kinds
+        if not valid:
+            return lpos, seq, -1
+        crc = crc32c(view[at : at + CRC_OFFSET])
+        if kind == Kind.PADDING:
+            # Its CRC covers its header alone; the next record is at the start of the ring.
+            if crc != stored:
+                return lpos, seq, -1
+            return lpos + rest, seq, 0
+        size = (HEADER_SIZE + plen + RECORD_ALIGN - 1) & ~(RECORD_ALIGN - 1)
+        if size > rest:
+            return lpos, seq, -1
+        stop = at + HEADER_SIZE + plen
+        if stop > length:
+            # Runs past the buffer: read it whole from where it starts (read_record reads one
+            # that no chunk holds, as it reads every record).
+            return lpos, seq, size if size <= READ_CHUNK else -1
+        if plen:
+            crc = crc32c(view[at + HEADER_SIZE : stop], crc)
+        if crc != stored:
+            return lpos, seq, -1
+        append(
+            Record(
+                kind=kinds[kind],
+                offset=offset,
+                length=rlen,
+                seq=seq,
+                timestamp_ns=timestamp_ns,
+                origin=origin,
+                lpos=lpos,
+                size=size,
+            )
+        )
+        seq += 1
+        lpos += size
+        at += size
+        left = rest - size
+        if 0 < left < HEADER_SIZE:
+            # Too little before the ring's end for a header: the next lap (Ring.header_lpos).
+            return lpos + left, seq, 0
+    return lpos, seq, 0
 
 
 def _find_witness(file: Store, ring: Ring, head_lpos: int, bad: BadRecord) -> Record | None:
