@@ -633,18 +633,28 @@ def test_stamp_checker_and_recovery_checker_can_fail() -> None:
 
 
 @pytest.mark.parametrize(
-    ("connections", "depth", "fua_share", "max_blocks"),
+    ("connections", "depth", "fua_share", "max_blocks", "threads"),
     [
-        pytest.param(3, 16, 0.05, 4, id="flush-epochs"),
-        pytest.param(2, 16, 0.5, 2, id="fua-heavy"),
+        pytest.param(3, 16, 0.05, 4, False, id="flush-epochs"),
+        pytest.param(2, 16, 0.5, 2, False, id="fua-heavy"),
+        # Every write reaches the volume from a worker thread (applier.THREAD_APPLY_MIN 0).
+        pytest.param(3, 16, 0.2, 4, True, id="volume-writes-in-threads"),
     ],
 )
 def test_kill_9_mid_stamped_workload_keeps_promised_writes(
-    rig: CrashRig, connections: int, depth: int, fua_share: float, max_blocks: int
+    rig: CrashRig,
+    monkeypatch: pytest.MonkeyPatch,
+    connections: int,
+    depth: int,
+    fua_share: float,
+    max_blocks: int,
+    threads: bool,
 ) -> None:
-    """11 kills per variant (22 in all): FUA and flushed writes survive, nothing else appears."""
+    """11 kills per variant (33 in all): FUA and flushed writes survive, nothing else appears."""
+    if threads:
+        monkeypatch.setenv("BLOCKMIRROR_THREAD_APPLY_MIN", "0")  # the unit inherits it
     kills = 11
-    seed = SEED ^ (connections * 1000 + max_blocks)
+    seed = SEED ^ (connections * 1000 + max_blocks + (500 if threads else 0))
     rng = random.Random(seed)
     ledger = Ledger(run_id=rng.getrandbits(63), blocks=STAMP_BLOCKS)
     totals = Totals()
@@ -684,6 +694,11 @@ def test_kill_9_mid_stamped_workload_keeps_promised_writes(
     with context(f"seed {SEED}"):
         check_totals(totals, kills, laps=3, runtime_checkpoints=True)
         assert sum(r.fua_acked for r in rounds) > 0 and sum(r.flushes_acked for r in rounds) > 0
+    if threads:
+        # The unit that recovered last writes from a thread too (the variant is not vacuous).
+        asyncio.run(burst(rig, ledger, rng, 8))
+        runs = volume_status(rig.running)["journal"]["thread_apply_runs"]
+        assert runs > 0, runs
     print(
         f"stamped crash loop, seed {SEED}: {kills} kills, "
         f"{sum(r.writes_acked for r in rounds)} writes acknowledged "

@@ -474,6 +474,7 @@ class JournalWritePath:
         out["failed"] = str(self.failed) if self.failed is not None else None
         out["stalled"] = str(self.stalled) if self.stalled is not None else None
         out["stalls"] = self.applier.stalls
+        out["thread_apply_runs"] = self.applier.thread_runs
         out["waiting_for_room"] = len(self.checkpointer.waiting)
         out["overflows"] = self.checkpointer.overflows
         out["overflow"] = self.checkpointer.overflow

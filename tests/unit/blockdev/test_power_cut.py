@@ -31,6 +31,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from blockmirror.blockdev import applier as applier_module
 from blockmirror.blockdev.journaled import JournalWritePath
 from blockmirror.journal import journal as journal_module
 from blockmirror.journal.checkpoint import read_checkpoint
@@ -319,9 +320,19 @@ def check_recovery(wp: JournalWritePath, model: Model, replay: tuple[bytes, int]
     model.recovered(data)
 
 
+@pytest.mark.parametrize(
+    "thread_apply_min",
+    [
+        pytest.param(applier_module.THREAD_APPLY_MIN, id="as-configured"),
+        # Every write reaches the volume in a worker thread (the applier's runs): the same
+        # guarantees must hold with the volume written off the event loop.
+        pytest.param(0, id="volume-writes-in-threads"),
+    ],
+)
 def test_power_cuts_lose_nothing_promised_and_recover_to_the_replay(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, thread_apply_min: int
 ) -> None:
+    monkeypatch.setattr(applier_module, "THREAD_APPLY_MIN", thread_apply_min)
     shm = Path("/dev/shm")
     base = shm if shm.is_dir() else None
     boot = {"id": "boot-0"}
