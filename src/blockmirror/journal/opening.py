@@ -9,9 +9,13 @@ Then it attaches the consumers and writes a checkpoint.
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import itertools
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,9 +30,17 @@ from blockmirror.journal.checkpoint import (
     new_journal_id,
     read_checkpoint,
 )
+from blockmirror.journal.format import EXTENT_KINDS, HEADER_SIZE, Kind
 from blockmirror.journal.record import UNKNOWN_ORIGIN, Record
 from blockmirror.journal.ring import DATA_START, Ring
-from blockmirror.journal.scan import JournalCorruptError, ScanResult, erase_stale_headers, scan
+from blockmirror.journal.ringlog import apply_record
+from blockmirror.journal.scan import (
+    READ_CHUNK,
+    JournalCorruptError,
+    ScanResult,
+    erase_stale_headers,
+    scan,
+)
 from blockmirror.journal.storage import RingFileOpener, open_journal_file
 from blockmirror.store.base import Store
 
@@ -36,10 +48,13 @@ if TYPE_CHECKING:
     from blockmirror.journal.journal import Journal
 
 __all__ = [
+    "REPLAY_CHUNK",
     "JournalMismatchError",
     "RecoveryReport",
+    "RingApplier",
     "VolumeIdentityError",
     "check_fits",
+    "collector_paused",
     "open_journal",
     "read_log",
     "recover",
@@ -47,6 +62,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# The replay reads the ring this many bytes at a time.
+REPLAY_CHUNK = READ_CHUNK
 
 # Applies a journal's tail of live records to its volume, in order (blocking; OSError);
 # returns the newest record applied (a lagged replica leaves its newest for later).
@@ -128,11 +146,12 @@ def open_journal(
             sync_directory(path.parent)
         else:
             started = time.monotonic()
-            cp, generation, result = read_log(path, file, ring, volume.size)
-            journal = cls(path, file, ring, volume, cp.journal_id)
-            journal.origin = origin
-            journal.restore(cp, generation, result)
-            recover(journal, cp, result, adopt=adopt, started=started, replayer=replayer)
+            with collector_paused():
+                cp, generation, result = read_log(path, file, ring, volume.size)
+                journal = cls(path, file, ring, volume, cp.journal_id)
+                journal.origin = origin
+                journal.restore(cp, generation, result)
+                recover(journal, cp, result, adopt=adopt, started=started, replayer=replayer)
             known = cp.consumers
         journal.consumers = consumers_module.attach(
             consumers,
@@ -163,6 +182,24 @@ def open_journal(
         file.close()
         raise
     return journal
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for the duration (then on again, if it was).
+
+    Recovery makes a record object for every record of the log, a quarter of a million for a
+    full 1 GiB journal of 4 KiB writes, and none of them is garbage: the collector would walk
+    them over and over as they are made, for nothing (docs/journal.md, "Recovery"). Memory
+    freed by reference counting is freed as always.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def check_fits(path: Path, cp: Checkpoint, *, capacity: int, volume_size: int) -> None:
@@ -268,9 +305,8 @@ def recover(
 def check_identity(journal: Journal, cp: Checkpoint, result: ScanResult, *, lenient: bool) -> None:
     """Refuse a volume that is not the one this journal was written for (identity.py)."""
     volume = journal.volume
-    ring_records = [(r.seq, r.kind, r.offset, r.length) for r in result.records]
     try:
-        check = identity.verify(volume, cp, ring_records, lenient=lenient)
+        check = identity.verify(volume, cp, _overwrites(cp, result.records), lenient=lenient)
     except OSError as exc:
         raise JournalError(
             f"cannot read volume {volume.path} to check it is the journal's: {exc.strerror or exc}"
@@ -282,6 +318,36 @@ def check_identity(journal: Journal, cp: Checkpoint, result: ScanResult, *, leni
         journal.identity_warning = check.warning
         if lenient:
             journal.needs_full_resync = True
+
+
+def _overwrites(cp: Checkpoint, records: list[Record]) -> list[tuple[int, Kind, int, int]]:
+    """What :func:`identity.verify` needs of the ring's records: ``(seq, kind, offset,
+    length)`` of those that may have changed a fingerprint block, with the extents of
+    consecutive ones merged (a log of sequential writes is then a few tuples, not one per
+    record, for each of the fingerprint's blocks to be compared with).
+
+    The same answer as every record's tuple: verify skips a block that some record numbered
+    above ``fp_seq`` that writes, zeroes or trims overlaps, and two adjacent extents (neither
+    empty) overlap a block exactly when their union does. Nothing when there is no block.
+    """
+    fingerprint = cp.volume
+    if fingerprint is None or not fingerprint.blocks:
+        return []
+    fp_seq = fingerprint.fp_seq
+    found: list[tuple[int, Kind, int, int]] = []
+    seq = start = end = -1
+    for rec in records:
+        if rec.seq <= fp_seq or rec.kind not in EXTENT_KINDS:
+            continue
+        if rec.length and rec.offset == end and end > start:
+            seq, end = rec.seq, end + rec.length
+            continue
+        if seq >= 0:
+            found.append((seq, Kind.WRITE, start, end - start))
+        seq, start, end = rec.seq, rec.offset, rec.offset + rec.length
+    if seq >= 0:
+        found.append((seq, Kind.WRITE, start, end - start))
+    return found
 
 
 def adopt_volume(journal: Journal) -> None:
@@ -305,24 +371,26 @@ def replay(journal: Journal, replayer: Replayer | None = None) -> int:
     """Bring the volume up to date with every record after ``applied_seq``; then sync it.
 
     Returns how many records were applied. Raises :class:`JournalError` when the volume fails:
-    the records stay in the ring, and the next start replays them again.
+    the records stay in the ring, and the next start replays them again. Without a
+    ``replayer`` the records are applied by :class:`RingApplier`: large reads of the ring, and
+    one ``pwritev`` for every run of writes to consecutive volume offsets.
     """
     count = 0
-    at = journal.applied_seq
+    applier = RingApplier(journal.file, journal.ring, journal.volume)
     try:
-        todo = [rec for rec in journal.records if rec.seq > journal.applied_seq]
+        todo = _records_after(journal.records, journal.applied_seq)
         newest = journal.next_seq - 1
         if replayer is not None and todo:
-            at = todo[0].seq
+            applier.at = todo[0].seq
             newest = replayer(journal, todo)
             count = sum(1 for rec in todo if rec.seq <= newest)
-        for rec in todo if replayer is None else ():
-            at = rec.seq
-            journal.apply_from_ring(rec)
-            count += 1
+        elif todo:
+            applier.apply(todo)
+            count = len(todo)
         if count:
             journal.volume.flush()
     except OSError as exc:
+        at = applier.at if applier.at else journal.applied_seq
         raise JournalError(
             f"replaying journal {journal.path} into volume {journal.volume.path} failed at "
             f"record {at}: {exc.strerror or exc}; the journal keeps every record, fix the "
@@ -330,3 +398,83 @@ def replay(journal: Journal, replayer: Replayer | None = None) -> int:
         ) from exc
     journal.applied_seq = newest
     return count
+
+
+def _records_after(records: deque[Record], seq: int) -> list[Record]:
+    """The records of ``records`` (consecutive numbers, oldest first) numbered above ``seq``."""
+    if not records or records[-1].seq <= seq:
+        return []
+    skip = max(0, seq + 1 - records[0].seq)
+    return list(itertools.islice(records, skip, None))
+
+
+class RingApplier:
+    """Applies live records of a journal's ring to its volume, in order (blocking; OSError).
+
+    The ring is read :data:`REPLAY_CHUNK` bytes at a time (at a start the scan has just read it
+    all, so it comes from the page cache), and the payloads of consecutive writes to
+    consecutive volume offsets go to the volume as one ``pwritev`` of slices of that buffer:
+    no read per record and, for a log of small sequential writes, a few hundred writes per GiB
+    instead of one per record. Write-zeroes and trims are applied one by one, in their place.
+    Records are never reordered, and the writes of one ``pwritev`` never overlap.
+    """
+
+    __slots__ = ("at", "file", "ring", "volume")
+
+    def __init__(self, file: Store, ring: Ring, volume: Store) -> None:
+        self.file = file
+        self.ring = ring
+        self.volume = volume
+        # The record the write being made starts with, for the error message (0: none yet).
+        self.at = 0
+
+    def apply(self, records: Sequence[Record]) -> None:
+        """Do to the volume what ``records`` (consecutive, oldest first, live) do."""
+        if not records:
+            return
+        file, ring, volume = self.file, self.ring, self.volume
+        span_end = records[-1].lpos + records[-1].size
+        buf = bytearray(min(REPLAY_CHUNK, span_end - records[0].lpos))
+        size = len(buf)
+        view = memoryview(buf)
+        base = limit = 0  # the buffer holds the ring's bytes [base, limit)
+        iov: list[memoryview] = []
+        run_offset = run_end = -1
+        write = Kind.WRITE
+        for rec in records:
+            kind = rec.kind
+            if kind is write:
+                lpos = rec.lpos
+                offset = rec.offset
+                length = rec.length
+                start = lpos + HEADER_SIZE
+                if lpos < base or start + length > limit:
+                    if iov:
+                        volume.pwritev(run_offset, iov)
+                        iov = []
+                        run_end = -1
+                    if rec.size > size:
+                        self.at = rec.seq
+                        apply_record(rec, file, ring, volume)
+                        continue
+                    base = lpos
+                    limit = lpos + min(size, ring.space_to_end(lpos), span_end - lpos)
+                    file.preadinto(ring.physical(lpos), view[: limit - lpos])
+                if offset != run_end:
+                    if iov:
+                        volume.pwritev(run_offset, iov)
+                        iov = []
+                    run_offset = offset
+                    self.at = rec.seq
+                start -= base
+                iov.append(view[start : start + length])
+                run_end = offset + length
+            elif kind in EXTENT_KINDS:
+                if iov:
+                    volume.pwritev(run_offset, iov)
+                    iov = []
+                    run_end = -1
+                self.at = rec.seq
+                apply_record(rec, file, ring, volume)
+        if iov:
+            volume.pwritev(run_offset, iov)
