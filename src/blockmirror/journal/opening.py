@@ -65,6 +65,8 @@ log = logging.getLogger(__name__)
 
 # The replay reads the ring this many bytes at a time.
 REPLAY_CHUNK = READ_CHUNK
+# A run of writes whose payloads are smaller than this on average is joined into one buffer.
+_JOIN_BELOW = 16 * 1024
 
 # Applies a journal's tail of live records to its volume, in order (blocking; OSError);
 # returns the newest record applied (a lagged replica leaves its newest for later).
@@ -192,6 +194,11 @@ def collector_paused() -> Iterator[None]:
     full 1 GiB journal of 4 KiB writes, and none of them is garbage: the collector would walk
     them over and over as they are made, for nothing (docs/journal.md, "Recovery"). Memory
     freed by reference counting is freed as always.
+
+    At the end what was made is moved to the collector's oldest generation, where it would be
+    after surviving a few collections (``gc.freeze`` then ``gc.unfreeze``), so that the
+    first young collection after this does not walk it all (0.07 s for that journal). Only
+    when nothing is frozen: the pair would also unfreeze what someone else froze.
     """
     enabled = gc.isenabled()
     gc.disable()
@@ -199,6 +206,9 @@ def collector_paused() -> Iterator[None]:
         yield
     finally:
         if enabled:
+            if gc.get_freeze_count() == 0:
+                gc.freeze()
+                gc.unfreeze()
             gc.enable()
 
 
@@ -432,12 +442,15 @@ class RingApplier:
         """Do to the volume what ``records`` (consecutive, oldest first, live) do."""
         if not records:
             return
-        file, ring, volume = self.file, self.ring, self.volume
+        file, ring = self.file, self.ring
+        flush = self._write
         span_end = records[-1].lpos + records[-1].size
         buf = bytearray(min(REPLAY_CHUNK, span_end - records[0].lpos))
         size = len(buf)
         view = memoryview(buf)
-        base = limit = 0  # the buffer holds the ring's bytes [base, limit)
+        # The buffer holds the ring's bytes [base, limit). Records lie in the ring in their
+        # order, so one that is not in it comes after it.
+        base = limit = 0
         iov: list[memoryview] = []
         run_offset = run_end = -1
         write = Kind.WRITE
@@ -448,21 +461,21 @@ class RingApplier:
                 offset = rec.offset
                 length = rec.length
                 start = lpos + HEADER_SIZE
-                if lpos < base or start + length > limit:
+                if start + length > limit:
                     if iov:
-                        volume.pwritev(run_offset, iov)
+                        flush(run_offset, run_end, iov)
                         iov = []
                         run_end = -1
                     if rec.size > size:
                         self.at = rec.seq
-                        apply_record(rec, file, ring, volume)
+                        apply_record(rec, file, ring, self.volume)
                         continue
                     base = lpos
                     limit = lpos + min(size, ring.space_to_end(lpos), span_end - lpos)
                     file.preadinto(ring.physical(lpos), view[: limit - lpos])
                 if offset != run_end:
                     if iov:
-                        volume.pwritev(run_offset, iov)
+                        flush(run_offset, run_end, iov)
                         iov = []
                     run_offset = offset
                     self.at = rec.seq
@@ -471,10 +484,20 @@ class RingApplier:
                 run_end = offset + length
             elif kind in EXTENT_KINDS:
                 if iov:
-                    volume.pwritev(run_offset, iov)
+                    flush(run_offset, run_end, iov)
                     iov = []
                     run_end = -1
                 self.at = rec.seq
-                apply_record(rec, file, ring, volume)
+                apply_record(rec, file, ring, self.volume)
         if iov:
-            volume.pwritev(run_offset, iov)
+            flush(run_offset, run_end, iov)
+
+    def _write(self, offset: int, end: int, iov: list[memoryview]) -> None:
+        """Write the payloads ``iov``, which fill the volume's ``[offset, end)``.
+
+        Small ones are joined first: one copy of the bytes costs less than the store's handling
+        of each buffer of a ``pwritev`` (0.1 against 0.35 us for 4 KiB in a measurement)."""
+        if len(iov) > 1 and end - offset < len(iov) * _JOIN_BELOW:
+            self.volume.pwrite(offset, b"".join(iov))
+        else:
+            self.volume.pwritev(offset, iov)
