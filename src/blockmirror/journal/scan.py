@@ -208,6 +208,7 @@ def scan(
     buf = bytearray()
     while lpos < end and stop is None:
         # One chunk from lpos, never past the ring's end; it holds at least a header.
+        lpos = ring.header_lpos(lpos)
         room = ring.space_to_end(lpos)
         length = min(want, room)
         if len(buf) < length:
