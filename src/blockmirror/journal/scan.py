@@ -18,6 +18,7 @@ function's.
 from __future__ import annotations
 
 import dataclasses
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -63,6 +64,9 @@ _FIRST_READ = 256 * 1024
 _SCAN_CHUNK = 4 * 1024 * 1024
 _MAGIC_BYTES = MAGIC.to_bytes(4, "little")
 _KINDS = {int(k): k for k in Kind}
+# A header's sequence number, for passing over stale headers without decoding them.
+_SEQ = struct.Struct("<Q")
+_SEQ_OFFSET = 8
 # What _decode_chunk sets in each Record it makes (it does not call __init__): a field added to
 # Record must be added there too.
 _RECORD_FIELDS = (
@@ -158,6 +162,12 @@ def read_header(file: Store, ring: Ring, lpos: int) -> RecordHeader | None:
 def magic_positions(file: Store, ring: Ring, start: int, end: int) -> Iterator[int]:
     """Every 8-aligned position in ``[start, end)`` that holds a record magic and has room
     for a header before the ring's end (where a record header could begin)."""
+    for lpos, _, _ in _magic_hits(file, ring, start, end):
+        yield lpos
+
+
+def _magic_hits(file: Store, ring: Ring, start: int, end: int) -> Iterator[tuple[int, bytes, int]]:
+    """:func:`magic_positions`, each with the chunk it was found in and where in it."""
     lpos = -(-start // RECORD_ALIGN) * RECORD_ALIGN
     while lpos < end:
         length = min(_SCAN_CHUNK, end - lpos, ring.space_to_end(lpos))
@@ -168,19 +178,37 @@ def magic_positions(file: Store, ring: Ring, start: int, end: int) -> Iterator[i
             # and an aligned magic never straddles two chunks.
             cand = lpos + at
             if at % RECORD_ALIGN == 0 and ring.space_to_end(cand) >= HEADER_SIZE:
-                yield cand
+                yield cand, chunk, at
             at = chunk.find(_MAGIC_BYTES, at + 1)
         lpos += length
 
 
 def header_candidates(
-    file: Store, ring: Ring, start: int, end: int
+    file: Store, ring: Ring, start: int, end: int, *, min_seq: int = 0
 ) -> Iterator[tuple[int, RecordHeader]]:
-    """Every 8-aligned position in ``[start, end)`` holding bytes that decode as a header."""
-    for lpos in magic_positions(file, ring, start, end):
-        header = read_header(file, ring, lpos)
-        if header is not None:
-            yield lpos, header
+    """Every 8-aligned position in ``[start, end)`` holding bytes that decode as a header.
+
+    ``min_seq``: only headers numbered at least that (the others are passed over before a
+    header object is made: the search past the end of a log walks every stale record of the
+    ring's earlier laps). A header is decoded from the chunk the search read, or read on its
+    own where it runs past the chunk. The file must not change meanwhile, except as
+    :func:`erase_stale_headers` changes it.
+    """
+    seq_at = _SEQ.unpack_from
+    for lpos, chunk, at in _magic_hits(file, ring, start, end):
+        header: RecordHeader | None
+        if at + HEADER_SIZE <= len(chunk):
+            if seq_at(chunk, at + _SEQ_OFFSET)[0] < min_seq:
+                continue
+            try:
+                header = decode_header(memoryview(chunk)[at : at + HEADER_SIZE])
+            except RecordError:
+                continue
+        else:
+            header = read_header(file, ring, lpos)
+            if header is None or header.seq < min_seq:
+                continue
+        yield lpos, header
 
 
 def scan(
@@ -337,7 +365,10 @@ def _find_witness(file: Store, ring: Ring, head_lpos: int, bad: BadRecord) -> Re
     Records of earlier laps have lower sequence numbers and do not count; records of the same
     unsynced tail have a lower ``durable_seq`` and do not count.
     """
-    for lpos, h in header_candidates(file, ring, bad.lpos + 8, head_lpos + ring.capacity):
+    later = header_candidates(
+        file, ring, bad.lpos + 8, head_lpos + ring.capacity, min_seq=bad.expected_seq + 1
+    )
+    for lpos, h in later:
         if h.seq > bad.expected_seq and h.durable_seq >= bad.expected_seq:
             try:
                 return read_record(file, ring, lpos, h.seq)
@@ -359,9 +390,16 @@ def erase_stale_headers(
     """
     store = as_store(file)
     erased = 0
-    for lpos, h in header_candidates(store, ring, tail_lpos, head_lpos + ring.capacity):
+    erased_end = -1
+    stale = header_candidates(store, ring, tail_lpos, head_lpos + ring.capacity, min_seq=next_seq)
+    for lpos, h in stale:
+        if lpos < erased_end:
+            # Its magic lay in the header just zeroed (it begins less than 64 bytes after
+            # it): there is no header there any more.
+            continue
         if h.seq >= next_seq:
             store.pwrite(ring.physical(lpos), bytes(HEADER_SIZE))
+            erased_end = lpos + HEADER_SIZE
             # The torn record itself sits at the cut; only records *past* it count.
             if lpos != tail_lpos:
                 erased += 1

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import itertools
 import os
+import struct
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,13 +25,24 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from blockmirror.journal import scan as scan_module
-from blockmirror.journal.format import HEADER_SIZE, Kind, RecordError
+from blockmirror.journal.format import (
+    HEADER_SIZE,
+    MAGIC,
+    VERSION,
+    Kind,
+    RecordError,
+    RecordHeader,
+    encode_header,
+)
 from blockmirror.journal.record import Record
 from blockmirror.journal.ring import DATA_START, Ring
 from blockmirror.journal.ringlog import RingLog
 from blockmirror.journal.scan import (
     BadRecord,
     ScanResult,
+    erase_stale_headers,
+    header_candidates,
+    magic_positions,
     read_header,
     read_record,
     scan,
@@ -64,10 +76,40 @@ def reference_scan(
         lpos = ring.header_lpos(lpos + rec.size)
     witness = None
     if stop is not None:
-        witness = scan_module._find_witness(store, ring, head_lpos, stop)
+        witness = reference_witness(store, ring, head_lpos, stop)
         if witness is None and stop.expected_seq < durable_before:
             witness = Record(kind=Kind.FLUSH, offset=0, length=0, seq=durable_before - 1)
     return ScanResult(records, lpos, seq, stop, witness)
+
+
+def reference_candidates(
+    store: Store, ring: Ring, start: int, end: int
+) -> Iterator[tuple[int, RecordHeader]]:
+    """Header candidates as they were found before: a read of the header at every magic."""
+    for lpos in magic_positions(store, ring, start, end):
+        header = read_header(store, ring, lpos)
+        if header is not None:
+            yield lpos, header
+
+
+def reference_witness(store: Store, ring: Ring, head_lpos: int, bad: BadRecord) -> Record | None:
+    for lpos, h in reference_candidates(store, ring, bad.lpos + 8, head_lpos + ring.capacity):
+        if h.seq > bad.expected_seq and h.durable_seq >= bad.expected_seq:
+            try:
+                return read_record(store, ring, lpos, h.seq)
+            except RecordError:
+                continue
+    return None
+
+
+def reference_erase(store: Store, ring: Ring, tail_lpos: int, head_lpos: int, next_seq: int) -> int:
+    erased = 0
+    for lpos, h in reference_candidates(store, ring, tail_lpos, head_lpos + ring.capacity):
+        if h.seq >= next_seq:
+            store.pwrite(ring.physical(lpos), bytes(HEADER_SIZE))
+            if lpos != tail_lpos:
+                erased += 1
+    return erased
 
 
 @contextlib.contextmanager
@@ -245,3 +287,46 @@ def test_damage_is_reported_as_the_record_by_record_walk_reports_it(tmp_path: Pa
     # Below the checkpoint's next_seq the same damage is corruption.
     with chunks(4096, 8192):
         assert scan(store, ring, built.head_lpos, built.head_seq, 6).corrupt
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    ops=RECORDS,
+    drop=st.integers(1, 4),
+    cut=st.integers(0, 59),
+    renumber=st.integers(-3, 3),
+    overlap=st.booleans(),
+)
+def test_stale_headers_are_found_and_erased_as_a_header_read_at_each_magic_finds_them(
+    ops: list[tuple[int, int]], drop: int, cut: int, renumber: int, overlap: bool
+) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        built = build(Path(tmp) / "j", ops, drop)
+        store, ring = built.log.file, built.log.ring
+        records = built.records
+        at_cut = records[cut] if cut < len(records) else None
+        tail = at_cut.lpos if at_cut else built.log.tail_lpos
+        next_seq = max(1, (at_cut.seq if at_cut else built.log.next_seq) + renumber)
+        if overlap and ring.space_to_end(tail) >= 72:
+            # Two headers 8 bytes apart, both decoding: erasing the first zeroes the second's
+            # magic, so the second is no header any more (and is not erased past its end).
+            second = encode_header(RecordHeader(Kind.FLUSH, next_seq + 5, 1, 0, 0, 0, 0))
+            first = struct.pack("<IHH", MAGIC, VERSION, int(Kind.FLUSH))
+            store.pwrite(ring.physical(tail), first + second)
+        end = built.head_lpos + ring.capacity
+        assert list(header_candidates(store, ring, tail, end)) == list(
+            reference_candidates(store, ring, tail, end)
+        )
+        assert list(header_candidates(store, ring, tail, end, min_seq=next_seq)) == [
+            (lpos, h)
+            for lpos, h in reference_candidates(store, ring, tail, end)
+            if h.seq >= next_seq
+        ]
+        copy = Path(tmp) / "copy"
+        copy.write_bytes(Path(tmp, "j").read_bytes())
+        other = JournalFile.open_existing(copy)
+        expected = reference_erase(other, ring, tail, built.head_lpos, next_seq)
+        assert erase_stale_headers(store, ring, tail, built.head_lpos, next_seq) == expected
+        assert store.pread(0, store.size) == other.pread(0, other.size)
+        store.close()
+        other.close()
