@@ -277,7 +277,9 @@ def recover(
         log.warning("journal %s: cut a torn tail at seq %d: %s", path, result.next_seq, torn)
     erased = 0
     if not cp.clean:
-        erased = erase_stale_headers(file, ring, result.tail_lpos, cp.head_lpos, journal.next_seq)
+        erased = erase_stale_headers(
+            file, ring, result.tail_lpos, cp.head_lpos, journal.next_seq, scanned=result
+        )
         if erased or torn is not None:
             file.flush()
         if erased:

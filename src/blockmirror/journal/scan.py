@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from crc32c import crc32c
@@ -108,6 +108,10 @@ class ScanResult:
     stop: BadRecord | None
     # A later valid record proving the bad one had been durable: corruption, not a torn tail.
     corruption_witness: Record | None
+    # Every header past the stop numbered at or above it (``header_candidates`` from 8 bytes
+    # past the stop to a lap from the head), which the search for a witness went through;
+    # None when it did not go through them all (no stop, or a witness found).
+    later: tuple[tuple[int, RecordHeader], ...] | None = None
 
     @property
     def corrupt(self) -> bool:
@@ -260,11 +264,12 @@ def scan(
                 lpos = ring.header_lpos(lpos + rec.size)
         want = min(max(2 * want, need), READ_CHUNK)
     witness = None
+    later: tuple[tuple[int, RecordHeader], ...] | None = None
     if stop is not None:
-        witness = _find_witness(store, ring, head_lpos, stop)
+        witness, later = _find_witness(store, ring, head_lpos, stop)
         if witness is None and stop.expected_seq < durable_before:
             witness = Record(kind=Kind.FLUSH, offset=0, length=0, seq=durable_before - 1)
-    return ScanResult(records, lpos, seq, stop, witness)
+    return ScanResult(records, lpos, seq, stop, witness, later)
 
 
 def _decode_chunk(
@@ -359,26 +364,37 @@ def _decode_chunk(
     return lpos, seq, 0
 
 
-def _find_witness(file: Store, ring: Ring, head_lpos: int, bad: BadRecord) -> Record | None:
-    """A valid record after ``bad`` whose ``durable_seq`` covers it, if the ring holds one.
+def _find_witness(
+    file: Store, ring: Ring, head_lpos: int, bad: BadRecord
+) -> tuple[Record | None, tuple[tuple[int, RecordHeader], ...] | None]:
+    """A valid record after ``bad`` whose ``durable_seq`` covers it, if the ring holds one; and
+    when it does not, every header after ``bad`` numbered at or above it (ScanResult.later).
 
     Records of earlier laps have lower sequence numbers and do not count; records of the same
     unsynced tail have a lower ``durable_seq`` and do not count.
     """
-    later = header_candidates(
-        file, ring, bad.lpos + 8, head_lpos + ring.capacity, min_seq=bad.expected_seq + 1
+    later: list[tuple[int, RecordHeader]] = []
+    found = header_candidates(
+        file, ring, bad.lpos + 8, head_lpos + ring.capacity, min_seq=bad.expected_seq
     )
-    for lpos, h in later:
+    for lpos, h in found:
+        later.append((lpos, h))
         if h.seq > bad.expected_seq and h.durable_seq >= bad.expected_seq:
             try:
-                return read_record(file, ring, lpos, h.seq)
+                return read_record(file, ring, lpos, h.seq), None
             except RecordError:
                 continue
-    return None
+    return None, tuple(later)
 
 
 def erase_stale_headers(
-    file: Store | int, ring: Ring, tail_lpos: int, head_lpos: int, next_seq: int
+    file: Store | int,
+    ring: Ring,
+    tail_lpos: int,
+    head_lpos: int,
+    next_seq: int,
+    *,
+    scanned: ScanResult | None = None,
 ) -> int:
     """Zero every header past the end of the log that carries a number the log will reuse.
 
@@ -387,11 +403,28 @@ def erase_stale_headers(
     so one of them could line up with where a later scan expects the next record and be
     replayed over newer data. Returns how many were erased past the torn record at the cut
     itself (those are what prove a later batch was written); the caller syncs.
+
+    ``scanned``: the scan that found this end of the log (``tail_lpos`` and ``next_seq`` its
+    stop's), if the file has not changed since: the headers its search went through are
+    taken instead of searching the rest of the ring again.
     """
     store = as_store(file)
     erased = 0
     erased_end = -1
-    stale = header_candidates(store, ring, tail_lpos, head_lpos + ring.capacity, min_seq=next_seq)
+    stale: Iterable[tuple[int, RecordHeader]]
+    stop = scanned.stop if scanned is not None else None
+    if (
+        scanned is not None
+        and scanned.later is not None
+        and stop is not None
+        and (stop.lpos, stop.expected_seq) == (tail_lpos, next_seq)
+    ):
+        at_tail = read_header(store, ring, tail_lpos)
+        stale = [(tail_lpos, at_tail)] if at_tail is not None else []
+        stale += [(lpos, h) for lpos, h in scanned.later if h.seq >= next_seq]
+    else:
+        end = head_lpos + ring.capacity
+        stale = header_candidates(store, ring, tail_lpos, end, min_seq=next_seq)
     for lpos, h in stale:
         if lpos < erased_end:
             # Its magic lay in the header just zeroed (it begins less than 64 bytes after
