@@ -17,7 +17,6 @@ function's.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import struct
 from collections.abc import Iterable, Iterator
@@ -177,7 +176,6 @@ def _magic_hits(file: Store, ring: Ring, start: int, end: int) -> Iterator[tuple
     while lpos < end:
         length = min(_SCAN_CHUNK, end - lpos, ring.space_to_end(lpos))
         chunk = file.pread(ring.physical(lpos), length)
-        _read_ahead(file, ring, lpos + length, end, _SCAN_CHUNK)
         at = chunk.find(_MAGIC_BYTES)
         while at != -1:
             # Chunks start 8-aligned, so alignment within a chunk is alignment in the ring,
@@ -249,7 +247,6 @@ def scan(
             buf = bytearray(length)
         view = memoryview(buf)[:length]
         store.preadinto(ring.physical(lpos), view)
-        _read_ahead(store, ring, lpos + length, end)
         lpos, seq, need = _decode_chunk(view, lpos, room, end, seq, records)
         if need < 0:
             # The buffer does not show a whole valid record at lpos: ask read_record.
@@ -273,18 +270,6 @@ def scan(
         if witness is None and stop.expected_seq < durable_before:
             witness = Record(kind=Kind.FLUSH, offset=0, length=0, seq=durable_before - 1)
     return ScanResult(records, lpos, seq, stop, witness, later)
-
-
-def _read_ahead(file: Store, ring: Ring, lpos: int, end: int, length: int = READ_CHUNK) -> None:
-    """Ask for the next read's bytes (up to ``length`` from ``lpos``, short of ``end``) to be
-    read into the page cache while this chunk is decoded: from a cold cache, the disk's reads
-    and the decoding overlap. Only a hint (``advise_willneed``); a store that refuses it loses
-    nothing, and the read itself reports any error."""
-    if lpos < end:
-        with contextlib.suppress(OSError):
-            file.advise_willneed(
-                ring.physical(lpos), min(length, end - lpos, ring.space_to_end(lpos))
-            )
 
 
 def _decode_chunk(
