@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 
 # Connections that have not completed the handshake yet, in all and per source address.
 MAX_UNAUTHENTICATED: Final = 64
-MAX_UNAUTHENTICATED_PER_ADDRESS: Final = 8
+# Many sources may share one address (a NAT, a site of primaries): a burst of them at once
+# (a secondary coming back) must not evict each other.
+MAX_UNAUTHENTICATED_PER_ADDRESS: Final = 32
 
 
 class ReplicationServer:
