@@ -38,11 +38,13 @@ __all__ = ["STALL_RETRY", "Applier", "Entry"]
 _RANGE_KINDS = frozenset({Kind.ZERO, Kind.TRIM})
 # At most this many entries share one history sync.
 _GROUP_ENTRIES = 1024
-# Plain writes at the head of the queue adding up to this much go to the volume in a worker
-# thread (pwritev releases the GIL): the event loop receives the next requests meanwhile. Less
-# is written on the loop, where a thread hop would cost more than the copy.
-# BLOCKMIRROR_THREAD_APPLY_MIN overrides it (0: every write in a thread), for the crash suites.
-THREAD_APPLY_MIN = int(os.environ.get("BLOCKMIRROR_THREAD_APPLY_MIN", str(512 * 1024)))
+# Plain writes at the head of the queue adding up to this much may go to the volume in a worker
+# thread (pwritev releases the GIL) while the event loop receives the next requests. Off (None)
+# unless BLOCKMIRROR_THREAD_APPLY_MIN gives it in bytes (0: every write): on a two-core machine
+# the hand-offs cost more CPU than the overlap saved (docs/benchmarks.md, issue 15), but a
+# machine with cores to spare may gain. The crash suites run with it at 0.
+_THREAD_APPLY_ENV = os.environ.get("BLOCKMIRROR_THREAD_APPLY_MIN")
+THREAD_APPLY_MIN: int | None = int(_THREAD_APPLY_ENV) if _THREAD_APPLY_ENV else None
 THREAD_APPLY_MAX = 16 * 1024 * 1024
 
 log = logging.getLogger(__name__)
@@ -287,6 +289,9 @@ class Applier:
         """The plain writes at the head of the queue (their before-images taken when the
         history captures), if they add up to THREAD_APPLY_MIN (at most THREAD_APPLY_MAX);
         else none."""
+        least = THREAD_APPLY_MIN
+        if least is None:
+            return []
         run: list[Entry] = []
         total = 0
         for entry in self.queue:
@@ -302,7 +307,7 @@ class Applier:
             total += rec.length
             if total >= THREAD_APPLY_MAX:
                 break
-        return run if total >= THREAD_APPLY_MIN else []
+        return run if total >= least else []
 
     def _apply_run(self, run: list[Entry]) -> None:
         """A thread: write ``run`` to the volume in order. Raises what :meth:`_apply` raises;

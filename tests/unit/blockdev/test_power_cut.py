@@ -330,7 +330,7 @@ def check_recovery(wp: JournalWritePath, model: Model, replay: tuple[bytes, int]
     ],
 )
 def test_power_cuts_lose_nothing_promised_and_recover_to_the_replay(
-    monkeypatch: pytest.MonkeyPatch, thread_apply_min: int
+    monkeypatch: pytest.MonkeyPatch, thread_apply_min: int | None
 ) -> None:
     monkeypatch.setattr(applier_module, "THREAD_APPLY_MIN", thread_apply_min)
     shm = Path("/dev/shm")
