@@ -259,10 +259,9 @@ def test_a_failing_volume_names_the_first_record_of_the_failed_write(tmp_path: P
     assert calls == [0, 65536] and applier.at == 3
 
 
-def test_recovery_replays_a_full_ring_through_the_applier(tmp_path: Path) -> None:
-    """Journal.open after a crash: the volume ends up with every record, once."""
-    volume = Volume.open(tmp_path / "vol.img", size=VOLUME)
-    journal = Journal.open(
+def open_journal(tmp_path: Path, volume: Volume) -> Journal:
+    """The journal of these tests' volume, created or recovered."""
+    return Journal.open(
         tmp_path / "vol.journal",
         volume=volume,
         journal_size=DATA_START + CAPACITY,
@@ -270,6 +269,12 @@ def test_recovery_replays_a_full_ring_through_the_applier(tmp_path: Path) -> Non
         dirty_dir=tmp_path,
         volume_name="vol",
     )
+
+
+def test_recovery_replays_a_full_ring_through_the_applier(tmp_path: Path) -> None:
+    """Journal.open after a crash: the volume ends up with every record, once."""
+    volume = Volume.open(tmp_path / "vol.img", size=VOLUME)
+    journal = open_journal(tmp_path, volume)
     expected = bytearray(VOLUME)
     for i in range(40):
         data = os.urandom(4096)
@@ -291,14 +296,7 @@ def test_recovery_replays_a_full_ring_through_the_applier(tmp_path: Path) -> Non
         original(self, records)
 
     with mock.patch.object(RingApplier, "apply", spy):
-        journal = Journal.open(
-            tmp_path / "vol.journal",
-            volume=volume,
-            journal_size=DATA_START + CAPACITY,
-            consumers=[],
-            dirty_dir=tmp_path,
-            volume_name="vol",
-        )
+        journal = open_journal(tmp_path, volume)
     assert journal.recovery is not None and journal.recovery.replayed == staged
     assert applied == list(range(1, staged + 1))
     assert volume.pread(0, VOLUME) == bytes(expected)
@@ -308,14 +306,7 @@ def test_recovery_replays_a_full_ring_through_the_applier(tmp_path: Path) -> Non
 
 def test_replay_reports_a_failing_volume_with_the_record(tmp_path: Path) -> None:
     volume = Volume.open(tmp_path / "vol.img", size=VOLUME)
-    journal = Journal.open(
-        tmp_path / "vol.journal",
-        volume=volume,
-        journal_size=DATA_START + CAPACITY,
-        consumers=[],
-        dirty_dir=tmp_path,
-        volume_name="vol",
-    )
+    journal = open_journal(tmp_path, volume)
     for i in range(3):
         journal.stage(Kind.WRITE, i * 4096, 4096, [bytes(4096)])
     journal.write_batch()
