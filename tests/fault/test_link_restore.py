@@ -59,7 +59,8 @@ def test_secondary_journal_too_small_is_refused_with_a_clear_code(tmp_path: Path
             timeout=10,
             what="journal-too-small in the replica's status",
         )
-        # No loop, no spin: attempts back off (0.1 s doubling to 10 s), and nothing is applied.
+        # No loop, no spin: attempts after a refusal back off (0.1 s doubling to 10 s), and
+        # nothing is applied.
         refusals = secondary.log().count("journal-too-small")
         time.sleep(6)
         more = secondary.log().count("journal-too-small") - refusals

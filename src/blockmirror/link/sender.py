@@ -61,6 +61,9 @@ BACKOFF_MIN: Final = 0.1
 # link. An attempt on a peer that is down costs a SYN (or a refused connect) a second, and the
 # log says so once per kind of failure, not every second.
 BACKOFF_MAX: Final = 1.0
+# A peer that answered and refused (a journal too small, a wrong key, another volume) will not
+# change its mind within a second: asking it again backs off further, as before.
+REFUSED_BACKOFF_MAX: Final = 10.0
 # How long a sender waits, unless the roles change first, before it asks again a peer that
 # refused it for a reason of direction.
 UPSTREAM_RECHECK: Final = 10.0
@@ -251,6 +254,7 @@ class PeerSender(LinkControl):
         delay = BACKOFF_MIN
         while True:
             started = time.monotonic()
+            cap = BACKOFF_MAX
             try:
                 if await self._session():
                     # Waited for the roles to change (or a recheck): ask again at once.
@@ -278,6 +282,8 @@ class PeerSender(LinkControl):
                 TimeoutError,
                 asyncio.IncompleteReadError,
             ) as exc:
+                if isinstance(exc, LinkRefused):
+                    cap = REFUSED_BACKOFF_MAX
                 error = str(exc) or type(exc).__name__
                 repeated = error == self.stats.last_error
                 self.stats.last_error = error
@@ -289,7 +295,9 @@ class PeerSender(LinkControl):
                     self.port,
                     self.volume_name,
                     error,
-                    "" if repeated else " (retried each second; repeats are logged at debug level)",
+                    ""
+                    if repeated
+                    else " (retried with backoff; repeats are logged at debug level)",
                 )
             except Exception as exc:
                 # A bug must not end replication for good: say so loudly, then reconnect.
@@ -302,7 +310,7 @@ class PeerSender(LinkControl):
                 # A stop's cancellation can be absorbed while a failed session cleans up: the
                 # flag, not the exception, decides that the sender ends.
                 return
-            if time.monotonic() - started > 5 * BACKOFF_MAX:
+            if time.monotonic() - started > 5 * REFUSED_BACKOFF_MAX:
                 delay = BACKOFF_MIN  # it worked for a while: start over quickly
             if self.roles is not None:
                 # A change of role or source (a peer that just connected to us is reachable)
@@ -310,7 +318,7 @@ class PeerSender(LinkControl):
                 await self.roles.wait_changed(delay)
             else:
                 await asyncio.sleep(delay)
-            delay = min(delay * 2, BACKOFF_MAX)
+            delay = min(delay * 2, cap)
 
     async def _open_connection(self) -> Streams:
         return await asyncio.open_connection(
