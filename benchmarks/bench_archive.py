@@ -40,7 +40,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any, Final
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -52,6 +51,7 @@ from tests.support.archive import add_archive, archive_cli, archive_status, wait
 from tests.support.pair import MiB, Site, topology
 from tests.support.seaweed import IDENTITIES, Seaweed
 
+from benchmarks.bench_export import stop_on_signal
 from benchmarks.bench_replication import settle as settle_units
 from blockmirror.archive.s3 import S3Store, load_credentials
 
@@ -573,10 +573,6 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
     print(f"(base of the {args.restore_size} MiB volume: {results['base_seconds']:.1f} s)")
 
 
-def _stop_on_signal(signum: int, _frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)  # the finally blocks stop the units and weed
-
-
 @contextlib.contextmanager
 def work_directory(parent: str | None, keep: bool) -> Iterator[Path]:
     root = Path(tempfile.mkdtemp(prefix="bm-archive-bench-", dir=parent or "/var/tmp"))
@@ -602,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.size, args.restore_size, args.repeat = 64, 128, 1
     for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _stop_on_signal)
+        signal.signal(sig, stop_on_signal)  # the finally blocks stop units and weed
     began = time.monotonic()
     with work_directory(args.dir, args.keep) as root:
         weed = BenchSeaweed(root / "s3")

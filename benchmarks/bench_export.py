@@ -40,6 +40,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any, Literal
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -217,6 +218,12 @@ def mem_available() -> int | None:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     return None
+
+
+def stop_on_signal(signum: int, _frame: FrameType | None) -> None:
+    """A SIGTERM handler for the benchmarks: raise, so that their ``finally`` blocks stop
+    what they started (by PID) and remove their work directories."""
+    raise SystemExit(128 + signum)
 
 
 def process_cpu_seconds(pid: int) -> float | None:
@@ -1376,6 +1383,7 @@ def run_benchmark(
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, stop_on_signal)
     check_tools(args.server_kinds)
     info = machine_info()
     settings = {

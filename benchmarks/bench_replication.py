@@ -32,6 +32,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -60,7 +61,7 @@ from benchmarks.baseline_tree import (
     ratio_mark,
     resolve_revision,
 )
-from benchmarks.bench_export import process_cpu_seconds
+from benchmarks.bench_export import process_cpu_seconds, stop_on_signal
 
 # The with-peer runs of the baseline tree's pair, next to "peer" and "no peer".
 BASE_PEER = "peer (baseline)"
@@ -487,6 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         help="only measure sealing and opening link frames in process (one core), then exit",
     )
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, stop_on_signal)
     if args.baseline_rev is not None:
         try:
             log(f"baseline {args.baseline_rev} = {resolve_revision(args.baseline_rev)}")
